@@ -1,0 +1,93 @@
+//! The compute device as the engine sees it: memory it can allocate, and the two ways bytes get
+//! into that memory (an upload from host memory, a conversion already on the device). The engine,
+//! the budget and the schedule use only this trait, never a concrete backend.
+
+pub mod cpu;
+
+use crate::convert::TensorBytes;
+use crate::error::{Error, Result};
+use crate::tiers::{Device, Repr};
+use std::any::Any;
+
+/// Where one tensor sits inside a buffer (host copy or device memory), and in which form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorSlot {
+    pub offset: usize,
+    pub repr: Repr,
+    pub numel: usize,
+    /// Size of dimension 0 for tensors of two or more dimensions, else 1: the per-channel groups.
+    pub rows: usize,
+    /// Where the `repr.scale_count(rows)` f32 scales start (only meaningful when there are some).
+    pub scales_offset: usize,
+}
+
+impl TensorSlot {
+    pub fn data_bytes(&self) -> usize {
+        self.numel * self.repr.dtype.size()
+    }
+    pub fn scale_count(&self) -> usize {
+        self.repr.scale_count(self.rows)
+    }
+}
+
+/// Lays tensors out one after another in one buffer, each part aligned; returns the slots and the
+/// total size. `shapes` gives (numel, rows, repr) per tensor.
+pub fn layout(shapes: impl IntoIterator<Item = (usize, usize, Repr)>) -> (Vec<TensorSlot>, usize) {
+    let mut offset = 0;
+    let mut slots = Vec::new();
+    for (numel, rows, repr) in shapes {
+        let data_offset = offset;
+        offset = crate::host::align_up(offset + numel * repr.dtype.size());
+        let scales_offset = offset;
+        offset = crate::host::align_up(offset + repr.scale_count(rows) * 4);
+        slots.push(TensorSlot {
+            offset: data_offset,
+            repr,
+            numel,
+            rows,
+            scales_offset,
+        });
+    }
+    (slots, offset)
+}
+
+/// Memory on the compute device. `addr` is what the caller's kernels receive.
+pub struct DeviceMemory {
+    pub addr: u64,
+    pub len: usize,
+    /// Keeps the allocation alive; dropping it frees the memory.
+    pub _owner: Box<dyn Any + Send + Sync>,
+}
+
+pub trait Backend: Send + Sync {
+    fn device(&self) -> Device;
+    fn device_index(&self) -> i32;
+    /// True when code computing on this device can read strata's host buffers in place, so a host
+    /// copy already in the computation dtype is handed out without a copy.
+    fn reads_host_memory(&self) -> bool;
+    fn allocate(&self, bytes: usize) -> Result<DeviceMemory>;
+    /// Writes `src` (host memory) into `dst` at `slot`, converted to `slot.repr`.
+    fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()>;
+    /// Converts a tensor already on the device into another slot on the device.
+    fn convert(
+        &self,
+        src: &DeviceMemory,
+        src_slot: &TensorSlot,
+        dst: &DeviceMemory,
+        dst_slot: &TensorSlot,
+    ) -> Result<()>;
+}
+
+/// The CUDA device `index`. Checks that the driver library loads before any other CUDA call:
+/// without it cudarc panics, and strata must not take its host process down.
+pub fn open_cuda(index: i32) -> Result<Box<dyn Backend>> {
+    // SAFETY: only tries to open the driver's shared library by its usual names, and closes it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::no_device(format!(
+            "CUDA device {index} requested, but no CUDA driver is installed (libcuda could not be loaded)"
+        )));
+    }
+    Err(Error::unsupported(
+        "this build of strata has no CUDA backend yet",
+    ))
+}

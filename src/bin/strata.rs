@@ -1,0 +1,359 @@
+//! The strata command line. `strata demo` is the main job: a generated model streamed from its
+//! safetensors file under a budget, with real work per layer, checked against an all-resident run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use strata::budget::STRATA_UNLIMITED;
+use strata::checkpoint::Checkpoint;
+use strata::context::{Context, Options};
+use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_SOURCE};
+use strata::error::{Error, Result};
+use strata::stats::Stats;
+use strata::tiers::{
+    Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK, STRATA_QUANT_PER_CHANNEL,
+};
+
+const USAGE: &str = "strata: run models larger than GPU memory
+
+Usage: strata <command> [options]
+
+Commands:
+  demo    Stream a generated model under a budget on the CPU, check the result, print the figures
+
+Run `strata <command> --help` for a command's options.";
+
+const DEMO_USAGE: &str = "strata demo: stream a generated model under a budget and check the result
+
+Usage: strata demo [--layers N] [--width N] [--passes N] [--budget-percent P] [--keep DIR]
+
+Generates a model of N square bf16 layers (width x width, plus a bias) as a safetensors file,
+stores it on disk, keeps it in fp8 (per-channel scales) on the compute device and computes in
+bf16, under vram_limit = P% of the fp8 model. Each pass runs x <- normalize(W x + b) through every
+layer; the result must equal, bit for bit, the same passes with everything resident.
+
+Options:
+  --layers N          layers in the model (default 32)
+  --width N           rows and columns of each weight (default 1024)
+  --passes N          passes through the model, like denoising steps (default 4)
+  --budget-percent P  vram_limit as a percentage of the fp8 model (default 30)
+  --keep DIR          write the checkpoint and timeline into DIR and keep them";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo(&args[1..]),
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(Error::invalid(format!(
+            "unknown command {other:?}\n\n{USAGE}"
+        ))),
+        None => Err(Error::invalid(USAGE)),
+    };
+    if let Err(e) = result {
+        eprintln!("strata: {}", e.message);
+        std::process::exit(2);
+    }
+}
+
+/// Bytes in binary units, the way people read memory sizes.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+struct DemoConfig {
+    layers: usize,
+    width: usize,
+    passes: usize,
+    budget_percent: u64,
+    keep: Option<PathBuf>,
+}
+
+fn parse_demo(args: &[String]) -> Result<Option<DemoConfig>> {
+    let mut config = DemoConfig {
+        layers: 32,
+        width: 1024,
+        passes: 4,
+        budget_percent: 30,
+        keep: None,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{DEMO_USAGE}");
+            return Ok(None);
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| Error::invalid(format!("{flag} needs a value\n\n{DEMO_USAGE}")))?;
+        let number = || {
+            value.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                Error::invalid(format!("{flag} takes a positive number, not {value:?}"))
+            })
+        };
+        match flag.as_str() {
+            "--layers" => config.layers = number()? as usize,
+            "--width" => config.width = number()? as usize,
+            "--passes" => config.passes = number()? as usize,
+            "--budget-percent" => config.budget_percent = number()?,
+            "--keep" => config.keep = Some(PathBuf::from(value)),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown option {flag:?}\n\n{DEMO_USAGE}"
+                )))
+            }
+        }
+    }
+    Ok(Some(config))
+}
+
+/// Deterministic weights with a standard deviation of about `scale`.
+fn synthetic_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.46 * scale
+        })
+        .collect()
+}
+
+fn write_model(path: &Path, layers: usize, width: usize) -> Result<u64> {
+    let to_bf16 = |values: Vec<f32>| -> Vec<u8> {
+        values
+            .into_iter()
+            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = (0..layers)
+        .flat_map(|i| {
+            let scale = 1.0 / (width as f32).sqrt();
+            [
+                (
+                    format!("blocks.{i}.weight"),
+                    vec![width, width],
+                    to_bf16(synthetic_values(width * width, 2 * i as u64 + 1, scale)),
+                ),
+                (
+                    format!("blocks.{i}.bias"),
+                    vec![width],
+                    to_bf16(synthetic_values(width, 2 * i as u64 + 2, 0.1)),
+                ),
+            ]
+        })
+        .collect();
+    let total = tensors.iter().map(|t| t.2.len() as u64).sum();
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::invalid(format!("building the demo model: {e}")))?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| Error::io(format!("writing {}: {e}", path.display())))?;
+    Ok(total)
+}
+
+/// One pass: x <- normalize(W x + b) through every layer, reading the bf16 views strata hands out.
+fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Result<()> {
+    for &layer in layers {
+        let mut weight: &[u16] = &[];
+        let mut bias: &[u16] = &[];
+        ctx.acquire(layer, 2, |i, view| {
+            // SAFETY: on the CPU device a view's bytes are host memory, valid and unchanged until
+            // the release below; bf16 data is 2-byte aligned (strata aligns every tensor to 64).
+            let values = unsafe {
+                std::slice::from_raw_parts(view.addr as *const u16, view.nbytes as usize / 2)
+            };
+            if i == 0 {
+                weight = values;
+            } else {
+                bias = values;
+            }
+        })?;
+        let bf16 = |bits: u16| f32::from_bits((bits as u32) << 16);
+        let mut y: Vec<f32> = weight
+            .chunks_exact(width)
+            .zip(bias)
+            .map(|(row, &b)| {
+                row.iter()
+                    .zip(x.iter())
+                    .map(|(&w, &xi)| bf16(w) * xi)
+                    .sum::<f32>()
+                    + bf16(b)
+            })
+            .collect();
+        ctx.release(layer)?;
+        let norm = (y.iter().map(|v| v * v).sum::<f32>() / width as f32)
+            .sqrt()
+            .max(1e-6);
+        y.iter_mut().for_each(|v| *v /= norm);
+        *x = y;
+    }
+    Ok(())
+}
+
+fn streamed_run(
+    checkpoint: &Checkpoint,
+    config: &DemoConfig,
+    vram_limit: u64,
+) -> Result<(Vec<f32>, Stats, Context, f64)> {
+    let ctx = Context::new(Options {
+        compute: Device::Cpu,
+        device_index: 0,
+        vram_limit,
+        host_limit: STRATA_UNLIMITED,
+        prefetch_depth: 2,
+        strict_budget: false,
+    })?;
+    let tiers = RawTiers {
+        placements: [
+            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
+            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
+            (STRATA_DEVICE_DEFAULT, STRATA_DTYPE_F8_E4M3FN),
+            (STRATA_DEVICE_DEFAULT, STRATA_DTYPE_BF16),
+        ],
+        quant: STRATA_QUANT_PER_CHANNEL,
+    };
+    let group = ctx.create_group("model", &tiers)?;
+    ctx.register_checkpoint_prefix(group, checkpoint, "blocks.", 2)?;
+    let layers = (0..config.layers)
+        .map(|i| ctx.find_layer(&format!("blocks.{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut x = synthetic_values(config.width, 12345, 1.0);
+    let started = Instant::now();
+    for _ in 0..config.passes {
+        run_pass(&ctx, &layers, config.width, &mut x)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = ctx.stats();
+    Ok((x, stats, ctx, seconds))
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    let Some(config) = parse_demo(args)? else {
+        return Ok(());
+    };
+    let dir = match &config.keep {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("strata-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::from_io(&e, "creating", &dir))?;
+    let model = dir.join("model.safetensors");
+    let stored = write_model(&model, config.layers, config.width)?;
+    let checkpoint = Checkpoint::open(&model)?;
+    let fp8_model = (config.layers
+        * (config.width * config.width + config.width * 4 + config.width * 2))
+        as u64;
+    let vram_limit = fp8_model * config.budget_percent / 100;
+    println!(
+        "model: {} layers of {w}x{w} bf16 + bias, {} on disk at {}",
+        config.layers,
+        human_bytes(stored),
+        model.display(),
+        w = config.width
+    );
+    println!(
+        "tiers: disk (bf16) -> device fp8 e4m3, per-channel scales ({}) -> computed in bf16",
+        human_bytes(fp8_model)
+    );
+    println!(
+        "budget: vram_limit {} ({}% of the fp8 model), {} passes\n",
+        human_bytes(vram_limit),
+        config.budget_percent,
+        config.passes
+    );
+
+    let (streamed, stats, ctx, seconds) = streamed_run(&checkpoint, &config, vram_limit)?;
+    let (resident, resident_stats, _, resident_seconds) =
+        streamed_run(&checkpoint, &config, STRATA_UNLIMITED)?;
+
+    let per_pass = |s: &Stats| s.bytes_to_device / config.passes as u64;
+    println!("{:<34}{:>16}{:>16}", "", "streamed", "all resident");
+    println!(
+        "{:<34}{:>16}{:>16}",
+        "peak on device",
+        human_bytes(stats.vram_peak),
+        human_bytes(resident_stats.vram_peak)
+    );
+    println!(
+        "{:<34}{:>16}{:>16}",
+        "moved to device per pass",
+        human_bytes(per_pass(&stats)),
+        human_bytes(per_pass(&resident_stats))
+    );
+    println!(
+        "{:<34}{:>16}{:>16}",
+        "read from disk",
+        human_bytes(stats.bytes_from_disk),
+        human_bytes(resident_stats.bytes_from_disk)
+    );
+    println!(
+        "{:<34}{:>16}{:>16}",
+        "acquires (hits / misses)",
+        format!("{} / {}", stats.resident_hits, stats.misses),
+        format!(
+            "{} / {}",
+            resident_stats.resident_hits, resident_stats.misses
+        )
+    );
+    println!(
+        "{:<34}{:>16}{:>16}",
+        "evictions", stats.evictions, resident_stats.evictions
+    );
+    println!(
+        "{:<34}{:>15.1}s{:>15.1}s",
+        "time waiting for bytes",
+        stats.stall_ns as f64 / 1e9,
+        resident_stats.stall_ns as f64 / 1e9
+    );
+    println!(
+        "{:<34}{:>15.2}s{:>15.2}s",
+        "total time", seconds, resident_seconds
+    );
+
+    let trace = dir.join("timeline.json");
+    std::fs::write(&trace, ctx.trace_json()).map_err(|e| Error::from_io(&e, "writing", &trace))?;
+    println!(
+        "\ntimeline: {} (open it in https://ui.perfetto.dev)",
+        trace.display()
+    );
+
+    if stats.vram_peak > vram_limit {
+        return Err(Error::budget(format!(
+            "the budget was exceeded: peak {} > limit {}",
+            stats.vram_peak, vram_limit
+        )));
+    }
+    if streamed
+        .iter()
+        .map(|v| v.to_bits())
+        .ne(resident.iter().map(|v| v.to_bits()))
+    {
+        return Err(Error::state(
+            "the streamed result differs from the all-resident result",
+        ));
+    }
+    println!("result: identical, bit for bit, to the all-resident run; the budget held. OK");
+    if config.keep.is_none() {
+        drop(ctx);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}

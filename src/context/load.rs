@@ -1,0 +1,170 @@
+//! Moving a layer's bytes between tiers, done without the context lock while the layer is marked
+//! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
+
+use super::Context;
+use crate::backend::TensorSlot;
+use crate::checkpoint::TensorInfo;
+use crate::convert::{self, TensorBytes};
+use crate::error::Result;
+use crate::host::CountedBuffer;
+use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
+use crate::trace::{Span, Track};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a layer's bytes come from: a host copy, or the user's checkpoint.
+#[derive(Clone)]
+pub enum Source {
+    Host(Arc<HostCopy>),
+    Disk(Arc<[TensorInfo]>),
+}
+
+/// A tensor's bytes read from a host copy: the data slice and its scales as f32.
+fn host_tensor(copy: &HostCopy, slot: &TensorSlot) -> (std::ops::Range<usize>, Vec<f32>) {
+    let bytes = copy.buffer.buffer.as_slice();
+    let scales = bytes[slot.scales_offset..slot.scales_offset + slot.scale_count() * 4]
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (slot.offset..slot.offset + slot.data_bytes(), scales)
+}
+
+impl Context {
+    /// Calls `consume` with each tensor's bytes from `source`, reading checkpoint tensors through
+    /// a staging buffer that counts as host memory while it lives. Records spans in `spans`.
+    fn for_each_source_tensor(
+        &self,
+        source: &Source,
+        tensors: &[TensorMeta],
+        spans: &mut Vec<Span>,
+        mut consume: impl FnMut(usize, TensorBytes<'_>) -> Result<()>,
+    ) -> Result<()> {
+        for (i, meta) in tensors.iter().enumerate() {
+            match source {
+                Source::Host(copy) => {
+                    let slot = &copy.slots[i];
+                    let (range, scales) = host_tensor(copy, slot);
+                    let bytes = &copy.buffer.buffer.as_slice()[range];
+                    consume(
+                        i,
+                        TensorBytes {
+                            bytes,
+                            dtype: slot.repr.dtype,
+                            scales: &scales,
+                        },
+                    )?;
+                }
+                Source::Disk(infos) => {
+                    let info = &infos[i];
+                    let started = Instant::now();
+                    let mut staging = CountedBuffer::new(meta.nbytes(), &self.host)?;
+                    info.file
+                        .read_at(info.offset, staging.buffer.as_mut_slice())
+                        .map_err(|e| e.context(format!("tensor {}", info.name)))?;
+                    self.bytes_from_disk
+                        .fetch_add(info.nbytes, Ordering::Relaxed);
+                    spans.push(Span {
+                        track: Track::Copy,
+                        name: info.name.clone(),
+                        what: "read",
+                        start: started,
+                        end: Instant::now(),
+                        bytes: info.nbytes,
+                    });
+                    consume(
+                        i,
+                        TensorBytes {
+                            bytes: staging.buffer.as_slice(),
+                            dtype: meta.dtype,
+                            scales: &[],
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A host copy of the layer in the form `slots` describe, made from `source`.
+    pub(super) fn make_host_copy(
+        &self,
+        source: &Source,
+        tensors: &[TensorMeta],
+        slots: Vec<TensorSlot>,
+        size: usize,
+        spans: &mut Vec<Span>,
+    ) -> Result<HostCopy> {
+        let mut buffer = CountedBuffer::new(size, &self.host)?;
+        self.for_each_source_tensor(source, tensors, spans, |i, src| {
+            let slot = &slots[i];
+            let out = buffer.buffer.as_mut_slice();
+            let (data, rest) = out.split_at_mut(slot.scales_offset);
+            let data = &mut data[slot.offset..slot.offset + slot.data_bytes()];
+            let scales = convert::convert(src, slot.rows, data, slot.repr.dtype, slot.repr.quant)?;
+            for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
+                out.copy_from_slice(&scale.to_ne_bytes());
+            }
+            Ok(())
+        })?;
+        Ok(HostCopy { buffer, slots })
+    }
+
+    /// The preparing-tier copy on the compute device, uploaded from `source`.
+    pub(super) fn make_prepared(
+        &self,
+        source: &Source,
+        tensors: &[TensorMeta],
+        slots: &[TensorSlot],
+        size: usize,
+        layer_name: &str,
+        spans: &mut Vec<Span>,
+    ) -> Result<DeviceCopy> {
+        let memory = self.backend.allocate(size)?;
+        let started = Instant::now();
+        self.for_each_source_tensor(source, tensors, spans, |i, src| {
+            self.backend.upload(src, &memory, &slots[i])
+        })?;
+        spans.push(Span {
+            track: Track::Copy,
+            name: layer_name.to_owned(),
+            what: "upload",
+            start: started,
+            end: Instant::now(),
+            bytes: size as u64,
+        });
+        Ok(DeviceCopy {
+            memory,
+            slots: slots.to_vec(),
+        })
+    }
+
+    /// The computation-tier copy, converted on the device from the prepared one.
+    pub(super) fn make_converted(
+        &self,
+        prepared: &DeviceCopy,
+        slots: &[TensorSlot],
+        size: usize,
+        layer_name: &str,
+        spans: &mut Vec<Span>,
+    ) -> Result<DeviceCopy> {
+        let memory = self.backend.allocate(size)?;
+        let started = Instant::now();
+        for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
+            self.backend
+                .convert(&prepared.memory, src_slot, &memory, dst_slot)?;
+        }
+        spans.push(Span {
+            track: Track::Copy,
+            name: layer_name.to_owned(),
+            what: "convert",
+            start: started,
+            end: Instant::now(),
+            bytes: size as u64,
+        });
+        Ok(DeviceCopy {
+            memory,
+            slots: slots.to_vec(),
+        })
+    }
+}

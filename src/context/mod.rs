@@ -1,0 +1,1060 @@
+//! A context: one compute device, its budget, and every group and layer registered on it.
+//!
+//! One lock guards the bookkeeping; bytes move without it while the layer being filled is marked
+//! busy, so threads acquiring other layers are not held up by a read or a conversion.
+
+mod load;
+
+use crate::backend::{cpu::CpuBackend, layout, Backend, TensorSlot};
+use crate::budget::{Budget, Limit};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::host::{CountedBuffer, MemoryCounter};
+use crate::registry::{Computation, Group, HostCopy, IdCodec, Key, Layer, Registry, TensorMeta};
+use crate::stats::{Counters, Stats};
+use crate::tiers::{Device, RawTiers, Tier, Tiers};
+use crate::trace::{Span, Trace, Track};
+use load::Source;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
+use std::time::Instant;
+
+/// Refuse layers that would exceed the budget instead of overcommitting.
+pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub compute: Device,
+    pub device_index: i32,
+    pub vram_limit: u64,
+    pub host_limit: u64,
+    pub prefetch_depth: u32,
+    pub strict_budget: bool,
+}
+
+/// A host tensor handed to `register_host`: its bytes are copied.
+pub struct HostTensorIn<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+    pub data: &'a [u8],
+}
+
+/// One tensor of an acquired layer as the caller sees it.
+pub struct View<'a> {
+    pub name: &'a std::ffi::CStr,
+    pub addr: u64,
+    pub dtype: DType,
+    pub device: Device,
+    pub device_index: i32,
+    pub shape: &'a [i64],
+    pub nbytes: u64,
+}
+
+struct State {
+    registry: Registry,
+    budget: Budget,
+    counters: Counters,
+    trace: Trace,
+    /// Logical time, bumped by each acquire.
+    clock: u64,
+}
+
+pub struct Context {
+    backend: Box<dyn Backend>,
+    codec: IdCodec,
+    options: Options,
+    state: Mutex<State>,
+    /// Signalled whenever a layer stops being busy or in use, or memory is freed.
+    changed: Condvar,
+    host: Arc<MemoryCounter>,
+    bytes_from_disk: AtomicU64,
+}
+
+/// Gives each context its own id tag, so ids from one context do not resolve in another.
+fn next_tag() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(1);
+    loop {
+        let tag = NEXT.fetch_add(1, Ordering::Relaxed);
+        if tag & 0xFF != 0 {
+            return tag;
+        }
+    }
+}
+
+/// What the budget has to hold for a layer in use, beyond what it holds already.
+struct DevicePlan {
+    prepared: Option<(Vec<TensorSlot>, usize)>,
+    converted: Option<(Vec<TensorSlot>, usize)>,
+}
+
+impl DevicePlan {
+    fn bytes(&self) -> u64 {
+        self.prepared.as_ref().map_or(0, |p| p.1 as u64)
+            + self.converted.as_ref().map_or(0, |c| c.1 as u64)
+    }
+}
+
+/// Why room could not be made right now.
+enum NoRoom {
+    /// Other threads hold layers in use or are loading: wait for a release.
+    Wait,
+    Fail(Error),
+}
+
+impl Context {
+    pub fn new(options: Options) -> Result<Context> {
+        let backend: Box<dyn Backend> = match options.compute {
+            Device::Cpu => Box::new(CpuBackend),
+            Device::Cuda => crate::backend::open_cuda(options.device_index)?,
+            Device::Disk => return Err(Error::invalid("the compute device cannot be the disk")),
+        };
+        Ok(Context {
+            backend,
+            codec: IdCodec { tag: next_tag() },
+            options,
+            state: Mutex::new(State {
+                registry: Registry::default(),
+                budget: Budget::new(Limit::from_abi(options.vram_limit)),
+                counters: Counters::default(),
+                trace: Trace::default(),
+                clock: 0,
+            }),
+            changed: Condvar::new(),
+            host: Arc::new(MemoryCounter::default()),
+            bytes_from_disk: AtomicU64::new(0),
+        })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is caught at the FFI boundary; the bookkeeping it left is
+        // still the best there is, so keep serving rather than failing every later call.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ----- groups -----
+
+    pub fn create_group(&self, name: &str, raw: &RawTiers) -> Result<u32> {
+        let tiers = Tiers::resolve(raw, self.backend.device())?;
+        let mut st = self.lock();
+        let key = st.registry.groups.insert(Group {
+            name: name.to_owned(),
+            tiers,
+            onloaded: false,
+            layers: Vec::new(),
+        });
+        if key.index > 0xFFFF {
+            st.registry.groups.remove(key);
+            return Err(Error::invalid(
+                "too many groups in one context (at most 65536)",
+            ));
+        }
+        Ok(self.codec.group_id(key))
+    }
+
+    fn group_key(&self, st: &State, id: u32) -> Result<Key> {
+        let key = self.codec.group_key(id)?;
+        st.registry.groups.get(key).map(|_| key).ok_or_else(|| {
+            Error::handle(format!(
+                "group id {id:#x} does not exist (destroyed, or never created)"
+            ))
+        })
+    }
+
+    /// Destroys a group and its layers; refused while any of them is in use.
+    pub fn destroy_group(&self, id: u32) -> Result<()> {
+        let mut st = self.lock();
+        let key = self.group_key(&st, id)?;
+        let layers = st
+            .registry
+            .groups
+            .get(key)
+            .map(|g| g.layers.clone())
+            .unwrap_or_default();
+        for &layer in &layers {
+            let l = &st
+                .registry
+                .layers
+                .get(layer)
+                .expect("group lists live layers");
+            if l.in_use > 0 || l.busy {
+                return Err(Error::state(format!(
+                    "group {:?} has layer {:?} in use; release it first",
+                    st.registry.groups.get(key).map_or("", |g| g.name.as_str()),
+                    l.name
+                )));
+            }
+        }
+        for layer in layers {
+            self.remove_layer(&mut st, layer);
+        }
+        st.registry.groups.remove(key);
+        Ok(())
+    }
+
+    pub fn onload_group(&self, id: u32) -> Result<()> {
+        let key = {
+            let st = self.lock();
+            self.group_key(&st, id)?
+        };
+        self.onload(key)
+    }
+
+    pub fn offload_group(&self, id: u32) -> Result<()> {
+        let mut st = self.lock();
+        let key = self.group_key(&st, id)?;
+        st = self.wait_until_group_idle(st, key);
+        let group = st.registry.groups.get_mut(key).expect("checked above");
+        group.onloaded = false;
+        let layers = group.layers.clone();
+        for layer in layers {
+            let l = st
+                .registry
+                .layers
+                .get_mut(layer)
+                .expect("group lists live layers");
+            l.onload_copy = None;
+            if l.in_use == 0 {
+                if let Some(copy) = l.prepared.take() {
+                    st.budget.refund(copy.bytes());
+                }
+            }
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    fn wait_until_group_idle<'a>(
+        &self,
+        mut st: MutexGuard<'a, State>,
+        key: Key,
+    ) -> MutexGuard<'a, State> {
+        loop {
+            let busy = st.registry.groups.get(key).is_some_and(|g| {
+                g.layers
+                    .iter()
+                    .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy))
+            });
+            if !busy {
+                return st;
+            }
+            st = self.wait(st);
+        }
+    }
+
+    /// Brings every layer of a group to its onload tier: host copies are made where the onload
+    /// tier is in RAM in a form the offload tier does not already hold.
+    fn onload(&self, group: Key) -> Result<()> {
+        let mut st = self.lock();
+        st = self.wait_until_group_idle(st, group);
+        let Some(g) = st.registry.groups.get(group) else {
+            return Err(Error::handle("group was destroyed during onload"));
+        };
+        if g.onloaded {
+            return Ok(());
+        }
+        let tiers = g.tiers;
+        let layers = g.layers.clone();
+        let mut made = Vec::new();
+        for &layer in &layers {
+            let result = self.ensure_host_copy(st, layer, tiers, Tier::Onload);
+            match result {
+                Ok(guard) => st = guard,
+                Err(e) => {
+                    let mut st = self.lock();
+                    for layer in made {
+                        if let Some(l) = st.registry.layers.get_mut(layer) {
+                            l.onload_copy = None;
+                        }
+                    }
+                    self.changed.notify_all();
+                    return Err(e);
+                }
+            }
+            made.push(layer);
+        }
+        if let Some(g) = st.registry.groups.get_mut(group) {
+            g.onloaded = true;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the layer has its host copy for `tier` (Offload or Onload) when that tier is in
+    /// RAM and needs one; fills it without the lock.
+    fn ensure_host_copy<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        key: Key,
+        tiers: Tiers,
+        tier: Tier,
+    ) -> Result<MutexGuard<'a, State>> {
+        loop {
+            let Some(layer) = st.registry.layers.get(key) else {
+                return Err(Error::handle(
+                    "layer was removed while its group was onloading",
+                ));
+            };
+            if layer.busy {
+                st = self.wait(st);
+                continue;
+            }
+            if tier == Tier::Onload && tiers.offload.device == Device::Cpu {
+                // The offload copy comes first, and may already be the onload form.
+                if layer.offload_copy.is_none() {
+                    st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
+                    continue;
+                }
+            }
+            let placement = tiers.placement(tier);
+            let (slots, size) = host_layout(layer, &tiers, tier);
+            let needed = placement.device == Device::Cpu
+                && match tier {
+                    Tier::Offload => layer.offload_copy.is_none(),
+                    _ => {
+                        layer.onload_copy.is_none()
+                            && !layer
+                                .offload_copy
+                                .as_ref()
+                                .is_some_and(|c| c.slots == slots)
+                    }
+                };
+            if !needed {
+                return Ok(st);
+            }
+            let source = nearest_source(layer, false);
+            let tensors = layer.tensors.clone();
+            let layer = st.registry.layers.get_mut(key).expect("checked above");
+            layer.busy = true;
+            drop(st);
+            let mut spans = Vec::new();
+            let made = self.make_host_copy(&source, &tensors, slots, size, &mut spans);
+            let mut st = self.lock();
+            let layer = st
+                .registry
+                .layers
+                .get_mut(key)
+                .expect("busy layers are not removed");
+            layer.busy = false;
+            self.changed.notify_all();
+            let copy = Arc::new(made?);
+            match tier {
+                Tier::Offload => layer.offload_copy = Some(copy),
+                _ => layer.onload_copy = Some(copy),
+            }
+            for span in spans {
+                st.trace.record(span);
+            }
+            return Ok(st);
+        }
+    }
+
+    // ----- layers -----
+
+    fn check_new_layer(&self, st: &State, group: u32, name: &str) -> Result<Key> {
+        let key = self.group_key(st, group)?;
+        if st.registry.layer_names.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "a layer named {name:?} is already registered"
+            )));
+        }
+        Ok(key)
+    }
+
+    fn insert_layer(&self, st: &mut State, mut layer: Layer) -> Result<u64> {
+        if st.registry.layer_names.contains_key(&layer.name) {
+            return Err(Error::invalid(format!(
+                "a layer named {:?} is already registered",
+                layer.name
+            )));
+        }
+        let group = layer.group;
+        layer.last_use = 0;
+        let name = layer.name.clone();
+        let key = st.registry.layers.insert(layer);
+        st.registry.layer_names.insert(name, key);
+        st.registry
+            .groups
+            .get_mut(group)
+            .expect("checked by caller")
+            .layers
+            .push(key);
+        Ok(self.codec.layer_id(key))
+    }
+
+    fn new_layer(name: &str, group: Key, tensors: Vec<TensorMeta>) -> Result<Layer> {
+        if tensors.is_empty() {
+            return Err(Error::invalid(format!("layer {name:?} has no tensors")));
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            if tensors[..i].iter().any(|u| u.name == t.name) {
+                return Err(Error::invalid(format!(
+                    "layer {name:?} lists tensor {:?} twice",
+                    t.name
+                )));
+            }
+        }
+        Ok(Layer {
+            name: name.to_owned(),
+            group,
+            tensors: tensors.into(),
+            checkpoint: None,
+            offload_copy: None,
+            onload_copy: None,
+            prepared: None,
+            computation: None,
+            in_use: 0,
+            holders: Vec::new(),
+            busy: false,
+            last_use: 0,
+            acquired_at: None,
+        })
+    }
+
+    /// Registers a layer from host tensors; their bytes are copied into the offload tier's form.
+    pub fn register_host(
+        &self,
+        group: u32,
+        name: &str,
+        tensors: &[HostTensorIn<'_>],
+    ) -> Result<u64> {
+        let (group_key, tiers) = {
+            let st = self.lock();
+            let key = self.check_new_layer(&st, group, name)?;
+            (key, st.registry.groups.get(key).expect("checked").tiers)
+        };
+        if tiers.offload.device == Device::Disk || tiers.onload.device == Device::Disk {
+            return Err(Error::invalid(
+                "host tensors have no file behind them: register them in a group whose offload and onload tiers are on the cpu",
+            ));
+        }
+        let mut metas = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            let meta = TensorMeta::new(t.name, t.dtype, t.shape.clone())?;
+            if t.data.len() != meta.nbytes() {
+                return Err(Error::invalid(format!(
+                    "tensor {:?}: {} bytes given, its dtype and shape need {}",
+                    t.name,
+                    t.data.len(),
+                    meta.nbytes()
+                )));
+            }
+            metas.push(meta);
+        }
+        let mut layer = Self::new_layer(name, group_key, metas)?;
+        let (slots, size) = host_layout(&layer, &tiers, Tier::Offload);
+        let mut buffer = CountedBuffer::new(size, &self.host)?;
+        for (t, slot) in tensors.iter().zip(&slots) {
+            let src = crate::convert::TensorBytes {
+                bytes: t.data,
+                dtype: t.dtype,
+                scales: &[],
+            };
+            let out = buffer.buffer.as_mut_slice();
+            let (data, rest) = out.split_at_mut(slot.scales_offset);
+            let scales = crate::convert::convert(
+                src,
+                slot.rows,
+                &mut data[slot.offset..slot.offset + slot.data_bytes()],
+                slot.repr.dtype,
+                slot.repr.quant,
+            )?;
+            for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
+                out.copy_from_slice(&scale.to_ne_bytes());
+            }
+        }
+        layer.offload_copy = Some(Arc::new(HostCopy { buffer, slots }));
+        let mut st = self.lock();
+        self.group_key(&st, group)?;
+        self.insert_layer(&mut st, layer)
+    }
+
+    /// Registers a layer whose tensors stay in `checkpoint` until a tier needs them.
+    pub fn register_checkpoint(
+        &self,
+        group: u32,
+        checkpoint: &Checkpoint,
+        name: &str,
+        tensor_names: &[&str],
+    ) -> Result<u64> {
+        let layer = {
+            let st = self.lock();
+            let key = self.check_new_layer(&st, group, name)?;
+            checkpoint_layer(checkpoint, key, name, tensor_names)?
+        };
+        let mut st = self.lock();
+        self.group_key(&st, group)?;
+        self.insert_layer(&mut st, layer)
+    }
+
+    /// Registers every tensor under `prefix`, grouped into layers by name (see `layer_name_of`).
+    /// All or nothing: a name clash registers no layer. Returns the number of layers.
+    pub fn register_checkpoint_prefix(
+        &self,
+        group: u32,
+        checkpoint: &Checkpoint,
+        prefix: &str,
+        keep_components: u32,
+    ) -> Result<usize> {
+        let mut layers: Vec<(String, Vec<&str>)> = Vec::new();
+        for info in checkpoint.tensors() {
+            if info.name.starts_with(prefix) {
+                let layer = layer_name_of(&info.name, keep_components);
+                match layers.iter_mut().find(|(name, _)| *name == layer) {
+                    Some((_, names)) => names.push(&info.name),
+                    None => layers.push((layer, vec![&info.name])),
+                }
+            }
+        }
+        if layers.is_empty() {
+            return Err(Error::not_found(format!(
+                "no tensor name starts with {prefix:?}"
+            )));
+        }
+        let mut st = self.lock();
+        let key = self.group_key(&st, group)?;
+        let mut built = Vec::with_capacity(layers.len());
+        for (name, tensors) in &layers {
+            self.check_new_layer(&st, group, name)?;
+            built.push(checkpoint_layer(checkpoint, key, name, tensors)?);
+        }
+        for layer in built {
+            self.insert_layer(&mut st, layer)?;
+        }
+        Ok(layers.len())
+    }
+
+    pub fn find_layer(&self, name: &str) -> Result<u64> {
+        let st = self.lock();
+        st.registry
+            .layer_names
+            .get(name)
+            .map(|&key| self.codec.layer_id(key))
+            .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
+    }
+
+    fn layer_key(&self, st: &State, id: u64) -> Result<Key> {
+        let key = self.codec.layer_key(id)?;
+        st.registry.layers.get(key).map(|_| key).ok_or_else(|| {
+            Error::handle(format!(
+                "layer id {id:#x} does not exist (unregistered, or never registered)"
+            ))
+        })
+    }
+
+    pub fn tensor_count(&self, id: u64) -> Result<usize> {
+        let st = self.lock();
+        let key = self.layer_key(&st, id)?;
+        Ok(st.registry.layers.get(key).expect("checked").tensors.len())
+    }
+
+    pub fn unregister_layer(&self, id: u64) -> Result<()> {
+        let mut st = self.lock();
+        let key = self.layer_key(&st, id)?;
+        let layer = st.registry.layers.get(key).expect("checked");
+        if layer.in_use > 0 || layer.busy {
+            return Err(Error::state(format!(
+                "layer {:?} is in use; release it first",
+                layer.name
+            )));
+        }
+        self.remove_layer(&mut st, key);
+        Ok(())
+    }
+
+    fn remove_layer(&self, st: &mut State, key: Key) {
+        if let Some(layer) = st.registry.layers.remove(key) {
+            st.registry.layer_names.remove(&layer.name);
+            if let Some(group) = st.registry.groups.get_mut(layer.group) {
+                group.layers.retain(|&l| l != key);
+            }
+            if let Some(copy) = layer.prepared {
+                st.budget.refund(copy.bytes());
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    // ----- acquire and release -----
+
+    /// Makes a layer available in its computation form and calls `view` for each tensor.
+    /// `capacity` is how many views the caller has room for; fewer than the layer's tensors is
+    /// `STRATA_ERR_BUFFER_TOO_SMALL`, and nothing is acquired.
+    pub fn acquire(
+        &self,
+        id: u64,
+        capacity: usize,
+        mut view: impl FnMut(usize, View<'_>),
+    ) -> Result<usize> {
+        let started = Instant::now();
+        let me = std::thread::current().id();
+        let mut st = self.lock();
+        let key = self.layer_key(&st, id)?;
+        loop {
+            st.clock += 1;
+            let now = st.clock;
+            let Some(layer) = st.registry.layers.get(key) else {
+                return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
+            };
+            if capacity < layer.tensors.len() {
+                return Err(Error::new(
+                    crate::error::STRATA_ERR_BUFFER_TOO_SMALL,
+                    format!(
+                        "layer {:?} has {} tensors; the views array holds {capacity}",
+                        layer.name,
+                        layer.tensors.len()
+                    ),
+                ));
+            }
+            if layer.busy {
+                st = self.wait(st);
+                continue;
+            }
+            let group = st
+                .registry
+                .groups
+                .get(layer.group)
+                .expect("layers belong to live groups");
+            let tiers = group.tiers;
+            if !group.onloaded {
+                let group_key = layer.group;
+                drop(st);
+                self.onload(group_key)?;
+                st = self.lock();
+                st.counters.implicit_onloads += 1;
+                continue;
+            }
+            if layer.in_use > 0 {
+                let layer = st.registry.layers.get_mut(key).expect("checked");
+                layer.in_use += 1;
+                layer.holders.push(me);
+                layer.last_use = now;
+                st.counters.acquires += 1;
+                st.counters.resident_hits += 1;
+                return Ok(self.emit_views(&st, key, &mut view));
+            }
+            if tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
+                st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
+                continue;
+            }
+            let source = nearest_source(layer, true);
+            if let Source::Host(copy) = &source {
+                let (computation_slots, _) = host_layout(layer, &tiers, Tier::Computation);
+                if self.backend.reads_host_memory() && copy.slots == computation_slots {
+                    let layer = st.registry.layers.get_mut(key).expect("checked");
+                    layer.computation = Some(Computation::Host(copy.clone()));
+                    self.mark_acquired(layer, me, now);
+                    st.counters.acquires += 1;
+                    st.counters.resident_hits += 1;
+                    return Ok(self.emit_views(&st, key, &mut view));
+                }
+            }
+            let plan = device_plan(layer, &tiers);
+            let was_resident = layer.prepared.is_some();
+            let layer_name = layer.name.clone();
+            let bytes = plan.bytes();
+            match self.make_room(&mut st, key, bytes, me) {
+                Ok(()) => {}
+                Err(NoRoom::Wait) => {
+                    st = self.wait(st);
+                    continue;
+                }
+                Err(NoRoom::Fail(e)) => return Err(e),
+            }
+            st.budget.charge(bytes);
+            let layer = st.registry.layers.get_mut(key).expect("checked");
+            layer.busy = true;
+            let tensors = layer.tensors.clone();
+            let prepared = layer.prepared.take();
+            drop(st);
+
+            let mut spans = Vec::new();
+            let result =
+                self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
+
+            let mut st = self.lock();
+            for span in spans {
+                st.trace.record(span);
+            }
+            let layer = st
+                .registry
+                .layers
+                .get_mut(key)
+                .expect("busy layers are not removed");
+            layer.busy = false;
+            self.changed.notify_all();
+            let (prepared, converted) = match result {
+                Ok(filled) => filled,
+                Err((prepared, e)) => {
+                    layer.prepared = prepared;
+                    st.budget.refund(bytes);
+                    return Err(e.context(format!("layer {layer_name:?}")));
+                }
+            };
+            layer.prepared = Some(prepared);
+            layer.computation = Some(match converted {
+                Some(copy) => Computation::Converted(copy),
+                None => Computation::Prepared,
+            });
+            self.mark_acquired(layer, me, now);
+            st.counters.acquires += 1;
+            if was_resident {
+                st.counters.resident_hits += 1;
+            } else {
+                st.counters.misses += 1;
+                st.counters.bytes_to_device += plan_prepared_bytes(&tensors, &tiers);
+                st.counters.stall_ns += started.elapsed().as_nanos() as u64;
+            }
+            return Ok(self.emit_views(&st, key, &mut view));
+        }
+    }
+
+    fn mark_acquired(&self, layer: &mut Layer, me: ThreadId, now: u64) {
+        layer.in_use = 1;
+        layer.holders.push(me);
+        layer.last_use = now;
+        layer.acquired_at = Some(Instant::now());
+    }
+
+    /// Fills the prepared copy (unless it is resident) and the converted one (if the forms differ).
+    /// On failure hands back the prepared copy it was given, so nothing resident is lost.
+    #[allow(clippy::type_complexity)]
+    fn fill_device(
+        &self,
+        source: &Source,
+        tensors: &[TensorMeta],
+        prepared: Option<crate::registry::DeviceCopy>,
+        plan: DevicePlan,
+        layer_name: &str,
+        spans: &mut Vec<Span>,
+    ) -> std::result::Result<
+        (
+            crate::registry::DeviceCopy,
+            Option<crate::registry::DeviceCopy>,
+        ),
+        (Option<crate::registry::DeviceCopy>, Error),
+    > {
+        let prepared = match (prepared, plan.prepared) {
+            (Some(copy), _) => copy,
+            (None, Some((slots, size))) => self
+                .make_prepared(source, tensors, &slots, size, layer_name, spans)
+                .map_err(|e| (None, e))?,
+            (None, None) => unreachable!("a layer without a prepared copy plans one"),
+        };
+        let converted = match plan.converted {
+            Some((slots, size)) => {
+                match self.make_converted(&prepared, &slots, size, layer_name, spans) {
+                    Ok(copy) => Some(copy),
+                    Err(e) => return Err((Some(prepared), e)),
+                }
+            }
+            None => None,
+        };
+        Ok((prepared, converted))
+    }
+
+    /// Evicts unused resident layers until `bytes` more fit, or says why they cannot. The layer's
+    /// whole footprint (its resident copy, if any, plus `bytes`) is what may exceed the cap alone.
+    fn make_room(
+        &self,
+        st: &mut State,
+        key: Key,
+        bytes: u64,
+        me: ThreadId,
+    ) -> std::result::Result<(), NoRoom> {
+        let own = st
+            .registry
+            .layers
+            .get(key)
+            .and_then(|l| l.prepared.as_ref())
+            .map_or(0, |p| p.bytes());
+        let footprint = own + bytes;
+        if self.options.strict_budget && st.budget.exceeds_cap_alone(footprint) {
+            let name = &st.registry.layers.get(key).expect("checked").name;
+            return Err(NoRoom::Fail(Error::budget(format!(
+                "layer {name:?} needs {footprint} bytes on the device, more than vram_limit {} (STRATA_FLAG_STRICT_BUDGET)",
+                self.options.vram_limit
+            ))));
+        }
+        loop {
+            if st.budget.fits(bytes) {
+                return Ok(());
+            }
+            let victim = st
+                .registry
+                .layers
+                .iter()
+                .filter(|(k, l)| *k != key && l.prepared.is_some() && l.in_use == 0 && !l.busy)
+                .min_by_key(|(_, l)| l.last_use)
+                .map(|(k, _)| k);
+            if let Some(victim) = victim {
+                let layer = st.registry.layers.get_mut(victim).expect("found above");
+                let copy = layer.prepared.take().expect("filtered on it");
+                st.budget.refund(copy.bytes());
+                st.counters.evictions += 1;
+                continue;
+            }
+            if st.budget.exceeds_cap_alone(footprint) && st.budget.in_use() == own {
+                // One layer larger than the whole budget: allowed alone, reported as overcommit.
+                return Ok(());
+            }
+            // Waiting is safe only for a thread that holds nothing: two threads that each hold a
+            // layer and wait for the other's would wait forever.
+            let held_by_me: u64 = st
+                .registry
+                .layers
+                .iter()
+                .filter(|(_, l)| l.in_use > 0 && l.holders.contains(&me))
+                .count() as u64;
+            let others_active = st.registry.layers.iter().any(|(k, l)| {
+                k != key && (l.busy || (l.in_use > 0 && l.holders.iter().any(|&h| h != me)))
+            });
+            if held_by_me == 0 && others_active {
+                return Err(NoRoom::Wait);
+            }
+            let name = &st.registry.layers.get(key).expect("checked").name;
+            return Err(NoRoom::Fail(Error::budget(format!(
+                "layer {name:?} needs {bytes} more bytes on the device, but {} of vram_limit {} are held by layers in use or loading ({held_by_me} in use by this thread); release some first",
+                st.budget.in_use(),
+                self.options.vram_limit
+            ))));
+        }
+    }
+
+    fn emit_views(&self, st: &State, key: Key, mut view: impl FnMut(usize, View<'_>)) -> usize {
+        let layer = st.registry.layers.get(key).expect("checked");
+        let (base, slots, device) = match layer.computation.as_ref().expect("layer is in use") {
+            Computation::Host(copy) => {
+                (copy.buffer.buffer.as_ptr() as u64, &copy.slots, Device::Cpu)
+            }
+            Computation::Prepared => {
+                let copy = layer
+                    .prepared
+                    .as_ref()
+                    .expect("in-use layers keep their prepared copy");
+                (copy.memory.addr, &copy.slots, self.backend.device())
+            }
+            Computation::Converted(copy) => (copy.memory.addr, &copy.slots, self.backend.device()),
+        };
+        for (i, (meta, slot)) in layer.tensors.iter().zip(slots).enumerate() {
+            view(
+                i,
+                View {
+                    name: &meta.name,
+                    addr: base + slot.offset as u64,
+                    dtype: slot.repr.dtype,
+                    device,
+                    device_index: self.backend.device_index(),
+                    shape: &meta.shape,
+                    nbytes: slot.data_bytes() as u64,
+                },
+            );
+        }
+        layer.tensors.len()
+    }
+
+    /// Ends one use of a layer. When the last use ends, conversion temporaries are freed, and the
+    /// prepared copy too when nothing may stay resident (budget 0, or the group was offloaded).
+    pub fn release(&self, id: u64) -> Result<()> {
+        let me = std::thread::current().id();
+        let mut st = self.lock();
+        let key = self.layer_key(&st, id)?;
+        let minimal = st.budget.limit == Limit::Minimal;
+        let State {
+            registry,
+            budget,
+            trace,
+            ..
+        } = &mut *st;
+        let layer = registry.layers.get_mut(key).expect("checked");
+        if layer.in_use == 0 {
+            return Err(Error::state(format!(
+                "layer {:?} is not acquired: release without acquire, or released twice",
+                layer.name
+            )));
+        }
+        layer.in_use -= 1;
+        let holder = layer.holders.iter().position(|&h| h == me).unwrap_or(0);
+        layer.holders.swap_remove(holder);
+        if layer.in_use > 0 {
+            return Ok(());
+        }
+        if let Some(start) = layer.acquired_at.take() {
+            trace.record(Span {
+                track: Track::Compute,
+                name: layer.name.clone(),
+                what: "compute",
+                start,
+                end: Instant::now(),
+                bytes: 0,
+            });
+        }
+        if let Some(Computation::Converted(copy)) = layer.computation.take() {
+            budget.refund(copy.bytes());
+        }
+        let onloaded = registry.groups.get(layer.group).is_some_and(|g| g.onloaded);
+        if minimal || !onloaded {
+            if let Some(copy) = layer.prepared.take() {
+                budget.refund(copy.bytes());
+            }
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    // ----- stats and trace -----
+
+    pub fn stats(&self) -> Stats {
+        let st = self.lock();
+        let c = st.counters;
+        Stats {
+            vram_in_use: st.budget.in_use(),
+            vram_peak: st.budget.peak(),
+            host_in_use: self.host.in_use(),
+            host_peak: self.host.peak(),
+            bytes_to_device: c.bytes_to_device,
+            bytes_from_disk: self.bytes_from_disk.load(Ordering::Relaxed),
+            acquires: c.acquires,
+            resident_hits: c.resident_hits,
+            prefetch_hits: c.prefetch_hits,
+            misses: c.misses,
+            stall_ns: c.stall_ns,
+            overcommit_peak: st.budget.overcommit_peak(),
+            vram_limit: st.budget.limit.to_abi(),
+            evictions: c.evictions,
+            implicit_onloads: c.implicit_onloads,
+        }
+    }
+
+    pub fn trace_json(&self) -> String {
+        self.lock().trace.to_chrome_json()
+    }
+}
+
+/// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.
+fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
+    let host = if onload_first {
+        layer.onload_copy.as_ref().or(layer.offload_copy.as_ref())
+    } else {
+        layer.offload_copy.as_ref()
+    };
+    match (host, &layer.checkpoint) {
+        (Some(copy), _) => Source::Host(copy.clone()),
+        (None, Some(infos)) => Source::Disk(infos.clone()),
+        (None, None) => unreachable!("host layers always keep their offload copy"),
+    }
+}
+
+fn host_layout(layer: &Layer, tiers: &Tiers, tier: Tier) -> (Vec<TensorSlot>, usize) {
+    layout(
+        layer
+            .tensors
+            .iter()
+            .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),
+    )
+}
+
+/// What acquiring a layer in use must add on the device: the prepared copy unless resident, and a
+/// converted copy when the computation form differs from the preparing one.
+fn device_plan(layer: &Layer, tiers: &Tiers) -> DevicePlan {
+    let prepared = host_layout(layer, tiers, Tier::Preparing);
+    let computation = host_layout(layer, tiers, Tier::Computation);
+    let converted = (prepared.0 != computation.0).then_some(computation);
+    DevicePlan {
+        prepared: layer.prepared.is_none().then_some(prepared),
+        converted,
+    }
+}
+
+/// Bytes a miss moves into the preparing tier: each tensor's data and scales, without padding.
+fn plan_prepared_bytes(tensors: &[TensorMeta], tiers: &Tiers) -> u64 {
+    tensors
+        .iter()
+        .map(|t| {
+            let repr = tiers.repr(Tier::Preparing, t.dtype, t.shape.len());
+            (t.numel * repr.dtype.size() + repr.scale_count(t.rows) * 4) as u64
+        })
+        .sum()
+}
+
+fn checkpoint_layer(
+    checkpoint: &Checkpoint,
+    group: Key,
+    name: &str,
+    tensor_names: &[&str],
+) -> Result<Layer> {
+    let mut infos = Vec::with_capacity(tensor_names.len());
+    let mut metas = Vec::with_capacity(tensor_names.len());
+    for &tensor in tensor_names {
+        let info = checkpoint
+            .tensor(tensor)
+            .ok_or_else(|| Error::not_found(format!("the checkpoint has no tensor {tensor:?}")))?;
+        let dtype = info.dtype.ok_or_else(|| {
+            Error::unsupported(format!(
+                "tensor {tensor:?} has dtype {}, which strata does not handle",
+                info.dtype_name
+            ))
+        })?;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| {
+                i64::try_from(d).map_err(|_| {
+                    Error::format(format!("tensor {tensor:?} has a dimension too large"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        metas.push(TensorMeta::new(tensor, dtype, shape)?);
+        infos.push(info.clone());
+    }
+    let mut layer = Context::new_layer(name, group, metas)?;
+    layer.checkpoint = Some(infos.into());
+    Ok(layer)
+}
+
+/// The layer a tensor belongs to: its name cut to the first `keep` dot-separated parts, or with only
+/// its last part dropped when `keep` is 0 (or the name has no more than `keep` parts).
+pub fn layer_name_of(tensor: &str, keep: u32) -> String {
+    let parts: Vec<&str> = tensor.split('.').collect();
+    let drop_last = parts.len().saturating_sub(1).max(1);
+    let take = if keep == 0 {
+        drop_last
+    } else {
+        (keep as usize).min(drop_last)
+    };
+    parts[..take].join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_name_of;
+
+    #[test]
+    fn layer_names_follow_keep_components() {
+        assert_eq!(
+            layer_name_of("blocks.3.attn.to_q.weight", 0),
+            "blocks.3.attn.to_q"
+        );
+        assert_eq!(
+            layer_name_of("blocks.3.attn.to_q.bias", 0),
+            "blocks.3.attn.to_q"
+        );
+        assert_eq!(layer_name_of("blocks.3.attn.to_q.weight", 2), "blocks.3");
+        assert_eq!(layer_name_of("norm.weight", 2), "norm");
+        assert_eq!(layer_name_of("scale", 0), "scale");
+        assert_eq!(layer_name_of("scale", 3), "scale");
+    }
+}

@@ -1,0 +1,42 @@
+//! Checkpoints: safetensors files opened for lazy, positioned reads.
+
+use super::context::{context, strata_context};
+use super::{boundary, boundary_void, out_arg, str_arg, Handles};
+use crate::checkpoint::Checkpoint;
+use crate::error::strata_status;
+use std::sync::Arc;
+
+/// An opaque open checkpoint. Thread-safe.
+pub struct strata_checkpoint {
+    _private: [u8; 0],
+}
+
+pub(crate) static CHECKPOINTS: Handles<Checkpoint> = Handles::new("checkpoint");
+
+pub(crate) fn checkpoint(ckpt: *const strata_checkpoint) -> crate::error::Result<Arc<Checkpoint>> {
+    CHECKPOINTS.get(ckpt)
+}
+
+/// Opens one .safetensors file, a sharded *.safetensors.index.json, or a directory of shards.
+/// Only headers are read; tensor bytes are read when a tier needs them.
+#[no_mangle]
+pub extern "C" fn strata_checkpoint_open(
+    ctx: *mut strata_context,
+    path: *const std::ffi::c_char,
+    out: *mut *mut strata_checkpoint,
+) -> strata_status {
+    boundary("strata_checkpoint_open", || {
+        context(ctx)?;
+        let path = str_arg(path, "path")?;
+        let out = out_arg(out, "out")?;
+        let opened = Checkpoint::open(std::path::Path::new(path))?;
+        *out = CHECKPOINTS.insert(opened) as *mut strata_checkpoint;
+        Ok(())
+    })
+}
+
+/// Closes a checkpoint. Layers registered from it stay valid (they keep its files open). NULL is a no-op.
+#[no_mangle]
+pub extern "C" fn strata_checkpoint_close(ckpt: *mut strata_checkpoint) {
+    boundary_void("strata_checkpoint_close", || CHECKPOINTS.remove(ckpt));
+}

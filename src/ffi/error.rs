@@ -1,0 +1,56 @@
+//! Version, status names and the thread's last error message.
+
+use super::last_error;
+use crate::error::{status_name, strata_status};
+use std::ffi::c_char;
+
+pub const STRATA_VERSION_MAJOR: u32 = 0;
+pub const STRATA_VERSION_MINOR: u32 = 1;
+pub const STRATA_VERSION_PATCH: u32 = 0;
+
+const fn parse_u32(s: &str) -> u32 {
+    let bytes = s.as_bytes();
+    let mut value = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        value = value * 10 + (bytes[i] - b'0') as u32;
+        i += 1;
+    }
+    value
+}
+
+// The header's version and Cargo.toml's must agree: the build fails here when they do not.
+const _: () = assert!(STRATA_VERSION_MAJOR == parse_u32(env!("CARGO_PKG_VERSION_MAJOR")));
+const _: () = assert!(STRATA_VERSION_MINOR == parse_u32(env!("CARGO_PKG_VERSION_MINOR")));
+const _: () = assert!(STRATA_VERSION_PATCH == parse_u32(env!("CARGO_PKG_VERSION_PATCH")));
+
+/// The library's version as `(major << 16) | (minor << 8) | patch`; compare with the header's
+/// `STRATA_VERSION_*` to catch a program running against another build than it compiled with.
+#[no_mangle]
+pub extern "C" fn strata_version() -> u32 {
+    (STRATA_VERSION_MAJOR << 16) | (STRATA_VERSION_MINOR << 8) | STRATA_VERSION_PATCH
+}
+
+/// The name of a status, e.g. "STRATA_ERR_IO": a static string, never NULL (unknown numbers give
+/// "STRATA_ERR_UNKNOWN_STATUS").
+#[no_mangle]
+pub extern "C" fn strata_status_name(status: strata_status) -> *const c_char {
+    status_name(status).as_ptr() as *const c_char
+}
+
+/// Copies this thread's last error message (set by the last failed call on this thread, empty if
+/// none) into `buf`, truncated to `len - 1` bytes and NUL-terminated when `len > 0`. Returns the
+/// message's full length without the NUL, so `strata_last_error(NULL, 0)` asks for the size.
+#[no_mangle]
+pub extern "C" fn strata_last_error(buf: *mut c_char, len: usize) -> usize {
+    let message = last_error();
+    if !buf.is_null() && len > 0 {
+        let n = message.len().min(len - 1);
+        // SAFETY: the caller gives `len` writable bytes at `buf`; we write n + 1 <= len of them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(message.as_ptr() as *const c_char, buf, n);
+            *buf.add(n) = 0;
+        }
+    }
+    message.len()
+}

@@ -1,0 +1,105 @@
+//! Groups: sets of layers that share a tier configuration and are onloaded and offloaded together.
+
+use super::context::{context, strata_context};
+use super::{boundary, out_arg, read_sized, str_arg, Versioned};
+use crate::error::strata_status;
+use crate::tiers::RawTiers;
+
+/// Where a tier keeps a layer: a STRATA_DEVICE_* and a STRATA_DTYPE_*. Zeroed means "the usual
+/// place, the stored dtype". STRATA_DTYPE_SOURCE on the onload and preparing tiers keeps the form
+/// of the tier before (so storing fp8 at offload keeps it fp8 until computation); on the offload
+/// and computation tiers it means the stored dtype. On STRATA_DEVICE_DISK the bytes are the file's own, so the dtype
+/// there is the stored one whatever is written here: strata never writes a second copy to disk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct strata_placement {
+    pub device: u32,
+    pub dtype: u32,
+}
+
+/// The four tiers of a group. Start from `strata_tiers_default()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct strata_tiers {
+    /// sizeof(strata_tiers).
+    pub struct_size: u32,
+    /// Where layers live while their group is offloaded: disk or cpu.
+    pub offload: strata_placement,
+    /// Where layers live while their group is onloaded: disk or cpu.
+    pub onload: strata_placement,
+    /// Where layers stay resident between uses while the budget allows: the compute device.
+    pub preparing: strata_placement,
+    /// What strata_acquire_for_compute hands out: the compute device.
+    pub computation: strata_placement,
+    /// fp8 storage of tensors with 2+ dimensions: STRATA_QUANT_NONE, _PER_TENSOR or _PER_CHANNEL.
+    pub quantization: u32,
+}
+
+// SAFETY: repr(C), plain data, struct_size first.
+unsafe impl Versioned for strata_tiers {
+    const FIRST_RELEASED_SIZE: usize = std::mem::size_of::<strata_tiers>();
+}
+
+/// All four placements DEFAULT with dtype SOURCE, quantization NONE.
+#[no_mangle]
+pub extern "C" fn strata_tiers_default() -> strata_tiers {
+    strata_tiers {
+        struct_size: std::mem::size_of::<strata_tiers>() as u32,
+        offload: strata_placement::default(),
+        onload: strata_placement::default(),
+        preparing: strata_placement::default(),
+        computation: strata_placement::default(),
+        quantization: 0,
+    }
+}
+
+/// Creates a group (initially offloaded) and writes its id to `group_out`.
+#[no_mangle]
+pub extern "C" fn strata_group_create(
+    ctx: *mut strata_context,
+    name: *const std::ffi::c_char,
+    tiers: *const strata_tiers,
+    group_out: *mut u32,
+) -> strata_status {
+    boundary("strata_group_create", || {
+        let ctx = context(ctx)?;
+        let name = str_arg(name, "name")?;
+        let tiers = read_sized(tiers, "tiers", strata_tiers_default())?;
+        let out = out_arg(group_out, "group_out")?;
+        let raw = RawTiers {
+            placements: [
+                tiers.offload,
+                tiers.onload,
+                tiers.preparing,
+                tiers.computation,
+            ]
+            .map(|p| (p.device, p.dtype)),
+            quant: tiers.quantization,
+        };
+        *out = ctx.create_group(name, &raw)?;
+        Ok(())
+    })
+}
+
+/// Moves a group's layers to their onload tier (reading into RAM where the onload tier is the cpu).
+#[no_mangle]
+pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u32) -> strata_status {
+    boundary("strata_group_onload", || context(ctx)?.onload_group(group))
+}
+
+/// Moves a group's layers back to their offload tier: resident copies leave the device (layers in
+/// use leave when released).
+#[no_mangle]
+pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u32) -> strata_status {
+    boundary("strata_group_offload", || {
+        context(ctx)?.offload_group(group)
+    })
+}
+
+/// Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired.
+#[no_mangle]
+pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u32) -> strata_status {
+    boundary("strata_group_destroy", || {
+        context(ctx)?.destroy_group(group)
+    })
+}

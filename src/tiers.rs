@@ -1,0 +1,209 @@
+//! Devices, placements and the four tiers of a group, resolved against a context's compute device.
+
+use crate::convert::Quant;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// The usual place: the CPU for offload and onload, the compute device for preparing and computation.
+pub const STRATA_DEVICE_DEFAULT: u32 = 0;
+/// The checkpoint file itself: bytes are read when a tier transition needs them.
+pub const STRATA_DEVICE_DISK: u32 = 1;
+pub const STRATA_DEVICE_CPU: u32 = 2;
+pub const STRATA_DEVICE_CUDA: u32 = 3;
+
+/// fp8 storage as a plain cast (what DiffSynth does).
+pub const STRATA_QUANT_NONE: u32 = 0;
+/// fp8 storage scaled by one absmax scale per tensor.
+pub const STRATA_QUANT_PER_TENSOR: u32 = 1;
+/// fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
+pub const STRATA_QUANT_PER_CHANNEL: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Disk,
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn to_abi(self) -> u32 {
+        match self {
+            Device::Disk => STRATA_DEVICE_DISK,
+            Device::Cpu => STRATA_DEVICE_CPU,
+            Device::Cuda => STRATA_DEVICE_CUDA,
+        }
+    }
+
+    /// Reads an ABI number: `Ok(None)` for `STRATA_DEVICE_DEFAULT`.
+    pub fn from_abi(value: u32) -> Result<Option<Device>> {
+        match value {
+            STRATA_DEVICE_DEFAULT => Ok(None),
+            STRATA_DEVICE_DISK => Ok(Some(Device::Disk)),
+            STRATA_DEVICE_CPU => Ok(Some(Device::Cpu)),
+            STRATA_DEVICE_CUDA => Ok(Some(Device::Cuda)),
+            other => Err(Error::invalid(format!("unknown device {other}"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Disk => "disk",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// Where a tier keeps a layer, and in which dtype (`None`: the stored dtype).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: Option<DType>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    Offload,
+    Onload,
+    Preparing,
+    Computation,
+}
+
+/// The tiers of a group, with every `DEFAULT` already resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tiers {
+    pub offload: Placement,
+    pub onload: Placement,
+    pub preparing: Placement,
+    pub computation: Placement,
+    pub quant: Quant,
+}
+
+/// How one tensor is represented in one tier: its dtype, and how it is scaled if fp8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repr {
+    pub dtype: DType,
+    /// `Quant::None` unless the tensor is stored as scaled fp8 in this tier.
+    pub quant: Quant,
+}
+
+impl Repr {
+    /// Number of f32 scales kept beside the data.
+    pub fn scale_count(self, rows: usize) -> usize {
+        match self.quant {
+            Quant::None => 0,
+            Quant::PerTensor => 1,
+            Quant::PerChannel => rows,
+        }
+    }
+}
+
+/// The four placements as the C caller wrote them (device and dtype numbers), before resolution.
+pub struct RawTiers {
+    pub placements: [(u32, u32); 4],
+    pub quant: u32,
+}
+
+impl Tiers {
+    /// Validates the caller's numbers and resolves `DEFAULT` for a context computing on `compute`.
+    pub fn resolve(raw: &RawTiers, compute: Device) -> Result<Tiers> {
+        let names = ["offload", "onload", "preparing", "computation"];
+        let mut resolved = [Placement {
+            device: Device::Cpu,
+            dtype: None,
+        }; 4];
+        for (i, &(device, dtype)) in raw.placements.iter().enumerate() {
+            let tier = names[i];
+            let dtype = DType::from_abi(dtype).map_err(|e| e.context(format!("{tier} tier")))?;
+            let device = Device::from_abi(device).map_err(|e| e.context(format!("{tier} tier")))?;
+            let host_tier = i < 2;
+            let device = match device {
+                None if host_tier => Device::Cpu,
+                None => compute,
+                Some(d) => d,
+            };
+            let allowed = if host_tier {
+                matches!(device, Device::Disk | Device::Cpu)
+            } else {
+                device == compute
+            };
+            if !allowed {
+                let expected = if host_tier {
+                    "disk or cpu".to_string()
+                } else {
+                    format!("the context's compute device ({})", compute.name())
+                };
+                return Err(Error::invalid(format!(
+                    "the {tier} tier cannot be on {}: it must be {expected}",
+                    device.name()
+                )));
+            }
+            resolved[i] = Placement { device, dtype };
+        }
+        let quant = Quant::from_abi(raw.quant)?;
+        let [offload, onload, preparing, computation] = resolved;
+        if offload.device == Device::Cpu && onload.device == Device::Disk {
+            return Err(Error::invalid(
+                "the onload tier cannot be on disk when the offload tier is on the cpu",
+            ));
+        }
+        Ok(Tiers {
+            offload,
+            onload,
+            preparing,
+            computation,
+            quant,
+        })
+    }
+
+    pub fn placement(&self, tier: Tier) -> Placement {
+        match tier {
+            Tier::Offload => self.offload,
+            Tier::Onload => self.onload,
+            Tier::Preparing => self.preparing,
+            Tier::Computation => self.computation,
+        }
+    }
+
+    /// How a tensor stored as `source` with `ndim` dimensions looks in `tier`.
+    ///
+    /// A tier whose dtype is SOURCE keeps the form the tensor has one tier up (onload keeps the
+    /// offload form, preparing the onload form), so "store fp8, compute bf16" needs only those two
+    /// tiers set. Offload and computation at SOURCE mean the stored dtype.
+    pub fn repr(&self, tier: Tier, source: DType, ndim: usize) -> Repr {
+        let stored = Repr {
+            dtype: source,
+            quant: Quant::None,
+        };
+        let inherited = match tier {
+            Tier::Offload | Tier::Computation => stored,
+            Tier::Onload => self.repr(Tier::Offload, source, ndim),
+            Tier::Preparing => self.repr(Tier::Onload, source, ndim),
+        };
+        match self.placement(tier).dtype {
+            None => inherited,
+            Some(dtype) => self.explicit_repr(tier, dtype, source, ndim),
+        }
+    }
+
+    /// The form a tensor takes in a tier that names `dtype`. A float dtype applies to float tensors
+    /// only (as `module.to(dtype)` does). fp8 storage applies only to tensors of two or more
+    /// dimensions: biases and norms keep their stored dtype in every tier but the computation
+    /// tier, where the caller asked for exactly that dtype, unscaled.
+    fn explicit_repr(&self, tier: Tier, dtype: DType, source: DType, ndim: usize) -> Repr {
+        let stored = Repr {
+            dtype: source,
+            quant: Quant::None,
+        };
+        let is_computation = tier == Tier::Computation;
+        if !source.is_float() || (dtype.is_fp8() && !is_computation && ndim < 2) {
+            return stored;
+        }
+        let quant = if dtype.is_fp8() && !is_computation {
+            self.quant
+        } else {
+            Quant::None
+        };
+        Repr { dtype, quant }
+    }
+}

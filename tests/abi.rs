@@ -1,0 +1,678 @@
+//! The C ABI's manners: statuses for bad input, checked handles, struct sizes, last errors,
+//! reference counting, states, stats and the trace. Everything goes through the exported functions.
+
+mod common;
+use common::*;
+use std::ffi::c_void;
+use std::ptr;
+
+fn small_layer(ctx: &Ctx, group: u32, name: &str) -> u64 {
+    ctx.register(
+        group,
+        name,
+        &[
+            (
+                "weight",
+                STRATA_DTYPE_F32,
+                vec![2, 3],
+                f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]),
+            ),
+            ("bias", STRATA_DTYPE_F32, vec![2], f32_bytes(&[0.5, -0.5])),
+        ],
+    )
+}
+
+#[test]
+fn null_pointers_are_refused_with_a_message() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let layer = small_layer(&ctx, group, "l");
+    let mut out_ctx = ptr::null_mut();
+    let options = strata_options_default();
+    let tiers = strata_tiers_default();
+    let name = cstr("x");
+    let mut id32 = 0u32;
+    let mut id64 = 0u64;
+    let mut n = 0usize;
+    let mut views = [empty_view(); 4];
+
+    expect(
+        strata_context_create(ptr::null(), &mut out_ctx),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    assert!(last_error().contains("opts"), "{}", last_error());
+    expect(
+        strata_context_create(&options, ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_create(ptr::null_mut(), name.as_ptr(), &tiers, &mut id32),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_create(ctx.0, ptr::null(), &tiers, &mut id32),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_create(ctx.0, name.as_ptr(), ptr::null(), &mut id32),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_create(ctx.0, name.as_ptr(), &tiers, ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_onload(ptr::null_mut(), group),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_offload(ptr::null_mut(), group),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_register_host(ctx.0, group, ptr::null(), ptr::null(), 0, &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_register_host(ctx.0, group, name.as_ptr(), ptr::null(), 1, &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    let null_data = strata_host_tensor {
+        name: name.as_ptr(),
+        dtype: STRATA_DTYPE_F32,
+        ndim: 0,
+        shape: ptr::null(),
+        data: ptr::null(),
+    };
+    expect(
+        strata_layer_register_host(ctx.0, group, name.as_ptr(), &null_data, 1, &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    let null_name = strata_host_tensor {
+        name: ptr::null(),
+        ..null_data
+    };
+    expect(
+        strata_layer_register_host(ctx.0, group, name.as_ptr(), &null_name, 1, &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    let null_shape = strata_host_tensor {
+        ndim: 1,
+        data: [0u8; 4].as_ptr() as *const c_void,
+        ..null_data
+    };
+    expect(
+        strata_layer_register_host(ctx.0, group, name.as_ptr(), &null_shape, 1, &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_find(ctx.0, ptr::null(), &mut id64),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_find(ctx.0, name.as_ptr(), ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_tensor_count(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_acquire_for_compute(ctx.0, layer, ptr::null_mut(), ptr::null_mut(), 4, &mut n),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_acquire_for_compute(
+            ctx.0,
+            layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            ptr::null_mut(),
+        ),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_acquire_for_compute(
+            ptr::null_mut(),
+            layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            &mut n,
+        ),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_release(ptr::null_mut(), layer, ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_stats_get(ctx.0, ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_stats_get(ptr::null_mut(), &mut strata_stats::default()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_trace_write(ctx.0, ptr::null()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    let mut ckpt = ptr::null_mut();
+    expect(
+        strata_checkpoint_open(ctx.0, ptr::null(), &mut ckpt),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_checkpoint_open(ctx.0, name.as_ptr(), ptr::null_mut()),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_layer_register_checkpoint(
+            ctx.0,
+            group,
+            ptr::null_mut(),
+            name.as_ptr(),
+            ptr::null(),
+            0,
+            &mut id64,
+        ),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_group_register_checkpoint(ctx.0, group, ptr::null_mut(), name.as_ptr(), 0, &mut n),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    // Destroy and close accept NULL.
+    strata_context_destroy(ptr::null_mut());
+    strata_checkpoint_close(ptr::null_mut());
+    // Outputs untouched by every failure above.
+    assert_eq!((id32, id64, n), (0, 0, 0));
+    assert!(out_ctx.is_null() && ckpt.is_null());
+    // The string helpers cope with anything.
+    assert_eq!(strata_last_error(ptr::null_mut(), 0), last_error().len());
+    assert_eq!(common::name(999), "STRATA_ERR_UNKNOWN_STATUS");
+}
+
+#[test]
+fn last_error_is_per_thread_and_truncates_safely() {
+    let mut id = 0u64;
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    expect(
+        strata_layer_find(ctx.0, cstr("nope").as_ptr(), &mut id),
+        STRATA_ERR_NOT_FOUND,
+    );
+    let message = last_error();
+    assert!(
+        message.contains("strata_layer_find") && message.contains("nope"),
+        "{message}"
+    );
+    std::thread::spawn(|| assert_eq!(last_error(), ""))
+        .join()
+        .unwrap();
+    let mut small = [0x7Fu8; 5];
+    let full = strata_last_error(small.as_mut_ptr() as *mut _, small.len());
+    assert_eq!(full, message.len());
+    assert_eq!(&small[..4], &message.as_bytes()[..4]);
+    assert_eq!(small[4], 0);
+}
+
+#[test]
+fn struct_sizes_are_checked() {
+    let mut ctx = ptr::null_mut();
+    let mut options = strata_options_default();
+    options.struct_size = 8;
+    expect(
+        strata_context_create(&options, &mut ctx),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    assert!(last_error().contains("struct_size"));
+    options.struct_size = 0;
+    expect(
+        strata_context_create(&options, &mut ctx),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+
+    // A newer caller's larger struct: accepted, the unknown tail ignored.
+    #[repr(C)]
+    struct Newer {
+        known: strata_options,
+        future: [u64; 4],
+    }
+    let mut newer = Newer {
+        known: strata_options_default(),
+        future: [u64::MAX; 4],
+    };
+    newer.known.struct_size = std::mem::size_of::<Newer>() as u32;
+    ok(strata_context_create(&newer.known, &mut ctx));
+    let c = Ctx(ctx);
+
+    let mut tiers = strata_tiers_default();
+    tiers.struct_size = 4;
+    let mut group = 0;
+    expect(
+        strata_group_create(c.0, cstr("g").as_ptr(), &tiers, &mut group),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+
+    let mut stats = strata_stats::default();
+    expect(
+        strata_stats_get(c.0, &mut stats),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    // Larger output struct: only the known part is written, the tail left alone.
+    #[repr(C)]
+    struct NewerStats {
+        known: strata_stats,
+        future: u64,
+    }
+    let mut newer_stats = NewerStats {
+        known: strata_stats::default(),
+        future: 77,
+    };
+    newer_stats.known.struct_size = std::mem::size_of::<NewerStats>() as u32;
+    newer_stats.known.acquires = 99;
+    ok(strata_stats_get(c.0, &mut newer_stats.known));
+    assert_eq!(newer_stats.known.acquires, 0);
+    assert_eq!(
+        newer_stats.known.struct_size as usize,
+        std::mem::size_of::<NewerStats>()
+    );
+    assert_eq!(newer_stats.future, 77);
+}
+
+#[test]
+fn out_of_range_enums_and_flags_are_refused() {
+    let mut ctx = ptr::null_mut();
+    for edit in [
+        (|o: &mut strata_options| o.compute_device = 42) as fn(&mut strata_options),
+        |o| o.compute_device = STRATA_DEVICE_DISK,
+        |o| o.flags = 0x80,
+        |o| o.device_index = -1,
+    ] {
+        let mut options = strata_options_default();
+        edit(&mut options);
+        expect(
+            strata_context_create(&options, &mut ctx),
+            STRATA_ERR_INVALID_ARGUMENT,
+        );
+    }
+    assert!(ctx.is_null());
+
+    let c = Ctx::new(STRATA_UNLIMITED);
+    let mut group = 0;
+    for edit in [
+        (|t: &mut strata_tiers| t.offload.dtype = 13) as fn(&mut strata_tiers),
+        |t| t.computation.dtype = u32::MAX,
+        |t| t.onload.device = 9,
+        |t| t.quantization = 3,
+        |t| t.computation.device = STRATA_DEVICE_DISK,
+        |t| t.preparing.device = STRATA_DEVICE_CUDA,
+        |t| t.offload.device = STRATA_DEVICE_CUDA,
+        |t| {
+            t.offload.device = STRATA_DEVICE_CPU;
+            t.onload.device = STRATA_DEVICE_DISK;
+        },
+    ] {
+        let t = tiers(edit);
+        expect(
+            strata_group_create(c.0, cstr("g").as_ptr(), &t, &mut group),
+            STRATA_ERR_INVALID_ARGUMENT,
+        );
+    }
+    assert_eq!(group, 0);
+    let g = c.group(&strata_tiers_default());
+    let mut id = 0;
+    for dtype in [STRATA_DTYPE_SOURCE, 13, 1000] {
+        let status = c.try_register(g, "l", &[("t", dtype, vec![1], vec![0; 4])], &mut id);
+        expect(status, STRATA_ERR_INVALID_ARGUMENT);
+    }
+    // Wrong byte count for the dtype and shape, negative and too many dims.
+    expect(
+        c.try_register(
+            g,
+            "l",
+            &[("t", STRATA_DTYPE_F32, vec![-1], vec![])],
+            &mut id,
+        ),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    expect(
+        c.try_register(
+            g,
+            "l",
+            &[("t", STRATA_DTYPE_F32, vec![1; 9], vec![0; 4])],
+            &mut id,
+        ),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    expect(
+        c.try_register(g, "l", &[], &mut id),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    expect(
+        c.try_register(
+            g,
+            "l",
+            &[
+                ("t", STRATA_DTYPE_F32, vec![1], vec![0; 4]),
+                ("t", STRATA_DTYPE_F32, vec![1], vec![0; 4]),
+            ],
+            &mut id,
+        ),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    assert_eq!(id, 0);
+}
+
+#[test]
+fn ids_are_generation_checked() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let other = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let layer = small_layer(&ctx, group, "l");
+    let mut views = [empty_view(); 4];
+    let mut n = 0;
+    for bogus in [0u64, 1, u64::MAX, layer ^ (1 << 32), layer + 1] {
+        expect(
+            strata_acquire_for_compute(
+                ctx.0,
+                bogus,
+                ptr::null_mut(),
+                views.as_mut_ptr(),
+                4,
+                &mut n,
+            ),
+            STRATA_ERR_INVALID_HANDLE,
+        );
+    }
+    // An id from another context does not resolve there.
+    expect(
+        strata_acquire_for_compute(
+            other.0,
+            layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            &mut n,
+        ),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_group_onload(other.0, group),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    for bogus in [0u32, 1, u32::MAX, group ^ (1 << 16)] {
+        expect(strata_group_onload(ctx.0, bogus), STRATA_ERR_INVALID_HANDLE);
+    }
+    // Stale ids: unregistered layer, destroyed group, even when the slot is reused.
+    ok(strata_layer_unregister(ctx.0, layer));
+    expect(
+        strata_release(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    let reused = small_layer(&ctx, group, "l");
+    assert_ne!(reused, layer);
+    expect(
+        strata_acquire_for_compute(ctx.0, layer, ptr::null_mut(), views.as_mut_ptr(), 4, &mut n),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    ok(strata_group_destroy(ctx.0, group));
+    expect(
+        strata_group_offload(ctx.0, group),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_acquire_for_compute(
+            ctx.0,
+            reused,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            &mut n,
+        ),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    let mut id = 0;
+    expect(
+        strata_layer_find(ctx.0, cstr("l").as_ptr(), &mut id),
+        STRATA_ERR_NOT_FOUND,
+    );
+    assert_eq!(n, 0);
+}
+
+#[test]
+fn stale_and_made_up_context_pointers_are_refused() {
+    let mut ctx = ptr::null_mut();
+    ok(strata_context_create(&strata_options_default(), &mut ctx));
+    strata_context_destroy(ctx);
+    let mut stats = strata_stats {
+        struct_size: std::mem::size_of::<strata_stats>() as u32,
+        ..Default::default()
+    };
+    expect(strata_stats_get(ctx, &mut stats), STRATA_ERR_INVALID_HANDLE);
+    expect(
+        strata_stats_get(0x1234usize as *mut strata_context, &mut stats),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    strata_context_destroy(ctx); // a second destroy is harmless
+    assert!(last_error().contains("not live"));
+    strata_checkpoint_close(0x40usize as *mut strata_checkpoint);
+}
+
+#[test]
+fn cuda_without_a_driver_is_no_device() {
+    let present = std::path::Path::new("/dev/nvidiactl").exists();
+    let mut ctx = ptr::null_mut();
+    let mut options = strata_options_default();
+    options.compute_device = STRATA_DEVICE_CUDA;
+    let status = strata_context_create(&options, &mut ctx);
+    if present {
+        eprintln!("cuda_without_a_driver_is_no_device: a GPU driver is present; checking only that nothing aborted");
+        strata_context_destroy(ctx);
+        return;
+    }
+    expect(status, STRATA_ERR_NO_DEVICE);
+    assert!(last_error().contains("CUDA"), "{}", last_error());
+    assert!(ctx.is_null());
+}
+
+#[test]
+fn acquire_is_reference_counted_and_release_checks_state() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_F64));
+    let layer = small_layer(&ctx, group, "l");
+    expect(
+        strata_release(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_STATE,
+    );
+    assert!(last_error().contains("not acquired"));
+    let first = ctx.acquire(layer);
+    let second = ctx.acquire(layer);
+    assert_eq!(
+        first[0].0.data, second[0].0.data,
+        "a second acquire shares the first one's bytes"
+    );
+    expect(strata_layer_unregister(ctx.0, layer), STRATA_ERR_STATE);
+    expect(strata_group_destroy(ctx.0, group), STRATA_ERR_STATE);
+    ctx.release(layer);
+    ctx.release(layer);
+    expect(
+        strata_release(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_STATE,
+    );
+    let stats = ctx.stats();
+    assert_eq!(
+        (stats.acquires, stats.misses, stats.resident_hits),
+        (2, 1, 1)
+    );
+    ok(strata_group_destroy(ctx.0, group));
+    assert_eq!(ctx.stats().vram_in_use, 0);
+}
+
+#[test]
+fn too_small_a_views_array_acquires_nothing() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let layer = small_layer(&ctx, group, "l");
+    let mut count = 0usize;
+    ok(strata_layer_tensor_count(ctx.0, layer, &mut count));
+    assert_eq!(count, 2);
+    let mut views = [empty_view(); 1];
+    let mut n = 0;
+    expect(
+        strata_acquire_for_compute(ctx.0, layer, ptr::null_mut(), views.as_mut_ptr(), 1, &mut n),
+        STRATA_ERR_BUFFER_TOO_SMALL,
+    );
+    expect(
+        strata_acquire_for_compute(ctx.0, layer, ptr::null_mut(), ptr::null_mut(), 0, &mut n),
+        STRATA_ERR_BUFFER_TOO_SMALL,
+    );
+    assert_eq!(n, 0);
+    assert!(views[0].data.is_null());
+    expect(
+        strata_release(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_STATE,
+    );
+}
+
+#[test]
+fn duplicate_layer_names_are_refused() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    small_layer(&ctx, group, "same");
+    let mut id = 0;
+    let status = ctx.try_register(
+        group,
+        "same",
+        &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
+        &mut id,
+    );
+    expect(status, STRATA_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("already registered"));
+    let mut found = 0;
+    ok(strata_layer_find(ctx.0, cstr("same").as_ptr(), &mut found));
+    assert_ne!(found, 0);
+}
+
+#[test]
+fn register_host_copies_the_callers_bytes_and_default_tiers_hand_them_out_in_place() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let mut data = f32_bytes(&[1.0, 2.0, 3.0]);
+    let layer = ctx.register(
+        group,
+        "l",
+        &[("w", STRATA_DTYPE_F32, vec![3], data.clone())],
+    );
+    data.fill(0);
+    let views = ctx.acquire(layer);
+    assert_eq!(f32_values(&views[0].1), [1.0, 2.0, 3.0]);
+    let view = views[0].0;
+    assert_eq!(
+        (
+            view.dtype,
+            view.device,
+            view.ndim,
+            view.shape[0],
+            view.nbytes
+        ),
+        (STRATA_DTYPE_F32, STRATA_DEVICE_CPU, 1, 3, 12)
+    );
+    assert_eq!(
+        unsafe { std::ffi::CStr::from_ptr(view.name) }
+            .to_str()
+            .unwrap(),
+        "w"
+    );
+    ctx.release(layer);
+    let stats = ctx.stats();
+    // The bytes were already on the CPU in the computation dtype: nothing moved, nothing charged.
+    assert_eq!(
+        (
+            stats.bytes_to_device,
+            stats.vram_peak,
+            stats.misses,
+            stats.implicit_onloads
+        ),
+        (0, 0, 0, 1)
+    );
+    assert!(stats.host_in_use >= 12);
+}
+
+#[test]
+fn integer_and_bool_tensors_pass_through_every_tier() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let all_bf16 = tiers(|t| {
+        t.offload.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.preparing.dtype = STRATA_DTYPE_F16;
+        t.computation.dtype = STRATA_DTYPE_BF16;
+        t.quantization = STRATA_QUANT_PER_CHANNEL;
+    });
+    let group = ctx.group(&all_bf16);
+    let ints: Vec<u8> = [-5i64, 7, i64::MAX]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let layer = ctx.register(
+        group,
+        "l",
+        &[
+            ("ids", STRATA_DTYPE_I64, vec![3], ints.clone()),
+            ("mask", STRATA_DTYPE_BOOL, vec![2, 2], vec![1, 0, 0, 1]),
+            ("small", STRATA_DTYPE_I8, vec![2], vec![0x80, 0x7F]),
+        ],
+    );
+    let views = ctx.acquire(layer);
+    assert_eq!((views[0].0.dtype, &views[0].1), (STRATA_DTYPE_I64, &ints));
+    assert_eq!(
+        (views[1].0.dtype, &views[1].1[..]),
+        (STRATA_DTYPE_BOOL, &[1u8, 0, 0, 1][..])
+    );
+    assert_eq!(
+        (views[2].0.dtype, &views[2].1[..]),
+        (STRATA_DTYPE_I8, &[0x80u8, 0x7F][..])
+    );
+    ctx.release(layer);
+}
+
+#[test]
+fn stats_and_trace_report_what_happened() {
+    let dir = TempDir::new("trace");
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_BF16));
+    let a = small_layer(&ctx, group, "layer_a");
+    let b = small_layer(&ctx, group, "layer_b");
+    for _ in 0..3 {
+        for layer in [a, b] {
+            ctx.acquire(layer);
+            ctx.release(layer);
+        }
+    }
+    let stats = ctx.stats();
+    // Each layer moves once (6 f32 + 2 f32 kept f32 in preparing = 32 bytes), then stays resident.
+    assert_eq!(stats.acquires, 6);
+    assert_eq!(stats.misses, 2);
+    assert_eq!(stats.resident_hits, 4);
+    assert_eq!(stats.bytes_to_device, 2 * 32);
+    assert!(stats.vram_in_use > 0 && stats.vram_peak >= stats.vram_in_use);
+    let path = dir.path("trace.json");
+    ok(strata_trace_write(
+        ctx.0,
+        cstr(path.to_str().unwrap()).as_ptr(),
+    ));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let events = json["traceEvents"].as_array().unwrap();
+    let spans = |cat: &str| events.iter().filter(|e| e["cat"] == cat).count();
+    assert_eq!(spans("compute"), 6);
+    assert!(spans("upload") >= 2 && spans("convert") >= 6);
+    assert!(events.iter().any(|e| e["name"] == "layer_a"
+        && e["cat"] == "upload"
+        && e["args"]["bytes"].as_u64().unwrap() > 0));
+    expect(
+        strata_trace_write(ctx.0, cstr("/nonexistent-dir/x.json").as_ptr()),
+        STRATA_ERR_NOT_FOUND,
+    );
+}

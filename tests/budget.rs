@@ -1,0 +1,383 @@
+//! The budget through the C ABI: never exceeded across random call sequences and limits, the three
+//! kinds of limit (unlimited, 0, N), overcommit and strict mode, and several threads at once.
+
+mod common;
+use common::*;
+use std::ptr;
+use std::sync::Arc;
+
+/// A small xorshift generator, so every run of a randomised test is reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// f32 weights kept as bf16 in RAM and resident as bf16 on the device, computed in f32: a miss
+/// moves bytes into the compute tier and every acquire converts them, so the budget has two
+/// kinds of bytes to count (resident copies and conversion temporaries).
+fn converting_tiers() -> strata_tiers {
+    tiers(|t| {
+        t.offload.dtype = STRATA_DTYPE_BF16;
+        t.preparing.dtype = STRATA_DTYPE_BF16;
+        t.computation.dtype = STRATA_DTYPE_F32;
+    })
+}
+
+/// Registers `n` layers of `rows` x 64 f32 (plus a bias) whose values encode the layer index.
+fn register_layers(ctx: &Ctx, group: u32, prefix: &str, n: usize, rows: i64) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let weight: Vec<f32> = (0..rows * 64)
+                .map(|j| (i * 1000) as f32 + j as f32)
+                .collect();
+            ctx.register(
+                group,
+                &format!("{prefix}{i}"),
+                &[
+                    ("w", STRATA_DTYPE_F32, vec![rows, 64], f32_bytes(&weight)),
+                    (
+                        "b",
+                        STRATA_DTYPE_F32,
+                        vec![rows],
+                        f32_bytes(&vec![i as f32; rows as usize]),
+                    ),
+                ],
+            )
+        })
+        .collect()
+}
+
+/// Checks that an acquired layer shows exactly the values `register_layers` gave layer `i`
+/// (bf16 storage keeps small integers exact).
+fn check_values(views: &[(strata_tensor_view, Vec<u8>)], i: usize) {
+    let w = f32_values(&views[0].1);
+    for (j, &v) in w.iter().enumerate() {
+        let expected = half::bf16::from_f32((i * 1000) as f32 + j as f32).to_f32();
+        assert_eq!(v, expected, "layer {i} weight {j}");
+    }
+    assert!(f32_values(&views[1].1).iter().all(|&b| b == i as f32));
+}
+
+/// Device bytes one of these layers occupies while in use (bf16 prepared + f32 computed), and
+/// while resident between uses (the prepared copy), found by using it alone in a fresh context.
+fn layer_sizes(rows: i64) -> (u64, u64) {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&converting_tiers());
+    let layer = register_layers(&ctx, group, "x", 1, rows)[0];
+    ctx.acquire(layer);
+    let in_use = ctx.stats().vram_in_use;
+    ctx.release(layer);
+    let resident = ctx.stats().vram_in_use;
+    assert!(
+        resident > 0 && resident < in_use,
+        "in use {in_use}, resident {resident}"
+    );
+    (in_use, resident)
+}
+
+fn layer_footprint(rows: i64) -> u64 {
+    layer_sizes(rows).0
+}
+
+#[test]
+fn random_sequences_never_exceed_the_budget() {
+    let footprint = layer_footprint(16);
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed * 7919);
+        // Limits from "less than one layer" to "everything fits", plus 0 and unlimited.
+        let limit = match rng.below(6) {
+            0 => 0,
+            1 => STRATA_UNLIMITED,
+            _ => footprint / 2 + rng.below(footprint * 8),
+        };
+        let strict = rng.below(3) == 0;
+        let ctx = Ctx::with(|o| {
+            o.vram_limit = limit;
+            o.flags = if strict { STRATA_FLAG_STRICT_BUDGET } else { 0 };
+        });
+        let group_a = ctx.group(&converting_tiers());
+        let group_b = ctx.group(&converting_tiers());
+        let mut layers: Vec<(u64, usize, u32)> = Vec::new();
+        let mut held: Vec<(u64, usize)> = Vec::new();
+        for step in 0..300 {
+            match rng.below(10) {
+                0 if layers.len() < 24 => {
+                    let group = if rng.below(2) == 0 { group_a } else { group_b };
+                    let i = layers.len();
+                    let id = register_layers(&ctx, group, &format!("s{i}_"), 1, 16)[0];
+                    layers.push((id, 0, group));
+                }
+                1 => ok(strata_group_onload(
+                    ctx.0,
+                    if rng.below(2) == 0 { group_a } else { group_b },
+                )),
+                2 => ok(strata_group_offload(
+                    ctx.0,
+                    if rng.below(2) == 0 { group_a } else { group_b },
+                )),
+                3..=6 if !layers.is_empty() => {
+                    let (id, _, _) = layers[rng.below(layers.len() as u64) as usize];
+                    let mut views = [empty_view(); 4];
+                    let mut n = 0;
+                    let status = strata_acquire_for_compute(
+                        ctx.0,
+                        id,
+                        ptr::null_mut(),
+                        views.as_mut_ptr(),
+                        4,
+                        &mut n,
+                    );
+                    if status == STRATA_OK {
+                        held.push((id, 0));
+                    } else {
+                        // Only the budget may refuse: strict mode, or this thread's own layers fill it.
+                        expect(status, STRATA_ERR_BUDGET);
+                        assert!(
+                            strict || !held.is_empty(),
+                            "seed {seed} step {step}: {}",
+                            last_error()
+                        );
+                    }
+                }
+                _ if !held.is_empty() => {
+                    let (id, _) = held.swap_remove(rng.below(held.len() as u64) as usize);
+                    ctx.release(id);
+                }
+                _ => {}
+            }
+            let stats = ctx.stats();
+            if limit != 0 && limit != STRATA_UNLIMITED {
+                // Only a single layer larger than the whole budget may go over it, and only alone.
+                if footprint > limit && !strict {
+                    assert!(
+                        stats.vram_in_use <= limit.max(footprint),
+                        "seed {seed} step {step}"
+                    );
+                } else {
+                    assert!(
+                        stats.vram_in_use <= limit,
+                        "seed {seed} step {step}: {} > {limit}",
+                        stats.vram_in_use
+                    );
+                }
+            }
+            if limit == 0 {
+                let distinct: std::collections::HashSet<u64> = held.iter().map(|h| h.0).collect();
+                assert!(
+                    stats.vram_in_use <= footprint * distinct.len() as u64,
+                    "seed {seed}: 0 keeps only layers in use"
+                );
+            }
+        }
+        for (id, _) in held.drain(..) {
+            ctx.release(id);
+        }
+        if limit == 0 {
+            assert_eq!(
+                ctx.stats().vram_in_use,
+                0,
+                "limit 0 keeps nothing resident after release"
+            );
+        }
+        if strict || limit == 0 || limit == STRATA_UNLIMITED || footprint <= limit {
+            assert_eq!(ctx.stats().overcommit_peak, 0, "seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn a_hard_cap_keeps_what_fits_and_evicts_the_rest() {
+    let (footprint, prepared) = layer_sizes(32);
+    // Room for the layer in use (prepared + converted) plus two more resident prepared copies.
+    let limit = footprint + 2 * prepared + prepared / 2;
+    let ctx = Ctx::new(limit);
+    let group = ctx.group(&converting_tiers());
+    let layers = register_layers(&ctx, group, "l", 6, 32);
+    for pass in 0..3 {
+        for (i, &layer) in layers.iter().enumerate() {
+            let views = ctx.acquire(layer);
+            check_values(&views, i);
+            ctx.release(layer);
+            let stats = ctx.stats();
+            assert!(stats.vram_in_use <= limit, "pass {pass} layer {i}");
+        }
+    }
+    let stats = ctx.stats();
+    assert!(stats.vram_peak <= limit);
+    assert!(stats.evictions > 0);
+    assert_eq!(stats.overcommit_peak, 0);
+    assert_eq!(stats.acquires, 18);
+    assert_eq!(stats.misses + stats.resident_hits, 18);
+}
+
+#[test]
+fn unlimited_keeps_everything_and_zero_keeps_nothing() {
+    let unlimited = Ctx::new(STRATA_UNLIMITED);
+    let zero = Ctx::new(0);
+    for ctx in [&unlimited, &zero] {
+        let group = ctx.group(&converting_tiers());
+        let layers = register_layers(ctx, group, "l", 4, 8);
+        for _ in 0..2 {
+            for (i, &layer) in layers.iter().enumerate() {
+                check_values(&ctx.acquire(layer), i);
+                ctx.release(layer);
+            }
+        }
+    }
+    let (u, z) = (unlimited.stats(), zero.stats());
+    assert_eq!((u.misses, u.resident_hits), (4, 4));
+    assert_eq!((z.misses, z.resident_hits), (8, 0));
+    assert_eq!(z.vram_in_use, 0);
+    assert!(u.vram_in_use > 0);
+    assert_eq!(z.bytes_to_device, 2 * u.bytes_to_device);
+}
+
+#[test]
+fn a_layer_larger_than_the_budget_overcommits_or_is_refused_in_strict_mode() {
+    let footprint = layer_footprint(16);
+    let limit = footprint / 2;
+    let lenient = Ctx::new(limit);
+    let group = lenient.group(&converting_tiers());
+    let layers = register_layers(&lenient, group, "l", 2, 16);
+    for (i, &layer) in layers.iter().enumerate() {
+        check_values(&lenient.acquire(layer), i);
+        lenient.release(layer);
+    }
+    let stats = lenient.stats();
+    assert_eq!(stats.overcommit_peak, footprint - limit);
+    assert_eq!(
+        stats.vram_peak, footprint,
+        "one oversized layer at a time, alone"
+    );
+
+    let strict = Ctx::with(|o| {
+        o.vram_limit = limit;
+        o.flags = STRATA_FLAG_STRICT_BUDGET;
+    });
+    let group = strict.group(&converting_tiers());
+    let layer = register_layers(&strict, group, "l", 1, 16)[0];
+    let mut views = [empty_view(); 4];
+    let mut n = 0;
+    expect(
+        strata_acquire_for_compute(
+            strict.0,
+            layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            &mut n,
+        ),
+        STRATA_ERR_BUDGET,
+    );
+    assert!(last_error().contains("vram_limit"), "{}", last_error());
+    assert_eq!(strict.stats().vram_peak, 0);
+    // The refusal left nothing half-done: the layer is not acquired.
+    expect(
+        strata_release(strict.0, layer, ptr::null_mut()),
+        STRATA_ERR_STATE,
+    );
+}
+
+#[test]
+fn layers_this_thread_holds_that_fill_the_budget_give_a_budget_error_not_a_hang() {
+    let footprint = layer_footprint(16);
+    let ctx = Ctx::new(footprint + footprint / 2);
+    let group = ctx.group(&converting_tiers());
+    let layers = register_layers(&ctx, group, "l", 2, 16);
+    ctx.acquire(layers[0]);
+    let mut views = [empty_view(); 4];
+    let mut n = 0;
+    expect(
+        strata_acquire_for_compute(
+            ctx.0,
+            layers[1],
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            4,
+            &mut n,
+        ),
+        STRATA_ERR_BUDGET,
+    );
+    ctx.release(layers[0]);
+    check_values(&ctx.acquire(layers[1]), 1);
+    ctx.release(layers[1]);
+}
+
+#[test]
+fn threads_acquiring_at_once_keep_the_cap_and_see_the_right_bytes() {
+    let footprint = layer_footprint(16);
+    // Room for three layers in use at once, shared by four threads: some must wait for others.
+    let limit = 3 * footprint;
+    let ctx = Arc::new(Ctx::new(limit));
+    let group = ctx.group(&converting_tiers());
+    let layers = Arc::new(register_layers(&ctx, group, "l", 12, 16));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let ctx = ctx.clone();
+            let layers = layers.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(t * 31 + 5);
+                for _ in 0..200 {
+                    let i = rng.below(layers.len() as u64) as usize;
+                    let views = ctx.acquire(layers[i]);
+                    check_values(&views, i);
+                    assert!(ctx.stats().vram_in_use <= limit);
+                    ctx.release(layers[i]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = ctx.stats();
+    assert!(stats.vram_peak <= limit, "{} > {limit}", stats.vram_peak);
+    assert_eq!(stats.acquires, 800);
+    assert_eq!(stats.overcommit_peak, 0);
+}
+
+#[test]
+fn two_threads_each_holding_a_layer_get_budget_errors_not_a_deadlock() {
+    let footprint = layer_footprint(16);
+    let ctx = Arc::new(Ctx::new(2 * footprint + footprint / 2));
+    let group = ctx.group(&converting_tiers());
+    let layers = Arc::new(register_layers(&ctx, group, "l", 3, 16));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|t| {
+            let (ctx, layers, barrier) = (ctx.clone(), layers.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                ctx.acquire(layers[t]);
+                barrier.wait();
+                let mut views = [empty_view(); 4];
+                let mut n = 0;
+                let status = strata_acquire_for_compute(
+                    ctx.0,
+                    layers[2],
+                    ptr::null_mut(),
+                    views.as_mut_ptr(),
+                    4,
+                    &mut n,
+                );
+                expect(status, STRATA_ERR_BUDGET);
+                assert!(last_error().contains("this thread"), "{}", last_error());
+                barrier.wait();
+                ctx.release(layers[t]);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    check_values(&ctx.acquire(layers[2]), 2);
+    ctx.release(layers[2]);
+}

@@ -1,0 +1,593 @@
+//! Layers from safetensors checkpoints through the C ABI: lazy reads, every tier path with exact
+//! bytes, sharded layouts, prefix registration, and files that are broken or change under us.
+
+mod common;
+use common::*;
+use safetensors::Dtype as St;
+use std::ptr;
+use strata::convert::{convert, Quant, TensorBytes};
+use strata::dtype::DType;
+
+/// A checkpoint of `blocks` blocks, each a bf16 weight [rows, cols] and an f32 bias [rows].
+fn write_blocks(
+    path: &std::path::Path,
+    blocks: usize,
+    rows: usize,
+    cols: usize,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let mut tensors = Vec::new();
+    let mut values = Vec::new();
+    for b in 0..blocks {
+        let w: Vec<f32> = weights(rows * cols, b as u64 + 1, 0.02)
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let bias = weights(rows, b as u64 + 100, 0.5);
+        tensors.push((
+            format!("blocks.{b}.weight"),
+            St::BF16,
+            vec![rows, cols],
+            bf16_bytes(&w),
+        ));
+        tensors.push((
+            format!("blocks.{b}.bias"),
+            St::F32,
+            vec![rows],
+            f32_bytes(&bias),
+        ));
+        values.push((w, bias));
+    }
+    write_safetensors(path, &tensors);
+    values
+}
+
+/// What the library's own conversion gives for a tensor taken through `steps` (dtype, quant)
+/// forms in order: the bytes a tier path must reproduce exactly.
+fn reference(bytes: &[u8], dtype: DType, rows: usize, steps: &[(DType, Quant)]) -> Vec<u8> {
+    let (mut current, mut current_dtype, mut scales) = (bytes.to_vec(), dtype, Vec::new());
+    for &(to, quant) in steps {
+        let numel = current.len() / current_dtype.size();
+        let mut out = vec![0u8; numel * to.size()];
+        let src = TensorBytes {
+            bytes: &current,
+            dtype: current_dtype,
+            scales: &scales,
+        };
+        scales = convert(src, rows, &mut out, to, quant).unwrap();
+        current = out;
+        current_dtype = to;
+    }
+    current
+}
+
+#[test]
+fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
+    let dir = TempDir::new("fp8");
+    let path = dir.path("model.safetensors");
+    let values = write_blocks(&path, 6, 64, 128);
+    let fp8_layer = 64 * 128 + 64 * 4 + 64 * 4; // fp8 weight + its scales + the f32 bias kept as is
+    let ctx = Ctx::new(3 * fp8_layer as u64);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.computation.dtype = STRATA_DTYPE_BF16;
+        t.quantization = STRATA_QUANT_PER_CHANNEL;
+    }));
+    let ckpt = open_checkpoint(&ctx, &path);
+    let mut n = 0;
+    ok(strata_group_register_checkpoint(
+        ctx.0,
+        group,
+        ckpt,
+        cstr("blocks.").as_ptr(),
+        2,
+        &mut n,
+    ));
+    assert_eq!(n, 6);
+    strata_checkpoint_close(ckpt);
+    assert_eq!(
+        ctx.stats().bytes_from_disk,
+        0,
+        "nothing is read before a tier needs it"
+    );
+
+    let mut per_channel_error = 0.0f64;
+    for pass in 0..2 {
+        for (b, (w, bias)) in values.iter().enumerate() {
+            let mut layer = 0;
+            ok(strata_layer_find(
+                ctx.0,
+                cstr(&format!("blocks.{b}")).as_ptr(),
+                &mut layer,
+            ));
+            let views = ctx.acquire(layer);
+            let names: Vec<&str> = views
+                .iter()
+                .map(|v| {
+                    unsafe { std::ffi::CStr::from_ptr(v.0.name) }
+                        .to_str()
+                        .unwrap()
+                })
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    "blocks.{b}.weight".replace("{b}", &b.to_string()),
+                    format!("blocks.{b}.bias")
+                ]
+            );
+            let expected_w = reference(
+                &bf16_bytes(w),
+                DType::BF16,
+                64,
+                &[
+                    (DType::F8E4M3, Quant::PerChannel),
+                    (DType::BF16, Quant::None),
+                ],
+            );
+            assert_eq!(
+                views[0].1, expected_w,
+                "pass {pass} block {b}: weight bytes"
+            );
+            assert_eq!(
+                (
+                    views[0].0.dtype,
+                    views[0].0.ndim,
+                    views[0].0.shape[0],
+                    views[0].0.shape[1]
+                ),
+                (STRATA_DTYPE_BF16, 2, 64, 128)
+            );
+            // The 1-D f32 bias keeps its dtype through the fp8 tier and becomes bf16 for computation.
+            assert_eq!(
+                views[1].1,
+                bf16_bytes(bias),
+                "pass {pass} block {b}: bias bytes"
+            );
+            if pass == 0 {
+                let got: Vec<f32> = views[0]
+                    .1
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+                per_channel_error += got
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>();
+            }
+            ctx.release(layer);
+            assert!(ctx.stats().vram_in_use <= 3 * fp8_layer as u64);
+        }
+    }
+    let stats = ctx.stats();
+    assert!(stats.vram_peak <= 3 * fp8_layer as u64);
+    assert_eq!(
+        stats.bytes_to_device,
+        stats.misses * fp8_layer as u64,
+        "each miss moves one fp8 layer"
+    );
+    assert_eq!(
+        stats.bytes_from_disk,
+        stats.misses * (64 * 128 * 2 + 64 * 4),
+        "each miss reads one stored layer"
+    );
+    let mse = per_channel_error / (6 * 64 * 128) as f64;
+    assert!(mse < 1e-7, "fp8 per-channel MSE {mse}");
+}
+
+#[test]
+fn every_tier_path_gives_the_reference_bytes() {
+    let dir = TempDir::new("paths");
+    let path = dir.path("m.safetensors");
+    let values = write_blocks(&path, 1, 16, 32);
+    let raw = bf16_bytes(&values[0].0);
+    use DType::*;
+    // (offload device, offload dtype, onload device, onload dtype, preparing, computation, quant)
+    let cases: &[(u32, DType, u32, DType, DType, DType, Quant)] = &[
+        (
+            STRATA_DEVICE_DISK,
+            BF16,
+            STRATA_DEVICE_DISK,
+            BF16,
+            BF16,
+            F32,
+            Quant::None,
+        ),
+        (
+            STRATA_DEVICE_DISK,
+            BF16,
+            STRATA_DEVICE_CPU,
+            F16,
+            F16,
+            F32,
+            Quant::None,
+        ),
+        (
+            STRATA_DEVICE_CPU,
+            F8E4M3,
+            STRATA_DEVICE_CPU,
+            F8E4M3,
+            F8E4M3,
+            BF16,
+            Quant::PerTensor,
+        ),
+        (
+            STRATA_DEVICE_CPU,
+            F8E5M2,
+            STRATA_DEVICE_CPU,
+            BF16,
+            BF16,
+            F16,
+            Quant::None,
+        ),
+        (
+            STRATA_DEVICE_DISK,
+            BF16,
+            STRATA_DEVICE_CPU,
+            F32,
+            F8E5M2,
+            F64,
+            Quant::PerChannel,
+        ),
+        (
+            STRATA_DEVICE_CPU,
+            F16,
+            STRATA_DEVICE_CPU,
+            F16,
+            F8E4M3,
+            F32,
+            Quant::None,
+        ),
+    ];
+    for &(off_dev, off, on_dev, on, prep, comp, quant) in cases {
+        let ctx = Ctx::new(STRATA_UNLIMITED);
+        let group = ctx.group(&tiers(|t| {
+            t.offload = place(off_dev, off.to_abi());
+            t.onload = place(on_dev, on.to_abi());
+            t.preparing.dtype = prep.to_abi();
+            t.computation.dtype = comp.to_abi();
+            t.quantization = quant.to_abi();
+        }));
+        let ckpt = open_checkpoint(&ctx, &path);
+        let mut layer = 0;
+        let names = [cstr("blocks.0.weight")];
+        let ptrs: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
+        ok(strata_layer_register_checkpoint(
+            ctx.0,
+            group,
+            ckpt,
+            cstr("w").as_ptr(),
+            ptrs.as_ptr(),
+            1,
+            &mut layer,
+        ));
+        strata_checkpoint_close(ckpt);
+        let q = |d: DType| if d.is_fp8() { quant } else { Quant::None };
+        let mut steps = Vec::new();
+        if off_dev == STRATA_DEVICE_CPU {
+            steps.push((off, q(off)));
+        }
+        if on_dev == STRATA_DEVICE_CPU && !(off_dev == STRATA_DEVICE_CPU && on == off) {
+            steps.push((on, q(on)));
+        }
+        steps.extend([(prep, q(prep)), (comp, Quant::None)]);
+        let views = ctx.acquire(layer);
+        assert_eq!(
+            views[0].1,
+            reference(&raw, BF16, 16, &steps),
+            "case {off:?}->{on:?}->{prep:?}->{comp:?} {quant:?}"
+        );
+        assert_eq!(views[0].0.dtype, comp.to_abi());
+        ctx.release(layer);
+        ok(strata_group_offload(ctx.0, group));
+        // Acquire after an offload onloads again, implicitly, and gives the same bytes.
+        assert_eq!(ctx.acquire(layer)[0].1, reference(&raw, BF16, 16, &steps));
+        ctx.release(layer);
+        assert_eq!(ctx.stats().implicit_onloads, 2);
+    }
+}
+
+#[test]
+fn host_tiers_read_the_file_once_and_offload_gives_the_ram_back() {
+    let dir = TempDir::new("host");
+    let path = dir.path("m.safetensors");
+    write_blocks(&path, 4, 32, 32);
+    let stored_layer = 32 * 32 * 2 + 32 * 4;
+    let ctx = Ctx::new(0);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.onload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F16);
+        t.computation.dtype = STRATA_DTYPE_F32;
+    }));
+    let ckpt = open_checkpoint(&ctx, &path);
+    let mut n = 0;
+    ok(strata_group_register_checkpoint(
+        ctx.0,
+        group,
+        ckpt,
+        cstr("blocks.").as_ptr(),
+        2,
+        &mut n,
+    ));
+    strata_checkpoint_close(ckpt);
+    let idle_host = ctx.stats().host_in_use;
+    ok(strata_group_onload(ctx.0, group));
+    let onloaded = ctx.stats();
+    assert_eq!(onloaded.bytes_from_disk, 4 * stored_layer as u64);
+    assert!(
+        onloaded.host_in_use >= idle_host + 4 * (32 * 32 * 2 + 32 * 2),
+        "the group sits in RAM as f16"
+    );
+    for _ in 0..3 {
+        for b in 0..4 {
+            let mut layer = 0;
+            ok(strata_layer_find(
+                ctx.0,
+                cstr(&format!("blocks.{b}")).as_ptr(),
+                &mut layer,
+            ));
+            ctx.acquire(layer);
+            ctx.release(layer);
+        }
+    }
+    assert_eq!(
+        ctx.stats().bytes_from_disk,
+        4 * stored_layer as u64,
+        "passes read RAM, not the file"
+    );
+    ok(strata_group_offload(ctx.0, group));
+    assert_eq!(ctx.stats().host_in_use, idle_host);
+    assert_eq!(ctx.stats().vram_in_use, 0);
+}
+
+#[test]
+fn sharded_index_with_a_layer_split_over_two_shards() {
+    let dir = TempDir::new("shards é");
+    let sub = dir.path("modèle dir");
+    std::fs::create_dir_all(&sub).unwrap();
+    let w = weights(8 * 4, 7, 0.1);
+    let b = weights(8, 8, 0.1);
+    write_safetensors(
+        &sub.join("part 1.safetensors"),
+        &[("blk.0.weight".into(), St::F32, vec![8, 4], f32_bytes(&w))],
+    );
+    write_safetensors(
+        &sub.join("part 2.safetensors"),
+        &[("blk.0.bias".into(), St::F32, vec![8], f32_bytes(&b))],
+    );
+    let index = serde_json::json!({
+        "metadata": {"total_size": 160},
+        "weight_map": {"blk.0.weight": "part 1.safetensors", "blk.0.bias": "part 2.safetensors"}
+    });
+    let index_path = sub.join("model.safetensors.index.json");
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    for open in [index_path.clone(), sub.clone()] {
+        let ctx = Ctx::new(STRATA_UNLIMITED);
+        let group = ctx.group(&tiers(|t| {
+            t.offload = place(STRATA_DEVICE_DISK, 0);
+            t.onload = place(STRATA_DEVICE_DISK, 0);
+        }));
+        let ckpt = open_checkpoint(&ctx, &open);
+        let mut n = 0;
+        ok(strata_group_register_checkpoint(
+            ctx.0,
+            group,
+            ckpt,
+            cstr("blk.").as_ptr(),
+            0,
+            &mut n,
+        ));
+        assert_eq!(n, 1);
+        strata_checkpoint_close(ckpt);
+        let mut layer = 0;
+        ok(strata_layer_find(ctx.0, cstr("blk.0").as_ptr(), &mut layer));
+        let views = ctx.acquire(layer);
+        assert_eq!(f32_values(&views[0].1), w);
+        assert_eq!(f32_values(&views[1].1), b);
+        ctx.release(layer);
+    }
+}
+
+#[test]
+fn prefix_registration_follows_keep_components_and_is_all_or_nothing() {
+    let dir = TempDir::new("prefix");
+    let path = dir.path("m.safetensors");
+    let t = |name: &str| (name.to_string(), St::F32, vec![2], f32_bytes(&[1.0, 2.0]));
+    write_safetensors(
+        &path,
+        &[
+            t("blocks.0.attn.to_q.weight"),
+            t("blocks.0.attn.to_q.bias"),
+            t("blocks.0.mlp.weight"),
+            t("blocks.1.mlp.weight"),
+            t("head.weight"),
+        ],
+    );
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let ckpt = open_checkpoint(&ctx, &path);
+    let mut n = 0;
+    ok(strata_group_register_checkpoint(
+        ctx.0,
+        group,
+        ckpt,
+        cstr("blocks.").as_ptr(),
+        0,
+        &mut n,
+    ));
+    assert_eq!(n, 3);
+    let mut layer = 0;
+    for name in ["blocks.0.attn.to_q", "blocks.0.mlp", "blocks.1.mlp"] {
+        ok(strata_layer_find(ctx.0, cstr(name).as_ptr(), &mut layer));
+    }
+    let mut count = 0;
+    ok(strata_layer_find(
+        ctx.0,
+        cstr("blocks.0.attn.to_q").as_ptr(),
+        &mut layer,
+    ));
+    ok(strata_layer_tensor_count(ctx.0, layer, &mut count));
+    assert_eq!(count, 2);
+    // "blocks." again with keep 2 would make "blocks.0": new, but "blocks.1" ... all new names; a
+    // clash with an existing name registers nothing at all.
+    let other = ctx.group(&strata_tiers_default());
+    n = 0;
+    expect(
+        strata_group_register_checkpoint(ctx.0, other, ckpt, cstr("blocks.").as_ptr(), 0, &mut n),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    assert_eq!(n, 0);
+    ok(strata_group_register_checkpoint(
+        ctx.0,
+        other,
+        ckpt,
+        cstr("blocks.").as_ptr(),
+        2,
+        &mut n,
+    ));
+    assert_eq!(n, 2);
+    ok(strata_layer_find(
+        ctx.0,
+        cstr("blocks.1").as_ptr(),
+        &mut layer,
+    ));
+    expect(
+        strata_group_register_checkpoint(ctx.0, other, ckpt, cstr("nothing.").as_ptr(), 0, &mut n),
+        STRATA_ERR_NOT_FOUND,
+    );
+    let missing = [cstr("no.such.tensor")];
+    let ptrs: Vec<_> = missing.iter().map(|c| c.as_ptr()).collect();
+    expect(
+        strata_layer_register_checkpoint(
+            ctx.0,
+            group,
+            ckpt,
+            cstr("x").as_ptr(),
+            ptrs.as_ptr(),
+            1,
+            &mut layer,
+        ),
+        STRATA_ERR_NOT_FOUND,
+    );
+    strata_checkpoint_close(ckpt);
+}
+
+#[test]
+fn broken_files_give_statuses_not_crashes() {
+    let dir = TempDir::new("broken");
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let mut ckpt = ptr::null_mut();
+    let open = |path: &std::path::Path, ckpt: &mut *mut strata_checkpoint| {
+        strata_checkpoint_open(ctx.0, cstr(path.to_str().unwrap()).as_ptr(), ckpt)
+    };
+
+    expect(
+        open(&dir.path("missing.safetensors"), &mut ckpt),
+        STRATA_ERR_NOT_FOUND,
+    );
+    assert!(
+        last_error().contains("missing.safetensors"),
+        "{}",
+        last_error()
+    );
+    let garbage = dir.path("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
+    expect(open(&garbage, &mut ckpt), STRATA_ERR_FORMAT);
+    // A header that claims more data than the file has.
+    let lying = dir.path("lying.safetensors");
+    let header = br#"{"t":{"dtype":"F32","shape":[1000],"data_offsets":[0,4000]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&lying, &bytes).unwrap();
+    expect(open(&lying, &mut ckpt), STRATA_ERR_FORMAT);
+    assert!(ckpt.is_null());
+
+    // A file with an unsupported dtype opens; registering that tensor is UNSUPPORTED.
+    let odd = dir.path("odd.safetensors");
+    let header = br#"{"u":{"dtype":"U16","shape":[2],"data_offsets":[0,4]}}    "#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 4]);
+    std::fs::write(&odd, &bytes).unwrap();
+    ok(open(&odd, &mut ckpt));
+    let group = ctx.group(&strata_tiers_default());
+    let mut n = 0;
+    expect(
+        strata_group_register_checkpoint(ctx.0, group, ckpt, cstr("u").as_ptr(), 0, &mut n),
+        STRATA_ERR_UNSUPPORTED,
+    );
+    strata_checkpoint_close(ckpt);
+}
+
+#[test]
+fn a_file_truncated_mid_run_fails_its_layers_and_the_rest_keep_working() {
+    let dir = TempDir::new("truncate");
+    let path = dir.path("m.safetensors");
+    let values = write_blocks(&path, 4, 16, 16);
+    let ctx = Ctx::new(0);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, 0);
+        t.onload = place(STRATA_DEVICE_DISK, 0);
+        t.computation.dtype = STRATA_DTYPE_F32;
+    }));
+    let ckpt = open_checkpoint(&ctx, &path);
+    let mut n = 0;
+    ok(strata_group_register_checkpoint(
+        ctx.0,
+        group,
+        ckpt,
+        cstr("blocks.").as_ptr(),
+        2,
+        &mut n,
+    ));
+    strata_checkpoint_close(ckpt);
+    let layer = |b: usize| {
+        let mut id = 0;
+        ok(strata_layer_find(
+            ctx.0,
+            cstr(&format!("blocks.{b}")).as_ptr(),
+            &mut id,
+        ));
+        id
+    };
+    ctx.acquire(layer(3));
+    ctx.release(layer(3));
+    // Cut the file in the middle of block 2's data: blocks 2 and 3 now fail, 0 and 1 still read.
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2 + 16)
+        .unwrap();
+    let mut views = [empty_view(); 4];
+    let mut count = 0;
+    let status = strata_acquire_for_compute(
+        ctx.0,
+        layer(3),
+        ptr::null_mut(),
+        views.as_mut_ptr(),
+        4,
+        &mut count,
+    );
+    assert!(
+        status == STRATA_ERR_IO || status == STRATA_ERR_FORMAT,
+        "{}: {}",
+        common::name(status),
+        last_error()
+    );
+    assert!(last_error().contains("m.safetensors"), "{}", last_error());
+    assert_eq!(count, 0);
+    let first = ctx.acquire(layer(0));
+    let expected: Vec<f32> = values[0].0.clone();
+    assert_eq!(f32_values(&first[0].1), expected);
+    ctx.release(layer(0));
+    let stats = ctx.stats();
+    assert_eq!(
+        stats.vram_in_use, 0,
+        "the failed acquire left nothing charged"
+    );
+}
