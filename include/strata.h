@@ -38,6 +38,21 @@
 #define STRATA_FLAG_STRICT_BUDGET 1
 
 /**
+ * fp8 storage as a plain cast (what DiffSynth does).
+ */
+#define STRATA_QUANT_NONE 0
+
+/**
+ * fp8 storage scaled by one absmax scale per tensor.
+ */
+#define STRATA_QUANT_PER_TENSOR 1
+
+/**
+ * fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
+ */
+#define STRATA_QUANT_PER_CHANNEL 2
+
+/**
  * Keep the stored dtype (in a tier), so a zeroed placement means "the stored dtype".
  */
 #define STRATA_DTYPE_SOURCE 0
@@ -96,21 +111,6 @@
 #define STRATA_DEVICE_CPU 2
 
 #define STRATA_DEVICE_CUDA 3
-
-/**
- * fp8 storage as a plain cast (what DiffSynth does).
- */
-#define STRATA_QUANT_NONE 0
-
-/**
- * fp8 storage scaled by one absmax scale per tensor.
- */
-#define STRATA_QUANT_PER_TENSOR 1
-
-/**
- * fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
- */
-#define STRATA_QUANT_PER_CHANNEL 2
 
 /**
  * An opaque open checkpoint. Thread-safe.

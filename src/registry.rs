@@ -6,7 +6,7 @@ use crate::checkpoint::TensorInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
-use crate::tiers::Tiers;
+use crate::tiers::{Tier, Tiers};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::Arc;
@@ -223,8 +223,61 @@ pub enum Computation {
     Converted(DeviceCopy),
 }
 
+/// Where each tensor sits, and in which form, in a buffer holding the layer in one tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub slots: Vec<TensorSlot>,
+    pub size: usize,
+}
+
+/// A layer's layout in each of its group's tiers, fixed at registration.
+pub struct Forms {
+    pub offload: Layout,
+    pub onload: Layout,
+    pub preparing: Layout,
+    pub computation: Layout,
+}
+
+impl Forms {
+    pub fn new(tensors: &[TensorMeta], tiers: &Tiers) -> Forms {
+        let of = |tier| {
+            let (slots, size) = crate::backend::layout(
+                tensors
+                    .iter()
+                    .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),
+            );
+            Layout { slots, size }
+        };
+        Forms {
+            offload: of(Tier::Offload),
+            onload: of(Tier::Onload),
+            preparing: of(Tier::Preparing),
+            computation: of(Tier::Computation),
+        }
+    }
+
+    pub fn get(&self, tier: Tier) -> &Layout {
+        match tier {
+            Tier::Offload => &self.offload,
+            Tier::Onload => &self.onload,
+            Tier::Preparing => &self.preparing,
+            Tier::Computation => &self.computation,
+        }
+    }
+
+    /// Bytes a miss moves into the preparing tier: each tensor's data and scales, no padding.
+    pub fn preparing_payload(&self) -> u64 {
+        self.preparing
+            .slots
+            .iter()
+            .map(|s| (s.data_bytes() + s.scale_count() * 4) as u64)
+            .sum()
+    }
+}
+
 pub struct Layer {
-    pub name: String,
+    pub name: Arc<str>,
+    pub forms: Forms,
     pub group: Key,
     pub tensors: Arc<[TensorMeta]>,
     /// Where each tensor lives in the user's checkpoint, when the layer came from one.

@@ -11,13 +11,6 @@ pub const STRATA_DEVICE_DISK: u32 = 1;
 pub const STRATA_DEVICE_CPU: u32 = 2;
 pub const STRATA_DEVICE_CUDA: u32 = 3;
 
-/// fp8 storage as a plain cast (what DiffSynth does).
-pub const STRATA_QUANT_NONE: u32 = 0;
-/// fp8 storage scaled by one absmax scale per tensor.
-pub const STRATA_QUANT_PER_TENSOR: u32 = 1;
-/// fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
-pub const STRATA_QUANT_PER_CHANNEL: u32 = 2;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
     Disk,

@@ -17,7 +17,7 @@ pub enum Track {
 #[derive(Clone, Debug)]
 pub struct Span {
     pub track: Track,
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     pub what: &'static str,
     pub start: Instant,
     pub end: Instant,

@@ -6,12 +6,11 @@ use std::time::Instant;
 use strata::budget::STRATA_UNLIMITED;
 use strata::checkpoint::Checkpoint;
 use strata::context::{Context, Options};
+use strata::convert::STRATA_QUANT_PER_CHANNEL;
 use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_SOURCE};
 use strata::error::{Error, Result};
 use strata::stats::Stats;
-use strata::tiers::{
-    Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK, STRATA_QUANT_PER_CHANNEL,
-};
+use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
 
 const USAGE: &str = "strata: run models larger than GPU memory
 

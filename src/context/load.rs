@@ -66,7 +66,7 @@ impl Context {
                         .fetch_add(info.nbytes, Ordering::Relaxed);
                     spans.push(Span {
                         track: Track::Copy,
-                        name: info.name.clone(),
+                        name: info.name.as_str().into(),
                         what: "read",
                         start: started,
                         end: Instant::now(),
@@ -117,7 +117,7 @@ impl Context {
         tensors: &[TensorMeta],
         slots: &[TensorSlot],
         size: usize,
-        layer_name: &str,
+        layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
         let memory = self.backend.allocate(size)?;
@@ -127,7 +127,7 @@ impl Context {
         })?;
         spans.push(Span {
             track: Track::Copy,
-            name: layer_name.to_owned(),
+            name: layer_name.clone(),
             what: "upload",
             start: started,
             end: Instant::now(),
@@ -145,7 +145,7 @@ impl Context {
         prepared: &DeviceCopy,
         slots: &[TensorSlot],
         size: usize,
-        layer_name: &str,
+        layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
         let memory = self.backend.allocate(size)?;
@@ -156,7 +156,7 @@ impl Context {
         }
         spans.push(Span {
             track: Track::Copy,
-            name: layer_name.to_owned(),
+            name: layer_name.clone(),
             what: "convert",
             start: started,
             end: Instant::now(),

@@ -5,18 +5,20 @@
 
 mod load;
 
-use crate::backend::{cpu::CpuBackend, layout, Backend, TensorSlot};
+use crate::backend::{cpu::CpuBackend, Backend};
 use crate::budget::{Budget, Limit};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
-use crate::registry::{Computation, Group, HostCopy, IdCodec, Key, Layer, Registry, TensorMeta};
+use crate::registry::{
+    Computation, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry, TensorMeta,
+};
 use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::{Span, Trace, Track};
 use load::Source;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::ThreadId;
 use std::time::Instant;
@@ -60,6 +62,8 @@ struct State {
     trace: Trace,
     /// Logical time, bumped by each acquire.
     clock: u64,
+    /// Threads blocked in `wait`: waking nobody costs a syscall, so releases skip it when 0.
+    waiters: usize,
 }
 
 pub struct Context {
@@ -71,6 +75,8 @@ pub struct Context {
     changed: Condvar,
     host: Arc<MemoryCounter>,
     bytes_from_disk: AtomicU64,
+    /// Set by `strata_context_destroy`: the context takes no more calls.
+    closed: AtomicBool,
 }
 
 /// Gives each context its own id tag, so ids from one context do not resolve in another.
@@ -86,14 +92,17 @@ fn next_tag() -> u16 {
 
 /// What the budget has to hold for a layer in use, beyond what it holds already.
 struct DevicePlan {
-    prepared: Option<(Vec<TensorSlot>, usize)>,
-    converted: Option<(Vec<TensorSlot>, usize)>,
+    prepared: Option<Layout>,
+    converted: Option<Layout>,
 }
 
 impl DevicePlan {
     fn bytes(&self) -> u64 {
-        self.prepared.as_ref().map_or(0, |p| p.1 as u64)
-            + self.converted.as_ref().map_or(0, |c| c.1 as u64)
+        [&self.prepared, &self.converted]
+            .into_iter()
+            .flatten()
+            .map(|l| l.size as u64)
+            .sum()
     }
 }
 
@@ -121,11 +130,21 @@ impl Context {
                 counters: Counters::default(),
                 trace: Trace::default(),
                 clock: 0,
+                waiters: 0,
             }),
             changed: Condvar::new(),
             host: Arc::new(MemoryCounter::default()),
             bytes_from_disk: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub fn options(&self) -> &Options {
@@ -140,10 +159,21 @@ impl Context {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed
+    fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        guard.waiters += 1;
+        let mut guard = self
+            .changed
             .wait(guard)
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.waiters -= 1;
+        guard
+    }
+
+    /// Wakes the threads waiting for a layer to stop being busy or in use, or for memory.
+    fn wake(&self, waiters: usize) {
+        if waiters > 0 {
+            self.changed.notify_all();
+        }
     }
 
     // ----- groups -----
@@ -234,7 +264,7 @@ impl Context {
                 }
             }
         }
-        self.changed.notify_all();
+        self.wake(st.waiters);
         Ok(())
     }
 
@@ -281,7 +311,7 @@ impl Context {
                             l.onload_copy = None;
                         }
                     }
-                    self.changed.notify_all();
+                    self.wake(st.waiters);
                     return Err(e);
                 }
             }
@@ -320,7 +350,7 @@ impl Context {
                 }
             }
             let placement = tiers.placement(tier);
-            let (slots, size) = host_layout(layer, &tiers, tier);
+            let Layout { slots, size } = layer.forms.get(tier).clone();
             let needed = placement.device == Device::Cpu
                 && match tier {
                     Tier::Offload => layer.offload_copy.is_none(),
@@ -343,13 +373,13 @@ impl Context {
             let mut spans = Vec::new();
             let made = self.make_host_copy(&source, &tensors, slots, size, &mut spans);
             let mut st = self.lock();
+            self.wake(st.waiters);
             let layer = st
                 .registry
                 .layers
                 .get_mut(key)
                 .expect("busy layers are not removed");
             layer.busy = false;
-            self.changed.notify_all();
             let copy = Arc::new(made?);
             match tier {
                 Tier::Offload => layer.offload_copy = Some(copy),
@@ -375,7 +405,7 @@ impl Context {
     }
 
     fn insert_layer(&self, st: &mut State, mut layer: Layer) -> Result<u64> {
-        if st.registry.layer_names.contains_key(&layer.name) {
+        if st.registry.layer_names.contains_key(&*layer.name) {
             return Err(Error::invalid(format!(
                 "a layer named {:?} is already registered",
                 layer.name
@@ -385,7 +415,7 @@ impl Context {
         layer.last_use = 0;
         let name = layer.name.clone();
         let key = st.registry.layers.insert(layer);
-        st.registry.layer_names.insert(name, key);
+        st.registry.layer_names.insert(name.to_string(), key);
         st.registry
             .groups
             .get_mut(group)
@@ -395,7 +425,7 @@ impl Context {
         Ok(self.codec.layer_id(key))
     }
 
-    fn new_layer(name: &str, group: Key, tensors: Vec<TensorMeta>) -> Result<Layer> {
+    fn new_layer(name: &str, group: Key, tiers: &Tiers, tensors: Vec<TensorMeta>) -> Result<Layer> {
         if tensors.is_empty() {
             return Err(Error::invalid(format!("layer {name:?} has no tensors")));
         }
@@ -408,7 +438,8 @@ impl Context {
             }
         }
         Ok(Layer {
-            name: name.to_owned(),
+            name: name.into(),
+            forms: Forms::new(&tensors, tiers),
             group,
             tensors: tensors.into(),
             checkpoint: None,
@@ -454,8 +485,8 @@ impl Context {
             }
             metas.push(meta);
         }
-        let mut layer = Self::new_layer(name, group_key, metas)?;
-        let (slots, size) = host_layout(&layer, &tiers, Tier::Offload);
+        let mut layer = Self::new_layer(name, group_key, &tiers, metas)?;
+        let Layout { slots, size } = layer.forms.offload.clone();
         let mut buffer = CountedBuffer::new(size, &self.host)?;
         for (t, slot) in tensors.iter().zip(&slots) {
             let src = crate::convert::TensorBytes {
@@ -493,7 +524,13 @@ impl Context {
         let layer = {
             let st = self.lock();
             let key = self.check_new_layer(&st, group, name)?;
-            checkpoint_layer(checkpoint, key, name, tensor_names)?
+            checkpoint_layer(
+                checkpoint,
+                key,
+                &st.registry.groups.get(key).expect("checked").tiers,
+                name,
+                tensor_names,
+            )?
         };
         let mut st = self.lock();
         self.group_key(&st, group)?;
@@ -526,10 +563,11 @@ impl Context {
         }
         let mut st = self.lock();
         let key = self.group_key(&st, group)?;
+        let tiers = st.registry.groups.get(key).expect("checked").tiers;
         let mut built = Vec::with_capacity(layers.len());
         for (name, tensors) in &layers {
             self.check_new_layer(&st, group, name)?;
-            built.push(checkpoint_layer(checkpoint, key, name, tensors)?);
+            built.push(checkpoint_layer(checkpoint, key, &tiers, name, tensors)?);
         }
         for layer in built {
             self.insert_layer(&mut st, layer)?;
@@ -577,7 +615,7 @@ impl Context {
 
     fn remove_layer(&self, st: &mut State, key: Key) {
         if let Some(layer) = st.registry.layers.remove(key) {
-            st.registry.layer_names.remove(&layer.name);
+            st.registry.layer_names.remove(&*layer.name);
             if let Some(group) = st.registry.groups.get_mut(layer.group) {
                 group.layers.retain(|&l| l != key);
             }
@@ -585,7 +623,7 @@ impl Context {
                 st.budget.refund(copy.bytes());
             }
         }
-        self.changed.notify_all();
+        self.wake(st.waiters);
     }
 
     // ----- acquire and release -----
@@ -599,8 +637,9 @@ impl Context {
         capacity: usize,
         mut view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
-        let started = Instant::now();
-        let me = std::thread::current().id();
+        // Set when the acquire first has to wait or load: the time until it returns is a stall.
+        let mut started: Option<Instant> = None;
+        let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
         loop {
@@ -620,6 +659,7 @@ impl Context {
                 ));
             }
             if layer.busy {
+                started.get_or_insert_with(Instant::now);
                 st = self.wait(st);
                 continue;
             }
@@ -644,6 +684,7 @@ impl Context {
                 layer.last_use = now;
                 st.counters.acquires += 1;
                 st.counters.resident_hits += 1;
+                add_stall(&mut st.counters, started);
                 return Ok(self.emit_views(&st, key, &mut view));
             }
             if tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
@@ -652,28 +693,30 @@ impl Context {
             }
             let source = nearest_source(layer, true);
             if let Source::Host(copy) = &source {
-                let (computation_slots, _) = host_layout(layer, &tiers, Tier::Computation);
-                if self.backend.reads_host_memory() && copy.slots == computation_slots {
+                if self.backend.reads_host_memory() && copy.slots == layer.forms.computation.slots {
                     let layer = st.registry.layers.get_mut(key).expect("checked");
                     layer.computation = Some(Computation::Host(copy.clone()));
                     self.mark_acquired(layer, me, now);
                     st.counters.acquires += 1;
                     st.counters.resident_hits += 1;
+                    add_stall(&mut st.counters, started);
                     return Ok(self.emit_views(&st, key, &mut view));
                 }
             }
-            let plan = device_plan(layer, &tiers);
+            let plan = device_plan(layer);
             let was_resident = layer.prepared.is_some();
             let layer_name = layer.name.clone();
             let bytes = plan.bytes();
             match self.make_room(&mut st, key, bytes, me) {
                 Ok(()) => {}
                 Err(NoRoom::Wait) => {
+                    started.get_or_insert_with(Instant::now);
                     st = self.wait(st);
                     continue;
                 }
                 Err(NoRoom::Fail(e)) => return Err(e),
             }
+            started.get_or_insert_with(Instant::now);
             st.budget.charge(bytes);
             let layer = st.registry.layers.get_mut(key).expect("checked");
             layer.busy = true;
@@ -689,13 +732,13 @@ impl Context {
             for span in spans {
                 st.trace.record(span);
             }
+            self.wake(st.waiters);
             let layer = st
                 .registry
                 .layers
                 .get_mut(key)
                 .expect("busy layers are not removed");
             layer.busy = false;
-            self.changed.notify_all();
             let (prepared, converted) = match result {
                 Ok(filled) => filled,
                 Err((prepared, e)) => {
@@ -715,9 +758,15 @@ impl Context {
                 st.counters.resident_hits += 1;
             } else {
                 st.counters.misses += 1;
-                st.counters.bytes_to_device += plan_prepared_bytes(&tensors, &tiers);
-                st.counters.stall_ns += started.elapsed().as_nanos() as u64;
+                st.counters.bytes_to_device += st
+                    .registry
+                    .layers
+                    .get(key)
+                    .expect("checked")
+                    .forms
+                    .preparing_payload();
             }
+            add_stall(&mut st.counters, started);
             return Ok(self.emit_views(&st, key, &mut view));
         }
     }
@@ -738,7 +787,7 @@ impl Context {
         tensors: &[TensorMeta],
         prepared: Option<crate::registry::DeviceCopy>,
         plan: DevicePlan,
-        layer_name: &str,
+        layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> std::result::Result<
         (
@@ -749,13 +798,13 @@ impl Context {
     > {
         let prepared = match (prepared, plan.prepared) {
             (Some(copy), _) => copy,
-            (None, Some((slots, size))) => self
+            (None, Some(Layout { slots, size })) => self
                 .make_prepared(source, tensors, &slots, size, layer_name, spans)
                 .map_err(|e| (None, e))?,
             (None, None) => unreachable!("a layer without a prepared copy plans one"),
         };
         let converted = match plan.converted {
-            Some((slots, size)) => {
+            Some(Layout { slots, size }) => {
                 match self.make_converted(&prepared, &slots, size, layer_name, spans) {
                     Ok(copy) => Some(copy),
                     Err(e) => return Err((Some(prepared), e)),
@@ -869,7 +918,7 @@ impl Context {
     /// Ends one use of a layer. When the last use ends, conversion temporaries are freed, and the
     /// prepared copy too when nothing may stay resident (budget 0, or the group was offloaded).
     pub fn release(&self, id: u64) -> Result<()> {
-        let me = std::thread::current().id();
+        let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
         let minimal = st.budget.limit == Limit::Minimal;
@@ -911,7 +960,7 @@ impl Context {
                 budget.refund(copy.bytes());
             }
         }
-        self.changed.notify_all();
+        self.wake(st.waiters);
         Ok(())
     }
 
@@ -958,41 +1007,37 @@ fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
     }
 }
 
-fn host_layout(layer: &Layer, tiers: &Tiers, tier: Tier) -> (Vec<TensorSlot>, usize) {
-    layout(
-        layer
-            .tensors
-            .iter()
-            .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),
-    )
-}
-
 /// What acquiring a layer in use must add on the device: the prepared copy unless resident, and a
 /// converted copy when the computation form differs from the preparing one.
-fn device_plan(layer: &Layer, tiers: &Tiers) -> DevicePlan {
-    let prepared = host_layout(layer, tiers, Tier::Preparing);
-    let computation = host_layout(layer, tiers, Tier::Computation);
-    let converted = (prepared.0 != computation.0).then_some(computation);
+fn device_plan(layer: &Layer) -> DevicePlan {
+    let forms = &layer.forms;
+    let converted =
+        (forms.preparing.slots != forms.computation.slots).then(|| forms.computation.clone());
     DevicePlan {
-        prepared: layer.prepared.is_none().then_some(prepared),
+        prepared: layer.prepared.is_none().then(|| forms.preparing.clone()),
         converted,
     }
 }
 
-/// Bytes a miss moves into the preparing tier: each tensor's data and scales, without padding.
-fn plan_prepared_bytes(tensors: &[TensorMeta], tiers: &Tiers) -> u64 {
-    tensors
-        .iter()
-        .map(|t| {
-            let repr = tiers.repr(Tier::Preparing, t.dtype, t.shape.len());
-            (t.numel * repr.dtype.size() + repr.scale_count(t.rows) * 4) as u64
-        })
-        .sum()
+/// Counts the time since an acquire first waited or loaded as stall.
+fn add_stall(counters: &mut Counters, started: Option<Instant>) {
+    if let Some(started) = started {
+        counters.stall_ns += started.elapsed().as_nanos() as u64;
+    }
+}
+
+/// This thread's id, without the reference counting `thread::current()` does on every call.
+fn current_thread() -> ThreadId {
+    thread_local! {
+        static ME: ThreadId = std::thread::current().id();
+    }
+    ME.with(|me| *me)
 }
 
 fn checkpoint_layer(
     checkpoint: &Checkpoint,
     group: Key,
+    tiers: &Tiers,
     name: &str,
     tensor_names: &[&str],
 ) -> Result<Layer> {
@@ -1020,7 +1065,7 @@ fn checkpoint_layer(
         metas.push(TensorMeta::new(tensor, dtype, shape)?);
         infos.push(info.clone());
     }
-    let mut layer = Context::new_layer(name, group, metas)?;
+    let mut layer = Context::new_layer(name, group, tiers, metas)?;
     layer.checkpoint = Some(infos.into());
     Ok(layer)
 }

@@ -24,7 +24,14 @@ use ieee::{bf16_bits_to_f32, f32_to_bf16_bits, f64_to_bf16_bits, f64_to_f16_bits
 
 pub use fp8::{f32_to_fp8, f64_to_fp8, fp8_to_f32};
 
-/// fp8 storage mode (C ABI numbers: STRATA_QUANT_NONE = 0, _PER_TENSOR = 1, _PER_CHANNEL = 2).
+/// fp8 storage as a plain cast (what DiffSynth does).
+pub const STRATA_QUANT_NONE: u32 = 0;
+/// fp8 storage scaled by one absmax scale per tensor.
+pub const STRATA_QUANT_PER_TENSOR: u32 = 1;
+/// fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
+pub const STRATA_QUANT_PER_CHANNEL: u32 = 2;
+
+/// fp8 storage mode, as the C ABI's STRATA_QUANT_* numbers name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
     None,
@@ -35,18 +42,18 @@ pub enum Quant {
 impl Quant {
     pub fn from_abi(v: u32) -> Result<Quant> {
         match v {
-            0 => Ok(Quant::None),
-            1 => Ok(Quant::PerTensor),
-            2 => Ok(Quant::PerChannel),
+            STRATA_QUANT_NONE => Ok(Quant::None),
+            STRATA_QUANT_PER_TENSOR => Ok(Quant::PerTensor),
+            STRATA_QUANT_PER_CHANNEL => Ok(Quant::PerChannel),
             _ => Err(Error::invalid(format!("unknown quantization mode {v}"))),
         }
     }
 
     pub fn to_abi(self) -> u32 {
         match self {
-            Quant::None => 0,
-            Quant::PerTensor => 1,
-            Quant::PerChannel => 2,
+            Quant::None => STRATA_QUANT_NONE,
+            Quant::PerTensor => STRATA_QUANT_PER_TENSOR,
+            Quant::PerChannel => STRATA_QUANT_PER_CHANNEL,
         }
     }
 }

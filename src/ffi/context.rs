@@ -5,7 +5,7 @@ use crate::budget::STRATA_UNLIMITED;
 use crate::context::{Context, Options, STRATA_FLAG_STRICT_BUDGET};
 use crate::error::{strata_status, Error};
 use crate::tiers::{Device, STRATA_DEVICE_CPU};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// Options for `strata_context_create`. Start from `strata_options_default()`.
 #[repr(C)]
@@ -39,8 +39,24 @@ pub struct strata_context {
 
 pub(crate) static CONTEXTS: Handles<Context> = Handles::new("context");
 
+thread_local! {
+    /// The context this thread used last: a forward hook calls with the same one every time, and
+    /// this skips the global table's lock. Weak, so it never keeps a destroyed context alive.
+    static LAST_CONTEXT: std::cell::RefCell<(usize, Weak<Context>)> = const { std::cell::RefCell::new((0, Weak::new())) };
+}
+
 pub(crate) fn context(ctx: *const strata_context) -> crate::error::Result<Arc<Context>> {
-    CONTEXTS.get(ctx)
+    let token = ctx as usize;
+    let cached = LAST_CONTEXT.with(|last| {
+        let last = last.borrow();
+        (last.0 == token).then(|| last.1.upgrade()).flatten()
+    });
+    if let Some(context) = cached.filter(|c| !c.is_closed()) {
+        return Ok(context);
+    }
+    let context = CONTEXTS.get(ctx)?;
+    LAST_CONTEXT.with(|last| *last.borrow_mut() = (token, Arc::downgrade(&context)));
+    Ok(context)
 }
 
 /// The CPU device, no limits, prefetch depth 2, no flags.
@@ -105,5 +121,12 @@ pub extern "C" fn strata_context_create(
 /// NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
 #[no_mangle]
 pub extern "C" fn strata_context_destroy(ctx: *mut strata_context) {
-    boundary_void("strata_context_destroy", || CONTEXTS.remove(ctx));
+    boundary_void("strata_context_destroy", || {
+        if ctx.is_null() {
+            return Ok(());
+        }
+        // Closed first, so no thread's cached handle reaches it once it leaves the table.
+        CONTEXTS.get(ctx)?.close();
+        CONTEXTS.remove(ctx)
+    });
 }
