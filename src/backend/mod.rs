@@ -81,13 +81,22 @@ pub trait Backend: Send + Sync {
 /// The CUDA device `index`. Checks that the driver library loads before any other CUDA call:
 /// without it cudarc panics, and strata must not take its host process down.
 pub fn open_cuda(index: i32) -> Result<Box<dyn Backend>> {
+    use cudarc::driver::result;
     // SAFETY: only tries to open the driver's shared library by its usual names, and closes it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::no_device(format!(
             "CUDA device {index} requested, but no CUDA driver is installed (libcuda could not be loaded)"
         )));
     }
+    let count = result::init()
+        .and_then(|()| result::device::get_count())
+        .map_err(|e| Error::no_device(format!("the CUDA driver did not start: {e}")))?;
+    if index >= count {
+        return Err(Error::no_device(format!(
+            "CUDA device {index} does not exist: this machine has {count}"
+        )));
+    }
     Err(Error::unsupported(
-        "this build of strata has no CUDA backend yet",
+        "this build of strata has no CUDA backend yet: use STRATA_DEVICE_CPU",
     ))
 }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every check that needs an NVIDIA GPU, in one call, on a machine with CUDA but no Rust: it runs
+# the prebuilt binaries that scripts/gpu-bundle.sh put in .gpu/. Prints a table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH="$PWD/.gpu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+
+results=()
+check() { # name, command...
+  local name=$1; shift
+  echo "=== $name"
+  if "$@"; then results+=("$name|pass"); else results+=("$name|FAIL"); fi
+}
+
+# The CUDA request paths through the C ABI: a real driver, an existing and a missing ordinal.
+check "cuda requests (abi)" .gpu/bin/abi cuda --nocapture
+# The whole ABI and budget suites also run there, on the CPU device, beside a live driver.
+check "abi suite" .gpu/bin/abi
+check "budget suite" .gpu/bin/budget
+
+echo
+printf '%-28s %s\n' "check" "result"
+for r in "${results[@]}"; do printf '%-28s %s\n' "${r%%|*}" "${r##*|}"; done
+for r in "${results[@]}"; do [ "${r##*|}" = pass ] || exit 1; done
