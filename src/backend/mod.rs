@@ -51,6 +51,43 @@ pub fn layout(shapes: impl IntoIterator<Item = (usize, usize, Repr)>) -> (Vec<Te
     (slots, offset)
 }
 
+/// Converts `src` into `slot`'s form inside `buffer` (the whole buffer the slot lies in), writing
+/// the data and, for scaled fp8, the scales after it.
+pub fn convert_into_slot(src: TensorBytes<'_>, slot: &TensorSlot, buffer: &mut [u8]) -> Result<()> {
+    let scales_end = slot.scales_offset + slot.scale_count() * 4;
+    if slot.offset + slot.data_bytes() > slot.scales_offset || scales_end > buffer.len() {
+        return Err(Error::invalid("tensor slot lies outside its buffer"));
+    }
+    let (data, rest) = buffer.split_at_mut(slot.scales_offset);
+    let data = &mut data[slot.offset..slot.offset + slot.data_bytes()];
+    let scales = crate::convert::convert(src, slot.rows, data, slot.repr.dtype, slot.repr.quant)?;
+    if scales.len() != slot.scale_count() {
+        return Err(Error::invalid(
+            "conversion produced an unexpected number of scales",
+        ));
+    }
+    for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
+        out.copy_from_slice(&scale.to_ne_bytes());
+    }
+    Ok(())
+}
+
+/// A slot's data bytes and its scales, read from the buffer the slot lies in.
+pub fn slot_contents<'a>(slot: &TensorSlot, buffer: &'a [u8]) -> Result<(&'a [u8], Vec<f32>)> {
+    let scales_end = slot.scales_offset + slot.scale_count() * 4;
+    if slot.offset + slot.data_bytes() > buffer.len() || scales_end > buffer.len() {
+        return Err(Error::invalid("tensor slot lies outside its buffer"));
+    }
+    let scales = buffer[slot.scales_offset..scales_end]
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((
+        &buffer[slot.offset..slot.offset + slot.data_bytes()],
+        scales,
+    ))
+}
+
 /// Memory on the compute device. `addr` is what the caller's kernels receive.
 pub struct DeviceMemory {
     pub addr: u64,

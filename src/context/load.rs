@@ -2,9 +2,9 @@
 //! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
 
 use super::Context;
-use crate::backend::TensorSlot;
+use crate::backend::{convert_into_slot, slot_contents, TensorSlot};
 use crate::checkpoint::TensorInfo;
-use crate::convert::{self, TensorBytes};
+use crate::convert::TensorBytes;
 use crate::error::Result;
 use crate::host::CountedBuffer;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
@@ -18,16 +18,6 @@ use std::time::Instant;
 pub enum Source {
     Host(Arc<HostCopy>),
     Disk(Arc<[TensorInfo]>),
-}
-
-/// A tensor's bytes read from a host copy: the data slice and its scales as f32.
-fn host_tensor(copy: &HostCopy, slot: &TensorSlot) -> (std::ops::Range<usize>, Vec<f32>) {
-    let bytes = copy.buffer.buffer.as_slice();
-    let scales = bytes[slot.scales_offset..slot.scales_offset + slot.scale_count() * 4]
-        .chunks_exact(4)
-        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    (slot.offset..slot.offset + slot.data_bytes(), scales)
 }
 
 impl Context {
@@ -44,8 +34,7 @@ impl Context {
             match source {
                 Source::Host(copy) => {
                     let slot = &copy.slots[i];
-                    let (range, scales) = host_tensor(copy, slot);
-                    let bytes = &copy.buffer.buffer.as_slice()[range];
+                    let (bytes, scales) = slot_contents(slot, copy.buffer.buffer.as_slice())?;
                     consume(
                         i,
                         TensorBytes {
@@ -97,15 +86,7 @@ impl Context {
     ) -> Result<HostCopy> {
         let mut buffer = CountedBuffer::new(size, &self.host)?;
         self.for_each_source_tensor(source, tensors, spans, |i, src| {
-            let slot = &slots[i];
-            let out = buffer.buffer.as_mut_slice();
-            let (data, rest) = out.split_at_mut(slot.scales_offset);
-            let data = &mut data[slot.offset..slot.offset + slot.data_bytes()];
-            let scales = convert::convert(src, slot.rows, data, slot.repr.dtype, slot.repr.quant)?;
-            for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
-                out.copy_from_slice(&scale.to_ne_bytes());
-            }
-            Ok(())
+            convert_into_slot(src, &slots[i], buffer.buffer.as_mut_slice())
         })?;
         Ok(HostCopy { buffer, slots })
     }

@@ -5,9 +5,10 @@
 
 mod load;
 
-use crate::backend::{cpu::CpuBackend, Backend};
+use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
 use crate::budget::{Budget, Limit};
 use crate::checkpoint::Checkpoint;
+use crate::convert::TensorBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
@@ -489,23 +490,12 @@ impl Context {
         let Layout { slots, size } = layer.forms.offload.clone();
         let mut buffer = CountedBuffer::new(size, &self.host)?;
         for (t, slot) in tensors.iter().zip(&slots) {
-            let src = crate::convert::TensorBytes {
+            let src = TensorBytes {
                 bytes: t.data,
                 dtype: t.dtype,
                 scales: &[],
             };
-            let out = buffer.buffer.as_mut_slice();
-            let (data, rest) = out.split_at_mut(slot.scales_offset);
-            let scales = crate::convert::convert(
-                src,
-                slot.rows,
-                &mut data[slot.offset..slot.offset + slot.data_bytes()],
-                slot.repr.dtype,
-                slot.repr.quant,
-            )?;
-            for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
-                out.copy_from_slice(&scale.to_ne_bytes());
-            }
+            convert_into_slot(src, slot, buffer.buffer.as_mut_slice())?;
         }
         layer.offload_copy = Some(Arc::new(HostCopy { buffer, slots }));
         let mut st = self.lock();

@@ -162,13 +162,9 @@ pub(crate) unsafe trait Versioned {
     const FIRST_RELEASED_SIZE: usize;
 }
 
-/// Reads an input struct: `struct_size` below the first released size is refused; a larger one
-/// (a newer caller) is accepted and the fields this library does not know are ignored.
-pub(crate) fn read_sized<T: Versioned + Copy>(
-    pointer: *const T,
-    what: &str,
-    defaults: T,
-) -> Result<T> {
+/// How many bytes of a caller's versioned struct this library knows: its `struct_size` checked
+/// against the first released size, capped at this library's size of the struct.
+fn known_size<T: Versioned>(pointer: *const T, what: &str) -> Result<usize> {
     if pointer.is_null() {
         return Err(Error::null(what));
     }
@@ -180,9 +176,19 @@ pub(crate) fn read_sized<T: Versioned + Copy>(
             T::FIRST_RELEASED_SIZE
         )));
     }
+    Ok(declared.min(std::mem::size_of::<T>()))
+}
+
+/// Reads an input struct: `struct_size` below the first released size is refused; a larger one
+/// (a newer caller) is accepted and the fields this library does not know are ignored.
+pub(crate) fn read_sized<T: Versioned + Copy>(
+    pointer: *const T,
+    what: &str,
+    defaults: T,
+) -> Result<T> {
+    let known = known_size(pointer, what)?;
     let mut value = defaults;
-    let known = declared.min(std::mem::size_of::<T>());
-    // SAFETY: the caller's struct has at least `declared >= known` readable bytes; `value` has
+    // SAFETY: the caller's struct has at least `known` readable bytes; `value` has
     // size_of::<T>() >= known bytes; T is plain data, so any bytes it is given form a valid T.
     unsafe {
         std::ptr::copy_nonoverlapping(pointer as *const u8, &mut value as *mut T as *mut u8, known);
@@ -190,25 +196,15 @@ pub(crate) fn read_sized<T: Versioned + Copy>(
     Ok(value)
 }
 
-/// Writes an output struct whose caller set `struct_size`: only the bytes it has room for.
+/// Writes an output struct whose caller set `struct_size`: only the bytes it has room for, and
+/// never `struct_size` itself.
 pub(crate) fn write_sized<T: Versioned + Copy>(
     pointer: *mut T,
     what: &str,
     value: T,
 ) -> Result<()> {
-    if pointer.is_null() {
-        return Err(Error::null(what));
-    }
-    // SAFETY: as in read_sized.
-    let declared = unsafe { *(pointer as *const u32) } as usize;
-    if declared < T::FIRST_RELEASED_SIZE {
-        return Err(Error::invalid(format!(
-            "{what}.struct_size is {declared}; it must be at least {} (set it to sizeof the struct)",
-            T::FIRST_RELEASED_SIZE
-        )));
-    }
-    let known = declared.min(std::mem::size_of::<T>());
-    // SAFETY: the caller's struct has room for `declared >= known` bytes; we skip struct_size itself.
+    let known = known_size(pointer, what)?;
+    // SAFETY: the caller's struct has room for `known` bytes, of which we skip the first four.
     unsafe {
         std::ptr::copy_nonoverlapping(
             (&value as *const T as *const u8).add(4),
