@@ -617,3 +617,127 @@ fn a_file_truncated_mid_run_fails_its_layers_and_the_rest_keep_working() {
     ctx.release(intact_layer);
     assert_eq!(ctx.stats().acquires, 3, "the failed acquire is not counted");
 }
+
+#[test]
+fn shard_layouts_that_lie_are_refused_at_open() {
+    let dir = TempDir::new("lying-shards");
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let mut ckpt = ptr::null_mut();
+    let open = |path: &std::path::Path, ckpt: &mut *mut strata_checkpoint| {
+        strata_checkpoint_open(ctx.0, cstr(path.to_str().unwrap()).as_ptr(), ckpt)
+    };
+    let t = |name: &str| (name.to_string(), St::F32, vec![2], f32_bytes(&[1.0, 2.0]));
+
+    // An index naming a shard that is not there.
+    let index = dir.path("a.safetensors.index.json");
+    std::fs::write(&index, r#"{"weight_map": {"x": "gone.safetensors"}}"#).unwrap();
+    expect(open(&index, &mut ckpt), STRATA_ERR_NOT_FOUND);
+    // An index naming a tensor its shard does not hold.
+    write_safetensors(&dir.path("one.safetensors"), &[t("y")]);
+    std::fs::write(&index, r#"{"weight_map": {"x": "one.safetensors"}}"#).unwrap();
+    expect(open(&index, &mut ckpt), STRATA_ERR_FORMAT);
+    std::fs::remove_file(&index).unwrap();
+    // A directory whose shards both hold tensor "y".
+    write_safetensors(&dir.path("two.safetensors"), &[t("y")]);
+    expect(open(&dir.0, &mut ckpt), STRATA_ERR_FORMAT);
+    assert!(
+        last_error().contains("more than one shard"),
+        "{}",
+        last_error()
+    );
+    // Offsets that disagree with dtype x shape.
+    let header = br#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 8]);
+    let bad = dir.path("bad shape.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    expect(open(&bad, &mut ckpt), STRATA_ERR_FORMAT);
+    // A shape whose byte count overflows.
+    let header =
+        br#"{"t":{"dtype":"F64","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    bytes.extend_from_slice(&[0u8; 8]);
+    std::fs::write(&bad, &bytes).unwrap();
+    expect(open(&bad, &mut ckpt), STRATA_ERR_FORMAT);
+    // A header length far beyond the file.
+    std::fs::write(&bad, u64::MAX.to_le_bytes()).unwrap();
+    expect(open(&bad, &mut ckpt), STRATA_ERR_FORMAT);
+    assert!(ckpt.is_null());
+}
+
+#[test]
+fn files_rewritten_in_place_are_refused_and_replaced_ones_keep_their_bytes() {
+    let dir = TempDir::new("rewrite");
+    let ctx = Ctx::new(0);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, 0);
+        t.onload = place(STRATA_DEVICE_DISK, 0);
+    }));
+    let first = [1.0f32, 2.0, 3.0, 4.0];
+    let register = |file: &str, layer: &str| {
+        let path = dir.path(file);
+        write_safetensors(&path, &[("w".into(), St::F32, vec![4], f32_bytes(&first))]);
+        let ckpt = open_checkpoint(&ctx, &path);
+        let names = [cstr("w")];
+        let ptrs: Vec<_> = names.iter().map(|c| c.as_ptr()).collect();
+        let mut id = 0;
+        ok(strata_layer_register_checkpoint(
+            ctx.0,
+            group,
+            ckpt,
+            cstr(layer).as_ptr(),
+            ptrs.as_ptr(),
+            1,
+            &mut id,
+        ));
+        strata_checkpoint_close(ckpt);
+        (path, id)
+    };
+    let (rewritten, rewritten_layer) = register("rewritten.safetensors", "a");
+    let (replaced, replaced_layer) = register("replaced.safetensors", "b");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Same size, other bytes, new mtime: strata cannot tell which bytes changed, so it refuses.
+    let mut bytes = std::fs::read(&rewritten).unwrap();
+    let end = bytes.len();
+    bytes[end - 16..].copy_from_slice(&f32_bytes(&[9.0; 4]));
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rewritten)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let mut views = [empty_view(); 2];
+    let mut n = 0;
+    expect(
+        strata_acquire_for_compute(
+            ctx.0,
+            rewritten_layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            2,
+            &mut n,
+        ),
+        STRATA_ERR_FORMAT,
+    );
+    assert!(
+        last_error().contains("changed since it was opened"),
+        "{}",
+        last_error()
+    );
+    // Replaced by rename: the open descriptor still reads the file strata validated.
+    let fresh = dir.path("fresh.safetensors");
+    write_safetensors(
+        &fresh,
+        &[("w".into(), St::F32, vec![4], f32_bytes(&[7.0; 4]))],
+    );
+    std::fs::rename(&fresh, &replaced).unwrap();
+    assert_eq!(f32_values(&ctx.acquire(replaced_layer)[0].1), first);
+    ctx.release(replaced_layer);
+    // Deleted: the same.
+    std::fs::remove_file(&replaced).unwrap();
+    assert_eq!(f32_values(&ctx.acquire(replaced_layer)[0].1), first);
+    ctx.release(replaced_layer);
+}
