@@ -695,3 +695,69 @@ fn stats_and_trace_report_what_happened() {
         STRATA_ERR_NOT_FOUND,
     );
 }
+
+#[test]
+fn fp8_per_channel_loses_less_than_per_tensor_and_the_plain_cast() {
+    // Realistic weights: std 0.02, with a few output channels 20x larger (outlier channels).
+    let (rows, cols) = (256usize, 512usize);
+    let mut w = weights(rows * cols, 42, 0.02);
+    for row in [3, 77, 200] {
+        w[row * cols..(row + 1) * cols]
+            .iter_mut()
+            .for_each(|v| *v *= 20.0);
+    }
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let mse = |quant: u32| {
+        let group = ctx.group(&tiers(|t| {
+            t.offload.dtype = STRATA_DTYPE_F8_E4M3FN;
+            t.computation.dtype = STRATA_DTYPE_F32;
+            t.quantization = quant;
+        }));
+        let layer = ctx.register(
+            group,
+            &format!("w{quant}"),
+            &[(
+                "w",
+                STRATA_DTYPE_F32,
+                vec![rows as i64, cols as i64],
+                f32_bytes(&w),
+            )],
+        );
+        let got = f32_values(&ctx.acquire(layer)[0].1);
+        ctx.release(layer);
+        got.iter()
+            .zip(&w)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            / w.len() as f64
+    };
+    let (plain, per_tensor, per_channel) = (
+        mse(STRATA_QUANT_NONE),
+        mse(STRATA_QUANT_PER_TENSOR),
+        mse(STRATA_QUANT_PER_CHANNEL),
+    );
+    eprintln!("fp8 e4m3 MSE on std-0.02 weights with outlier rows: plain {plain:.3e}, per-tensor {per_tensor:.3e}, per-channel {per_channel:.3e}");
+    assert!(
+        per_channel < per_tensor,
+        "per-channel {per_channel} vs per-tensor {per_tensor}"
+    );
+    assert!(
+        per_channel < plain,
+        "per-channel {per_channel} vs plain {plain}"
+    );
+}
+
+#[test]
+fn an_fp8_preparing_tier_rounds_through_fp8_on_the_cpu_too() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&tiers(|t| {
+        t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.computation.dtype = STRATA_DTYPE_F32;
+    }));
+    // 1.0 + 2^-6 is exact in f32 but not in e4m3 (3 mantissa bits): it must come back as 1.0.
+    let layer = ctx.register(group, "l", &[("w", STRATA_DTYPE_F32, vec![1, 2], f32_bytes(&[1.015625, 2.0]))]);
+    assert_eq!(f32_values(&ctx.acquire(layer)[0].1), [1.0, 2.0]);
+    ctx.release(layer);
+    let stats = ctx.stats();
+    assert_eq!((stats.misses, stats.bytes_to_device), (1, 2), "the fp8 copy was made on the device");
+}

@@ -683,7 +683,13 @@ impl Context {
             }
             let source = nearest_source(layer, true);
             if let Source::Host(copy) = &source {
-                if self.backend.reads_host_memory() && copy.slots == layer.forms.computation.slots {
+                // In place only when no tier in between changes the bytes: an fp8 preparing tier
+                // must round through fp8 on the CPU exactly as it would on a GPU.
+                let forms = &layer.forms;
+                if self.backend.reads_host_memory()
+                    && copy.slots == forms.computation.slots
+                    && forms.preparing.slots == forms.computation.slots
+                {
                     let layer = st.registry.layers.get_mut(key).expect("checked");
                     layer.computation = Some(Computation::Host(copy.clone()));
                     self.mark_acquired(layer, me, now);

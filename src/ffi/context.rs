@@ -1,6 +1,6 @@
 //! Contexts: one compute device, its budget and everything registered on it.
 
-use super::{boundary, boundary_void, out_arg, read_sized, Handles, Versioned};
+use super::{boundary, boundary_value, boundary_void, out_arg, read_sized, Handles, Versioned};
 use crate::budget::STRATA_UNLIMITED;
 use crate::context::{Context, Options, STRATA_FLAG_STRICT_BUDGET};
 use crate::error::{strata_status, Error};
@@ -62,6 +62,10 @@ pub(crate) fn context(ctx: *const strata_context) -> crate::error::Result<Arc<Co
 /// The CPU device, no limits, prefetch depth 2, no flags.
 #[no_mangle]
 pub extern "C" fn strata_options_default() -> strata_options {
+    boundary_value("strata_options_default", default_options(), default_options)
+}
+
+fn default_options() -> strata_options {
     strata_options {
         struct_size: std::mem::size_of::<strata_options>() as u32,
         compute_device: STRATA_DEVICE_CPU,
@@ -109,7 +113,7 @@ pub extern "C" fn strata_context_create(
     out: *mut *mut strata_context,
 ) -> strata_status {
     boundary("strata_context_create", || {
-        let raw = read_sized(opts, "opts", strata_options_default())?;
+        let raw = read_sized(opts, "opts", default_options())?;
         let out = out_arg(out, "out")?;
         let context = Context::new(options_from(&raw)?)?;
         *out = CONTEXTS.insert(context) as *mut strata_context;

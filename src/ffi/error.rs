@@ -1,6 +1,6 @@
 //! Version, status names and the thread's last error message.
 
-use super::last_error;
+use super::{boundary_value, last_error};
 use crate::error::{status_name, strata_status};
 use std::ffi::c_char;
 
@@ -28,14 +28,19 @@ const _: () = assert!(STRATA_VERSION_PATCH == parse_u32(env!("CARGO_PKG_VERSION_
 /// `STRATA_VERSION_*` to catch a program running against another build than it compiled with.
 #[no_mangle]
 pub extern "C" fn strata_version() -> u32 {
-    (STRATA_VERSION_MAJOR << 16) | (STRATA_VERSION_MINOR << 8) | STRATA_VERSION_PATCH
+    boundary_value("strata_version", 0, || {
+        (STRATA_VERSION_MAJOR << 16) | (STRATA_VERSION_MINOR << 8) | STRATA_VERSION_PATCH
+    })
 }
 
 /// The name of a status, e.g. "STRATA_ERR_IO": a static string, never NULL (unknown numbers give
 /// "STRATA_ERR_UNKNOWN_STATUS").
 #[no_mangle]
 pub extern "C" fn strata_status_name(status: strata_status) -> *const c_char {
-    status_name(status).as_ptr() as *const c_char
+    let name = boundary_value("strata_status_name", status_name(u32::MAX), || {
+        status_name(status)
+    });
+    name.as_ptr() as *const c_char
 }
 
 /// Copies this thread's last error message (set by the last failed call on this thread, empty if
@@ -43,6 +48,8 @@ pub extern "C" fn strata_status_name(status: strata_status) -> *const c_char {
 /// message's full length without the NUL, so `strata_last_error(NULL, 0)` asks for the size.
 #[no_mangle]
 pub extern "C" fn strata_last_error(buf: *mut c_char, len: usize) -> usize {
+    // Not through `boundary`, which would overwrite the very message being read; nothing here
+    // can panic (a thread-local read and a bounded copy).
     let message = last_error();
     if !buf.is_null() && len > 0 {
         let n = message.len().min(len - 1);

@@ -1,7 +1,7 @@
 //! Groups: sets of layers that share a tier configuration and are onloaded and offloaded together.
 
 use super::context::{context, strata_context};
-use super::{boundary, out_arg, read_sized, str_arg, Versioned};
+use super::{boundary, boundary_value, out_arg, read_sized, str_arg, Versioned};
 use crate::error::strata_status;
 use crate::tiers::RawTiers;
 
@@ -43,6 +43,10 @@ unsafe impl Versioned for strata_tiers {
 /// All four placements DEFAULT with dtype SOURCE, quantization NONE.
 #[no_mangle]
 pub extern "C" fn strata_tiers_default() -> strata_tiers {
+    boundary_value("strata_tiers_default", default_tiers(), default_tiers)
+}
+
+fn default_tiers() -> strata_tiers {
     strata_tiers {
         struct_size: std::mem::size_of::<strata_tiers>() as u32,
         offload: strata_placement::default(),
@@ -64,7 +68,7 @@ pub extern "C" fn strata_group_create(
     boundary("strata_group_create", || {
         let ctx = context(ctx)?;
         let name = str_arg(name, "name")?;
-        let tiers = read_sized(tiers, "tiers", strata_tiers_default())?;
+        let tiers = read_sized(tiers, "tiers", default_tiers())?;
         let out = out_arg(group_out, "group_out")?;
         let raw = RawTiers {
             placements: [

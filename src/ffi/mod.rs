@@ -55,6 +55,19 @@ pub(crate) fn boundary(function: &str, body: impl FnOnce() -> Result<()>) -> str
     }
 }
 
+/// For the functions that cannot fail and return a value: a panic (a bug) gives `fallback`.
+pub(crate) fn boundary_value<T>(function: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    let mut value = None;
+    let status = boundary(function, || {
+        value = Some(body());
+        Ok(())
+    });
+    match value {
+        Some(value) if status == STRATA_OK => value,
+        _ => fallback,
+    }
+}
+
 /// Like `boundary` for functions that return no status (destructors): failures are only recorded.
 pub(crate) fn boundary_void(function: &str, body: impl FnOnce() -> Result<()>) {
     let _ = boundary(function, body);
@@ -213,4 +226,24 @@ pub(crate) fn write_sized<T: Versioned + Copy>(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_status_and_a_message() {
+        let status = boundary("strata_test", || panic!("deliberate"));
+        assert_eq!(status, STRATA_ERR_PANIC);
+        assert_eq!(
+            last_error(),
+            "strata_test: internal error (panic): deliberate"
+        );
+        let status = boundary("strata_test", || panic!("with {}", "a format"));
+        assert_eq!(status, STRATA_ERR_PANIC);
+        assert!(last_error().ends_with("with a format"));
+        assert_eq!(boundary_value("strata_test", 7, || panic!("again")), 7);
+        assert_eq!(boundary_value("strata_test", 7, || 3), 3);
+    }
 }
