@@ -755,9 +755,22 @@ fn an_fp8_preparing_tier_rounds_through_fp8_on_the_cpu_too() {
         t.computation.dtype = STRATA_DTYPE_F32;
     }));
     // 1.0 + 2^-6 is exact in f32 but not in e4m3 (3 mantissa bits): it must come back as 1.0.
-    let layer = ctx.register(group, "l", &[("w", STRATA_DTYPE_F32, vec![1, 2], f32_bytes(&[1.015625, 2.0]))]);
+    let layer = ctx.register(
+        group,
+        "l",
+        &[(
+            "w",
+            STRATA_DTYPE_F32,
+            vec![1, 2],
+            f32_bytes(&[1.015625, 2.0]),
+        )],
+    );
     assert_eq!(f32_values(&ctx.acquire(layer)[0].1), [1.0, 2.0]);
     ctx.release(layer);
     let stats = ctx.stats();
-    assert_eq!((stats.misses, stats.bytes_to_device), (1, 2), "the fp8 copy was made on the device");
+    assert_eq!(
+        (stats.misses, stats.bytes_to_device),
+        (1, 2),
+        "the fp8 copy was made on the device"
+    );
 }

@@ -4,6 +4,8 @@
 //! Needs `cc` and `c++` on PATH (CI installs gcc). The libraries are the ones cargo built for this
 //! test binary: run with `cargo test --release --test c_examples`.
 
+mod common;
+use common::library_dir;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -21,24 +23,6 @@ fn manifest_dir() -> PathBuf {
 
 fn include_dir() -> PathBuf {
     manifest_dir().join("include")
-}
-
-/// target/<profile>: the test binary is target/<profile>/deps/c_examples-<hash>.
-fn library_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps")
-        .to_path_buf();
-    for lib in ["libstrata.so", "libstrata.a"] {
-        assert!(
-            dir.join(lib).exists(),
-            "{} is missing: build with `cargo test --release --test c_examples`",
-            dir.join(lib).display()
-        );
-    }
-    dir
 }
 
 /// Panics with a clear message when `compiler` cannot be run at all.

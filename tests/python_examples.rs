@@ -1,20 +1,8 @@
 //! Runs the Python examples (standard library only) against the built shared library.
 
+mod common;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn shared_library() -> PathBuf {
-    // The test binary is target/<profile>/deps/<name>-<hash>; the library is target/<profile>/.
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let lib = dir.join("libstrata.so");
-    assert!(
-        lib.exists(),
-        "{} is missing: build with cargo test --release",
-        lib.display()
-    );
-    lib
-}
 
 #[test]
 fn ctypes_minimal_runs() {
@@ -26,7 +14,7 @@ fn ctypes_minimal_runs() {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/examples/ctypes_minimal.py");
     let output = Command::new(python)
         .arg(&script)
-        .arg(shared_library())
+        .arg(common::library_dir().join("libstrata.so"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -278,3 +278,25 @@ pub fn open_checkpoint(ctx: &Ctx, path: &Path) -> *mut strata_checkpoint {
     ));
     ckpt
 }
+
+/// The folder holding libstrata.so and libstrata.a for this build. `cargo test` leaves them in
+/// target/<profile>/deps beside the test binaries; `cargo build` also copies them one level up.
+pub fn library_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe
+        .parent()
+        .expect("the test binary lives in target/<profile>/deps");
+    let candidates = [
+        deps.to_path_buf(),
+        deps.parent().unwrap_or(deps).to_path_buf(),
+    ];
+    candidates
+        .iter()
+        .find(|dir| dir.join("libstrata.so").exists() && dir.join("libstrata.a").exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "libstrata.so and libstrata.a are not in {candidates:?}: run cargo test --release"
+            )
+        })
+}
