@@ -12,6 +12,7 @@ pub mod error;
 pub mod ffi;
 pub mod host;
 pub mod registry;
+pub mod schedule;
 pub mod stats;
 pub mod tiers;
 pub mod trace;

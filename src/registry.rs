@@ -295,8 +295,8 @@ pub struct Layer {
     pub holders: Vec<ThreadId>,
     /// A thread is moving this layer's bytes without the context lock; others wait for it.
     pub busy: bool,
-    /// Logical time of the last acquire, for eviction.
-    pub last_use: u64,
+    /// When the layer was used, for predicting its next use.
+    pub uses: crate::schedule::UseHistory,
     /// When the first of the current acquires returned, for the trace's compute span.
     pub acquired_at: Option<Instant>,
 }

@@ -381,3 +381,32 @@ fn two_threads_each_holding_a_layer_get_budget_errors_not_a_deadlock() {
     check_values(&ctx.acquire(layers[2]), 2);
     ctx.release(layers[2]);
 }
+
+#[test]
+fn a_repeating_pass_moves_only_what_cannot_stay_resident() {
+    // Budget = one layer in use (W) + k resident copies: a steady pass must miss n - k layers,
+    // within one (Sigma - (B - W) in bytes); least-recently-used eviction would miss all n.
+    let (footprint, resident) = layer_sizes(16);
+    let (n, k) = (8u64, 3u64);
+    let ctx = Ctx::new(footprint + k * resident);
+    let group = ctx.group(&converting_tiers());
+    let layers = register_layers(&ctx, group, "l", n as usize, 16);
+    let mut before = 0;
+    for pass in 0..6 {
+        for (i, &layer) in layers.iter().enumerate() {
+            check_values(&ctx.acquire(layer), i);
+            ctx.release(layer);
+        }
+        let misses = ctx.stats().misses;
+        if pass > 0 {
+            let this_pass = misses - before;
+            assert!(
+                this_pass.abs_diff(n - k) <= 1,
+                "pass {pass}: {this_pass} misses, bound {}",
+                n - k
+            );
+        }
+        before = misses;
+    }
+    assert!(ctx.stats().vram_peak <= footprint + k * resident);
+}

@@ -405,7 +405,7 @@ impl Context {
         Ok(key)
     }
 
-    fn insert_layer(&self, st: &mut State, mut layer: Layer) -> Result<u64> {
+    fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<u64> {
         if st.registry.layer_names.contains_key(&*layer.name) {
             return Err(Error::invalid(format!(
                 "a layer named {:?} is already registered",
@@ -413,7 +413,6 @@ impl Context {
             )));
         }
         let group = layer.group;
-        layer.last_use = 0;
         let name = layer.name.clone();
         let key = st.registry.layers.insert(layer);
         st.registry.layer_names.insert(name.to_string(), key);
@@ -451,7 +450,7 @@ impl Context {
             in_use: 0,
             holders: Vec::new(),
             busy: false,
-            last_use: 0,
+            uses: Default::default(),
             acquired_at: None,
         })
     }
@@ -632,9 +631,10 @@ impl Context {
         let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
+        // One tick per acquire, however often it retries: use intervals are counted in acquires.
+        st.clock += 1;
+        let now = st.clock;
         loop {
-            st.clock += 1;
-            let now = st.clock;
             let Some(layer) = st.registry.layers.get(key) else {
                 return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
             };
@@ -671,7 +671,7 @@ impl Context {
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 layer.in_use += 1;
                 layer.holders.push(me);
-                layer.last_use = now;
+                layer.uses.record(now);
                 st.counters.acquires += 1;
                 st.counters.resident_hits += 1;
                 add_stall(&mut st.counters, started);
@@ -770,7 +770,7 @@ impl Context {
     fn mark_acquired(&self, layer: &mut Layer, me: ThreadId, now: u64) {
         layer.in_use = 1;
         layer.holders.push(me);
-        layer.last_use = now;
+        layer.uses.record(now);
         layer.acquired_at = Some(Instant::now());
     }
 
@@ -843,7 +843,7 @@ impl Context {
                 .layers
                 .iter()
                 .filter(|(k, l)| *k != key && l.prepared.is_some() && l.in_use == 0 && !l.busy)
-                .min_by_key(|(_, l)| l.last_use)
+                .max_by_key(|(_, l)| l.uses.eviction_rank())
                 .map(|(k, _)| k);
             if let Some(victim) = victim {
                 let layer = st.registry.layers.get_mut(victim).expect("found above");
