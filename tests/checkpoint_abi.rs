@@ -74,18 +74,7 @@ fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
         t.computation.dtype = STRATA_DTYPE_BF16;
         t.quantization = STRATA_QUANT_PER_CHANNEL;
     }));
-    let ckpt = open_checkpoint(&ctx, &path);
-    let mut n = 0;
-    ok(strata_group_register_checkpoint(
-        ctx.0,
-        group,
-        ckpt,
-        cstr("blocks.").as_ptr(),
-        2,
-        &mut n,
-    ));
-    assert_eq!(n, 6);
-    strata_checkpoint_close(ckpt);
+    assert_eq!(ctx.register_prefix(group, &path, "blocks.", 2), 6);
     assert_eq!(
         ctx.stats().bytes_from_disk,
         0,
@@ -95,12 +84,7 @@ fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
     let mut per_channel_error = 0.0f64;
     for pass in 0..2 {
         for (b, (w, bias)) in values.iter().enumerate() {
-            let mut layer = 0;
-            ok(strata_layer_find(
-                ctx.0,
-                cstr(&format!("blocks.{b}")).as_ptr(),
-                &mut layer,
-            ));
+            let layer = ctx.find(&format!("blocks.{b}"));
             let mut views = ctx.acquire(layer);
             // Tensors keep the file's order, which safetensors sorts by dtype: look them up by name.
             let name_of = |v: &strata_tensor_view| {
@@ -306,17 +290,7 @@ fn host_tiers_read_the_file_once_and_offload_gives_the_ram_back() {
         t.onload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F16);
         t.computation.dtype = STRATA_DTYPE_F32;
     }));
-    let ckpt = open_checkpoint(&ctx, &path);
-    let mut n = 0;
-    ok(strata_group_register_checkpoint(
-        ctx.0,
-        group,
-        ckpt,
-        cstr("blocks.").as_ptr(),
-        2,
-        &mut n,
-    ));
-    strata_checkpoint_close(ckpt);
+    ctx.register_prefix(group, &path, "blocks.", 2);
     let idle_host = ctx.stats().host_in_use;
     ok(strata_group_onload(ctx.0, group));
     let onloaded = ctx.stats();
@@ -327,12 +301,7 @@ fn host_tiers_read_the_file_once_and_offload_gives_the_ram_back() {
     );
     for _ in 0..3 {
         for b in 0..4 {
-            let mut layer = 0;
-            ok(strata_layer_find(
-                ctx.0,
-                cstr(&format!("blocks.{b}")).as_ptr(),
-                &mut layer,
-            ));
+            let layer = ctx.find(&format!("blocks.{b}"));
             ctx.acquire(layer);
             ctx.release(layer);
         }
@@ -374,18 +343,7 @@ fn sharded_index_with_a_layer_split_over_two_shards() {
             t.offload = place(STRATA_DEVICE_DISK, 0);
             t.onload = place(STRATA_DEVICE_DISK, 0);
         }));
-        let ckpt = open_checkpoint(&ctx, &open);
-        let mut n = 0;
-        ok(strata_group_register_checkpoint(
-            ctx.0,
-            group,
-            ckpt,
-            cstr("blk.").as_ptr(),
-            0,
-            &mut n,
-        ));
-        assert_eq!(n, 1);
-        strata_checkpoint_close(ckpt);
+        assert_eq!(ctx.register_prefix(group, &open, "blk.", 0), 1);
         let mut layer = 0;
         ok(strata_layer_find(ctx.0, cstr("blk.0").as_ptr(), &mut layer));
         let views = ctx.acquire(layer);

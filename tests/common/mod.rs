@@ -153,6 +153,34 @@ impl Ctx {
             .collect()
     }
 
+    /// Opens a checkpoint, registers every tensor under `prefix` into `group`, closes it again.
+    pub fn register_prefix(
+        &self,
+        group: u32,
+        path: &Path,
+        prefix: &str,
+        keep_components: u32,
+    ) -> usize {
+        let ckpt = open_checkpoint(self, path);
+        let mut n = 0;
+        ok(strata_group_register_checkpoint(
+            self.0,
+            group,
+            ckpt,
+            cstr(prefix).as_ptr(),
+            keep_components,
+            &mut n,
+        ));
+        strata_checkpoint_close(ckpt);
+        n
+    }
+
+    pub fn find(&self, name: &str) -> u64 {
+        let mut id = 0;
+        ok(strata_layer_find(self.0, cstr(name).as_ptr(), &mut id));
+        id
+    }
+
     pub fn release(&self, layer: u64) {
         ok(strata_release(self.0, layer, ptr::null_mut()));
     }
