@@ -312,6 +312,8 @@ pub struct Group {
     pub name: String,
     pub tiers: Tiers,
     pub onloaded: bool,
+    /// An onload is making host copies (without the lock): offloads and other onloads wait.
+    pub loading: bool,
     pub layers: Vec<Key>,
 }
 

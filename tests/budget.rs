@@ -410,3 +410,51 @@ fn a_repeating_pass_moves_only_what_cannot_stay_resident() {
     }
     assert!(ctx.stats().vram_peak <= footprint + k * resident);
 }
+
+#[test]
+fn onload_and_offload_racing_with_acquires_keep_every_byte_right() {
+    let footprint = layer_footprint(16);
+    let ctx = Arc::new(Ctx::new(3 * footprint));
+    // The onload tier is its own host copy (f16), so onload and offload really move bytes.
+    let group = ctx.group(&tiers(|t| {
+        t.offload.dtype = STRATA_DTYPE_BF16;
+        t.onload.dtype = STRATA_DTYPE_F16;
+        t.preparing.dtype = STRATA_DTYPE_BF16;
+        t.computation.dtype = STRATA_DTYPE_F32;
+    }));
+    let layers = Arc::new(register_layers(&ctx, group, "l", 6, 16));
+    let switcher = {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                let status = if i % 2 == 0 {
+                    strata_group_onload(ctx.0, group)
+                } else {
+                    strata_group_offload(ctx.0, group)
+                };
+                expect(status, STRATA_OK);
+            }
+        })
+    };
+    let workers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (ctx, layers) = (ctx.clone(), layers.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(t + 99);
+                for _ in 0..300 {
+                    let i = rng.below(layers.len() as u64) as usize;
+                    check_values(&ctx.acquire(layers[i]), i);
+                    ctx.release(layers[i]);
+                }
+            })
+        })
+        .collect();
+    switcher.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    ok(strata_group_offload(ctx.0, group));
+    let stats = ctx.stats();
+    assert_eq!(stats.vram_in_use, 0, "offload leaves nothing resident");
+    assert!(stats.vram_peak <= 3 * footprint);
+}

@@ -186,6 +186,7 @@ impl Context {
             name: name.to_owned(),
             tiers,
             onloaded: false,
+            loading: false,
             layers: Vec::new(),
         });
         if key.index > 0xFFFF {
@@ -210,6 +211,11 @@ impl Context {
     pub fn destroy_group(&self, id: u32) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
+        if st.registry.groups.get(key).is_some_and(|g| g.loading) {
+            return Err(Error::state(
+                "the group is being onloaded; destroy it once that returns",
+            ));
+        }
         let layers = st
             .registry
             .groups
@@ -276,9 +282,10 @@ impl Context {
     ) -> MutexGuard<'a, State> {
         loop {
             let busy = st.registry.groups.get(key).is_some_and(|g| {
-                g.layers
-                    .iter()
-                    .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy))
+                g.loading
+                    || g.layers
+                        .iter()
+                        .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy))
             });
             if !busy {
                 return st;
@@ -292,36 +299,40 @@ impl Context {
     fn onload(&self, group: Key) -> Result<()> {
         let mut st = self.lock();
         st = self.wait_until_group_idle(st, group);
-        let Some(g) = st.registry.groups.get(group) else {
+        let Some(g) = st.registry.groups.get_mut(group) else {
             return Err(Error::handle("group was destroyed during onload"));
         };
         if g.onloaded {
             return Ok(());
         }
+        g.loading = true;
         let tiers = g.tiers;
         let layers = g.layers.clone();
-        let mut made = Vec::new();
+        let mut result = Ok(());
         for &layer in &layers {
-            let result = self.ensure_host_copy(st, layer, tiers, Tier::Onload);
-            match result {
+            match self.ensure_host_copy(st, layer, tiers, Tier::Onload) {
                 Ok(guard) => st = guard,
                 Err(e) => {
-                    let mut st = self.lock();
-                    for layer in made {
-                        if let Some(l) = st.registry.layers.get_mut(layer) {
-                            l.onload_copy = None;
-                        }
-                    }
-                    self.wake(st.waiters);
-                    return Err(e);
+                    st = self.lock();
+                    result = Err(e);
+                    break;
                 }
             }
-            made.push(layer);
+        }
+        if result.is_err() {
+            // All or nothing: a group is onloaded with every copy, or not at all.
+            for &layer in &layers {
+                if let Some(l) = st.registry.layers.get_mut(layer) {
+                    l.onload_copy = None;
+                }
+            }
         }
         if let Some(g) = st.registry.groups.get_mut(group) {
-            g.onloaded = true;
+            g.loading = false;
+            g.onloaded = result.is_ok();
         }
-        Ok(())
+        self.wake(st.waiters);
+        result
     }
 
     /// Makes sure the layer has its host copy for `tier` (Offload or Onload) when that tier is in
