@@ -749,7 +749,9 @@ impl Context {
             let (prepared, converted) = match result {
                 Ok(filled) => filled,
                 Err((prepared, e)) => {
-                    layer.prepared = prepared;
+                    // `bytes` paid for what this acquire made; a copy made here goes with it, and
+                    // only a copy that was resident before stays.
+                    layer.prepared = prepared.filter(|_| was_resident);
                     st.budget.refund(bytes);
                     return Err(e.context(format!("layer {layer_name:?}")));
                 }
