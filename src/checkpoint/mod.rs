@@ -1,132 +1,38 @@
-//! Safetensors checkpoints: one file, a sharded index, or a directory of shards. Headers are read
-//! and validated at open; tensor bytes only with positioned reads when a tier needs them, after
-//! checking the file is still the one that was opened (no mapping that a truncation turns into
-//! SIGBUS).
+//! Safetensors checkpoints: one file, a sharded `*.safetensors.index.json`, or a directory of
+//! shards.
+//!
+//! Opening reads and validates only the headers; tensor bytes are read later, with positioned
+//! reads, when a tier needs them (`ShardFile::read_at`). Files are never mapped: a mapping touched
+//! after the file was truncated kills the process with SIGBUS, where a read returns an error.
+
+mod shard;
+#[cfg(test)]
+mod tests;
+
+pub use shard::ShardFile;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use shard::HeaderTensor;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 
-/// Larger headers are refused as garbage (the format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
-/// One open safetensors file. Reads go through the descriptor opened at `open`, so a file deleted
-/// or replaced by rename keeps reading the original bytes; one changed in place is refused.
-pub struct ShardFile {
-    path: PathBuf,
-    file: File,
-    identity: Identity,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Identity {
-    len: u64,
-    modified_s: i64,
-    modified_ns: i64,
-}
-
-impl Identity {
-    fn of(metadata: &std::fs::Metadata) -> Identity {
-        Identity {
-            len: metadata.len(),
-            modified_s: metadata.mtime(),
-            modified_ns: metadata.mtime_nsec(),
-        }
-    }
-}
-
-impl std::fmt::Debug for ShardFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ShardFile({})", self.path.display())
-    }
-}
-
-impl ShardFile {
-    fn open(path: &Path) -> Result<ShardFile> {
-        let file = File::open(path).map_err(|e| Error::from_io(&e, "opening", path))?;
-        let metadata = file
-            .metadata()
-            .map_err(|e| Error::from_io(&e, "reading the size of", path))?;
-        if !metadata.is_file() {
-            return Err(Error::format(format!(
-                "{} is not a regular file",
-                path.display()
-            )));
-        }
-        Ok(ShardFile {
-            path: path.to_owned(),
-            file,
-            identity: Identity::of(&metadata),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Reads exactly `dst.len()` bytes at `offset`. A file changed since open is `FORMAT`; a short
-    /// read (truncated) is `IO`; an I/O error is retried once, then reported with path and offset.
-    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
-        let now = self
-            .file
-            .metadata()
-            .map_err(|e| Error::from_io(&e, "checking", &self.path))?;
-        if Identity::of(&now) != self.identity {
-            return Err(if now.len() < self.identity.len {
-                Error::io(format!(
-                    "{} was truncated since it was opened",
-                    self.path.display()
-                ))
-            } else {
-                Error::format(format!(
-                    "{} changed since it was opened",
-                    self.path.display()
-                ))
-            });
-        }
-        let mut retried = false;
-        let mut done = 0;
-        while done < dst.len() {
-            match self.file.read_at(&mut dst[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(Error::io(format!(
-                        "{}: unexpected end of file reading {} bytes at offset {}",
-                        self.path.display(),
-                        dst.len(),
-                        offset
-                    )))
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // A failed read is retried once: transient errors (a network filesystem) pass.
-                Err(_) if !retried => retried = true,
-                Err(e) => {
-                    return Err(Error::io(format!(
-                        "{}: reading {} bytes at offset {}: {e}",
-                        self.path.display(),
-                        dst.len(),
-                        offset + done as u64
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-}
+const INDEX_SUFFIX: &[u8] = b".safetensors.index.json";
+const SHARD_SUFFIX: &[u8] = b".safetensors";
 
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub name: String,
-    /// None: a dtype strata does not handle (listed; registering it fails).
+    /// None: a dtype strata does not handle. The tensor is still listed; registering it fails.
     pub dtype: Option<DType>,
+    /// As written in the header, e.g. "BF16", "F8_E4M3", "F4".
     pub dtype_name: String,
     pub shape: Vec<u64>,
     pub file: Arc<ShardFile>,
-    /// Absolute offset of the tensor's bytes in the file.
+    /// Absolute byte offset of the tensor's data in `file`.
     pub offset: u64,
     pub nbytes: u64,
 }
@@ -134,178 +40,193 @@ pub struct TensorInfo {
 pub struct Checkpoint {
     files: Vec<Arc<ShardFile>>,
     tensors: Vec<TensorInfo>,
-    index: HashMap<String, usize>,
+    by_name: HashMap<String, usize>,
+    total_bytes: u64,
 }
 
 impl Checkpoint {
-    /// `path`: one .safetensors file, a `*.safetensors.index.json`, or a directory of shards (its
-    /// index file if it has exactly one, else every `*.safetensors` in it, by name).
+    /// `path`: one .safetensors file, a sharded `*.safetensors.index.json` (any `.json` file is
+    /// read as one), or a directory of shards. A directory uses its `*.safetensors.index.json` if
+    /// it has exactly one, else every `*.safetensors` file in it, in file-name order; hidden files
+    /// are skipped, as the loaders' globs skip them.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let metadata = std::fs::metadata(path).map_err(|e| Error::from_io(&e, "opening", path))?;
         if metadata.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| Error::from_io(&e, "listing", path))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
-            let name = |p: &PathBuf| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            let indexes: Vec<&PathBuf> = entries
-                .iter()
-                .filter(|p| name(p).ends_with(".safetensors.index.json"))
-                .collect();
-            if indexes.len() == 1 {
-                return Self::open_index(indexes[0]);
-            }
-            let shards: Vec<&PathBuf> = entries
-                .iter()
-                .filter(|p| name(p).ends_with(".safetensors"))
-                .collect();
-            if shards.is_empty() {
-                return Err(Error::not_found(format!(
-                    "{} holds no .safetensors file",
-                    path.display()
-                )));
-            }
-            let mut checkpoint = Checkpoint {
-                files: Vec::new(),
-                tensors: Vec::new(),
-                index: HashMap::new(),
-            };
-            for shard in shards {
-                checkpoint.add_shard(shard, None)?;
-            }
-            return Ok(checkpoint);
+            Self::open_directory(path)
+        } else if path.extension() == Some(OsStr::new("json")) {
+            Self::open_index(path)
+        } else {
+            let file = ShardFile::open(path)?;
+            let tensors = file.read_header()?;
+            let mut checkpoint = Checkpoint::empty();
+            checkpoint.add_shard(Arc::new(file), tensors)?;
+            Ok(checkpoint)
         }
-        if path.to_string_lossy().ends_with(".json") {
-            return Self::open_index(path);
-        }
-        let mut checkpoint = Checkpoint {
-            files: Vec::new(),
-            tensors: Vec::new(),
-            index: HashMap::new(),
-        };
-        checkpoint.add_shard(path, None)?;
-        Ok(checkpoint)
-    }
-
-    fn open_index(path: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read(path).map_err(|e| Error::from_io(&e, "reading", path))?;
-        let json: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| Error::format(format!("{} is not valid JSON: {e}", path.display())))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                Error::format(format!("{} has no \"weight_map\" object", path.display()))
-            })?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut by_shard: Vec<(String, Vec<String>)> = Vec::new();
-        for (tensor, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| {
-                Error::format(format!(
-                    "{}: the shard of {tensor:?} is not a string",
-                    path.display()
-                ))
-            })?;
-            match by_shard.iter_mut().find(|(s, _)| s == shard) {
-                Some((_, names)) => names.push(tensor.clone()),
-                None => by_shard.push((shard.to_owned(), vec![tensor.clone()])),
-            }
-        }
-        by_shard.sort();
-        let mut checkpoint = Checkpoint {
-            files: Vec::new(),
-            tensors: Vec::new(),
-            index: HashMap::new(),
-        };
-        for (shard, names) in by_shard {
-            checkpoint.add_shard(&dir.join(&shard), Some(&names))?;
-        }
-        Ok(checkpoint)
-    }
-
-    /// Opens one shard and adds its tensors (only `wanted`, when an index names them).
-    fn add_shard(&mut self, path: &Path, wanted: Option<&[String]>) -> Result<()> {
-        let file = Arc::new(ShardFile::open(path)?);
-        let fail = |what: String| Error::format(format!("{}: {what}", path.display()));
-        let mut length = [0u8; 8];
-        if file.identity.len < 8 {
-            return Err(fail("too short to be a safetensors file".into()));
-        }
-        file.read_at(0, &mut length)?;
-        let header_len = u64::from_le_bytes(length);
-        if header_len > MAX_HEADER || header_len > file.identity.len - 8 {
-            return Err(fail(format!(
-                "header length {header_len} is impossible for a file of {} bytes",
-                file.identity.len
-            )));
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_at(8, &mut header)?;
-        let metadata: safetensors::tensor::Metadata =
-            serde_json::from_slice(&header).map_err(|e| fail(format!("invalid header: {e}")))?;
-        let data_start = 8 + header_len;
-        let data_len = metadata.data_len() as u64;
-        if data_start
-            .checked_add(data_len)
-            .is_none_or(|end| end > file.identity.len)
-        {
-            return Err(fail(format!(
-                "the header describes {data_len} bytes of data; the file has {}",
-                file.identity.len - data_start
-            )));
-        }
-        let tensors = metadata.tensors();
-        let mut sorted: Vec<_> = tensors.iter().collect();
-        sorted.sort_by_key(|(_, info)| info.data_offsets.0);
-        for (name, info) in sorted {
-            if wanted.is_some_and(|w| !w.iter().any(|n| n == name)) {
-                continue;
-            }
-            let (begin, end) = info.data_offsets;
-            if self.index.contains_key(name.as_str()) {
-                return Err(fail(format!("tensor {name:?} is in more than one shard")));
-            }
-            self.index.insert(name.clone(), self.tensors.len());
-            self.tensors.push(TensorInfo {
-                name: name.clone(),
-                dtype: DType::from_safetensors(info.dtype).ok(),
-                dtype_name: info.dtype.to_string(),
-                shape: info.shape.iter().map(|&d| d as u64).collect(),
-                file: file.clone(),
-                offset: data_start + begin as u64,
-                nbytes: (end - begin) as u64,
-            });
-        }
-        if let Some(wanted) = wanted {
-            if let Some(missing) = wanted.iter().find(|n| !self.index.contains_key(n.as_str())) {
-                return Err(fail(format!(
-                    "the index names tensor {missing:?}, which this shard does not hold"
-                )));
-            }
-        }
-        self.files.push(file);
-        Ok(())
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.index.get(name).map(|&i| &self.tensors[i])
+        self.by_name
+            .get(name)
+            .and_then(|&index| self.tensors.get(index))
     }
 
+    /// Every tensor, in a deterministic order: shard by shard (shards in file-name order), by
+    /// offset within a shard.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 
+    /// Every shard the tensors come from, once each, in the order of `tensors`.
     pub fn files(&self) -> &[Arc<ShardFile>] {
         &self.files
     }
 
+    /// The data bytes of every tensor listed.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.nbytes).sum()
+        self.total_bytes
+    }
+
+    fn empty() -> Checkpoint {
+        Checkpoint {
+            files: Vec::new(),
+            tensors: Vec::new(),
+            by_name: HashMap::new(),
+            total_bytes: 0,
+        }
+    }
+
+    fn open_directory(dir: &Path) -> Result<Checkpoint> {
+        let listing_failed = |e: std::io::Error| Error::from_io(&e, "listing", dir);
+        let mut indexes = Vec::new();
+        let mut shards = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(listing_failed)? {
+            let entry = entry.map_err(listing_failed)?;
+            let name = entry.file_name();
+            let name = name.as_bytes();
+            if name.starts_with(b".") {
+                continue;
+            }
+            if name.ends_with(INDEX_SUFFIX) {
+                indexes.push(entry.path());
+            } else if name.ends_with(SHARD_SUFFIX) {
+                shards.push(entry.path());
+            }
+        }
+        if let [index] = indexes.as_slice() {
+            return Self::open_index(index);
+        }
+        if shards.is_empty() {
+            return Err(Error::not_found(format!(
+                "{} holds no .safetensors file",
+                dir.display()
+            )));
+        }
+        shards.sort();
+        let mut checkpoint = Checkpoint::empty();
+        for path in shards {
+            let file = ShardFile::open(&path)?;
+            // Two names for one file (a symlink into a blob store) are one shard, not duplicates.
+            if checkpoint.files.iter().any(|seen| seen.is_same_file(&file)) {
+                continue;
+            }
+            let tensors = file.read_header()?;
+            checkpoint.add_shard(Arc::new(file), tensors)?;
+        }
+        Ok(checkpoint)
+    }
+
+    /// Takes exactly the tensors the index's `weight_map` names, each from the shard it names;
+    /// a shard's other tensors are ignored, as loaders ignore them.
+    fn open_index(index: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read(index).map_err(|e| Error::from_io(&e, "reading", index))?;
+        let json: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::format(format!("{} is not valid JSON: {e}", index.display())))?;
+        let weight_map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| {
+                Error::format(format!("{} has no \"weight_map\" object", index.display()))
+            })?;
+        // Sorted by shard name, so shards come in file-name order whatever the map's order.
+        let mut wanted_by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (tensor, shard) in weight_map {
+            let shard = shard.as_str().ok_or_else(|| {
+                Error::format(format!(
+                    "{}: the shard of tensor {tensor:?} is not a string",
+                    index.display()
+                ))
+            })?;
+            wanted_by_shard.entry(shard).or_default().push(tensor);
+        }
+        if wanted_by_shard.is_empty() {
+            return Err(Error::not_found(format!(
+                "{} names no shards",
+                index.display()
+            )));
+        }
+
+        // Shard names are relative to the index's directory; a bare file name has an empty parent.
+        let dir = index.parent().unwrap_or(Path::new(""));
+        let mut shards: Vec<(ShardFile, BTreeSet<&str>)> = Vec::new();
+        for (shard, tensors) in wanted_by_shard {
+            let file = ShardFile::open(&dir.join(shard))
+                .map_err(|e| e.context(format!("shard of {}", index.display())))?;
+            // "a.safetensors" and "./a.safetensors" are one file, opened once.
+            match shards.iter_mut().find(|(seen, _)| seen.is_same_file(&file)) {
+                Some((_, wanted)) => wanted.extend(tensors),
+                None => shards.push((file, tensors.into_iter().collect())),
+            }
+        }
+
+        let mut checkpoint = Checkpoint::empty();
+        for (file, wanted) in shards {
+            let tensors = file.read_header()?;
+            let present: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+            if let Some(missing) = wanted.iter().find(|name| !present.contains(*name)) {
+                return Err(Error::format(format!(
+                    "{} maps tensor {missing:?} to {}, which does not contain it",
+                    index.display(),
+                    file.path().display()
+                )));
+            }
+            let tensors = tensors
+                .into_iter()
+                .filter(|t| wanted.contains(t.name.as_str()))
+                .collect();
+            checkpoint.add_shard(Arc::new(file), tensors)?;
+        }
+        Ok(checkpoint)
+    }
+
+    fn add_shard(&mut self, file: Arc<ShardFile>, tensors: Vec<HeaderTensor>) -> Result<()> {
+        for tensor in tensors {
+            if let Some(first) = self.tensor(&tensor.name) {
+                return Err(Error::format(format!(
+                    "tensor {:?} is in more than one shard: {} and {}",
+                    tensor.name,
+                    first.file.path().display(),
+                    file.path().display()
+                )));
+            }
+            // Sparse files can claim exabytes each, so even the sum of real files can overflow.
+            self.total_bytes = self.total_bytes.checked_add(tensor.nbytes).ok_or_else(|| {
+                Error::format(format!(
+                    "{}: the checkpoint's tensors add up to more than 2^64 bytes",
+                    file.path().display()
+                ))
+            })?;
+            self.by_name.insert(tensor.name.clone(), self.tensors.len());
+            self.tensors.push(TensorInfo {
+                name: tensor.name,
+                dtype: tensor.dtype,
+                dtype_name: tensor.dtype_name,
+                shape: tensor.shape,
+                file: Arc::clone(&file),
+                offset: tensor.offset,
+                nbytes: tensor.nbytes,
+            });
+        }
+        self.files.push(file);
+        Ok(())
     }
 }

@@ -1,0 +1,240 @@
+//! One open safetensors file: its header, validated at open, and positioned reads of its data.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use safetensors::tensor::Metadata;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// The safetensors format's own limit; a longer header is garbage, not a checkpoint.
+const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// The little-endian header length that starts every safetensors file.
+const HEADER_LEN_BYTES: u64 = 8;
+
+/// One open safetensors file.
+///
+/// Every read goes through the descriptor opened at `open`. A file deleted or replaced by rename
+/// afterwards therefore keeps reading the bytes that were validated (the old inode stays alive),
+/// which is correct. A file changed in place is refused: `read_at` compares its size and mtime
+/// with those seen at open. Nothing is mapped, so a truncation is an error, never a SIGBUS.
+#[derive(Debug)]
+pub struct ShardFile {
+    path: PathBuf,
+    file: File,
+    identity: Identity,
+}
+
+/// What `fstat` said at open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified_s: i64,
+    modified_ns: i64,
+}
+
+impl Identity {
+    fn of(metadata: &std::fs::Metadata) -> Identity {
+        Identity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified_s: metadata.mtime(),
+            modified_ns: metadata.mtime_nsec(),
+        }
+    }
+}
+
+/// A tensor as the header describes it, offsets already made absolute.
+pub(super) struct HeaderTensor {
+    pub name: String,
+    pub dtype: Option<DType>,
+    pub dtype_name: String,
+    pub shape: Vec<u64>,
+    pub offset: u64,
+    pub nbytes: u64,
+}
+
+impl ShardFile {
+    pub(super) fn open(path: &Path) -> Result<ShardFile> {
+        // Checked before opening because opening a FIFO would block until someone writes to it.
+        let metadata = std::fs::metadata(path).map_err(|e| Error::from_io(&e, "opening", path))?;
+        if !metadata.is_file() {
+            return Err(not_a_regular_file(path));
+        }
+        let file = File::open(path).map_err(|e| Error::from_io(&e, "opening", path))?;
+        let metadata = file
+            .metadata()
+            .map_err(|e| Error::from_io(&e, "reading the metadata of", path))?;
+        // The path may have been swapped for something else between the two calls.
+        if !metadata.is_file() {
+            return Err(not_a_regular_file(path));
+        }
+        Ok(ShardFile {
+            path: path.to_owned(),
+            file,
+            identity: Identity::of(&metadata),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True when both are the same file on disk, whatever paths they were opened by.
+    pub(super) fn is_same_file(&self, other: &ShardFile) -> bool {
+        (self.identity.device, self.identity.inode) == (other.identity.device, other.identity.inode)
+    }
+
+    /// Reads exactly `dst.len()` bytes at absolute `offset`.
+    ///
+    /// A file shorter than at open is `IO` (truncated), one otherwise changed in place is `FORMAT`;
+    /// both are checked before and after reading, so bytes written over during the read are not
+    /// returned either. Detection relies on the mtime, so a rewrite of the same size within the
+    /// filesystem's timestamp granularity of the open can go unnoticed. A failed read is retried
+    /// once (a transient error on a network filesystem), then reported as `IO`.
+    pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.check_unchanged()?;
+        let end = offset.checked_add(dst.len() as u64);
+        if end.is_none_or(|end| end > self.identity.len) {
+            return Err(Error::io(format!(
+                "{}: reading {} bytes at offset {offset} goes past the end of the file ({} bytes)",
+                self.path.display(),
+                dst.len(),
+                self.identity.len
+            )));
+        }
+        let mut done = 0;
+        let mut retried = false;
+        while done < dst.len() {
+            // Cannot overflow: `offset + dst.len()` was checked above.
+            let position = offset + done as u64;
+            match self.file.read_at(&mut dst[done..], position) {
+                Ok(0) => {
+                    return Err(Error::io(format!(
+                        "{}: the file ended at offset {position} while reading {} bytes at offset \
+                         {offset}",
+                        self.path.display(),
+                        dst.len()
+                    )))
+                }
+                Ok(read) => done += read,
+                // A signal arrived before any byte was read; nothing failed.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) if !retried => retried = true,
+                Err(e) => {
+                    return Err(Error::io(format!(
+                        "{}: reading {} bytes at offset {offset} failed at offset {position}: {e}",
+                        self.path.display(),
+                        dst.len()
+                    )))
+                }
+            }
+        }
+        self.check_unchanged()
+    }
+
+    fn check_unchanged(&self) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::from_io(&e, "checking", &self.path))?;
+        let now = Identity::of(&now);
+        if now.len < self.identity.len {
+            return Err(Error::io(format!(
+                "{} was truncated since it was opened ({} bytes, now {})",
+                self.path.display(),
+                self.identity.len,
+                now.len
+            )));
+        }
+        if now != self.identity {
+            return Err(Error::format(format!(
+                "{} changed since it was opened (size or modification time differ); reopen the \
+                 checkpoint",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads and validates the header, returning the tensors by offset (by name among empty ones
+    /// sharing an offset). Reads only the header, never tensor data.
+    pub(super) fn read_header(&self) -> Result<Vec<HeaderTensor>> {
+        let malformed = |what: String| Error::format(format!("{}: {what}", self.path.display()));
+        let file_len = self.identity.len;
+        if file_len < HEADER_LEN_BYTES {
+            return Err(malformed(format!(
+                "{file_len} bytes is too short for a safetensors file"
+            )));
+        }
+        let mut header_len = [0u8; HEADER_LEN_BYTES as usize];
+        self.read_at(0, &mut header_len)?;
+        let header_len = u64::from_le_bytes(header_len);
+        if header_len > MAX_HEADER_LEN {
+            return Err(malformed(format!(
+                "the header length {header_len} is over the {MAX_HEADER_LEN}-byte limit"
+            )));
+        }
+        if header_len > file_len - HEADER_LEN_BYTES {
+            return Err(malformed(format!(
+                "the header length {header_len} runs past the end of the file ({file_len} bytes)"
+            )));
+        }
+        // Lossless: `header_len` is at most MAX_HEADER_LEN.
+        let mut header = vec![0u8; header_len as usize];
+        self.read_at(HEADER_LEN_BYTES, &mut header)?;
+        let header = std::str::from_utf8(&header)
+            .map_err(|e| malformed(format!("the header is not UTF-8: {e}")))?;
+        // Deserializing `Metadata` checks that the offsets tile the data section from 0 without
+        // gaps or overlaps and agree with dtype x shape, with overflow-checked arithmetic.
+        let metadata: Metadata =
+            serde_json::from_str(header).map_err(|e| malformed(format!("invalid header: {e}")))?;
+
+        let data_start = HEADER_LEN_BYTES + header_len;
+        let data_len = metadata.data_len() as u64;
+        let data_end = data_start
+            .checked_add(data_len)
+            .ok_or_else(|| malformed(format!("the header describes {data_len} bytes of data")))?;
+        if data_end > file_len {
+            return Err(malformed(format!(
+                "the header describes {data_len} bytes of data but the file holds only {}",
+                file_len - data_start
+            )));
+        }
+        // The format requires the data to end the file, as the reference reader does: trailing
+        // bytes mean the header does not describe this file.
+        if data_end < file_len {
+            return Err(malformed(format!(
+                "{} bytes follow the {data_len} bytes of data the header describes",
+                file_len - data_end
+            )));
+        }
+
+        let mut tensors: Vec<HeaderTensor> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                let (begin, end) = info.data_offsets;
+                HeaderTensor {
+                    dtype: DType::from_safetensors(info.dtype).ok(),
+                    dtype_name: info.dtype.to_string(),
+                    shape: info.shape.iter().map(|&dim| dim as u64).collect(),
+                    // Cannot overflow: validation put every offset within `data_len`.
+                    offset: data_start + begin as u64,
+                    nbytes: (end - begin) as u64,
+                    name,
+                }
+            })
+            .collect();
+        tensors.sort_by(|a, b| (a.offset, a.nbytes, &a.name).cmp(&(b.offset, b.nbytes, &b.name)));
+        Ok(tensors)
+    }
+}
+
+fn not_a_regular_file(path: &Path) -> Error {
+    Error::format(format!("{} is not a regular file", path.display()))
+}
