@@ -1,6 +1,7 @@
-//! The strata command line. `strata demo` is the main job: a generated model streamed from its
-//! safetensors file under a budget, with real work per layer, checked against an all-resident run.
+//! `strata demo`, the main job: a generated model streamed from its safetensors file under a
+//! budget, with real work per layer, checked against an all-resident run.
 
+use crate::{human_bytes, Args};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use strata::budget::STRATA_UNLIMITED;
@@ -11,15 +12,6 @@ use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_SOUR
 use strata::error::{Error, Result};
 use strata::stats::Stats;
 use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
-
-const USAGE: &str = "strata: run models larger than GPU memory
-
-Usage: strata <command> [options]
-
-Commands:
-  demo    Stream a generated model under a budget on the CPU, check the result, print the figures
-
-Run `strata <command> --help` for a command's options.";
 
 const DEMO_USAGE: &str = "strata demo: stream a generated model under a budget and check the result
 
@@ -34,43 +26,9 @@ Options:
   --layers N          layers in the model (default 32)
   --width N           rows and columns of each weight (default 1024)
   --passes N          passes through the model, like denoising steps (default 4)
-  --budget-percent P  vram_limit as a percentage of the fp8 model (default 30)
+  --budget-percent P  vram_limit as a percentage of the fp8 model (default 30), raised to
+                      one layer in use plus one resident if that is more
   --keep DIR          write the checkpoint and timeline into DIR and keep them";
-
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(&args[1..]),
-        Some("--help" | "-h" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(Error::invalid(format!(
-            "unknown command {other:?}\n\n{USAGE}"
-        ))),
-        None => Err(Error::invalid(USAGE)),
-    };
-    if let Err(e) = result {
-        eprintln!("strata: {}", e.message);
-        std::process::exit(2);
-    }
-}
-
-/// Bytes in binary units, the way people read memory sizes.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
 
 struct DemoConfig {
     layers: usize,
@@ -81,41 +39,28 @@ struct DemoConfig {
 }
 
 fn parse_demo(args: &[String]) -> Result<Option<DemoConfig>> {
-    let mut config = DemoConfig {
-        layers: 32,
-        width: 1024,
-        passes: 4,
-        budget_percent: 30,
-        keep: None,
+    let valued = [
+        "--layers",
+        "--width",
+        "--passes",
+        "--budget-percent",
+        "--keep",
+    ];
+    let Some(args) = Args::parse(args, &valued, &[], DEMO_USAGE)? else {
+        return Ok(None);
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        if flag == "--help" || flag == "-h" {
-            println!("{DEMO_USAGE}");
-            return Ok(None);
-        }
-        let value = it
-            .next()
-            .ok_or_else(|| Error::invalid(format!("{flag} needs a value\n\n{DEMO_USAGE}")))?;
-        let number = || {
-            value.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                Error::invalid(format!("{flag} takes a positive number, not {value:?}"))
-            })
-        };
-        match flag.as_str() {
-            "--layers" => config.layers = number()? as usize,
-            "--width" => config.width = number()? as usize,
-            "--passes" => config.passes = number()? as usize,
-            "--budget-percent" => config.budget_percent = number()?,
-            "--keep" => config.keep = Some(PathBuf::from(value)),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "unknown option {flag:?}\n\n{DEMO_USAGE}"
-                )))
-            }
-        }
+    if let Some(word) = args.positional.first() {
+        return Err(Error::invalid(format!(
+            "unexpected argument {word:?}\n\n{DEMO_USAGE}"
+        )));
     }
-    Ok(Some(config))
+    Ok(Some(DemoConfig {
+        layers: args.number("--layers", 32)? as usize,
+        width: args.number("--width", 1024)? as usize,
+        passes: args.number("--passes", 4)? as usize,
+        budget_percent: args.number("--budget-percent", 30)?,
+        keep: args.get("--keep").map(PathBuf::from),
+    }))
 }
 
 /// Deterministic weights with a standard deviation of about `scale`.
@@ -245,7 +190,7 @@ fn streamed_run(
     Ok((x, stats, ctx, seconds))
 }
 
-fn demo(args: &[String]) -> Result<()> {
+pub fn demo(args: &[String]) -> Result<()> {
     let Some(config) = parse_demo(args)? else {
         return Ok(());
     };
@@ -260,7 +205,11 @@ fn demo(args: &[String]) -> Result<()> {
     let fp8_model = (config.layers
         * (config.width * config.width + config.width * 4 + config.width * 2))
         as u64;
-    let vram_limit = fp8_model * config.budget_percent / 100;
+    // A layer in use holds its fp8 copy and its bf16 conversion; a budget below that plus one
+    // resident layer could only overcommit, so the percentage is raised to it for tiny models.
+    let fp8_layer = fp8_model / config.layers as u64;
+    let bf16_layer = (config.width * config.width * 2 + config.width * 2) as u64;
+    let vram_limit = (fp8_model * config.budget_percent / 100).max(2 * fp8_layer + bf16_layer);
     println!(
         "model: {} layers of {w}x{w} bf16 + bias, {} on disk at {}",
         config.layers,
@@ -273,9 +222,9 @@ fn demo(args: &[String]) -> Result<()> {
         human_bytes(fp8_model)
     );
     println!(
-        "budget: vram_limit {} ({}% of the fp8 model), {} passes\n",
+        "budget: vram_limit {} ({:.0}% of the fp8 model), {} passes\n",
         human_bytes(vram_limit),
-        config.budget_percent,
+        vram_limit as f64 * 100.0 / fp8_model as f64,
         config.passes
     );
 

@@ -1,0 +1,328 @@
+//! `strata inspect` and `strata plan`: a checkpoint seen as layers, and what a budget does to it.
+//! The plan sizes each layer with the engine's own layouts (`registry::Forms`), so its figures are
+//! the bytes a context would charge.
+
+use crate::{human_bytes, parse_bytes, Args};
+use serde_json::json;
+use std::path::Path;
+use strata::checkpoint::{Checkpoint, TensorInfo};
+use strata::context::layer_name_of;
+use strata::convert::Quant;
+use strata::dtype::DType;
+use strata::error::{Error, Result};
+use strata::registry::{Forms, TensorMeta};
+use strata::tiers::{Device, RawTiers, Tiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
+
+const INSPECT_USAGE: &str = "strata inspect: a checkpoint's layers, tensors, dtypes and bytes
+
+Usage: strata inspect CHECKPOINT [--prefix P] [--keep N] [--all] [--json]
+
+CHECKPOINT is a .safetensors file, a *.safetensors.index.json or a directory of shards. Tensors are
+grouped into layers as strata_group_register_checkpoint does: a tensor's name cut to its first N
+dot-separated parts (0, the default: drop only the last part).
+
+Options:
+  --prefix P   only tensors whose name starts with P
+  --keep N     dot-separated parts that name a layer (default 0)
+  --all        list every layer (default: the first 40)
+  --json       machine-readable output";
+
+const PLAN_USAGE: &str = "strata plan: which layers stay resident under a budget, and what streams
+
+Usage: strata plan CHECKPOINT --vram-limit SIZE [options]
+
+For a model run as a repeating pass over its layers (a DiT's blocks once per step), streamed from
+disk: the layers that stay resident on the device, the bytes streamed per pass, and the pass time
+the bandwidth allows. Sizes are the bytes a strata context would charge (alignment included).
+
+Options:
+  --vram-limit SIZE     device budget, e.g. 8GiB (required)
+  --prefix P, --keep N  layer grouping, as for inspect (default: every tensor, N = 0)
+  --preparing DTYPE     resident dtype: source, bf16, f16, f32, fp8 (e4m3), e5m2 (default source)
+  --computation DTYPE   dtype handed to the kernels (default source)
+  --quant MODE          fp8 storage: none, per-tensor, per-channel (default per-channel)
+  --prefetch N          layers fetched ahead of the one computing (default 2)
+  --bandwidth RATE      host-to-device bandwidth, e.g. 25GB/s (default 25GB/s)
+  --steps N             passes, e.g. denoising steps (default 20)
+  --json                machine-readable output";
+
+/// The tensors of a checkpoint grouped into layers, in the checkpoint's order.
+fn layers_of<'a>(
+    checkpoint: &'a Checkpoint,
+    prefix: &str,
+    keep: u32,
+) -> Vec<(String, Vec<&'a TensorInfo>)> {
+    let mut layers: Vec<(String, Vec<&TensorInfo>)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for tensor in checkpoint
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with(prefix))
+    {
+        let name = layer_name_of(&tensor.name, keep);
+        let slot = *index.entry(name.clone()).or_insert_with(|| {
+            layers.push((name, Vec::new()));
+            layers.len() - 1
+        });
+        layers[slot].1.push(tensor);
+    }
+    layers
+}
+
+fn open(args: &Args, usage: &str) -> Result<Checkpoint> {
+    let [path] = args.positional.as_slice() else {
+        return Err(Error::invalid(format!(
+            "expected one CHECKPOINT\n\n{usage}"
+        )));
+    };
+    Checkpoint::open(Path::new(path))
+}
+
+pub fn inspect(args: &[String]) -> Result<()> {
+    let Some(args) = Args::parse(
+        args,
+        &["--prefix", "--keep"],
+        &["--all", "--json"],
+        INSPECT_USAGE,
+    )?
+    else {
+        return Ok(());
+    };
+    let checkpoint = open(&args, INSPECT_USAGE)?;
+    let keep = args
+        .get("--keep")
+        .map_or(Ok(0), |_| args.number("--keep", 0))? as u32;
+    let layers = layers_of(&checkpoint, args.get("--prefix").unwrap_or(""), keep);
+    let bytes = |tensors: &[&TensorInfo]| tensors.iter().map(|t| t.nbytes).sum::<u64>();
+    let dtypes = |tensors: &[&TensorInfo]| {
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.dtype_name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names.join(",")
+    };
+    if args.has("--json") {
+        let out = json!({
+            "files": checkpoint.files().len(),
+            "tensors": checkpoint.tensors().len(),
+            "bytes": checkpoint.total_bytes(),
+            "layers": layers.iter().map(|(name, tensors)| json!({
+                "name": name,
+                "tensors": tensors.len(),
+                "bytes": bytes(tensors),
+                "dtypes": dtypes(tensors),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{out:#}");
+        return Ok(());
+    }
+    println!(
+        "{} file(s), {} tensors, {}",
+        checkpoint.files().len(),
+        checkpoint.tensors().len(),
+        human_bytes(checkpoint.total_bytes())
+    );
+    let largest = layers.iter().map(|(_, t)| bytes(t)).max().unwrap_or(0);
+    println!(
+        "{} layers (--keep {keep}), the largest {}\n",
+        layers.len(),
+        human_bytes(largest)
+    );
+    println!("{:<48} {:>8} {:>12}  dtypes", "layer", "tensors", "bytes");
+    let shown = if args.has("--all") {
+        layers.len()
+    } else {
+        layers.len().min(40)
+    };
+    for (name, tensors) in &layers[..shown] {
+        println!(
+            "{name:<48} {:>8} {:>12}  {}",
+            tensors.len(),
+            human_bytes(bytes(tensors)),
+            dtypes(tensors)
+        );
+    }
+    if shown < layers.len() {
+        println!("... {} more (--all lists them)", layers.len() - shown);
+    }
+    Ok(())
+}
+
+fn parse_dtype(text: &str) -> Result<u32> {
+    Ok(match text.to_ascii_lowercase().as_str() {
+        "source" => strata::dtype::STRATA_DTYPE_SOURCE,
+        "f32" => DType::F32.to_abi(),
+        "f16" => DType::F16.to_abi(),
+        "bf16" => DType::BF16.to_abi(),
+        "fp8" | "e4m3" | "f8_e4m3fn" => DType::F8E4M3.to_abi(),
+        "e5m2" | "f8_e5m2" => DType::F8E5M2.to_abi(),
+        other => {
+            return Err(Error::invalid(format!(
+                "unknown dtype {other:?}: source, bf16, f16, f32, fp8, e5m2"
+            )))
+        }
+    })
+}
+
+fn parse_quant(text: &str) -> Result<Quant> {
+    match text {
+        "none" => Ok(Quant::None),
+        "per-tensor" => Ok(Quant::PerTensor),
+        "per-channel" => Ok(Quant::PerChannel),
+        other => Err(Error::invalid(format!(
+            "unknown quantization {other:?}: none, per-tensor, per-channel"
+        ))),
+    }
+}
+
+/// One layer's device bytes: its resident (preparing) copy and, while in use, the conversion to
+/// the computation dtype when that differs.
+struct Sized {
+    name: String,
+    prepared: u64,
+    converted: u64,
+}
+
+pub fn plan(args: &[String]) -> Result<()> {
+    let valued = [
+        "--vram-limit",
+        "--prefix",
+        "--keep",
+        "--preparing",
+        "--computation",
+        "--quant",
+        "--prefetch",
+        "--bandwidth",
+        "--steps",
+    ];
+    let Some(args) = Args::parse(args, &valued, &["--json"], PLAN_USAGE)? else {
+        return Ok(());
+    };
+    let checkpoint = open(&args, PLAN_USAGE)?;
+    let vram_limit = parse_bytes(
+        args.get("--vram-limit")
+            .ok_or_else(|| Error::invalid(format!("--vram-limit is required\n\n{PLAN_USAGE}")))?,
+    )?;
+    let bandwidth = parse_bytes(args.get("--bandwidth").unwrap_or("25GB/s"))?.max(1);
+    let steps = args.number("--steps", 20)?;
+    let prefetch = args
+        .get("--prefetch")
+        .map_or(Ok(2), |_| args.number("--prefetch", 2))?;
+    let keep = args
+        .get("--keep")
+        .map_or(Ok(0), |_| args.number("--keep", 0))? as u32;
+    let raw = RawTiers {
+        placements: [
+            (STRATA_DEVICE_DISK, strata::dtype::STRATA_DTYPE_SOURCE),
+            (STRATA_DEVICE_DISK, strata::dtype::STRATA_DTYPE_SOURCE),
+            (
+                STRATA_DEVICE_DEFAULT,
+                parse_dtype(args.get("--preparing").unwrap_or("source"))?,
+            ),
+            (
+                STRATA_DEVICE_DEFAULT,
+                parse_dtype(args.get("--computation").unwrap_or("source"))?,
+            ),
+        ],
+        quant: parse_quant(args.get("--quant").unwrap_or("per-channel"))?.to_abi(),
+    };
+    let tiers = Tiers::resolve(&raw, Device::Cuda)?;
+
+    let mut sized = Vec::new();
+    for (name, tensors) in layers_of(&checkpoint, args.get("--prefix").unwrap_or(""), keep) {
+        let metas = tensors
+            .iter()
+            .map(|t| {
+                let dtype = t.dtype.ok_or_else(|| {
+                    Error::unsupported(format!("tensor {:?} has dtype {}", t.name, t.dtype_name))
+                })?;
+                let shape = t.shape.iter().map(|&d| d as i64).collect();
+                TensorMeta::new(&t.name, dtype, shape)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let forms = Forms::new(&metas, &tiers);
+        let converts = forms.preparing.slots != forms.computation.slots;
+        sized.push(Sized {
+            name,
+            prepared: forms.preparing.size as u64,
+            converted: if converts {
+                forms.computation.size as u64
+            } else {
+                0
+            },
+        });
+    }
+    if sized.is_empty() {
+        return Err(Error::not_found("no tensor matches the prefix"));
+    }
+    let total: u64 = sized.iter().map(|l| l.prepared).sum();
+    let largest_prepared = sized.iter().map(|l| l.prepared).max().unwrap_or(0);
+    // The layer computing (its copy and its conversion) plus the prefetched ones.
+    let window = sized
+        .iter()
+        .map(|l| l.prepared + l.converted)
+        .max()
+        .unwrap_or(0)
+        + prefetch * largest_prepared;
+    let mut room = vram_limit.saturating_sub(window);
+    let resident: Vec<&Sized> = sized
+        .iter()
+        .filter(|l| {
+            let fits = l.prepared <= room;
+            if fits {
+                room -= l.prepared;
+            }
+            fits
+        })
+        .collect();
+    let resident_bytes: u64 = resident.iter().map(|l| l.prepared).sum();
+    let streamed = total - resident_bytes;
+    let pass_seconds = streamed as f64 / bandwidth as f64;
+
+    if args.has("--json") {
+        let out = json!({
+            "layers": sized.len(),
+            "model_bytes": total,
+            "vram_limit": vram_limit,
+            "window_bytes": window,
+            "resident_layers": resident.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+            "resident_bytes": resident_bytes,
+            "streamed_bytes_per_pass": streamed,
+            "bandwidth_bytes_per_s": bandwidth,
+            "seconds_per_pass": pass_seconds,
+            "steps": steps,
+            "seconds_total": pass_seconds * steps as f64,
+        });
+        println!("{out:#}");
+        return Ok(());
+    }
+    println!(
+        "{} layers, {} on the device in the preparing dtype",
+        sized.len(),
+        human_bytes(total)
+    );
+    println!(
+        "budget {}: streaming window {} (the layer computing + {prefetch} prefetched), {} for residents",
+        human_bytes(vram_limit),
+        human_bytes(window),
+        human_bytes(vram_limit.saturating_sub(window))
+    );
+    if vram_limit < window {
+        println!("note: the budget is below the window; prefetch shrinks, and a layer larger than the budget overcommits");
+    }
+    println!(
+        "resident: {} layers, {}",
+        resident.len(),
+        human_bytes(resident_bytes)
+    );
+    println!(
+        "streamed per pass: {} (lower bound for a repeating pass)",
+        human_bytes(streamed)
+    );
+    println!(
+        "at {:.1} GB/s: {:.3} s per pass, {:.2} s for {steps} passes (transfer only; compute overlaps it)",
+        bandwidth as f64 / 1e9,
+        pass_seconds,
+        pass_seconds * steps as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The strata command line as a user runs it: help for every command, the demo (the main job),
+//! and inspect/plan on a generated checkpoint, in human and JSON form.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn strata(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_has_help_and_bad_input_gets_a_message() {
+    for args in [
+        &["--help"][..],
+        &["demo", "--help"],
+        &["inspect", "--help"],
+        &["plan", "--help"],
+    ] {
+        let (code, out, _) = strata(args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+    let (code, _, err) = strata(&["demo", "--layers", "zero"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--layers takes a positive number"), "{err}");
+    let (code, _, err) = strata(&["frobnicate"]);
+    assert_eq!((code, err.contains("unknown command")), (2, true), "{err}");
+    let (code, _, err) = strata(&["inspect", "/no/such/model.safetensors"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/no/such/model.safetensors"), "{err}");
+}
+
+#[test]
+fn the_demo_streams_under_its_budget_and_matches_the_resident_run() {
+    let (code, out, err) = strata(&["demo", "--layers", "8", "--width", "128", "--passes", "3"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("identical, bit for bit"), "{out}");
+    assert!(out.contains("the budget held. OK"), "{out}");
+}
+
+#[test]
+fn inspect_and_plan_describe_a_checkpoint() {
+    let dir = TempDir::new("cli");
+    let path = dir.path("model.safetensors");
+    let tensors: Vec<_> = (0..4)
+        .flat_map(|b| {
+            [
+                (
+                    format!("blocks.{b}.weight"),
+                    safetensors::Dtype::BF16,
+                    vec![64, 128],
+                    bf16_bytes(&weights(64 * 128, b, 0.02)),
+                ),
+                (
+                    format!("blocks.{b}.bias"),
+                    safetensors::Dtype::BF16,
+                    vec![64],
+                    bf16_bytes(&weights(64, b + 10, 0.02)),
+                ),
+            ]
+        })
+        .collect();
+    write_safetensors(&path, &tensors);
+    let path = path.to_str().unwrap();
+
+    let (code, out, err) = strata(&["inspect", path, "--keep", "2", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["tensors"], 8);
+    let layers = json["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 4);
+    assert!(layers
+        .iter()
+        .all(|l| l["bytes"] == 64 * 128 * 2 + 64 * 2 && l["tensors"] == 2));
+    let (code, out, _) = strata(&["inspect", path, "--keep", "2"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("4 layers") && out.contains("blocks.3"),
+        "{out}"
+    );
+
+    let plan = |limit: &str| {
+        let (code, out, err) = strata(&[
+            "plan",
+            path,
+            "--keep",
+            "2",
+            "--vram-limit",
+            limit,
+            "--preparing",
+            "fp8",
+            "--computation",
+            "bf16",
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // fp8 weight + per-channel scales + the bf16 bias (1-D tensors keep their dtype), 64-aligned.
+    let prepared = (64 * 128 + 64 * 4 + 64 * 2) as u64;
+    let everything = plan("1GiB");
+    assert_eq!(everything["model_bytes"], 4 * prepared);
+    assert_eq!(everything["streamed_bytes_per_pass"], 0);
+    let nothing = plan("0");
+    assert_eq!(nothing["resident_bytes"], 0);
+    assert_eq!(nothing["streamed_bytes_per_pass"], 4 * prepared);
+    // Room for the window plus two resident layers: two stay, two stream.
+    let window = everything["window_bytes"].as_u64().unwrap();
+    let two = plan(&(window + 2 * prepared).to_string());
+    assert_eq!(two["resident_layers"].as_array().unwrap().len(), 2);
+    assert_eq!(two["streamed_bytes_per_pass"], 2 * prepared);
+}
