@@ -91,7 +91,148 @@ impl Trace {
     }
 }
 
+impl Trace {
+    /// The timeline as an SVG a browser shows: a compute track and a copy track on a time axis,
+    /// and the stalls (time between two compute spans while a copy was running) marked in red.
+    pub fn to_svg(&self) -> String {
+        const WIDTH: f64 = 1200.0;
+        const LEFT: f64 = 80.0;
+        const ROW: f64 = 28.0;
+        let (Some(first), Some(last)) = (
+            self.spans.iter().map(|s| s.start).min(),
+            self.spans.iter().map(|s| s.end).max(),
+        ) else {
+            return format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"40\"><text x=\"10\" y=\"25\">no spans recorded</text></svg>\n");
+        };
+        let total = last
+            .saturating_duration_since(first)
+            .as_secs_f64()
+            .max(1e-9);
+        let x = |t: Instant| {
+            LEFT + t.saturating_duration_since(first).as_secs_f64() / total * (WIDTH - LEFT - 10.0)
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">",
+            4.0 * ROW + 30.0
+        );
+        for (row, label) in ["compute", "copy", "stalls"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "<text x=\"4\" y=\"{}\">{label}</text>",
+                10.0 + row as f64 * ROW + ROW / 2.0 + 4.0
+            );
+        }
+        let mut compute: Vec<&Span> = self
+            .spans
+            .iter()
+            .filter(|s| s.track == Track::Compute)
+            .collect();
+        compute.sort_by_key(|s| s.start);
+        for span in &self.spans {
+            let (row, color) = match span.track {
+                Track::Compute => (0.0, "#4878d0"),
+                Track::Copy => (1.0, "#6acc64"),
+            };
+            let _ = writeln!(
+                out,
+                "<rect x=\"{:.2}\" y=\"{}\" width=\"{:.2}\" height=\"{}\" fill=\"{color}\"><title>{} {} ({} bytes)</title></rect>",
+                x(span.start),
+                10.0 + row * ROW,
+                (x(span.end) - x(span.start)).max(0.5),
+                ROW - 6.0,
+                xml_escape(&span.name),
+                span.what,
+                span.bytes
+            );
+        }
+        for pair in compute.windows(2) {
+            let (gap_start, gap_end) = (pair[0].end, pair[1].start);
+            let copying = self
+                .spans
+                .iter()
+                .any(|s| s.track == Track::Copy && s.start < gap_end && s.end > gap_start);
+            if gap_end > gap_start && copying {
+                let _ = writeln!(
+                    out,
+                    "<rect x=\"{:.2}\" y=\"{}\" width=\"{:.2}\" height=\"{}\" fill=\"#d65f5f\"><title>stall before {}</title></rect>",
+                    x(gap_start),
+                    10.0 + 2.0 * ROW,
+                    (x(gap_end) - x(gap_start)).max(0.5),
+                    ROW - 6.0,
+                    xml_escape(&pair[1].name)
+                );
+            }
+        }
+        let axis_y = 10.0 + 3.0 * ROW;
+        let _ = writeln!(
+            out,
+            "<line x1=\"{LEFT}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>",
+            WIDTH - 10.0
+        );
+        for tick in 0..=10 {
+            let tx = LEFT + tick as f64 / 10.0 * (WIDTH - LEFT - 10.0);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{tx:.2}\" y1=\"{axis_y}\" x2=\"{tx:.2}\" y2=\"{}\" stroke=\"black\"/><text x=\"{tx:.2}\" y=\"{}\" text-anchor=\"middle\">{:.1} ms</text>",
+                axis_y + 5.0,
+                axis_y + 18.0,
+                total * 1000.0 * tick as f64 / 10.0
+            );
+        }
+        out.push_str("</svg>\n");
+        out
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// A JSON string literal for `s`.
 pub fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn span(track: Track, name: &str, start_ms: u64, end_ms: u64, origin: Instant) -> Span {
+        Span {
+            track,
+            name: name.into(),
+            what: if track == Track::Compute {
+                "compute"
+            } else {
+                "upload"
+            },
+            start: origin + Duration::from_millis(start_ms),
+            end: origin + Duration::from_millis(end_ms),
+            bytes: 10,
+        }
+    }
+
+    #[test]
+    fn the_svg_shows_both_tracks_and_marks_a_stall() {
+        let mut trace = Trace::default();
+        let t0 = trace.origin;
+        trace.record(span(Track::Compute, "a<1>", 0, 10, t0));
+        trace.record(span(Track::Copy, "b", 8, 20, t0));
+        // Compute waits from 10 to 20 ms for b's copy: a stall.
+        trace.record(span(Track::Compute, "b", 20, 30, t0));
+        let svg = trace.to_svg();
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("#4878d0").count(), 2, "two compute spans");
+        assert_eq!(svg.matches("#6acc64").count(), 1, "one copy span");
+        assert_eq!(svg.matches("stall before b").count(), 1);
+        assert!(svg.contains("a&lt;1&gt;"), "names are escaped");
+        assert!(svg.contains("30.0 ms"), "the axis spans the whole run");
+        assert!(Trace::default().to_svg().contains("no spans recorded"));
+    }
 }

@@ -1000,6 +1000,10 @@ impl Context {
     pub fn trace_json(&self) -> String {
         self.lock().trace.to_chrome_json()
     }
+
+    pub fn trace_svg(&self) -> String {
+        self.lock().trace.to_svg()
+    }
 }
 
 /// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.

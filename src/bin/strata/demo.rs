@@ -278,9 +278,12 @@ pub fn demo(args: &[String]) -> Result<()> {
 
     let trace = dir.join("timeline.json");
     std::fs::write(&trace, ctx.trace_json()).map_err(|e| Error::from_io(&e, "writing", &trace))?;
+    let svg = dir.join("timeline.svg");
+    std::fs::write(&svg, ctx.trace_svg()).map_err(|e| Error::from_io(&e, "writing", &svg))?;
     println!(
-        "\ntimeline: {} (open it in https://ui.perfetto.dev)",
-        trace.display()
+        "\ntimeline: {} (open it in https://ui.perfetto.dev) and {} (a browser shows it)",
+        trace.display(),
+        svg.display()
     );
 
     if stats.vram_peak > vram_limit {
