@@ -62,6 +62,11 @@ impl DType {
         }
     }
 
+    /// The floating-point dtypes, in ABI order: they convert among themselves.
+    pub fn floats() -> &'static [DType] {
+        &ALL[..6]
+    }
+
     /// Floating-point dtypes convert among themselves; the others only pass through.
     pub fn is_float(self) -> bool {
         matches!(
@@ -151,6 +156,12 @@ mod tests {
         assert_eq!(DType::F8E5M2.to_abi(), STRATA_DTYPE_F8_E5M2);
         assert_eq!(DType::F64.to_abi(), STRATA_DTYPE_F64);
         assert_eq!(DType::Bool.to_abi(), STRATA_DTYPE_BOOL);
+    }
+
+    #[test]
+    fn floats_are_exactly_the_float_dtypes() {
+        let floats: Vec<DType> = ALL.iter().copied().filter(|d| d.is_float()).collect();
+        assert_eq!(DType::floats(), floats.as_slice());
     }
 
     #[test]

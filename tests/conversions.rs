@@ -8,15 +8,6 @@ use common::*;
 use strata::convert::{f32_to_fp8, fp8_to_f32};
 use strata::dtype::DType;
 
-const FLOATS: [DType; 6] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F8E4M3,
-    DType::F8E5M2,
-    DType::F64,
-];
-
 /// Values every dtype meets: zeros, signs, subnormals of each format, saturation points,
 /// halfway cases, infinities and NaN.
 const VALUES: [f32; 20] = [
@@ -68,14 +59,14 @@ fn decode(bytes: &[u8], dtype: DType) -> f32 {
 fn every_float_pair_gives_the_independently_computed_bytes() {
     let ctx = Ctx::new(STRATA_UNLIMITED);
     let mut checked = 0;
-    for from in FLOATS {
+    for from in DType::floats().iter().copied() {
         // The source tensor holds each value as `from` stores it: these are exact in f32.
         let stored: Vec<f32> = VALUES
             .iter()
             .map(|&v| decode(&encode(v, from), from))
             .collect();
         let bytes: Vec<u8> = stored.iter().flat_map(|&v| encode(v, from)).collect();
-        for to in FLOATS {
+        for to in DType::floats().iter().copied() {
             let group = ctx.group(&tiers(|t| t.computation.dtype = to.to_abi()));
             let name = format!("{from:?}->{to:?}");
             let layer = ctx.register(

@@ -6,14 +6,6 @@ use super::*;
 use crate::error::STRATA_ERR_INVALID_ARGUMENT;
 use half::bf16;
 
-const FLOATS: [DType; 6] = [
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F8E4M3,
-    DType::F8E5M2,
-    DType::F64,
-];
 const NON_FLOATS: [DType; 6] = [
     DType::I64,
     DType::I32,
@@ -612,9 +604,9 @@ fn stored(reference: &Reference, values: &[f64], dtype: DType) -> Vec<u64> {
 fn every_pair_of_float_dtypes_rounds_like_the_reference() {
     let reference = Reference::new();
     let values = interesting_values();
-    for src_dtype in FLOATS {
+    for src_dtype in DType::floats().iter().copied() {
         let src = stored(&reference, &values, src_dtype);
-        for dst_dtype in FLOATS {
+        for dst_dtype in DType::floats().iter().copied() {
             let (converted, scales) = convert_bits(&src, src_dtype, &[], 1, dst_dtype, Quant::None);
             assert!(scales.is_empty());
             for ((&value, &bits), &got) in values.iter().zip(&src).zip(&converted) {
@@ -640,9 +632,9 @@ fn long_tensors_cross_chunk_boundaries_unchanged() {
     let values: Vec<f64> = (0..3 * CHUNK + 17)
         .map(|_| random.normal() * 0.05)
         .collect();
-    for src_dtype in FLOATS {
+    for src_dtype in DType::floats().iter().copied() {
         let src = stored(&reference, &values, src_dtype);
-        for dst_dtype in FLOATS {
+        for dst_dtype in DType::floats().iter().copied() {
             let (converted, _) = convert_bits(&src, src_dtype, &[], 1, dst_dtype, Quant::None);
             let expected: Vec<u64> = src
                 .iter()
@@ -702,8 +694,8 @@ fn nan_keeps_its_sign_and_becomes_each_formats_canonical_nan() {
         }
     };
     let sign_bit = |dtype: DType| 1u64 << (dtype.size() * 8 - 1);
-    for src_dtype in FLOATS {
-        for dst_dtype in FLOATS {
+    for src_dtype in DType::floats().iter().copied() {
+        for dst_dtype in DType::floats().iter().copied() {
             let src = [
                 canonical(src_dtype),
                 canonical(src_dtype) | sign_bit(src_dtype),
@@ -795,8 +787,9 @@ fn non_float_dtypes_pass_through_byte_exact() {
 fn conversions_involving_non_floats_are_invalid() {
     let bytes = [1u8; 48];
     for non_float in NON_FLOATS {
-        for other in FLOATS
-            .into_iter()
+        for other in DType::floats()
+            .iter()
+            .copied()
             .chain(NON_FLOATS)
             .filter(|&d| d != non_float)
         {
@@ -1173,7 +1166,7 @@ fn scaled_fp8_dequantizes_as_value_times_scale() {
     let two_rows: Vec<u64> = codes.iter().chain(&codes).copied().collect();
     for fp8 in [DType::F8E4M3, DType::F8E5M2] {
         for scales in [&[0.0123f32][..], &[0.75f32, 3.0e-5][..]] {
-            for dst_dtype in FLOATS {
+            for dst_dtype in DType::floats().iter().copied() {
                 let (converted, out_scales) =
                     convert_bits(&two_rows, fp8, scales, 2, dst_dtype, Quant::None);
                 assert!(out_scales.is_empty());
