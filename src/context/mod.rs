@@ -362,7 +362,7 @@ impl Context {
                 }
             }
             let placement = tiers.placement(tier);
-            let Layout { slots, size } = layer.forms.get(tier).clone();
+            let layout = layer.forms.get(tier);
             let needed = placement.device == Device::Cpu
                 && match tier {
                     Tier::Offload => layer.offload_copy.is_none(),
@@ -371,12 +371,13 @@ impl Context {
                             && !layer
                                 .offload_copy
                                 .as_ref()
-                                .is_some_and(|c| c.slots == slots)
+                                .is_some_and(|c| c.slots == layout.slots)
                     }
                 };
             if !needed {
                 return Ok(st);
             }
+            let Layout { slots, size } = layout.clone();
             let source = nearest_source(layer, false);
             let tensors = layer.tensors.clone();
             let layer = st.registry.layers.get_mut(key).expect("checked above");
@@ -406,14 +407,15 @@ impl Context {
 
     // ----- layers -----
 
-    fn check_new_layer(&self, st: &State, group: u32, name: &str) -> Result<Key> {
+    /// Checks that `group` exists and `name` is free; returns the group and its tiers.
+    fn check_new_layer(&self, st: &State, group: u32, name: &str) -> Result<(Key, Tiers)> {
         let key = self.group_key(st, group)?;
         if st.registry.layer_names.contains_key(name) {
             return Err(Error::invalid(format!(
                 "a layer named {name:?} is already registered"
             )));
         }
-        Ok(key)
+        Ok((key, st.registry.groups.get(key).expect("checked").tiers))
     }
 
     fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<u64> {
@@ -473,11 +475,7 @@ impl Context {
         name: &str,
         tensors: &[HostTensorIn<'_>],
     ) -> Result<u64> {
-        let (group_key, tiers) = {
-            let st = self.lock();
-            let key = self.check_new_layer(&st, group, name)?;
-            (key, st.registry.groups.get(key).expect("checked").tiers)
-        };
+        let (group_key, tiers) = self.check_new_layer(&self.lock(), group, name)?;
         if tiers.offload.device == Device::Disk || tiers.onload.device == Device::Disk {
             return Err(Error::invalid(
                 "host tensors have no file behind them: register them in a group whose offload and onload tiers are on the cpu",
@@ -523,14 +521,8 @@ impl Context {
     ) -> Result<u64> {
         let layer = {
             let st = self.lock();
-            let key = self.check_new_layer(&st, group, name)?;
-            checkpoint_layer(
-                checkpoint,
-                key,
-                &st.registry.groups.get(key).expect("checked").tiers,
-                name,
-                tensor_names,
-            )?
+            let (key, tiers) = self.check_new_layer(&st, group, name)?;
+            checkpoint_layer(checkpoint, key, &tiers, name, tensor_names)?
         };
         let mut st = self.lock();
         self.group_key(&st, group)?;
@@ -562,11 +554,9 @@ impl Context {
             )));
         }
         let mut st = self.lock();
-        let key = self.group_key(&st, group)?;
-        let tiers = st.registry.groups.get(key).expect("checked").tiers;
         let mut built = Vec::with_capacity(layers.len());
         for (name, tensors) in &layers {
-            self.check_new_layer(&st, group, name)?;
+            let (key, tiers) = self.check_new_layer(&st, group, name)?;
             built.push(checkpoint_layer(checkpoint, key, &tiers, name, tensors)?);
         }
         for layer in built {
@@ -712,6 +702,7 @@ impl Context {
             }
             let plan = device_plan(layer);
             let was_resident = layer.prepared.is_some();
+            let payload = layer.forms.preparing_payload();
             let layer_name = layer.name.clone();
             let bytes = plan.bytes();
             match self.make_room(&mut st, key, bytes, me) {
@@ -767,13 +758,7 @@ impl Context {
                 st.counters.resident_hits += 1;
             } else {
                 st.counters.misses += 1;
-                st.counters.bytes_to_device += st
-                    .registry
-                    .layers
-                    .get(key)
-                    .expect("checked")
-                    .forms
-                    .preparing_payload();
+                st.counters.bytes_to_device += payload;
             }
             add_stall(&mut st.counters, started);
             return Ok(self.emit_views(&st, key, &mut view));
