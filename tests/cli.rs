@@ -29,6 +29,9 @@ fn every_command_has_help_and_bad_input_gets_a_message() {
         assert_eq!(code, 0, "{args:?}");
         assert!(out.contains("Usage"), "{args:?}: {out}");
     }
+    let (code, _, err) = strata(&["demo", "--layers", "0"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--layers takes a positive number"), "{err}");
     let (code, _, err) = strata(&["demo", "--layers", "zero"]);
     assert_eq!(code, 2);
     assert!(err.contains("--layers takes a positive number"), "{err}");
@@ -87,6 +90,12 @@ fn inspect_and_plan_describe_a_checkpoint() {
         out.contains("4 layers") && out.contains("blocks.3"),
         "{out}"
     );
+
+    // --keep 0 (the default) is a valid count: each module's tensors form a layer.
+    let (code, out, err) = strata(&["inspect", path, "--keep", "0", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["layers"].as_array().unwrap().len(), 4);
 
     let plan = |limit: &str| {
         let (code, out, err) = strata(&[

@@ -89,9 +89,7 @@ pub fn inspect(args: &[String]) -> Result<()> {
         return Ok(());
     };
     let checkpoint = open(&args, INSPECT_USAGE)?;
-    let keep = args
-        .get("--keep")
-        .map_or(Ok(0), |_| args.number("--keep", 0))? as u32;
+    let keep = args.count("--keep", 0)? as u32;
     let layers = layers_of(&checkpoint, args.get("--prefix").unwrap_or(""), keep);
     let bytes = |tensors: &[&TensorInfo]| tensors.iter().map(|t| t.nbytes).sum::<u64>();
     let dtypes = |tensors: &[&TensorInfo]| {
@@ -176,7 +174,7 @@ fn parse_quant(text: &str) -> Result<Quant> {
 
 /// One layer's device bytes: its resident (preparing) copy and, while in use, the conversion to
 /// the computation dtype when that differs.
-struct Sized {
+struct LayerSize {
     name: String,
     prepared: u64,
     converted: u64,
@@ -204,12 +202,8 @@ pub fn plan(args: &[String]) -> Result<()> {
     )?;
     let bandwidth = parse_bytes(args.get("--bandwidth").unwrap_or("25GB/s"))?.max(1);
     let steps = args.number("--steps", 20)?;
-    let prefetch = args
-        .get("--prefetch")
-        .map_or(Ok(2), |_| args.number("--prefetch", 2))?;
-    let keep = args
-        .get("--keep")
-        .map_or(Ok(0), |_| args.number("--keep", 0))? as u32;
+    let prefetch = args.count("--prefetch", 2)?;
+    let keep = args.count("--keep", 0)? as u32;
     let raw = RawTiers {
         placements: [
             (STRATA_DEVICE_DISK, strata::dtype::STRATA_DTYPE_SOURCE),
@@ -241,7 +235,7 @@ pub fn plan(args: &[String]) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let forms = Forms::new(&metas, &tiers);
         let converts = forms.preparing.slots != forms.computation.slots;
-        sized.push(Sized {
+        sized.push(LayerSize {
             name,
             prepared: forms.preparing.size as u64,
             converted: if converts {
@@ -264,7 +258,7 @@ pub fn plan(args: &[String]) -> Result<()> {
         .unwrap_or(0)
         + prefetch * largest_prepared;
     let mut room = vram_limit.saturating_sub(window);
-    let resident: Vec<&Sized> = sized
+    let resident: Vec<&LayerSize> = sized
         .iter()
         .filter(|l| {
             let fits = l.prepared <= room;

@@ -98,11 +98,22 @@ impl Args {
 
     /// A positive whole number, or `default` when the option is absent.
     pub fn number(&self, name: &str, default: u64) -> Result<u64> {
+        self.whole(name, default, 1, "a positive number")
+    }
+
+    /// A whole number that may be 0 (a count), or `default` when the option is absent.
+    pub fn count(&self, name: &str, default: u64) -> Result<u64> {
+        self.whole(name, default, 0, "a whole number")
+    }
+
+    fn whole(&self, name: &str, default: u64, least: u64, what: &str) -> Result<u64> {
         match self.get(name) {
             None => Ok(default),
-            Some(value) => value.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
-                Error::invalid(format!("{name} takes a positive number, not {value:?}"))
-            }),
+            Some(value) => value
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n >= least)
+                .ok_or_else(|| Error::invalid(format!("{name} takes {what}, not {value:?}"))),
         }
     }
 }
