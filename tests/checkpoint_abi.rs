@@ -239,20 +239,7 @@ fn every_tier_path_gives_the_reference_bytes() {
             t.computation.dtype = comp.to_abi();
             t.quantization = quant.to_abi();
         }));
-        let ckpt = open_checkpoint(&ctx, &path);
-        let mut layer = 0;
-        let names = [cstr("blocks.0.weight")];
-        let ptrs: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
-        ok(strata_layer_register_checkpoint(
-            ctx.0,
-            group,
-            ckpt,
-            cstr("w").as_ptr(),
-            ptrs.as_ptr(),
-            1,
-            &mut layer,
-        ));
-        strata_checkpoint_close(ckpt);
+        let layer = ctx.register_tensors(group, &path, "w", &["blocks.0.weight"]);
         let q = |d: DType| if d.is_fp8() { quant } else { Quant::None };
         let mut steps = Vec::new();
         if off_dev == STRATA_DEVICE_CPU {
@@ -511,20 +498,7 @@ fn a_file_truncated_mid_run_fails_its_layers_and_the_rest_keep_working() {
     ));
     strata_checkpoint_close(ckpt);
     // The intact file uses the same names, so its tensor becomes a layer named "intact".
-    let ckpt = open_checkpoint(&ctx, &intact);
-    let names = [cstr("blocks.0.weight")];
-    let ptrs: Vec<_> = names.iter().map(|c| c.as_ptr()).collect();
-    let mut intact_layer = 0;
-    ok(strata_layer_register_checkpoint(
-        ctx.0,
-        group_b,
-        ckpt,
-        cstr("intact").as_ptr(),
-        ptrs.as_ptr(),
-        1,
-        &mut intact_layer,
-    ));
-    strata_checkpoint_close(ckpt);
+    let intact_layer = ctx.register_tensors(group_b, &intact, "intact", &["blocks.0.weight"]);
     let layer = |b: usize| {
         let mut id = 0;
         ok(strata_layer_find(
@@ -637,20 +611,7 @@ fn files_rewritten_in_place_are_refused_and_replaced_ones_keep_their_bytes() {
     let register = |file: &str, layer: &str| {
         let path = dir.path(file);
         write_safetensors(&path, &[("w".into(), St::F32, vec![4], f32_bytes(&first))]);
-        let ckpt = open_checkpoint(&ctx, &path);
-        let names = [cstr("w")];
-        let ptrs: Vec<_> = names.iter().map(|c| c.as_ptr()).collect();
-        let mut id = 0;
-        ok(strata_layer_register_checkpoint(
-            ctx.0,
-            group,
-            ckpt,
-            cstr(layer).as_ptr(),
-            ptrs.as_ptr(),
-            1,
-            &mut id,
-        ));
-        strata_checkpoint_close(ckpt);
+        let id = ctx.register_tensors(group, &path, layer, &["w"]);
         (path, id)
     };
     let (rewritten, rewritten_layer) = register("rewritten.safetensors", "a");

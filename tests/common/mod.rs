@@ -175,6 +175,25 @@ impl Ctx {
         n
     }
 
+    /// Opens a checkpoint, registers the named tensors as one layer of `group`, closes it again.
+    pub fn register_tensors(&self, group: u32, path: &Path, layer: &str, tensors: &[&str]) -> u64 {
+        let ckpt = open_checkpoint(self, path);
+        let names: Vec<CString> = tensors.iter().map(|t| cstr(t)).collect();
+        let pointers: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
+        let mut id = 0;
+        ok(strata_layer_register_checkpoint(
+            self.0,
+            group,
+            ckpt,
+            cstr(layer).as_ptr(),
+            pointers.as_ptr(),
+            pointers.len(),
+            &mut id,
+        ));
+        strata_checkpoint_close(ckpt);
+        id
+    }
+
     pub fn find(&self, name: &str) -> u64 {
         let mut id = 0;
         ok(strata_layer_find(self.0, cstr(name).as_ptr(), &mut id));
