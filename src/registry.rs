@@ -288,6 +288,10 @@ pub struct Layer {
     pub onload_copy: Option<Arc<HostCopy>>,
     /// The preparing tier on the compute device.
     pub prepared: Option<DeviceCopy>,
+    /// The computation form, converted ahead by the copy engine for the next acquire to take.
+    pub staged: Option<DeviceCopy>,
+    /// The copy engine filled this layer ahead of its use and no acquire has taken it yet.
+    pub prefetched: bool,
     /// Set while the layer is in use.
     pub computation: Option<Computation>,
     pub in_use: u32,
@@ -295,8 +299,6 @@ pub struct Layer {
     pub holders: Vec<ThreadId>,
     /// A thread is moving this layer's bytes without the context lock; others wait for it.
     pub busy: bool,
-    /// When the layer was used, for predicting its next use.
-    pub uses: crate::schedule::UseHistory,
     /// When the first of the current acquires returned, for the trace's compute span.
     pub acquired_at: Option<Instant>,
 }
@@ -305,6 +307,23 @@ impl Layer {
     /// Bytes of the tensors as stored.
     pub fn source_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    /// Whether the computation form differs from the preparing one, so using the layer needs a
+    /// converted copy beside the resident one.
+    pub fn needs_conversion(&self) -> bool {
+        self.forms.preparing.slots != self.forms.computation.slots
+    }
+
+    /// Frees the copies on the compute device that are not in use (resident and staged); returns
+    /// their bytes for the budget to refund.
+    pub fn drop_device_copies(&mut self) -> u64 {
+        self.prefetched = false;
+        [self.prepared.take(), self.staged.take()]
+            .into_iter()
+            .flatten()
+            .map(|copy| copy.bytes())
+            .sum()
     }
 }
 

@@ -90,6 +90,8 @@ fn layer_footprint(rows: i64) -> u64 {
 
 #[test]
 fn random_sequences_never_exceed_the_budget() {
+    // The copy engine runs too, on predictions that random order keeps breaking.
+    const PREFETCH_DEPTH: u64 = 2;
     let footprint = layer_footprint(16);
     for seed in 1..=40u64 {
         let mut rng = Rng(seed * 7919);
@@ -102,6 +104,7 @@ fn random_sequences_never_exceed_the_budget() {
         let strict = rng.below(3) == 0;
         let ctx = Ctx::with(|o| {
             o.vram_limit = limit;
+            o.prefetch_depth = PREFETCH_DEPTH as u32;
             o.flags = if strict { STRATA_FLAG_STRICT_BUDGET } else { 0 };
         });
         let group_a = ctx.group(&converting_tiers());
@@ -173,8 +176,8 @@ fn random_sequences_never_exceed_the_budget() {
             if limit == 0 {
                 let distinct: std::collections::HashSet<u64> = held.iter().map(|h| h.0).collect();
                 assert!(
-                    stats.vram_in_use <= footprint * distinct.len() as u64,
-                    "seed {seed}: 0 keeps only layers in use"
+                    stats.vram_in_use <= footprint * (distinct.len() as u64 + PREFETCH_DEPTH),
+                    "seed {seed}: 0 keeps only layers in use and the prefetch window"
                 );
             }
         }
@@ -182,10 +185,9 @@ fn random_sequences_never_exceed_the_budget() {
             ctx.release(id);
         }
         if limit == 0 {
-            assert_eq!(
-                ctx.stats().vram_in_use,
-                0,
-                "limit 0 keeps nothing resident after release"
+            assert!(
+                ctx.stats().vram_in_use <= footprint * PREFETCH_DEPTH,
+                "limit 0 keeps nothing resident after release but the prefetch window"
             );
         }
         if strict || limit == 0 || limit == STRATA_UNLIMITED || footprint <= limit {

@@ -3,6 +3,7 @@
 //! One lock guards the bookkeeping; bytes move without it while the layer being filled is marked
 //! busy, so threads acquiring other layers are not held up by a read or a conversion.
 
+mod engine;
 mod load;
 
 use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
@@ -15,12 +16,14 @@ use crate::host::{CountedBuffer, MemoryCounter};
 use crate::registry::{
     Computation, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry, TensorMeta,
 };
+use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::{Span, Trace, Track};
+use engine::CopyEngine;
 use load::Source;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
 
@@ -61,8 +64,13 @@ struct State {
     budget: Budget,
     counters: Counters,
     trace: Trace,
-    /// Logical time, bumped by each acquire.
-    clock: u64,
+    /// The learned order of acquires.
+    schedule: Schedule,
+    /// Layers the copy engine filled ahead that no acquire has taken yet.
+    prefetched: Vec<Key>,
+    /// The layer the copy engine is filling right now, if any: a thread that needs room may
+    /// always wait for it, since the engine never waits on a caller.
+    engine_filling: Option<Key>,
     /// Threads blocked in `wait`: waking nobody costs a syscall, so releases skip it when 0.
     waiters: usize,
 }
@@ -78,6 +86,15 @@ pub struct Context {
     bytes_from_disk: AtomicU64,
     /// Set by `strata_context_destroy`: the context takes no more calls.
     closed: AtomicBool,
+    engine: CopyEngine,
+    /// This context, for the copy engine's worker, which must not keep it alive.
+    self_ref: Weak<Context>,
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.engine.stop();
+    }
 }
 
 /// Gives each context its own id tag, so ids from one context do not resolve in another.
@@ -107,6 +124,14 @@ impl DevicePlan {
     }
 }
 
+/// Who needs the room: an acquire (which may wait, and may overcommit with one layer larger than
+/// the budget) or the copy engine filling a layer at this predicted distance (which may not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Demand,
+    Prefetch(u32),
+}
+
 /// Why room could not be made right now.
 enum NoRoom {
     /// Other threads hold layers in use or are loading: wait for a release.
@@ -115,13 +140,13 @@ enum NoRoom {
 }
 
 impl Context {
-    pub fn new(options: Options) -> Result<Context> {
+    pub fn new(options: Options) -> Result<Arc<Context>> {
         let backend: Box<dyn Backend> = match options.compute {
             Device::Cpu => Box::new(CpuBackend),
             Device::Cuda => crate::backend::open_cuda(options.device_index)?,
             Device::Disk => return Err(Error::invalid("the compute device cannot be the disk")),
         };
-        Ok(Context {
+        Ok(Arc::new_cyclic(|self_ref| Context {
             backend,
             codec: IdCodec { tag: next_tag() },
             options,
@@ -130,14 +155,18 @@ impl Context {
                 budget: Budget::new(Limit::from_abi(options.vram_limit)),
                 counters: Counters::default(),
                 trace: Trace::default(),
-                clock: 0,
+                schedule: Schedule::default(),
+                prefetched: Vec::new(),
+                engine_filling: None,
                 waiters: 0,
             }),
             changed: Condvar::new(),
             host: Arc::new(MemoryCounter::default()),
             bytes_from_disk: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-        })
+            engine: CopyEngine::default(),
+            self_ref: self_ref.clone(),
+        }))
     }
 
     pub fn close(&self) {
@@ -266,9 +295,8 @@ impl Context {
                 .expect("group lists live layers");
             l.onload_copy = None;
             if l.in_use == 0 {
-                if let Some(copy) = l.prepared.take() {
-                    st.budget.refund(copy.bytes());
-                }
+                let freed = l.drop_device_copies();
+                st.budget.refund(freed);
             }
         }
         self.wake(st.waiters);
@@ -459,11 +487,12 @@ impl Context {
             offload_copy: None,
             onload_copy: None,
             prepared: None,
+            staged: None,
+            prefetched: false,
             computation: None,
             in_use: 0,
             holders: Vec::new(),
             busy: false,
-            uses: Default::default(),
             acquired_at: None,
         })
     }
@@ -604,14 +633,14 @@ impl Context {
     }
 
     fn remove_layer(&self, st: &mut State, key: Key) {
-        if let Some(layer) = st.registry.layers.remove(key) {
+        if let Some(mut layer) = st.registry.layers.remove(key) {
             st.registry.layer_names.remove(&*layer.name);
             if let Some(group) = st.registry.groups.get_mut(layer.group) {
                 group.layers.retain(|&l| l != key);
             }
-            if let Some(copy) = layer.prepared {
-                st.budget.refund(copy.bytes());
-            }
+            st.budget.refund(layer.drop_device_copies());
+            st.schedule.forget(key);
+            st.prefetched.retain(|&k| k != key);
         }
         self.wake(st.waiters);
     }
@@ -632,9 +661,7 @@ impl Context {
         let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
-        // One tick per acquire, however often it retries: use intervals are counted in acquires.
-        st.clock += 1;
-        let now = st.clock;
+        let mut recorded = false;
         loop {
             let Some(layer) = st.registry.layers.get(key) else {
                 return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
@@ -648,6 +675,12 @@ impl Context {
                         layer.tensors.len()
                     ),
                 ));
+            }
+            if !recorded {
+                // Once per acquire, however often it retries: the learned order counts acquires.
+                recorded = true;
+                st.schedule.record(key);
+                continue;
             }
             if layer.busy {
                 started.get_or_insert_with(Instant::now);
@@ -672,7 +705,6 @@ impl Context {
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 layer.in_use += 1;
                 layer.holders.push(me);
-                layer.uses.record(now);
                 st.counters.acquires += 1;
                 st.counters.resident_hits += 1;
                 add_stall(&mut st.counters, started);
@@ -682,30 +714,30 @@ impl Context {
                 st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
                 continue;
             }
-            let source = nearest_source(layer, true);
-            if let Source::Host(copy) = &source {
-                // In place only when no tier in between changes the bytes: an fp8 preparing tier
-                // must round through fp8 on the CPU exactly as it would on a GPU.
-                let forms = &layer.forms;
-                if self.backend.reads_host_memory()
-                    && copy.slots == forms.computation.slots
-                    && forms.preparing.slots == forms.computation.slots
-                {
-                    let layer = st.registry.layers.get_mut(key).expect("checked");
-                    layer.computation = Some(Computation::Host(copy.clone()));
-                    self.mark_acquired(layer, me, now);
-                    st.counters.acquires += 1;
-                    st.counters.resident_hits += 1;
-                    add_stall(&mut st.counters, started);
-                    return Ok(self.emit_views(&st, key, &mut view));
-                }
+            if let Some(copy) = self.in_place_copy(layer) {
+                let layer = st.registry.layers.get_mut(key).expect("checked");
+                layer.computation = Some(Computation::Host(copy));
+                self.mark_acquired(layer, me);
+                return Ok(self.finish_hit(st, key, false, started, &mut view));
             }
             let plan = device_plan(layer);
+            let bytes = plan.bytes();
+            if bytes == 0 {
+                // Resident, and converted ahead when the forms differ: a hit, nothing moves.
+                let layer = st.registry.layers.get_mut(key).expect("checked");
+                let prefetched = std::mem::take(&mut layer.prefetched);
+                layer.computation = Some(match layer.staged.take() {
+                    Some(copy) => Computation::Converted(copy),
+                    None => Computation::Prepared,
+                });
+                self.mark_acquired(layer, me);
+                return Ok(self.finish_hit(st, key, prefetched, started, &mut view));
+            }
+            let source = nearest_source(layer, true);
             let was_resident = layer.prepared.is_some();
             let payload = layer.forms.preparing_payload();
             let layer_name = layer.name.clone();
-            let bytes = plan.bytes();
-            match self.make_room(&mut st, key, bytes, me) {
+            match self.make_room(&mut st, key, bytes, me, Purpose::Demand) {
                 Ok(()) => {}
                 Err(NoRoom::Wait) => {
                     started.get_or_insert_with(Instant::now);
@@ -720,6 +752,8 @@ impl Context {
             layer.busy = true;
             let tensors = layer.tensors.clone();
             let prepared = layer.prepared.take();
+            // The engine works on the layers after this one while this one is filled.
+            self.request_prefetch(&mut st);
             drop(st);
 
             let mut spans = Vec::new();
@@ -752,7 +786,7 @@ impl Context {
                 Some(copy) => Computation::Converted(copy),
                 None => Computation::Prepared,
             });
-            self.mark_acquired(layer, me, now);
+            self.mark_acquired(layer, me);
             st.counters.acquires += 1;
             if was_resident {
                 st.counters.resident_hits += 1;
@@ -765,10 +799,135 @@ impl Context {
         }
     }
 
-    fn mark_acquired(&self, layer: &mut Layer, me: ThreadId, now: u64) {
+    /// The host copy a layer is handed out from in place, when the device reads host memory and
+    /// no tier in between changes the bytes (an fp8 preparing tier must round through fp8 on the
+    /// CPU exactly as it would on a GPU).
+    fn in_place_copy(&self, layer: &Layer) -> Option<Arc<HostCopy>> {
+        let Source::Host(copy) = nearest_source(layer, true) else {
+            return None;
+        };
+        let forms = &layer.forms;
+        (self.backend.reads_host_memory()
+            && copy.slots == forms.computation.slots
+            && forms.preparing.slots == forms.computation.slots)
+            .then_some(copy)
+    }
+
+    /// Whether the copy engine has work to do ahead for a layer predicted `distance` acquires
+    /// away: bytes to move, or (for the next layer only) a conversion to make.
+    fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
+        let Some(group) = st.registry.groups.get(layer.group) else {
+            return false;
+        };
+        // A host offload tier is read from the file once, by the acquire that needs it; the
+        // engine does not read around it.
+        let host_ready = group.tiers.offload.device != Device::Cpu || layer.offload_copy.is_some();
+        group.onloaded
+            && host_ready
+            && self.in_place_copy(layer).is_none()
+            && (layer.prepared.is_none()
+                || (distance <= 1 && layer.needs_conversion() && layer.staged.is_none()))
+    }
+
+    /// Counts a hit, asks the engine for what comes next, and hands out the views.
+    fn finish_hit(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        key: Key,
+        prefetched: bool,
+        started: Option<Instant>,
+        view: impl FnMut(usize, View<'_>),
+    ) -> usize {
+        st.counters.acquires += 1;
+        if prefetched {
+            st.counters.prefetch_hits += 1;
+            st.prefetched.retain(|&k| k != key);
+        } else {
+            st.counters.resident_hits += 1;
+        }
+        add_stall(&mut st.counters, started);
+        self.request_prefetch(&mut st);
+        self.emit_views(&st, key, view)
+    }
+
+    /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
+    /// computation form, if room can be made without evicting anything needed sooner. Returns
+    /// false when it did not fit (the engine then stops prefetching until the next acquire).
+    pub(super) fn prefetch(&self, key: Key) -> bool {
+        let me = current_thread();
+        let mut st = self.lock();
+        let Some(layer) = st.registry.layers.get(key) else {
+            return true;
+        };
+        let Some(distance) = st.schedule.distances().of(key) else {
+            return true;
+        };
+        if layer.in_use > 0 || layer.busy || !self.needs_device_work(&st, layer, distance) {
+            return true;
+        }
+        let mut plan = device_plan(layer);
+        if distance > 1 {
+            // Only the next layer is converted ahead: the computation form is the larger one
+            // (bf16 from fp8), and converting takes little time next to moving the bytes.
+            plan.converted = None;
+        }
+        let bytes = plan.bytes();
+        let source = nearest_source(layer, true);
+        let was_resident = layer.prepared.is_some();
+        let payload = layer.forms.preparing_payload();
+        let layer_name = layer.name.clone();
+        if self
+            .make_room(&mut st, key, bytes, me, Purpose::Prefetch(distance))
+            .is_err()
+        {
+            return false;
+        }
+        st.budget.charge(bytes);
+        st.engine_filling = Some(key);
+        let layer = st.registry.layers.get_mut(key).expect("checked");
+        layer.busy = true;
+        let tensors = layer.tensors.clone();
+        let prepared = layer.prepared.take();
+        drop(st);
+
+        let mut spans = Vec::new();
+        let result = self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
+
+        let mut st = self.lock();
+        st.engine_filling = None;
+        for span in spans {
+            st.trace.record(span);
+        }
+        self.wake(st.waiters);
+        let layer = st
+            .registry
+            .layers
+            .get_mut(key)
+            .expect("busy layers are not removed");
+        layer.busy = false;
+        match result {
+            Ok((prepared, converted)) => {
+                layer.prepared = Some(prepared);
+                layer.staged = converted;
+                layer.prefetched = true;
+                st.prefetched.push(key);
+                if !was_resident {
+                    st.counters.bytes_to_device += payload;
+                }
+                true
+            }
+            Err((prepared, _)) => {
+                // The acquire that needs this layer tries again and reports the error.
+                layer.prepared = prepared.filter(|_| was_resident);
+                st.budget.refund(bytes);
+                false
+            }
+        }
+    }
+
+    fn mark_acquired(&self, layer: &mut Layer, me: ThreadId) {
         layer.in_use = 1;
         layer.holders.push(me);
-        layer.uses.record(now);
         layer.acquired_at = Some(Instant::now());
     }
 
@@ -810,28 +969,41 @@ impl Context {
     }
 
     /// Evicts unused resident layers until `bytes` more fit, or says why they cannot. The layer's
-    /// whole footprint (its resident copy, if any, plus `bytes`) is what may exceed the cap alone.
+    /// whole footprint (its resident copies, if any, plus `bytes`) is what may exceed the cap alone.
+    /// A prefetch evicts only layers whose next use is predicted after its own, never waits and
+    /// never overcommits: the engine's depth shrinks instead.
     fn make_room(
         &self,
         st: &mut State,
         key: Key,
         bytes: u64,
         me: ThreadId,
+        purpose: Purpose,
     ) -> std::result::Result<(), NoRoom> {
-        let own = st
-            .registry
-            .layers
-            .get(key)
-            .and_then(|l| l.prepared.as_ref())
-            .map_or(0, |p| p.bytes());
+        let own = st.registry.layers.get(key).map_or(0, |l| {
+            [&l.prepared, &l.staged]
+                .into_iter()
+                .flatten()
+                .map(|c| c.bytes())
+                .sum()
+        });
         let footprint = own + bytes;
-        if self.options.strict_budget && st.budget.exceeds_cap_alone(footprint) {
+        let too_large = st.budget.exceeds_cap_alone(footprint);
+        if too_large && (self.options.strict_budget || purpose != Purpose::Demand) {
             let name = &st.registry.layers.get(key).expect("checked").name;
             return Err(NoRoom::Fail(Error::budget(format!(
                 "layer {name:?} needs {footprint} bytes on the device, more than vram_limit {} (STRATA_FLAG_STRICT_BUDGET)",
                 self.options.vram_limit
             ))));
         }
+        if st.budget.fits(bytes) {
+            return Ok(());
+        }
+        let distances = st.schedule.distances();
+        let nearest_allowed = match purpose {
+            Purpose::Demand => 0,
+            Purpose::Prefetch(distance) => distance.saturating_add(1),
+        };
         loop {
             if st.budget.fits(bytes) {
                 return Ok(());
@@ -840,19 +1012,36 @@ impl Context {
                 .registry
                 .layers
                 .iter()
-                .filter(|(k, l)| *k != key && l.prepared.is_some() && l.in_use == 0 && !l.busy)
-                .max_by_key(|(_, l)| l.uses.eviction_rank())
-                .map(|(k, _)| k);
+                .filter(|(k, l)| {
+                    *k != key
+                        && (l.prepared.is_some() || l.staged.is_some())
+                        && l.in_use == 0
+                        && !l.busy
+                })
+                .map(|(k, _)| (st.schedule.eviction_rank(k, &distances), k))
+                .filter(|(rank, _)| rank.0 >= nearest_allowed)
+                .max_by_key(|(rank, _)| *rank)
+                .map(|(_, k)| k);
             if let Some(victim) = victim {
                 let layer = st.registry.layers.get_mut(victim).expect("found above");
-                let copy = layer.prepared.take().expect("filtered on it");
-                st.budget.refund(copy.bytes());
+                let freed = layer.drop_device_copies();
+                st.budget.refund(freed);
+                st.prefetched.retain(|&k| k != victim);
                 st.counters.evictions += 1;
                 continue;
             }
-            if st.budget.exceeds_cap_alone(footprint) && st.budget.in_use() == own {
+            if purpose != Purpose::Demand {
+                return Err(NoRoom::Fail(Error::budget(
+                    "no room for a prefetch without evicting a layer needed sooner",
+                )));
+            }
+            if too_large && st.budget.in_use() == own {
                 // One layer larger than the whole budget: allowed alone, reported as overcommit.
                 return Ok(());
+            }
+            if st.engine_filling.is_some() {
+                // The copy engine never waits on a caller, so its fill ends and can be evicted.
+                return Err(NoRoom::Wait);
             }
             // Waiting is safe only for a thread that holds nothing: two threads that each hold a
             // layer and wait for the other's would wait forever.
@@ -1005,12 +1194,12 @@ fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
     }
 }
 
-/// What acquiring a layer in use must add on the device: the prepared copy unless resident, and a
-/// converted copy when the computation form differs from the preparing one.
+/// What using a layer must add on the device: the prepared copy unless resident, and a converted
+/// copy when the computation form differs from the preparing one and none was staged ahead.
 fn device_plan(layer: &Layer) -> DevicePlan {
     let forms = &layer.forms;
     let converted =
-        (forms.preparing.slots != forms.computation.slots).then(|| forms.computation.clone());
+        (layer.needs_conversion() && layer.staged.is_none()).then(|| forms.computation.clone());
     DevicePlan {
         prepared: layer.prepared.is_none().then(|| forms.preparing.clone()),
         converted,

@@ -94,13 +94,13 @@ impl<T> Handles<T> {
         self.live.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn insert(&self, value: T) -> usize {
+    pub fn insert(&self, value: impl Into<Arc<T>>) -> usize {
         // Tokens are multiples of 16, like real allocations, so they never look like small ints.
         let token = self.next.fetch_add(1, Ordering::Relaxed) << 4;
         self.live
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(token, Arc::new(value));
+            .insert(token, value.into());
         token
     }
 

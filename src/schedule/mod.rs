@@ -1,94 +1,194 @@
-//! Which resident layer to evict: the one whose next use is predicted furthest away (Belady's
-//! rule), predicted from the sequence of acquires alone. A layer's next use is expected one
-//! interval after its last, the interval being the distance between its last two uses: in a
-//! repeating pass every layer's interval is the pass length, so the layer used most recently is
-//! the one needed last, and keeping the others moves the fewest bytes. A layer used only once so
-//! far (a one-off component, or the first pass) has no predicted next use and goes first.
+//! The order in which layers are used, learned from the sequence of acquires alone, and what it
+//! predicts: which layers come next (for prefetching) and how far away each layer's next use is
+//! (for eviction by Belady's rule: the resident layer used furthest in the future goes first).
+//!
+//! Each layer remembers the layers that followed it, with a small saturating confidence per
+//! candidate, like a branch predictor: a DiT's last block is followed by its first block on every
+//! step but one (the VAE after the last step), and the common successor keeps winning; when the
+//! order changes for good (a skipped block, a new component) the new successor takes over after
+//! two or three passes. Following the most likely successors from the layer in use gives the
+//! predicted future; a layer not on that path has no predicted use and is evicted first.
 
-/// When a layer was used, in the context's logical time (one tick per acquire).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UseHistory {
-    last: u64,
-    previous: Option<u64>,
+use crate::registry::Key;
+use std::collections::HashMap;
+
+/// Candidate successors remembered per layer.
+const CANDIDATES: usize = 4;
+/// Saturation of a candidate's confidence: how many contrary observations it takes to unseat it.
+const MAX_CONFIDENCE: u8 = 3;
+
+#[derive(Clone, Copy, Debug)]
+struct Successor {
+    key: Key,
+    confidence: u8,
+    /// Logical time it was last observed: breaks ties toward the most recent.
+    seen: u64,
 }
 
-impl UseHistory {
-    pub fn record(&mut self, now: u64) {
-        if self.last != 0 {
-            self.previous = Some(self.last);
+#[derive(Clone, Debug, Default)]
+struct Entry {
+    generation: u32,
+    last_use: u64,
+    successors: [Option<Successor>; CANDIDATES],
+}
+
+impl Entry {
+    fn learn(&mut self, next: Key, now: u64) {
+        let mut found = false;
+        for candidate in self.successors.iter_mut().flatten() {
+            if candidate.key == next {
+                candidate.confidence = (candidate.confidence + 1).min(MAX_CONFIDENCE);
+                candidate.seen = now;
+                found = true;
+            } else {
+                candidate.confidence = candidate.confidence.saturating_sub(1);
+            }
         }
-        self.last = now;
+        if found {
+            return;
+        }
+        let fresh = Successor {
+            key: next,
+            confidence: 1,
+            seen: now,
+        };
+        let slot = self
+            .successors
+            .iter_mut()
+            .min_by_key(|c| c.map_or((0, 0), |c| (c.confidence as u64 + 1, c.seen)))
+            .expect("CANDIDATES > 0");
+        *slot = Some(fresh);
     }
 
-    pub fn predicted_next(&self) -> Option<u64> {
-        self.previous
-            .map(|previous| self.last + (self.last - previous))
+    fn successor(&self) -> Option<Key> {
+        self.successors
+            .iter()
+            .flatten()
+            .max_by_key(|c| (c.confidence, c.seen))
+            .map(|c| c.key)
+    }
+}
+
+/// The learned order of one context's acquires. Keys are the registry's; an entry whose slot was
+/// reused by another layer (a new generation) starts afresh.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    /// Logical time: one tick per recorded acquire.
+    clock: u64,
+    /// The layer acquired last: where predictions start.
+    current: Option<Key>,
+    entries: Vec<Entry>,
+}
+
+/// How far away each layer's next use is predicted to be, in acquires, from the layer in use.
+pub struct Distances(HashMap<Key, u32>);
+
+impl Distances {
+    pub fn of(&self, key: Key) -> Option<u32> {
+        self.0.get(&key).copied()
+    }
+}
+
+impl Schedule {
+    fn entry(&self, key: Key) -> Option<&Entry> {
+        self.entries
+            .get(key.index as usize)
+            .filter(|e| e.generation == key.generation)
     }
 
-    /// Larger means evict sooner: no predicted use first, then the furthest predicted use; ties
-    /// (a first pass) go to the most recently used, as in a repeating pass it is needed last.
-    pub fn eviction_rank(&self) -> (u64, u64) {
-        (self.predicted_next().unwrap_or(u64::MAX), self.last)
+    fn entry_mut(&mut self, key: Key) -> &mut Entry {
+        let index = key.index as usize;
+        if index >= self.entries.len() {
+            self.entries.resize_with(index + 1, Entry::default);
+        }
+        let entry = &mut self.entries[index];
+        if entry.generation != key.generation {
+            *entry = Entry {
+                generation: key.generation,
+                ..Entry::default()
+            };
+        }
+        entry
+    }
+
+    /// Records an acquire of `key`; returns its logical time.
+    pub fn record(&mut self, key: Key) -> u64 {
+        self.clock += 1;
+        let now = self.clock;
+        // A second acquire of the layer in use (reference counting) is no step in the order.
+        if let Some(previous) = self.current.filter(|&p| p != key) {
+            self.entry_mut(previous).learn(key, now);
+        }
+        self.entry_mut(key).last_use = now;
+        self.current = Some(key);
+        now
+    }
+
+    /// Forgets a layer that was unregistered, so predictions stop at it.
+    pub fn forget(&mut self, key: Key) {
+        if let Some(entry) = self.entries.get_mut(key.index as usize) {
+            if entry.generation == key.generation {
+                *entry = Entry::default();
+            }
+        }
+        if self.current == Some(key) {
+            self.current = None;
+        }
+    }
+
+    /// The layers predicted to be acquired after the current one, nearest first, at most `depth`,
+    /// each at most once; stops where the learned order stops or comes back to the current layer.
+    pub fn upcoming(&self, depth: usize) -> Vec<Key> {
+        let mut out = Vec::with_capacity(depth);
+        let Some(start) = self.current else {
+            return out;
+        };
+        let mut at = start;
+        while out.len() < depth {
+            let Some(next) = self.entry(at).and_then(Entry::successor) else {
+                break;
+            };
+            if next == start || out.contains(&next) {
+                break;
+            }
+            out.push(next);
+            at = next;
+        }
+        out
+    }
+
+    /// The predicted distance to every layer on the learned path ahead of the current one.
+    pub fn distances(&self) -> Distances {
+        let mut map = HashMap::new();
+        let Some(start) = self.current else {
+            return Distances(map);
+        };
+        // The current layer is not at distance 0: once released, its next use is a whole cycle
+        // away, and it is found there when the path comes back to it.
+        let mut at = start;
+        let mut distance = 0;
+        while let Some(next) = self.entry(at).and_then(Entry::successor) {
+            if map.contains_key(&next) {
+                // Back on the path already walked: the rest repeats.
+                break;
+            }
+            distance += 1;
+            map.insert(next, distance);
+            if next == start {
+                break;
+            }
+            at = next;
+        }
+        Distances(map)
+    }
+
+    /// Larger means evict sooner: layers off the predicted path first, most recently used first
+    /// among them (in a repeating pass it is needed last); then the furthest predicted use.
+    pub fn eviction_rank(&self, key: Key, distances: &Distances) -> (u32, u64) {
+        let last_use = self.entry(key).map_or(0, |e| e.last_use);
+        (distances.of(key).unwrap_or(u32::MAX), last_use)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::UseHistory;
-
-    /// Replays a trace against a cache of `capacity` layers with this policy; returns the misses.
-    fn misses(trace: &[usize], capacity: usize, layers: usize) -> usize {
-        let mut history = vec![UseHistory::default(); layers];
-        let mut resident: Vec<usize> = Vec::new();
-        let mut misses = 0;
-        for (tick, &layer) in trace.iter().enumerate() {
-            history[layer].record(tick as u64 + 1);
-            if resident.contains(&layer) {
-                continue;
-            }
-            misses += 1;
-            if resident.len() == capacity {
-                let victim = (0..resident.len())
-                    .max_by_key(|&i| history[resident[i]].eviction_rank())
-                    .unwrap();
-                resident.swap_remove(victim);
-            }
-            resident.push(layer);
-        }
-        misses
-    }
-
-    #[test]
-    fn a_repeating_pass_misses_only_what_cannot_stay() {
-        // 10 layers, room for 4 (one of them the layer in use). The bound for a repeating pass is
-        // layers - (capacity - 1) misses per pass, within one layer; LRU would miss all 10.
-        let (layers, capacity, passes) = (10, 4, 6);
-        let trace: Vec<usize> = (0..passes).flat_map(|_| 0..layers).collect();
-        let mut previous = 0;
-        for pass in 1..=passes {
-            let total = misses(&trace[..pass * layers], capacity, layers);
-            let this_pass = total - previous;
-            previous = total;
-            if pass == 1 {
-                assert_eq!(this_pass, layers);
-            } else {
-                let bound = layers - (capacity - 1);
-                assert!(
-                    this_pass.abs_diff(bound) <= 1,
-                    "pass {pass}: {this_pass} misses, bound {bound}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn one_off_layers_go_before_repeating_ones() {
-        let mut once = UseHistory::default();
-        once.record(1);
-        let mut repeating = UseHistory::default();
-        repeating.record(2);
-        repeating.record(12);
-        assert!(once.eviction_rank() > repeating.eviction_rank());
-        assert_eq!(repeating.predicted_next(), Some(22));
-    }
-}
+mod tests;

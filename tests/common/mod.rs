@@ -57,8 +57,13 @@ pub fn cstr(s: &str) -> CString {
 pub struct Ctx(pub *mut strata_context);
 
 impl Ctx {
+    /// A CPU context without prefetching, so every figure a test counts comes from its own
+    /// acquires alone.
     pub fn new(vram_limit: u64) -> Ctx {
-        Self::with(|o| o.vram_limit = vram_limit)
+        Self::with(|o| {
+            o.vram_limit = vram_limit;
+            o.prefetch_depth = 0;
+        })
     }
 
     pub fn with(edit: impl FnOnce(&mut strata_options)) -> Ctx {

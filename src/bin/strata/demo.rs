@@ -157,7 +157,7 @@ fn streamed_run(
     checkpoint: &Checkpoint,
     config: &DemoConfig,
     vram_limit: u64,
-) -> Result<(Vec<f32>, Stats, Context, f64)> {
+) -> Result<(Vec<f32>, Stats, std::sync::Arc<Context>, f64)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
         device_index: 0,

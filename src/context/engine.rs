@@ -1,0 +1,155 @@
+//! The copy engine: a worker thread that brings the layers predicted next into their computation
+//! form while the caller computes the current one. It reads (from the checkpoint or a host copy),
+//! uploads and converts through the same backend calls an acquire on a miss would make, so the
+//! handoff is a hit when the prediction was right and the fill finished, and a wait (stall) only
+//! when it has not finished yet.
+//!
+//! On a GPU the same interface is a copy stream with events; here the "stream" is this thread.
+//! The worker holds the context only while it fills a layer, so dropping the last handle to a
+//! context stops it even when it is idle.
+
+use super::{Context, State};
+use crate::registry::Key;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::{JoinHandle, ThreadId};
+
+#[derive(Default)]
+struct Tasks {
+    /// Layers to fill, nearest predicted use first. Replaced by each new prediction.
+    pending: VecDeque<Key>,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    tasks: Mutex<Tasks>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+pub(super) struct CopyEngine {
+    queue: Arc<Queue>,
+    worker: Mutex<Option<(ThreadId, JoinHandle<()>)>>,
+}
+
+impl CopyEngine {
+    /// Replaces the pending work with `keys` (nearest first), starting the worker on first use.
+    /// Callers hold the context lock; the queue's lock is only ever taken after it, or alone.
+    pub(super) fn submit(&self, context: &Weak<Context>, keys: &[Key]) {
+        {
+            let mut tasks = self.queue.tasks();
+            if tasks.stop || tasks.pending.iter().eq(keys.iter()) {
+                return;
+            }
+            tasks.pending.clear();
+            tasks.pending.extend(keys);
+        }
+        self.queue.ready.notify_one();
+        let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_none() {
+            let queue = self.queue.clone();
+            let context = context.clone();
+            let spawned = std::thread::Builder::new()
+                .name("strata-copy".into())
+                .spawn(move || run(&queue, &context));
+            // Without a worker every layer is still fetched on demand: prefetching is only ever
+            // an optimisation, so a refused thread is not an error.
+            if let Ok(handle) = spawned {
+                *worker = Some((handle.thread().id(), handle));
+            }
+        }
+    }
+
+    /// Stops the worker and waits for it, unless this is the worker itself (it can drop the last
+    /// handle to its context when the user destroyed it during a fill).
+    pub(super) fn stop(&self) {
+        self.queue.tasks().stop = true;
+        self.queue.ready.notify_all();
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((id, handle)) = worker {
+            if id != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn run(queue: &Queue, context: &Weak<Context>) {
+    loop {
+        let key = {
+            let mut tasks = queue.tasks();
+            loop {
+                if tasks.stop {
+                    return;
+                }
+                if let Some(key) = tasks.pending.pop_front() {
+                    break key;
+                }
+                tasks = queue.ready.wait(tasks).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let Some(context) = context.upgrade() else {
+            return;
+        };
+        if !context.prefetch(key) {
+            // The nearest layer did not fit: those after it would not either. The next acquire
+            // predicts again with the room its releases made.
+            queue.tasks().pending.clear();
+        }
+    }
+}
+
+impl Context {
+    /// Asks the copy engine for the layers predicted after the one just acquired that are not
+    /// ready yet. Under budget 0, prefetched layers the prediction has moved past are dropped.
+    pub(super) fn request_prefetch(&self, st: &mut State) {
+        let depth = self.options.prefetch_depth as usize;
+        if depth == 0 {
+            return;
+        }
+        let upcoming = st.schedule.upcoming(depth);
+        if st.budget.limit == crate::budget::Limit::Minimal {
+            self.drop_stale_prefetches(st, &upcoming);
+        }
+        let wanted: Vec<Key> = (1..)
+            .zip(upcoming)
+            .filter(|&(distance, key)| {
+                st.registry.layers.get(key).is_some_and(|l| {
+                    l.in_use == 0 && !l.busy && self.needs_device_work(st, l, distance)
+                })
+            })
+            .map(|(_, key)| key)
+            .collect();
+        if !wanted.is_empty() {
+            self.engine.submit(&self.self_ref, &wanted);
+        }
+    }
+
+    /// Frees what the engine filled ahead for layers no longer predicted next (budget 0 keeps
+    /// nothing else between uses).
+    fn drop_stale_prefetches(&self, st: &mut State, upcoming: &[Key]) {
+        let State {
+            registry,
+            budget,
+            prefetched,
+            ..
+        } = st;
+        prefetched.retain(|&key| {
+            let Some(layer) = registry.layers.get_mut(key) else {
+                return false;
+            };
+            if upcoming.contains(&key) || layer.in_use > 0 || layer.busy {
+                return true;
+            }
+            budget.refund(layer.drop_device_copies());
+            false
+        });
+    }
+}
