@@ -24,6 +24,7 @@ fn every_command_has_help_and_bad_input_gets_a_message() {
         &["demo", "--help"],
         &["inspect", "--help"],
         &["plan", "--help"],
+        &["bench", "--help"],
     ] {
         let (code, out, _) = strata(args);
         assert_eq!(code, 0, "{args:?}");
@@ -48,6 +49,56 @@ fn the_demo_streams_under_its_budget_and_matches_the_resident_run() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("identical, bit for bit"), "{out}");
     assert!(out.contains("the budget held. OK"), "{out}");
+}
+
+#[test]
+fn bench_measures_a_generated_model_against_its_limits() {
+    let dir = TempDir::new("cli-bench");
+    let out_dir = dir.path("out");
+    let args = [
+        "bench",
+        "--layers",
+        "6",
+        "--width",
+        "128",
+        "--passes",
+        "3",
+        "--vram-limit",
+        "50%",
+        "--compute-ms",
+        "0.2",
+        "--json",
+        "--out",
+    ];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(out_dir.to_str().unwrap());
+    let (code, out, err) = strata(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["layers"], 6);
+    let model = report["model_bytes"].as_u64().unwrap();
+    assert_eq!(
+        model,
+        6 * (128 * 128 + 128) * 2,
+        "bf16 weights and biases, no padding"
+    );
+    assert_eq!(report["vram_limit"].as_u64().unwrap(), model / 2);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let moved = run["bytes_per_pass"].as_u64().unwrap();
+        let bound = run["bytes_lower_bound"].as_u64().unwrap();
+        assert!(moved > 0 && moved <= model, "{run}");
+        assert!(bound <= model, "{run}");
+        assert!(run["vram_peak"].as_u64().unwrap() <= model / 2, "{run}");
+        assert!(run["overlap"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    for file in ["timeline.json", "timeline.svg"] {
+        let text = std::fs::read_to_string(out_dir.join(file)).unwrap();
+        assert!(text.contains("blocks.0"), "{file} names the layers");
+    }
+    let (code, _, err) = strata(&["bench", "--passes", "1"]);
+    assert_eq!((code, err.contains("at least 2")), (2, true), "{err}");
 }
 
 #[test]

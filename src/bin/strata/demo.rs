@@ -76,7 +76,7 @@ fn synthetic_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn write_model(path: &Path, layers: usize, width: usize) -> Result<u64> {
+pub(crate) fn write_model(path: &Path, layers: usize, width: usize) -> Result<u64> {
     let to_bf16 = |values: Vec<f32>| -> Vec<u8> {
         values
             .into_iter()

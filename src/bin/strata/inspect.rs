@@ -47,7 +47,7 @@ Options:
   --json                machine-readable output";
 
 /// The tensors of a checkpoint grouped into layers, in the checkpoint's order.
-fn layers_of<'a>(
+pub(crate) fn layers_of<'a>(
     checkpoint: &'a Checkpoint,
     prefix: &str,
     keep: u32,
@@ -145,7 +145,7 @@ pub fn inspect(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn parse_dtype(text: &str) -> Result<u32> {
+pub(crate) fn parse_dtype(text: &str) -> Result<u32> {
     Ok(match text.to_ascii_lowercase().as_str() {
         "source" => strata::dtype::STRATA_DTYPE_SOURCE,
         "f32" => DType::F32.to_abi(),

@@ -1,5 +1,6 @@
 //! The strata command line: `demo` (the main job), `inspect` and `plan`.
 
+mod bench;
 mod demo;
 mod inspect;
 
@@ -14,6 +15,7 @@ Commands:
   demo      Stream a generated model under a budget on the CPU, check the result, print the figures
   inspect   List a checkpoint's layers: tensors, dtypes and bytes per layer
   plan      Which layers stay resident under a budget, bytes streamed per pass, predicted time
+  bench     Stream a checkpoint (or a generated one) with synthetic compute: overlap, bytes, stalls
 
 Run `strata <command> --help` for a command's options.";
 
@@ -27,6 +29,7 @@ fn main() {
         Some("demo") => demo::demo(&args[1..]),
         Some("inspect") => inspect::inspect(&args[1..]),
         Some("plan") => inspect::plan(&args[1..]),
+        Some("bench") => bench::bench(&args[1..]),
         Some("--help" | "-h" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -114,6 +117,48 @@ impl Args {
                 .ok()
                 .filter(|&n| n >= least)
                 .ok_or_else(|| Error::invalid(format!("{name} takes {what}, not {value:?}"))),
+        }
+    }
+}
+
+/// A progress bar on stderr for long work, drawn only where a person watches (stderr is a
+/// terminal) and never into machine-readable output.
+pub struct Progress {
+    enabled: bool,
+    drawn: bool,
+}
+
+impl Progress {
+    pub fn new(machine_readable: bool) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            enabled: !machine_readable && std::io::stderr().is_terminal(),
+            drawn: false,
+        }
+    }
+
+    pub fn update(&mut self, phase: &str, done: u64, total: u64) {
+        if !self.enabled {
+            return;
+        }
+        const WIDTH: u64 = 30;
+        let filled = (done.min(total) * WIDTH)
+            .checked_div(total)
+            .unwrap_or(WIDTH) as usize;
+        let percent = (done.min(total) * 100).checked_div(total).unwrap_or(100);
+        eprint!(
+            "\r{phase:<28} [{}{}] {percent:>3}%",
+            "#".repeat(filled),
+            ".".repeat(WIDTH as usize - filled)
+        );
+        self.drawn = true;
+    }
+
+    /// Clears the bar so what follows starts on a clean line.
+    pub fn finish(&mut self) {
+        if self.drawn {
+            eprint!("\r\x1b[K");
+            self.drawn = false;
         }
     }
 }

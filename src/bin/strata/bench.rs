@@ -1,0 +1,417 @@
+//! `strata bench`: streams a checkpoint (or a generated one) under a budget with a synthetic
+//! compute time per layer, and measures what the copy engine achieves against the limits measured
+//! in the same run: pass time against max(Σcompute, Σtransfer), bytes per pass against the lower
+//! bound Σ − (B − W), and the time the compute waited for bytes.
+
+use crate::demo::write_model;
+use crate::inspect::{layers_of, parse_dtype};
+use crate::{human_bytes, parse_bytes, Args, Progress};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use strata::checkpoint::Checkpoint;
+use strata::context::{Context, Options};
+use strata::convert::STRATA_QUANT_PER_CHANNEL;
+use strata::dtype::STRATA_DTYPE_SOURCE;
+use strata::error::{Error, Result};
+use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
+
+const BENCH_USAGE: &str = "strata bench: stream a checkpoint under a budget and measure the overlap
+
+Usage: strata bench [CHECKPOINT] [options]
+
+Streams every layer of CHECKPOINT (a .safetensors file, a *.safetensors.index.json or a directory
+of shards) from disk to the compute device (the CPU), pass after pass, with a synthetic compute
+time per layer. Without CHECKPOINT a model of --layers square bf16 layers is generated first.
+It measures, in the same run:
+  transfer   a pass with nothing overlapped (no prefetch, nothing resident): the time to move and
+             convert each layer, Σtransfer
+  depth 0    the budget with no prefetch: every miss waits for its bytes
+  depth N    the budget with the copy engine N layers ahead
+and prints pass time against max(Σcompute, Σtransfer) (1.00 = full overlap), bytes moved per pass
+against the lower bound Σ − (B − W), and stall time. The timeline of the depth-N run is written as
+JSON (Perfetto) and SVG.
+
+Options:
+  --vram-limit SIZE    device budget: bytes (512MiB) or a percentage of the model (25%); default 0
+                       (nothing resident between uses, everything streams)
+  --prefetch N         layers fetched ahead (default 2)
+  --passes N           passes per run, the first a warm-up (default 6)
+  --compute-ms X       synthetic compute per layer in ms (default: the measured transfer time per
+                       layer, so compute and transfer are equal)
+  --preparing DTYPE    resident dtype: source, bf16, f16, f32, fp8, e5m2 (default source)
+  --computation DTYPE  dtype handed to the kernels (default source)
+  --prefix P, --keep N layer grouping, as for inspect (default: every tensor, N = 0)
+  --layers N, --width N  the generated model (default 48 layers of 1024 x 1024)
+  --out DIR            where the timeline (and a generated model) go (default: a temporary folder)
+  --json               machine-readable output";
+
+struct BenchConfig {
+    checkpoint: Option<PathBuf>,
+    vram_limit: String,
+    depth: u32,
+    passes: usize,
+    compute: Option<Duration>,
+    preparing: u32,
+    computation: u32,
+    prefix: String,
+    keep: u32,
+    layers: usize,
+    width: usize,
+    out: Option<PathBuf>,
+    json: bool,
+}
+
+fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
+    let valued = [
+        "--vram-limit",
+        "--prefetch",
+        "--passes",
+        "--compute-ms",
+        "--preparing",
+        "--computation",
+        "--prefix",
+        "--keep",
+        "--layers",
+        "--width",
+        "--out",
+    ];
+    let Some(args) = Args::parse(args, &valued, &["--json"], BENCH_USAGE)? else {
+        return Ok(None);
+    };
+    if args.positional.len() > 1 {
+        return Err(Error::invalid(format!(
+            "expected at most one CHECKPOINT\n\n{BENCH_USAGE}"
+        )));
+    }
+    let compute = match args.get("--compute-ms") {
+        None => None,
+        Some(text) => Some(
+            text.parse::<f64>()
+                .ok()
+                .filter(|ms| ms.is_finite() && *ms >= 0.0)
+                .map(|ms| Duration::from_secs_f64(ms / 1e3))
+                .ok_or_else(|| {
+                    Error::invalid(format!("--compute-ms takes milliseconds, not {text:?}"))
+                })?,
+        ),
+    };
+    let passes = args.number("--passes", 6)? as usize;
+    if passes < 2 {
+        return Err(Error::invalid(
+            "--passes needs at least 2: the first pass is a warm-up",
+        ));
+    }
+    Ok(Some(BenchConfig {
+        checkpoint: args.positional.first().map(PathBuf::from),
+        vram_limit: args.get("--vram-limit").unwrap_or("0").to_owned(),
+        depth: args.count("--prefetch", 2)? as u32,
+        passes,
+        compute,
+        preparing: parse_dtype(args.get("--preparing").unwrap_or("source"))?,
+        computation: parse_dtype(args.get("--computation").unwrap_or("source"))?,
+        prefix: args.get("--prefix").unwrap_or("").to_owned(),
+        keep: args.count("--keep", 0)? as u32,
+        layers: args.number("--layers", 48)? as usize,
+        width: args.number("--width", 1024)? as usize,
+        out: args.get("--out").map(PathBuf::from),
+        json: args.has("--json"),
+    }))
+}
+
+/// One run of passes over the model under one setting.
+struct Run {
+    ctx: Arc<Context>,
+    /// Wall time of each pass after the warm-up.
+    pass_seconds: Vec<f64>,
+    /// Time spent computing per pass after the warm-up (the synthetic work as it really took).
+    compute_seconds: f64,
+    bytes_per_pass: u64,
+    stall_seconds_per_pass: f64,
+    prefetch_hits: u64,
+    peak: u64,
+}
+
+impl Run {
+    fn pass_time(&self) -> f64 {
+        self.pass_seconds.iter().sum::<f64>() / self.pass_seconds.len() as f64
+    }
+}
+
+/// Waits `compute` the way a kernel on another device does: the host thread does nothing else.
+fn synthetic_compute(compute: Duration) {
+    let until = Instant::now() + compute;
+    while Instant::now() < until {
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+    }
+}
+
+/// What one run varies: the budget, the prefetch depth and the synthetic compute per layer.
+struct Setting {
+    vram_limit: u64,
+    depth: u32,
+    compute: Duration,
+}
+
+fn run(
+    checkpoint: &Checkpoint,
+    config: &BenchConfig,
+    layer_names: &[(String, Vec<&str>)],
+    setting: Setting,
+    progress: &mut Progress,
+    phase: &str,
+) -> Result<Run> {
+    let compute = setting.compute;
+    let ctx = Context::new(Options {
+        compute: Device::Cpu,
+        device_index: 0,
+        vram_limit: setting.vram_limit,
+        host_limit: strata::budget::STRATA_UNLIMITED,
+        prefetch_depth: setting.depth,
+        strict_budget: false,
+    })?;
+    let tiers = RawTiers {
+        placements: [
+            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
+            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
+            (STRATA_DEVICE_DEFAULT, config.preparing),
+            (STRATA_DEVICE_DEFAULT, config.computation),
+        ],
+        quant: STRATA_QUANT_PER_CHANNEL,
+    };
+    let group = ctx.create_group("model", &tiers)?;
+    let ids = layer_names
+        .iter()
+        .map(|(name, tensors)| ctx.register_checkpoint(group, checkpoint, name, tensors))
+        .collect::<Result<Vec<_>>>()?;
+    ctx.onload_group(group)?;
+    let mut pass_seconds = Vec::new();
+    let mut compute_seconds = 0.0;
+    let mut warm = ctx.stats();
+    for pass in 0..config.passes {
+        let started = Instant::now();
+        let mut computing = Duration::ZERO;
+        for &id in &ids {
+            ctx.acquire(id, usize::MAX, |_, _| {})?;
+            let t = Instant::now();
+            synthetic_compute(compute);
+            computing += t.elapsed();
+            ctx.release(id)?;
+        }
+        if pass == 0 {
+            warm = ctx.stats();
+        } else {
+            pass_seconds.push(started.elapsed().as_secs_f64());
+            compute_seconds += computing.as_secs_f64();
+        }
+        progress.update(phase, pass as u64 + 1, config.passes as u64);
+    }
+    let stats = ctx.stats();
+    let steady = (config.passes - 1) as u64;
+    Ok(Run {
+        pass_seconds,
+        compute_seconds: compute_seconds / steady as f64,
+        bytes_per_pass: (stats.bytes_to_device - warm.bytes_to_device) / steady,
+        stall_seconds_per_pass: (stats.stall_ns - warm.stall_ns) as f64 / 1e9 / steady as f64,
+        prefetch_hits: stats.prefetch_hits,
+        peak: stats.vram_peak,
+        ctx,
+    })
+}
+
+pub fn bench(args: &[String]) -> Result<()> {
+    let Some(config) = parse_bench(args)? else {
+        return Ok(());
+    };
+    let out = match &config.out {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("strata-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| Error::from_io(&e, "creating", &out))?;
+    let mut progress = Progress::new(config.json);
+    let path = match &config.checkpoint {
+        Some(path) => path.clone(),
+        None => {
+            let path = out.join("model.safetensors");
+            progress.update("writing a generated model", 0, 1);
+            write_model(&path, config.layers, config.width)?;
+            progress.update("writing a generated model", 1, 1);
+            path
+        }
+    };
+    let result = measure(&config, &path, &out, &mut progress);
+    progress.finish();
+    if config.checkpoint.is_none() && config.out.is_none() {
+        // The generated model goes; the timeline stays for the reader.
+        let _ = std::fs::remove_file(&path);
+    }
+    result
+}
+
+fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progress) -> Result<()> {
+    let checkpoint = Checkpoint::open(path)?;
+    let layers = layers_of(&checkpoint, &config.prefix, config.keep);
+    if layers.is_empty() {
+        return Err(Error::not_found(format!(
+            "no tensor name starts with {:?}",
+            config.prefix
+        )));
+    }
+    let layer_names: Vec<(String, Vec<&str>)> = layers
+        .iter()
+        .map(|(name, tensors)| {
+            (
+                name.clone(),
+                tensors.iter().map(|t| t.name.as_str()).collect(),
+            )
+        })
+        .collect();
+
+    // Σtransfer: every layer moved in turn, nothing resident, nothing overlapped.
+    let transfer = run(
+        &checkpoint,
+        config,
+        &layer_names,
+        Setting {
+            vram_limit: 0,
+            depth: 0,
+            compute: Duration::ZERO,
+        },
+        progress,
+        "measuring transfer",
+    )?;
+    let transfer_seconds = transfer.pass_time();
+    let model_bytes = transfer.bytes_per_pass;
+    // With nothing resident and nothing ahead, the peak is the largest layer in use.
+    let largest_layer = transfer.peak;
+    let n = layer_names.len();
+    let compute = config
+        .compute
+        .unwrap_or_else(|| Duration::from_secs_f64(transfer_seconds / n as f64));
+    let vram_limit = match config.vram_limit.strip_suffix('%') {
+        Some(percent) => {
+            let p: f64 = percent.trim().parse().map_err(|_| {
+                Error::invalid(format!(
+                    "--vram-limit {:?} is not a percentage",
+                    config.vram_limit
+                ))
+            })?;
+            (model_bytes as f64 * p / 100.0) as u64
+        }
+        None => parse_bytes(&config.vram_limit)?,
+    };
+    let seconds_per_byte = transfer_seconds / model_bytes.max(1) as f64;
+
+    let mut rows = Vec::new();
+    let mut timeline = None;
+    for depth in [0, config.depth] {
+        let phase = format!("prefetch depth {depth}");
+        let r = run(
+            &checkpoint,
+            config,
+            &layer_names,
+            Setting {
+                vram_limit,
+                depth,
+                compute,
+            },
+            progress,
+            &phase,
+        )?;
+        // W: the layer in use and the prefetch slots, each as large as the largest layer.
+        let window = (depth as u64 + 1) * largest_layer;
+        let bound = match vram_limit {
+            0 => model_bytes,
+            limit => model_bytes.saturating_sub(limit.saturating_sub(window.min(limit))),
+        };
+        let transfer_limit = r.bytes_per_pass as f64 * seconds_per_byte;
+        let limit = r.compute_seconds.max(transfer_limit);
+        rows.push(json!({
+            "prefetch_depth": depth,
+            "pass_seconds": r.pass_time(),
+            "compute_seconds": r.compute_seconds,
+            "transfer_seconds": transfer_limit,
+            "overlap": limit / r.pass_time(),
+            "bytes_per_pass": r.bytes_per_pass,
+            "bytes_lower_bound": bound,
+            "bytes_ratio": r.bytes_per_pass as f64 / bound.max(1) as f64,
+            "stall_seconds_per_pass": r.stall_seconds_per_pass,
+            "prefetch_hits": r.prefetch_hits,
+            "vram_peak": r.peak,
+        }));
+        if depth == config.depth {
+            timeline = Some(r.ctx);
+        }
+    }
+    let ctx = timeline.expect("the depth run is the last");
+    let json_path = out.join("timeline.json");
+    std::fs::write(&json_path, ctx.trace_json())
+        .map_err(|e| Error::from_io(&e, "writing", &json_path))?;
+    let svg_path = out.join("timeline.svg");
+    std::fs::write(&svg_path, ctx.trace_svg())
+        .map_err(|e| Error::from_io(&e, "writing", &svg_path))?;
+    progress.finish();
+
+    if config.json {
+        let report = json!({
+            "checkpoint": path.display().to_string(),
+            "layers": n,
+            "model_bytes": model_bytes,
+            "vram_limit": vram_limit,
+            "transfer_seconds_per_pass": transfer_seconds,
+            "transfer_bytes_per_second": model_bytes as f64 / transfer_seconds,
+            "compute_seconds_per_layer": compute.as_secs_f64(),
+            "runs": rows,
+            "timeline": [json_path.display().to_string(), svg_path.display().to_string()],
+        });
+        println!("{report:#}");
+        return Ok(());
+    }
+    println!(
+        "model: {n} layers, {} per pass on the device, from {}",
+        human_bytes(model_bytes),
+        path.display()
+    );
+    println!(
+        "transfer: {:.1} ms per pass with nothing overlapped ({:.2} GB/s); compute {:.2} ms per layer",
+        transfer_seconds * 1e3,
+        model_bytes as f64 / transfer_seconds / 1e9,
+        compute.as_secs_f64() * 1e3
+    );
+    println!("budget: vram_limit {}\n", human_bytes(vram_limit));
+    println!(
+        "{:<10}{:>11}{:>20}{:>10}{:>14}{:>14}{:>9}{:>11}",
+        "prefetch",
+        "pass",
+        "max(comp, xfer)",
+        "overlap",
+        "moved/pass",
+        "lower bound",
+        "ratio",
+        "stall"
+    );
+    for row in &rows {
+        let f = |k: &str| row[k].as_f64().unwrap_or(0.0);
+        println!(
+            "{:<10}{:>9.1}ms{:>18.1}ms{:>10.3}{:>14}{:>14}{:>9.3}{:>9.1}ms",
+            row["prefetch_depth"],
+            f("pass_seconds") * 1e3,
+            f("compute_seconds").max(f("transfer_seconds")) * 1e3,
+            f("overlap"),
+            human_bytes(row["bytes_per_pass"].as_u64().unwrap_or(0)),
+            human_bytes(row["bytes_lower_bound"].as_u64().unwrap_or(0)),
+            f("bytes_ratio"),
+            f("stall_seconds_per_pass") * 1e3,
+        );
+    }
+    println!(
+        "\noverlap = max(Σcompute, Σtransfer) / pass time (1.00: the pass takes only the longer of the two)"
+    );
+    println!(
+        "timeline: {} (Perfetto) and {} (a browser)",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
