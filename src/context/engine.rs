@@ -114,12 +114,12 @@ impl Context {
         if depth == 0 {
             return;
         }
-        let upcoming = st.schedule.upcoming(depth);
-        if st.budget.limit == crate::budget::Limit::Minimal {
+        if st.budget.limit == crate::budget::Limit::Minimal && !st.prefetched.is_empty() {
+            let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
             self.drop_stale_prefetches(st, &upcoming);
         }
         let wanted: Vec<Key> = (1..)
-            .zip(upcoming)
+            .zip(st.schedule.upcoming(depth))
             .filter(|&(distance, key)| {
                 st.registry.layers.get(key).is_some_and(|l| {
                     l.in_use == 0 && !l.busy && self.needs_device_work(st, l, distance)

@@ -80,6 +80,38 @@ pub struct Schedule {
     entries: Vec<Entry>,
 }
 
+/// The furthest ahead the copy engine looks, whatever `prefetch_depth` says.
+pub const MAX_LOOKAHEAD: usize = 32;
+
+/// The layers predicted next: see `Schedule::upcoming`.
+pub struct Upcoming<'a> {
+    schedule: &'a Schedule,
+    start: Option<Key>,
+    at: Option<Key>,
+    seen: [Option<Key>; MAX_LOOKAHEAD],
+    count: usize,
+    depth: usize,
+}
+
+impl Iterator for Upcoming<'_> {
+    type Item = Key;
+
+    fn next(&mut self) -> Option<Key> {
+        if self.count >= self.depth {
+            return None;
+        }
+        let next = self.schedule.entry(self.at?).and_then(Entry::successor)?;
+        if Some(next) == self.start || self.seen[..self.count].contains(&Some(next)) {
+            self.count = self.depth;
+            return None;
+        }
+        self.seen[self.count] = Some(next);
+        self.count += 1;
+        self.at = Some(next);
+        Some(next)
+    }
+}
+
 /// How far away each layer's next use is predicted to be, in acquires, from the layer in use.
 pub struct Distances(HashMap<Key, u32>);
 
@@ -136,25 +168,18 @@ impl Schedule {
         }
     }
 
-    /// The layers predicted to be acquired after the current one, nearest first, at most `depth`,
-    /// each at most once; stops where the learned order stops or comes back to the current layer.
-    pub fn upcoming(&self, depth: usize) -> Vec<Key> {
-        let mut out = Vec::with_capacity(depth);
-        let Some(start) = self.current else {
-            return out;
-        };
-        let mut at = start;
-        while out.len() < depth {
-            let Some(next) = self.entry(at).and_then(Entry::successor) else {
-                break;
-            };
-            if next == start || out.contains(&next) {
-                break;
-            }
-            out.push(next);
-            at = next;
+    /// The layers predicted to be acquired after the current one, nearest first, at most `depth`
+    /// (and at most `MAX_LOOKAHEAD`), each once; stops where the learned order stops or comes back
+    /// to the current layer. Allocates nothing: it runs on every acquire.
+    pub fn upcoming(&self, depth: usize) -> Upcoming<'_> {
+        Upcoming {
+            schedule: self,
+            start: self.current,
+            at: self.current,
+            seen: [None; MAX_LOOKAHEAD],
+            count: 0,
+            depth: depth.min(MAX_LOOKAHEAD),
         }
-        out
     }
 
     /// The predicted distance to every layer on the learned path ahead of the current one.
