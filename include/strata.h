@@ -99,6 +99,11 @@
 #define STRATA_MAX_DIMS 8
 
 /**
+ * The furthest ahead the copy engine looks: a larger `prefetch_depth` is used as this.
+ */
+#define STRATA_MAX_PREFETCH_DEPTH 32
+
+/**
  * The usual place: the CPU for offload and onload, the compute device for preparing and computation.
  */
 #define STRATA_DEVICE_DEFAULT 0
@@ -172,7 +177,7 @@ typedef struct strata_options {
    */
   uint64_t host_limit;
   /**
-   * Layers fetched ahead of the one being computed.
+   * Layers fetched ahead of the one being computed (at most STRATA_MAX_PREFETCH_DEPTH are used).
    */
   uint32_t prefetch_depth;
   /**

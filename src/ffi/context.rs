@@ -21,7 +21,7 @@ pub struct strata_options {
     pub vram_limit: u64,
     /// Bytes of host memory for disk-tier copies and staging; STRATA_UNLIMITED.
     pub host_limit: u64,
-    /// Layers fetched ahead of the one being computed.
+    /// Layers fetched ahead of the one being computed (at most STRATA_MAX_PREFETCH_DEPTH are used).
     pub prefetch_depth: u32,
     /// STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit.
     pub flags: u32,

@@ -80,15 +80,15 @@ pub struct Schedule {
     entries: Vec<Entry>,
 }
 
-/// The furthest ahead the copy engine looks, whatever `prefetch_depth` says.
-pub const MAX_LOOKAHEAD: usize = 32;
+/// The furthest ahead the copy engine looks: a larger `prefetch_depth` is used as this.
+pub const STRATA_MAX_PREFETCH_DEPTH: usize = 32;
 
 /// The layers predicted next: see `Schedule::upcoming`.
 pub struct Upcoming<'a> {
     schedule: &'a Schedule,
     start: Option<Key>,
     at: Option<Key>,
-    seen: [Option<Key>; MAX_LOOKAHEAD],
+    seen: [Option<Key>; STRATA_MAX_PREFETCH_DEPTH],
     count: usize,
     depth: usize,
 }
@@ -169,16 +169,16 @@ impl Schedule {
     }
 
     /// The layers predicted to be acquired after the current one, nearest first, at most `depth`
-    /// (and at most `MAX_LOOKAHEAD`), each once; stops where the learned order stops or comes back
+    /// (and at most `STRATA_MAX_PREFETCH_DEPTH`), each once; stops where the learned order stops or comes back
     /// to the current layer. Allocates nothing: it runs on every acquire.
     pub fn upcoming(&self, depth: usize) -> Upcoming<'_> {
         Upcoming {
             schedule: self,
             start: self.current,
             at: self.current,
-            seen: [None; MAX_LOOKAHEAD],
+            seen: [None; STRATA_MAX_PREFETCH_DEPTH],
             count: 0,
-            depth: depth.min(MAX_LOOKAHEAD),
+            depth: depth.min(STRATA_MAX_PREFETCH_DEPTH),
         }
     }
 
