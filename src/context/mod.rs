@@ -787,8 +787,14 @@ impl Context {
                 None => Computation::Prepared,
             });
             self.mark_acquired(layer, me);
+            // Filled ahead without its conversion (a layer further than the next): the bytes
+            // moved early, and only the conversion was left to this acquire.
+            let prefetched = std::mem::take(&mut layer.prefetched);
             st.counters.acquires += 1;
-            if was_resident {
+            if prefetched {
+                st.counters.prefetch_hits += 1;
+                st.prefetched.retain(|&k| k != key);
+            } else if was_resident {
                 st.counters.resident_hits += 1;
             } else {
                 st.counters.misses += 1;

@@ -188,8 +188,9 @@ impl Schedule {
         let Some(start) = self.current else {
             return Distances(map);
         };
-        // The current layer is not at distance 0: once released, its next use is a whole cycle
-        // away, and it is found there when the path comes back to it.
+        // The current layer is needed now: an acquire records it before it may have to wait for
+        // it, and the engine must not evict it from under that acquire.
+        map.insert(start, 0);
         let mut at = start;
         let mut distance = 0;
         while let Some(next) = self.entry(at).and_then(Entry::successor) {
@@ -199,9 +200,6 @@ impl Schedule {
             }
             distance += 1;
             map.insert(next, distance);
-            if next == start {
-                break;
-            }
             at = next;
         }
         Distances(map)

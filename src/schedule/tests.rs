@@ -71,9 +71,14 @@ fn upcoming_follows_the_learned_cycle() {
     let distances = schedule.distances();
     assert_eq!(distances.of(key(0)), Some(1));
     assert_eq!(
+        distances.of(key(3)),
+        Some(4),
+        "the layer used before the current one is last"
+    );
+    assert_eq!(
         distances.of(key(4)),
-        Some(5),
-        "the layer just used comes last"
+        Some(0),
+        "the current layer is needed now"
     );
 }
 

@@ -233,46 +233,49 @@ pub fn demo(args: &[String]) -> Result<()> {
         streamed_run(&checkpoint, &config, STRATA_UNLIMITED)?;
 
     let per_pass = |s: &Stats| s.bytes_to_device / config.passes as u64;
-    println!("{:<34}{:>16}{:>16}", "", "streamed", "all resident");
+    println!("{:<40}{:>16}{:>16}", "", "streamed", "all resident");
     println!(
-        "{:<34}{:>16}{:>16}",
+        "{:<40}{:>16}{:>16}",
         "peak on device",
         human_bytes(stats.vram_peak),
         human_bytes(resident_stats.vram_peak)
     );
     println!(
-        "{:<34}{:>16}{:>16}",
+        "{:<40}{:>16}{:>16}",
         "moved to device per pass",
         human_bytes(per_pass(&stats)),
         human_bytes(per_pass(&resident_stats))
     );
     println!(
-        "{:<34}{:>16}{:>16}",
+        "{:<40}{:>16}{:>16}",
         "read from disk",
         human_bytes(stats.bytes_from_disk),
         human_bytes(resident_stats.bytes_from_disk)
     );
     println!(
-        "{:<34}{:>16}{:>16}",
-        "acquires (hits / misses)",
-        format!("{} / {}", stats.resident_hits, stats.misses),
+        "{:<40}{:>16}{:>16}",
+        "acquires: resident / prefetched / missed",
         format!(
-            "{} / {}",
-            resident_stats.resident_hits, resident_stats.misses
+            "{} / {} / {}",
+            stats.resident_hits, stats.prefetch_hits, stats.misses
+        ),
+        format!(
+            "{} / {} / {}",
+            resident_stats.resident_hits, resident_stats.prefetch_hits, resident_stats.misses
         )
     );
     println!(
-        "{:<34}{:>16}{:>16}",
+        "{:<40}{:>16}{:>16}",
         "evictions", stats.evictions, resident_stats.evictions
     );
     println!(
-        "{:<34}{:>15.1}s{:>15.1}s",
+        "{:<40}{:>15.1}s{:>15.1}s",
         "time waiting for bytes",
         stats.stall_ns as f64 / 1e9,
         resident_stats.stall_ns as f64 / 1e9
     );
     println!(
-        "{:<34}{:>15.2}s{:>15.2}s",
+        "{:<40}{:>15.2}s{:>15.2}s",
         "total time", seconds, resident_seconds
     );
 
