@@ -94,9 +94,22 @@ fn compile(mut command: Command, what: &str) {
     );
 }
 
-/// Compiles one example against the shared library (with an rpath, so it runs from anywhere).
+/// Puts a link named after the library's soname (`libstrata.so.0`) in `dir`: programs linked
+/// against libstrata.so load it by that name, and cargo leaves only libstrata.so.
+fn link_soname(dir: &Path) {
+    let soname = dir.join(concat!("libstrata.so.", env!("CARGO_PKG_VERSION_MAJOR")));
+    if !soname.exists() {
+        std::os::unix::fs::symlink(library_dir().join("libstrata.so"), &soname)
+            .unwrap_or_else(|e| panic!("linking {}: {e}", soname.display()));
+    }
+}
+
+/// Compiles one example against the shared library, with an rpath to the soname link made beside
+/// it, so it runs from anywhere.
 fn compile_shared(source: &Path, exe: &Path) {
     let lib = library_dir();
+    let dir = exe.parent().expect("exe is in a directory");
+    link_soname(dir);
     let mut cc = Command::new("cc");
     cc.args(C_FLAGS)
         .arg("-I")
@@ -106,7 +119,7 @@ fn compile_shared(source: &Path, exe: &Path) {
         .arg(exe)
         .arg(format!("-L{}", lib.display()))
         .arg("-lstrata")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
         .arg("-lm");
     compile(cc, &source.display().to_string());
 }
