@@ -3,6 +3,7 @@
 //! One lock guards the bookkeeping; bytes move without it while the layer being filled is marked
 //! busy, so threads acquiring other layers are not held up by a read or a conversion.
 
+mod limits;
 mod load;
 
 use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
@@ -12,6 +13,7 @@ use crate::convert::TensorBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
+use crate::log::{LogCallback, Logger, ProgressSink};
 use crate::registry::{
     Computation, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry, TensorMeta,
 };
@@ -27,14 +29,19 @@ use std::time::Instant;
 /// Refuse layers that would exceed the budget instead of overcommitting.
 pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub compute: Device,
     pub device_index: i32,
+    /// The limits at creation; `set_vram_limit` and `set_host_limit` change the live ones, which
+    /// the budget and the host counter hold.
     pub vram_limit: u64,
     pub host_limit: u64,
     pub prefetch_depth: u32,
     pub strict_budget: bool,
+    /// Where log messages go; without one, stderr when `STRATA_LOG` names a level.
+    pub log: Option<LogCallback>,
+    pub progress: ProgressSink,
 }
 
 /// A host tensor handed to `register_host`: its bytes are copied.
@@ -71,6 +78,7 @@ pub struct Context {
     backend: Box<dyn Backend>,
     codec: IdCodec,
     options: Options,
+    logger: Logger,
     state: Mutex<State>,
     /// Signalled whenever a layer stops being busy or in use, or memory is freed.
     changed: Condvar,
@@ -124,7 +132,7 @@ impl Context {
         Ok(Context {
             backend,
             codec: IdCodec { tag: next_tag() },
-            options,
+            logger: Logger::new(options.log.clone()),
             state: Mutex::new(State {
                 registry: Registry::default(),
                 budget: Budget::new(Limit::from_abi(options.vram_limit)),
@@ -134,7 +142,8 @@ impl Context {
                 waiters: 0,
             }),
             changed: Condvar::new(),
-            host: Arc::new(MemoryCounter::default()),
+            host: Arc::new(MemoryCounter::with_limit(options.host_limit)),
+            options,
             bytes_from_disk: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         })
@@ -827,31 +836,21 @@ impl Context {
         let footprint = own + bytes;
         if self.options.strict_budget && st.budget.exceeds_cap_alone(footprint) {
             let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(NoRoom::Fail(Error::budget(format!(
+            return Err(self.refuse(format!(
                 "layer {name:?} needs {footprint} bytes on the device, more than vram_limit {} (STRATA_FLAG_STRICT_BUDGET)",
-                self.options.vram_limit
-            ))));
+                st.budget.limit.to_abi()
+            )));
         }
         loop {
             if st.budget.fits(bytes) {
                 return Ok(());
             }
-            let victim = st
-                .registry
-                .layers
-                .iter()
-                .filter(|(k, l)| *k != key && l.prepared.is_some() && l.in_use == 0 && !l.busy)
-                .max_by_key(|(_, l)| l.uses.eviction_rank())
-                .map(|(k, _)| k);
-            if let Some(victim) = victim {
-                let layer = st.registry.layers.get_mut(victim).expect("found above");
-                let copy = layer.prepared.take().expect("filtered on it");
-                st.budget.refund(copy.bytes());
-                st.counters.evictions += 1;
+            if self.evict_one(st, Some(key)) {
                 continue;
             }
             if st.budget.exceeds_cap_alone(footprint) && st.budget.in_use() == own {
                 // One layer larger than the whole budget: allowed alone, reported as overcommit.
+                self.warn_overcommit(st, key, footprint);
                 return Ok(());
             }
             // Waiting is safe only for a thread that holds nothing: two threads that each hold a
@@ -869,11 +868,11 @@ impl Context {
                 return Err(NoRoom::Wait);
             }
             let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(NoRoom::Fail(Error::budget(format!(
+            return Err(self.refuse(format!(
                 "layer {name:?} needs {bytes} more bytes on the device, but {} of vram_limit {} are held by layers in use or loading ({held_by_me} in use by this thread); release some first",
                 st.budget.in_use(),
-                self.options.vram_limit
-            ))));
+                st.budget.limit.to_abi()
+            )));
         }
     }
 
@@ -953,6 +952,9 @@ impl Context {
             if let Some(copy) = layer.prepared.take() {
                 budget.refund(copy.bytes());
             }
+        } else if budget.over_cap() {
+            // The cap was lowered while layers were in use: they leave as they are released.
+            self.trim_to_cap(&mut st);
         }
         self.wake(st.waiters);
         Ok(())
@@ -979,6 +981,7 @@ impl Context {
             vram_limit: st.budget.limit.to_abi(),
             evictions: c.evictions,
             implicit_onloads: c.implicit_onloads,
+            host_limit: self.host.limit(),
         }
     }
 

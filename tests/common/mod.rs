@@ -15,7 +15,9 @@ pub use strata::ffi::context::*;
 pub use strata::ffi::error::*;
 pub use strata::ffi::group::*;
 pub use strata::ffi::layer::*;
+pub use strata::ffi::log::*;
 pub use strata::ffi::stats::*;
+pub use strata::log::{STRATA_LOG_DEBUG, STRATA_LOG_ERROR, STRATA_LOG_INFO, STRATA_LOG_WARN};
 pub use strata::tiers::*;
 
 /// Fails the test with the library's own message when a call does not return `expected`.

@@ -1,0 +1,109 @@
+//! The live budget: limits changed while layers are in use, eviction down to the cap, and what the
+//! engine author is told about budget decisions.
+
+use super::{Context, NoRoom, State};
+use crate::budget::Limit;
+use crate::error::{Error, Result};
+use crate::log::Level;
+use crate::registry::Key;
+
+impl Context {
+    /// Sets the device budget. Unused resident layers are evicted down to it before this returns;
+    /// layers in use leave when released. A larger budget lets waiting acquires go on.
+    pub fn set_vram_limit(&self, bytes: u64) -> Result<()> {
+        let mut st = self.lock();
+        let old = st.budget.limit.to_abi();
+        st.budget.limit = Limit::from_abi(bytes);
+        let evicted = self.trim_to_cap(&mut st);
+        self.logger.log(Level::Info, || {
+            format!(
+                "vram_limit {old} -> {bytes}: evicted {evicted} layers, {} bytes held",
+                st.budget.in_use()
+            )
+        });
+        self.wake(st.waiters);
+        Ok(())
+    }
+
+    /// Sets the host memory limit for disk-tier copies and staging. The host counter holds it, so
+    /// whatever bounds host memory reads the live value there.
+    pub fn set_host_limit(&self, bytes: u64) -> Result<()> {
+        let old = self.host.limit();
+        self.host.set_limit(bytes);
+        self.logger
+            .log(Level::Info, || format!("host_limit {old} -> {bytes}"));
+        Ok(())
+    }
+
+    /// The host memory limit in force.
+    pub fn host_limit(&self) -> u64 {
+        self.host.limit()
+    }
+
+    /// Hands queued log messages to the log callback. The C ABI calls this as each call on the
+    /// context returns; Rust callers call it where they hold no strata lock.
+    pub fn flush_log(&self) {
+        self.logger.flush();
+    }
+
+    /// Evicts unused resident layers until the budget holds no more than its cap (or nothing can
+    /// go); returns how many went. Called when the cap was lowered, at once and on each release.
+    pub(super) fn trim_to_cap(&self, st: &mut State) -> usize {
+        let mut evicted = 0;
+        while st.budget.over_cap() && self.evict_one(st, None) {
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Evicts the unused resident layer whose next use is furthest away, never `keep`; false when
+    /// no layer can go.
+    pub(super) fn evict_one(&self, st: &mut State, keep: Option<Key>) -> bool {
+        let victim = st
+            .registry
+            .layers
+            .iter()
+            .filter(|(k, l)| Some(*k) != keep && l.prepared.is_some() && l.in_use == 0 && !l.busy)
+            .max_by_key(|(_, l)| l.uses.eviction_rank())
+            .map(|(k, _)| k);
+        let Some(victim) = victim else {
+            return false;
+        };
+        let layer = st.registry.layers.get_mut(victim).expect("found above");
+        let copy = layer.prepared.take().expect("filtered on it");
+        st.budget.refund(copy.bytes());
+        st.counters.evictions += 1;
+        let name = &layer.name;
+        self.logger.log(Level::Debug, || {
+            format!(
+                "evicted layer {name:?} ({} bytes); {} of vram_limit {} held",
+                copy.bytes(),
+                st.budget.in_use(),
+                st.budget.limit.to_abi()
+            )
+        });
+        true
+    }
+
+    /// A layer larger than the whole budget is about to be held alone: warned about whenever it
+    /// sets a new overcommit high-water mark, so a repeating pass warns once, not every time.
+    pub(super) fn warn_overcommit(&self, st: &State, key: Key, footprint: u64) {
+        let over = footprint.saturating_sub(st.budget.limit.to_abi());
+        if over > st.budget.overcommit_peak() {
+            let name = &st.registry.layers.get(key).expect("checked").name;
+            self.logger.log(Level::Warn, || {
+                format!(
+                    "layer {name:?} needs {footprint} bytes on the device, {over} more than vram_limit {}: overcommitting (STRATA_FLAG_STRICT_BUDGET refuses instead)",
+                    st.budget.limit.to_abi()
+                )
+            });
+        }
+    }
+
+    /// A budget refusal, logged at info level: the caller gets the error, and a log shows why
+    /// a run went slower or stopped.
+    pub(super) fn refuse(&self, message: String) -> NoRoom {
+        self.logger.log(Level::Info, || message.clone());
+        NoRoom::Fail(Error::budget(message))
+    }
+}
