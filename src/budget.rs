@@ -29,6 +29,17 @@ impl Limit {
     }
 }
 
+/// As messages show a limit: "unlimited", "0 (nothing resident)", or the bytes.
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Unlimited => f.write_str("unlimited"),
+            Limit::Minimal => f.write_str("0 (nothing resident)"),
+            Limit::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Budget {
     pub limit: Limit,

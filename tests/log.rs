@@ -167,7 +167,7 @@ fn an_engine_hears_about_evictions_overcommit_refusals_and_new_limits() {
         recorder.dump()
     );
     assert!(
-        recorder.has(STRATA_LOG_INFO, "-> 0: evicted"),
+        recorder.has(STRATA_LOG_INFO, "-> 0 (nothing resident): evicted"),
         "{}",
         recorder.dump()
     );

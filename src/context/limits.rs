@@ -2,7 +2,7 @@
 //! engine author is told about budget decisions.
 
 use super::{Context, NoRoom, State};
-use crate::budget::Limit;
+use crate::budget::{Limit, STRATA_UNLIMITED};
 use crate::error::{Error, Result};
 use crate::log::Level;
 use crate::registry::Key;
@@ -12,12 +12,13 @@ impl Context {
     /// layers in use leave when released. A larger budget lets waiting acquires go on.
     pub fn set_vram_limit(&self, bytes: u64) -> Result<()> {
         let mut st = self.lock();
-        let old = st.budget.limit.to_abi();
+        let old = st.budget.limit;
         st.budget.limit = Limit::from_abi(bytes);
         let evicted = self.trim_to_cap(&mut st);
         self.logger.log(Level::Info, || {
             format!(
-                "vram_limit {old} -> {bytes}: evicted {evicted} layers, {} bytes held",
+                "vram_limit {old} -> {}: evicted {evicted} layers, {} bytes held",
+                st.budget.limit,
                 st.budget.in_use()
             )
         });
@@ -30,8 +31,13 @@ impl Context {
     pub fn set_host_limit(&self, bytes: u64) -> Result<()> {
         let old = self.host.limit();
         self.host.set_limit(bytes);
-        self.logger
-            .log(Level::Info, || format!("host_limit {old} -> {bytes}"));
+        let shown = |b: u64| match b {
+            STRATA_UNLIMITED => "unlimited".to_string(),
+            b => format!("{b} bytes"),
+        };
+        self.logger.log(Level::Info, || {
+            format!("host_limit {} -> {}", shown(old), shown(bytes))
+        });
         Ok(())
     }
 
