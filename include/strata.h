@@ -467,9 +467,17 @@ strata_status strata_checkpoint_open(struct strata_context *ctx,
 void strata_checkpoint_close(struct strata_checkpoint *ckpt);
 
 /**
- * The CPU device, no limits, prefetch depth 2, no flags.
+ * The CPU device, no limits, prefetch depth 2, no flags, no callbacks. Returned by value, whole:
+ * a binding that declares an older, smaller strata_options uses strata_options_init instead.
  */
 struct strata_options strata_options_default(void);
+
+/**
+ * Fills `*opts` with the same defaults, writing only the `opts->struct_size` bytes the caller
+ * has (set it first). Unlike strata_options_default, which returns the whole struct by value,
+ * this is safe for a program or binding built against an older, smaller strata_options.
+ */
+strata_status strata_options_init(struct strata_options *opts);
 
 /**
  * Creates a context. `opts` must have `struct_size` set (use `strata_options_default()`).

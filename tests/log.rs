@@ -269,6 +269,60 @@ fn callers_built_before_the_callback_fields_keep_working() {
     );
     assert!(refused.is_null());
 
+    // strata_options_init fills an old caller's struct without writing past its end.
+    #[repr(C)]
+    struct OldOptions {
+        struct_size: u32,
+        compute_device: u32,
+        device_index: i32,
+        vram_limit: u64,
+        host_limit: u64,
+        prefetch_depth: u32,
+        flags: u32,
+        after: [u64; 4],
+    }
+    let mut old = OldOptions {
+        struct_size: std::mem::offset_of!(OldOptions, after) as u32,
+        compute_device: 99,
+        device_index: -1,
+        vram_limit: 1,
+        host_limit: 1,
+        prefetch_depth: 99,
+        flags: 99,
+        after: [0xA5A5; 4],
+    };
+    assert_eq!(
+        old.struct_size as usize,
+        std::mem::offset_of!(strata_options, log_fn)
+    );
+    ok(strata_options_init(
+        &mut old as *mut OldOptions as *mut strata_options,
+    ));
+    let defaults = strata_options_default();
+    assert_eq!(
+        (
+            old.compute_device,
+            old.vram_limit,
+            old.host_limit,
+            old.prefetch_depth,
+            old.flags
+        ),
+        (
+            defaults.compute_device,
+            defaults.vram_limit,
+            defaults.host_limit,
+            defaults.prefetch_depth,
+            defaults.flags
+        )
+    );
+    assert_eq!(old.after, [0xA5A5; 4], "nothing written past struct_size");
+    let mut created = ptr::null_mut();
+    ok(strata_context_create(
+        &old as *const OldOptions as *const strata_options,
+        &mut created,
+    ));
+    strata_context_destroy(created);
+
     // The same for strata_stats: an old caller's struct ends before host_limit, which is left alone.
     let mut stats = strata_stats {
         struct_size: std::mem::offset_of!(strata_stats, host_limit) as u32,

@@ -1,7 +1,9 @@
 //! Contexts: one compute device, its budget and everything registered on it.
 
 use super::log::{log_callback, progress_sink, strata_log_fn, strata_progress_fn};
-use super::{boundary, boundary_value, boundary_void, out_arg, read_sized, Handles, Versioned};
+use super::{
+    boundary, boundary_value, boundary_void, out_arg, read_sized, write_sized, Handles, Versioned,
+};
 use crate::budget::STRATA_UNLIMITED;
 use crate::context::{Context, Options, STRATA_FLAG_STRICT_BUDGET};
 use crate::error::{strata_status, Error};
@@ -91,10 +93,21 @@ pub(crate) fn context(ctx: *const strata_context) -> crate::error::Result<Contex
     Ok(ContextRef(context))
 }
 
-/// The CPU device, no limits, prefetch depth 2, no flags.
+/// The CPU device, no limits, prefetch depth 2, no flags, no callbacks. Returned by value, whole:
+/// a binding that declares an older, smaller strata_options uses strata_options_init instead.
 #[no_mangle]
 pub extern "C" fn strata_options_default() -> strata_options {
     boundary_value("strata_options_default", default_options(), default_options)
+}
+
+/// Fills `*opts` with the same defaults, writing only the `opts->struct_size` bytes the caller
+/// has (set it first). Unlike strata_options_default, which returns the whole struct by value,
+/// this is safe for a program or binding built against an older, smaller strata_options.
+#[no_mangle]
+pub extern "C" fn strata_options_init(opts: *mut strata_options) -> strata_status {
+    boundary("strata_options_init", || {
+        write_sized(opts, "opts", default_options())
+    })
 }
 
 fn default_options() -> strata_options {

@@ -58,3 +58,32 @@ pub(crate) fn progress_sink(function: strata_progress_fn, user: *mut c_void) -> 
         unsafe { function(user.0, phase.as_ptr(), done, total) }
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+    use std::sync::Mutex;
+
+    unsafe extern "C" fn record(user: *mut c_void, phase: *const c_char, done: u64, total: u64) {
+        // SAFETY: the test passes a Mutex<Vec<..>> as user; phase is valid during the call.
+        let seen = unsafe { &*(user as *const Mutex<Vec<(String, u64, u64)>>) };
+        let phase = unsafe { CStr::from_ptr(phase) }
+            .to_string_lossy()
+            .into_owned();
+        seen.lock().unwrap().push((phase, done, total));
+    }
+
+    #[test]
+    fn progress_reaches_the_c_callback_with_its_user_pointer() {
+        let seen: Mutex<Vec<(String, u64, u64)>> = Mutex::new(Vec::new());
+        let sink = progress_sink(Some(record), &seen as *const _ as *mut c_void);
+        sink.report("onload", 3, 40);
+        sink.report("a\0b", 0, 1);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("onload".into(), 3, 40), ("a\\0b".into(), 0, 1)]
+        );
+        progress_sink(None, std::ptr::null_mut()).report("nobody", 1, 1);
+    }
+}
