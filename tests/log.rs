@@ -1,5 +1,6 @@
 //! Log callbacks through the C ABI: what an engine author is told and at which level, a callback
-//! that calls back into strata, and callers built before the callback fields existed.
+//! that calls back into strata, callers built before the callback fields existed, and STRATA_LOG
+//! printing to stderr when no callback is set.
 
 mod common;
 use common::*;
@@ -338,4 +339,24 @@ fn callers_built_before_the_callback_fields_keep_working() {
         strata_stats_get(ctx.0, &mut stats),
         STRATA_ERR_INVALID_ARGUMENT,
     );
+}
+
+#[test]
+fn strata_log_prints_to_stderr_when_no_callback_is_set() {
+    let run = |level: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["demo", "--layers", "8", "--width", "128", "--passes", "2"])
+            .env("STRATA_LOG", level)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let debug = run("debug");
+    assert!(
+        debug.contains("strata debug: evicted layer \"blocks."),
+        "{debug}"
+    );
+    let warn = run("warn");
+    assert!(!warn.contains("strata debug"), "{warn}");
 }
