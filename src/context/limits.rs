@@ -41,11 +41,6 @@ impl Context {
         Ok(())
     }
 
-    /// The host memory limit in force.
-    pub fn host_limit(&self) -> u64 {
-        self.host.limit()
-    }
-
     /// Hands queued log messages to the log callback. The C ABI calls this as each call on the
     /// context returns; Rust callers call it where they hold no strata lock.
     pub fn flush_log(&self) {
