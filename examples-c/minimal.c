@@ -5,9 +5,10 @@
  * from host memory, acquires it, prints its values through the views, releases it, provokes one
  * error on purpose to show how errors are reported, prints the statistics and cleans up.
  *
- * Build (from the repository root, after `cargo build --release`):
- *   cc -std=c11 -Wall -Wextra -pedantic -I include examples-c/minimal.c \
- *      -L target/release -lstrata -Wl,-rpath,target/release -o minimal
+ * Build (from the repository root, after `scripts/install.sh --prefix "$HOME/.local"`):
+ *   export PKG_CONFIG_PATH="$HOME/.local/lib/pkgconfig"
+ *   cc -std=c11 -Wall -Wextra -pedantic examples-c/minimal.c $(pkg-config --cflags --libs strata) \
+ *      -Wl,-rpath,"$HOME/.local/lib" -o minimal
  */
 
 #include <inttypes.h>

@@ -94,6 +94,26 @@
 #define STRATA_VERSION_PATCH 0
 
 /**
+ * Something failed.
+ */
+#define STRATA_LOG_ERROR 1
+
+/**
+ * Something works, but not as configured (overcommit, a checkpoint changed on disk).
+ */
+#define STRATA_LOG_WARN 2
+
+/**
+ * A decision worth knowing about (a layer refused for the budget, a new limit).
+ */
+#define STRATA_LOG_INFO 3
+
+/**
+ * Every eviction, and other detail.
+ */
+#define STRATA_LOG_DEBUG 4
+
+/**
  * Most dimensions a tensor may have (the size of `strata_tensor_view.shape`).
  */
 #define STRATA_MAX_DIMS 8
@@ -153,6 +173,20 @@ typedef struct strata_tensor_view {
 } strata_tensor_view;
 
 /**
+ * Receives one log message: `level` is STRATA_LOG_ERROR, _WARN, _INFO or _DEBUG (every level is
+ * delivered; filter as you like), `message` a NUL-terminated string valid during the call. Called
+ * on a thread that is calling strata, as that call returns and after strata has dropped its locks:
+ * it may call strata functions on the same context (but not destroy it).
+ */
+typedef void (*strata_log_fn)(void *user, uint32_t level, const char *message);
+
+/**
+ * Receives progress of a long operation: `phase` names it (NUL-terminated, valid during the
+ * call), `done` of `total` units are finished. Called without any strata lock held.
+ */
+typedef void (*strata_progress_fn)(void *user, const char *phase, uint64_t done, uint64_t total);
+
+/**
  * Options for `strata_context_create`. Start from `strata_options_default()`.
  */
 typedef struct strata_options {
@@ -184,6 +218,24 @@ typedef struct strata_options {
    * STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit.
    */
   uint32_t flags;
+  /**
+   * Receives log messages (NULL: none; then STRATA_LOG=error|warn|info|debug prints them to
+   * stderr). Fields from here on are optional: a caller whose struct_size ends before them
+   * gets NULL callbacks.
+   */
+  strata_log_fn log_fn;
+  /**
+   * Passed back to log_fn.
+   */
+  void *log_user;
+  /**
+   * Receives progress of long operations (NULL: none).
+   */
+  strata_progress_fn progress_fn;
+  /**
+   * Passed back to progress_fn.
+   */
+  void *progress_user;
 } strata_options;
 
 /**
@@ -301,6 +353,11 @@ typedef struct strata_stats {
    * Groups onloaded by an acquire rather than by strata_group_onload.
    */
   uint64_t implicit_onloads;
+  /**
+   * The host memory limit in force. Added after the first release: a caller whose struct_size
+   * ends before it does not get it.
+   */
+  uint64_t host_limit;
 } strata_stats;
 
 /**
@@ -415,9 +472,17 @@ strata_status strata_checkpoint_open(struct strata_context *ctx,
 void strata_checkpoint_close(struct strata_checkpoint *ckpt);
 
 /**
- * The CPU device, no limits, prefetch depth 2, no flags.
+ * The CPU device, no limits, prefetch depth 2, no flags, no callbacks. Returned by value, whole:
+ * a binding that declares an older, smaller strata_options uses strata_options_init instead.
  */
 struct strata_options strata_options_default(void);
+
+/**
+ * Fills `*opts` with the same defaults, writing only the `opts->struct_size` bytes the caller
+ * has (set it first). Unlike strata_options_default, which returns the whole struct by value,
+ * this is safe for a program or binding built against an older, smaller strata_options.
+ */
+strata_status strata_options_init(struct strata_options *opts);
 
 /**
  * Creates a context. `opts` must have `struct_size` set (use `strata_options_default()`).
@@ -430,6 +495,19 @@ strata_status strata_context_create(const struct strata_options *opts, struct st
  * NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
  */
 void strata_context_destroy(struct strata_context *ctx);
+
+/**
+ * Sets the device budget at once (STRATA_UNLIMITED; 0 = nothing resident between uses; N bytes).
+ * Layers not in use are evicted down to the new cap before this returns; layers in use leave
+ * when they are released. strata_stats' vram_limit shows the cap in force.
+ */
+strata_status strata_context_set_vram_limit(struct strata_context *ctx, uint64_t bytes);
+
+/**
+ * Sets host_limit, the bytes of host memory for disk-tier copies and staging (STRATA_UNLIMITED:
+ * none), at once. strata_stats' host_limit shows the limit in force.
+ */
+strata_status strata_context_set_host_limit(struct strata_context *ctx, uint64_t bytes);
 
 /**
  * The library's version as `(major << 16) | (minor << 8) | patch`; compare with the header's

@@ -29,6 +29,17 @@ impl Limit {
     }
 }
 
+/// As messages show a limit: "unlimited", "0 (nothing resident)", or the bytes.
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Unlimited => f.write_str("unlimited"),
+            Limit::Minimal => f.write_str("0 (nothing resident)"),
+            Limit::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Budget {
     pub limit: Limit,
@@ -69,6 +80,15 @@ impl Budget {
         }
     }
 
+    /// Whether more is held than may stay between uses: above a hard cap, or anything under `0`.
+    pub fn over_cap(&self) -> bool {
+        match self.limit {
+            Limit::Unlimited => false,
+            Limit::Minimal => self.in_use > 0,
+            Limit::Bytes(cap) => self.in_use > cap,
+        }
+    }
+
     pub fn refund(&mut self, bytes: u64) {
         debug_assert!(bytes <= self.in_use, "refund of bytes never charged");
         self.in_use -= bytes.min(self.in_use);
@@ -99,6 +119,10 @@ mod tests {
         assert!(budget.fits(40));
         assert!(!budget.fits(41));
         assert!(budget.exceeds_cap_alone(101));
+        assert!(!budget.over_cap());
+        budget.limit = Limit::from_abi(50);
+        assert!(budget.over_cap());
+        budget.limit = Limit::from_abi(100);
         budget.refund(60);
         budget.charge(130);
         assert_eq!(budget.overcommit_peak(), 30);
@@ -112,6 +136,7 @@ mod tests {
         for limit in [0, STRATA_UNLIMITED] {
             let mut budget = Budget::new(Limit::from_abi(limit));
             budget.charge(1 << 40);
+            assert_eq!(budget.over_cap(), limit == 0);
             assert!(budget.fits(u64::MAX / 2));
             assert!(!budget.exceeds_cap_alone(u64::MAX));
             assert_eq!(budget.overcommit_peak(), 0);

@@ -71,14 +71,32 @@ impl Drop for HostBuffer {
     }
 }
 
-/// Bytes in use and their high-water mark, updated from any thread.
-#[derive(Default, Debug)]
+/// Bytes in use, their high-water mark and the limit they are held to, updated from any thread.
+#[derive(Debug)]
 pub struct MemoryCounter {
     in_use: AtomicU64,
     peak: AtomicU64,
+    /// `host_limit` as the C ABI spells it (`STRATA_UNLIMITED`: none); it can change at any time.
+    limit: AtomicU64,
 }
 
 impl MemoryCounter {
+    pub fn with_limit(limit: u64) -> MemoryCounter {
+        MemoryCounter {
+            in_use: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
     pub fn add(&self, bytes: u64) {
         let now = self.in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(now, Ordering::Relaxed);

@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod host;
+pub mod log;
 pub mod registry;
 pub mod schedule;
 pub mod stats;

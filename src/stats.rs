@@ -18,6 +18,7 @@ pub struct Stats {
     pub vram_limit: u64,
     pub evictions: u64,
     pub implicit_onloads: u64,
+    pub host_limit: u64,
 }
 
 /// The counters the engine bumps under its lock; memory figures come from the budget and the

@@ -460,3 +460,168 @@ fn onload_and_offload_racing_with_acquires_keep_every_byte_right() {
     assert_eq!(stats.vram_in_use, 0, "offload leaves nothing resident");
     assert!(stats.vram_peak <= 3 * footprint);
 }
+
+#[test]
+fn a_lowered_limit_evicts_unused_layers_at_once_and_layers_in_use_on_release() {
+    let (footprint, resident) = layer_sizes(16);
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&converting_tiers());
+    let layers = register_layers(&ctx, group, "l", 6, 16);
+    for (i, &layer) in layers.iter().enumerate() {
+        check_values(&ctx.acquire(layer), i);
+        ctx.release(layer);
+    }
+    assert_eq!(ctx.stats().vram_in_use, 6 * resident);
+
+    ctx.acquire(layers[0]);
+    ctx.acquire(layers[1]);
+    let cap = resident;
+    ok(strata_context_set_vram_limit(ctx.0, cap));
+    let stats = ctx.stats();
+    assert_eq!(stats.vram_limit, cap);
+    // Every unused layer had to go: the two in use alone are over the new cap.
+    assert_eq!(stats.vram_in_use, 2 * footprint);
+    ctx.release(layers[0]);
+    assert_eq!(
+        ctx.stats().vram_in_use,
+        footprint,
+        "released over the cap, so evicted"
+    );
+    ctx.release(layers[1]);
+    assert!(ctx.stats().vram_in_use <= cap);
+    // Layers acquired under the new cap see the same bytes and stay within it.
+    for (i, &layer) in layers.iter().enumerate() {
+        check_values(&ctx.acquire(layer), i);
+        ctx.release(layer);
+        assert!(ctx.stats().vram_in_use <= cap);
+    }
+
+    ok(strata_context_set_vram_limit(ctx.0, 0));
+    assert_eq!(ctx.stats().vram_in_use, 0, "0 keeps nothing between uses");
+    ok(strata_context_set_vram_limit(ctx.0, STRATA_UNLIMITED));
+    for &layer in &layers {
+        ctx.acquire(layer);
+        ctx.release(layer);
+    }
+    let stats = ctx.stats();
+    assert_eq!(stats.vram_limit, STRATA_UNLIMITED);
+    assert_eq!(
+        stats.vram_in_use,
+        6 * resident,
+        "unlimited keeps everything"
+    );
+}
+
+#[test]
+fn a_raised_limit_lets_a_waiting_acquire_go_on() {
+    let footprint = layer_footprint(16);
+    let ctx = Arc::new(Ctx::new(footprint));
+    let group = ctx.group(&converting_tiers());
+    let layers = register_layers(&ctx, group, "l", 2, 16);
+    ctx.acquire(layers[0]);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let waiter = {
+        let ctx = ctx.clone();
+        let layer = layers[1];
+        std::thread::spawn(move || {
+            // Holds nothing while another thread fills the budget: waits for room.
+            check_values(&ctx.acquire(layer), 1);
+            ctx.release(layer);
+            done_tx.send(()).unwrap();
+        })
+    };
+    let timeout = std::time::Duration::from_millis(300);
+    assert!(
+        done_rx.recv_timeout(timeout).is_err(),
+        "the acquire should wait for room"
+    );
+    ok(strata_context_set_vram_limit(ctx.0, 2 * footprint));
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("a larger budget wakes the waiting acquire");
+    waiter.join().unwrap();
+    ctx.release(layers[0]);
+    assert!(ctx.stats().vram_peak <= 2 * footprint);
+}
+
+#[test]
+fn limits_changing_under_concurrent_acquires_hold_whenever_nothing_is_in_use() {
+    let (footprint, resident) = layer_sizes(16);
+    let ctx = Arc::new(Ctx::new(3 * footprint));
+    let group = ctx.group(&converting_tiers());
+    let layers = Arc::new(register_layers(&ctx, group, "l", 10, 16));
+    // Workers hold the read side from acquire to release; the limit thread takes the write side
+    // when it wants to check the cap with no layer in use, and sets limits without it otherwise.
+    let quiet = Arc::new(std::sync::RwLock::new(()));
+    let workers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (ctx, layers, quiet) = (ctx.clone(), layers.clone(), quiet.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(t * 17 + 3);
+                for _ in 0..300 {
+                    let i = rng.below(layers.len() as u64) as usize;
+                    let _using = quiet.read().unwrap();
+                    check_values(&ctx.acquire(layers[i]), i);
+                    ctx.release(layers[i]);
+                }
+            })
+        })
+        .collect();
+    let mut rng = Rng(4242);
+    let mut cap = 3 * footprint;
+    let mut checked = 0;
+    for round in 0..200 {
+        // Below one layer (overcommit), a few layers, everything, 0 and unlimited.
+        cap = match rng.below(8) {
+            0 => 0,
+            1 => STRATA_UNLIMITED,
+            2 => resident / 2,
+            _ => footprint + rng.below(6 * footprint),
+        };
+        if round % 2 == 0 {
+            let _quiet = quiet.write().unwrap();
+            ok(strata_context_set_vram_limit(ctx.0, cap));
+            let stats = ctx.stats();
+            assert_eq!(stats.vram_limit, cap);
+            let allowed = if cap == STRATA_UNLIMITED {
+                u64::MAX
+            } else {
+                cap
+            };
+            assert!(
+                stats.vram_in_use <= allowed,
+                "round {round}: {} held with no layer in use, cap {cap}",
+                stats.vram_in_use
+            );
+            checked += 1;
+        } else {
+            ok(strata_context_set_vram_limit(ctx.0, cap));
+        }
+        std::thread::yield_now();
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Layers in use when the last limit was set left as they were released.
+    let stats = ctx.stats();
+    assert_eq!(stats.vram_limit, cap);
+    assert!(cap == STRATA_UNLIMITED || stats.vram_in_use <= cap);
+    assert_eq!(stats.acquires, 900);
+    assert_eq!(checked, 100);
+}
+
+#[test]
+fn the_host_limit_is_live_and_bad_contexts_are_refused() {
+    let ctx = Ctx::with(|o| o.host_limit = 1 << 30);
+    assert_eq!(ctx.stats().host_limit, 1 << 30);
+    ok(strata_context_set_host_limit(ctx.0, 1 << 20));
+    assert_eq!(ctx.stats().host_limit, 1 << 20);
+    expect(
+        strata_context_set_vram_limit(ptr::null_mut(), 0),
+        STRATA_ERR_NULL_ARGUMENT,
+    );
+    expect(
+        strata_context_set_host_limit(0x1230 as *mut strata_context, 0),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+}

@@ -7,6 +7,7 @@ use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
 use crate::error::Result;
 use crate::host::CountedBuffer;
+use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
 use crate::trace::{Span, Track};
 use std::sync::atomic::Ordering;
@@ -50,7 +51,15 @@ impl Context {
                     let mut staging = CountedBuffer::new(meta.nbytes(), &self.host)?;
                     info.file
                         .read_at(info.offset, staging.buffer.as_mut_slice())
-                        .map_err(|e| e.context(format!("tensor {}", info.name)))?;
+                        .map_err(|e| {
+                            // Truncated or changed under us: the caller gets the error, and the
+                            // log says which file went bad even when the caller drops it.
+                            let e = e.context(format!("tensor {}", info.name));
+                            self.logger.log(Level::Warn, || {
+                                format!("reading the checkpoint failed: {}", e.message)
+                            });
+                            e
+                        })?;
                     self.bytes_from_disk
                         .fetch_add(info.nbytes, Ordering::Relaxed);
                     spans.push(Span {

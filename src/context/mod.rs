@@ -4,6 +4,7 @@
 //! busy, so threads acquiring other layers are not held up by a read or a conversion.
 
 mod engine;
+mod limits;
 mod load;
 
 use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
@@ -13,6 +14,7 @@ use crate::convert::TensorBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
+use crate::log::{LogCallback, Logger, ProgressSink};
 use crate::registry::{
     Computation, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry, TensorMeta,
 };
@@ -30,14 +32,19 @@ use std::time::Instant;
 /// Refuse layers that would exceed the budget instead of overcommitting.
 pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
     pub compute: Device,
     pub device_index: i32,
+    /// The limits at creation; `set_vram_limit` and `set_host_limit` change the live ones, which
+    /// the budget and the host counter hold.
     pub vram_limit: u64,
     pub host_limit: u64,
     pub prefetch_depth: u32,
     pub strict_budget: bool,
+    /// Where log messages go; without one, stderr when `STRATA_LOG` names a level.
+    pub log: Option<LogCallback>,
+    pub progress: ProgressSink,
 }
 
 /// A host tensor handed to `register_host`: its bytes are copied.
@@ -79,6 +86,7 @@ pub struct Context {
     backend: Box<dyn Backend>,
     codec: IdCodec,
     options: Options,
+    logger: Logger,
     state: Mutex<State>,
     /// Signalled whenever a layer stops being busy or in use, or memory is freed.
     changed: Condvar,
@@ -149,7 +157,7 @@ impl Context {
         Ok(Arc::new_cyclic(|self_ref| Context {
             backend,
             codec: IdCodec { tag: next_tag() },
-            options,
+            logger: Logger::new(options.log.clone()),
             state: Mutex::new(State {
                 registry: Registry::default(),
                 budget: Budget::new(Limit::from_abi(options.vram_limit)),
@@ -161,7 +169,8 @@ impl Context {
                 waiters: 0,
             }),
             changed: Condvar::new(),
-            host: Arc::new(MemoryCounter::default()),
+            host: Arc::new(MemoryCounter::with_limit(options.host_limit)),
+            options,
             bytes_from_disk: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             engine: CopyEngine::default(),
@@ -920,6 +929,8 @@ impl Context {
                 if !was_resident {
                     st.counters.bytes_to_device += payload;
                 }
+                // The cap may have been lowered during the fill.
+                self.trim_to_cap(&mut st);
                 true
             }
             Err((prepared, _)) => {
@@ -997,10 +1008,10 @@ impl Context {
         let too_large = st.budget.exceeds_cap_alone(footprint);
         if too_large && (self.options.strict_budget || purpose != Purpose::Demand) {
             let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(NoRoom::Fail(Error::budget(format!(
+            return Err(self.refuse(format!(
                 "layer {name:?} needs {footprint} bytes on the device, more than vram_limit {} (STRATA_FLAG_STRICT_BUDGET)",
-                self.options.vram_limit
-            ))));
+                st.budget.limit.to_abi()
+            )));
         }
         if st.budget.fits(bytes) {
             return Ok(());
@@ -1014,26 +1025,7 @@ impl Context {
             if st.budget.fits(bytes) {
                 return Ok(());
             }
-            let victim = st
-                .registry
-                .layers
-                .iter()
-                .filter(|(k, l)| {
-                    *k != key
-                        && (l.prepared.is_some() || l.staged.is_some())
-                        && l.in_use == 0
-                        && !l.busy
-                })
-                .map(|(k, _)| (st.schedule.eviction_rank(k, &distances), k))
-                .filter(|(rank, _)| rank.0 >= nearest_allowed)
-                .max_by_key(|(rank, _)| *rank)
-                .map(|(_, k)| k);
-            if let Some(victim) = victim {
-                let layer = st.registry.layers.get_mut(victim).expect("found above");
-                let freed = layer.drop_device_copies();
-                st.budget.refund(freed);
-                st.prefetched.retain(|&k| k != victim);
-                st.counters.evictions += 1;
+            if self.evict_one(st, Some(key), &distances, nearest_allowed, false) {
                 continue;
             }
             if purpose != Purpose::Demand {
@@ -1043,6 +1035,7 @@ impl Context {
             }
             if too_large && st.budget.in_use() == own {
                 // One layer larger than the whole budget: allowed alone, reported as overcommit.
+                self.warn_overcommit(st, key, footprint);
                 return Ok(());
             }
             if st.engine_filling.is_some() {
@@ -1064,11 +1057,11 @@ impl Context {
                 return Err(NoRoom::Wait);
             }
             let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(NoRoom::Fail(Error::budget(format!(
+            return Err(self.refuse(format!(
                 "layer {name:?} needs {bytes} more bytes on the device, but {} of vram_limit {} are held by layers in use or loading ({held_by_me} in use by this thread); release some first",
                 st.budget.in_use(),
-                self.options.vram_limit
-            ))));
+                st.budget.limit.to_abi()
+            )));
         }
     }
 
@@ -1148,6 +1141,9 @@ impl Context {
             if let Some(copy) = layer.prepared.take() {
                 budget.refund(copy.bytes());
             }
+        } else if budget.over_cap() {
+            // The cap was lowered while layers were in use: they leave as they are released.
+            self.trim_to_cap(&mut st);
         }
         self.wake(st.waiters);
         Ok(())
@@ -1174,6 +1170,7 @@ impl Context {
             vram_limit: st.budget.limit.to_abi(),
             evictions: c.evictions,
             implicit_onloads: c.implicit_onloads,
+            host_limit: self.host.limit(),
         }
     }
 

@@ -1,10 +1,14 @@
 //! Contexts: one compute device, its budget and everything registered on it.
 
-use super::{boundary, boundary_value, boundary_void, out_arg, read_sized, Handles, Versioned};
+use super::log::{log_callback, progress_sink, strata_log_fn, strata_progress_fn};
+use super::{
+    boundary, boundary_value, boundary_void, out_arg, read_sized, write_sized, Handles, Versioned,
+};
 use crate::budget::STRATA_UNLIMITED;
 use crate::context::{Context, Options, STRATA_FLAG_STRICT_BUDGET};
 use crate::error::{strata_status, Error};
 use crate::tiers::{Device, STRATA_DEVICE_CPU};
+use std::ffi::c_void;
 use std::sync::{Arc, Weak};
 
 /// Options for `strata_context_create`. Start from `strata_options_default()`.
@@ -25,11 +29,22 @@ pub struct strata_options {
     pub prefetch_depth: u32,
     /// STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit.
     pub flags: u32,
+    /// Receives log messages (NULL: none; then STRATA_LOG=error|warn|info|debug prints them to
+    /// stderr). Fields from here on are optional: a caller whose struct_size ends before them
+    /// gets NULL callbacks.
+    pub log_fn: strata_log_fn,
+    /// Passed back to log_fn.
+    pub log_user: *mut c_void,
+    /// Receives progress of long operations (NULL: none).
+    pub progress_fn: strata_progress_fn,
+    /// Passed back to progress_fn.
+    pub progress_user: *mut c_void,
 }
 
 // SAFETY: repr(C), plain data, struct_size first.
 unsafe impl Versioned for strata_options {
-    const FIRST_RELEASED_SIZE: usize = std::mem::size_of::<strata_options>();
+    /// Callers built before the callbacks were added pass the size without them.
+    const FIRST_RELEASED_SIZE: usize = std::mem::offset_of!(strata_options, log_fn);
 }
 
 /// An opaque context. Thread-safe: any thread may use it; several may acquire and release at once.
@@ -45,24 +60,54 @@ thread_local! {
     static LAST_CONTEXT: std::cell::RefCell<(usize, Weak<Context>)> = const { std::cell::RefCell::new((0, Weak::new())) };
 }
 
-pub(crate) fn context(ctx: *const strata_context) -> crate::error::Result<Arc<Context>> {
+/// A live context for the length of one call. When the call is done with it, and so holds no
+/// strata lock, it hands the log messages the call produced to the log callback, which may then
+/// call back into strata without deadlocking.
+pub(crate) struct ContextRef(Arc<Context>);
+
+impl std::ops::Deref for ContextRef {
+    type Target = Arc<Context>;
+
+    fn deref(&self) -> &Arc<Context> {
+        &self.0
+    }
+}
+
+impl Drop for ContextRef {
+    fn drop(&mut self) {
+        self.0.flush_log();
+    }
+}
+
+pub(crate) fn context(ctx: *const strata_context) -> crate::error::Result<ContextRef> {
     let token = ctx as usize;
     let cached = LAST_CONTEXT.with(|last| {
         let last = last.borrow();
         (last.0 == token).then(|| last.1.upgrade()).flatten()
     });
     if let Some(context) = cached.filter(|c| !c.is_closed()) {
-        return Ok(context);
+        return Ok(ContextRef(context));
     }
     let context = CONTEXTS.get(ctx)?;
     LAST_CONTEXT.with(|last| *last.borrow_mut() = (token, Arc::downgrade(&context)));
-    Ok(context)
+    Ok(ContextRef(context))
 }
 
-/// The CPU device, no limits, prefetch depth 2, no flags.
+/// The CPU device, no limits, prefetch depth 2, no flags, no callbacks. Returned by value, whole:
+/// a binding that declares an older, smaller strata_options uses strata_options_init instead.
 #[no_mangle]
 pub extern "C" fn strata_options_default() -> strata_options {
     boundary_value("strata_options_default", default_options(), default_options)
+}
+
+/// Fills `*opts` with the same defaults, writing only the `opts->struct_size` bytes the caller
+/// has (set it first). Unlike strata_options_default, which returns the whole struct by value,
+/// this is safe for a program or binding built against an older, smaller strata_options.
+#[no_mangle]
+pub extern "C" fn strata_options_init(opts: *mut strata_options) -> strata_status {
+    boundary("strata_options_init", || {
+        write_sized(opts, "opts", default_options())
+    })
 }
 
 fn default_options() -> strata_options {
@@ -74,6 +119,10 @@ fn default_options() -> strata_options {
         host_limit: STRATA_UNLIMITED,
         prefetch_depth: 2,
         flags: 0,
+        log_fn: None,
+        log_user: std::ptr::null_mut(),
+        progress_fn: None,
+        progress_user: std::ptr::null_mut(),
     }
 }
 
@@ -102,6 +151,8 @@ fn options_from(raw: &strata_options) -> crate::error::Result<Options> {
         host_limit: raw.host_limit,
         prefetch_depth: raw.prefetch_depth,
         strict_budget: raw.flags & STRATA_FLAG_STRICT_BUDGET != 0,
+        log: log_callback(raw.log_fn, raw.log_user),
+        progress: progress_sink(raw.progress_fn, raw.progress_user),
     })
 }
 
@@ -130,7 +181,35 @@ pub extern "C" fn strata_context_destroy(ctx: *mut strata_context) {
             return Ok(());
         }
         // Closed first, so no thread's cached handle reaches it once it leaves the table.
-        CONTEXTS.get(ctx)?.close();
-        CONTEXTS.remove(ctx)
+        let context = CONTEXTS.get(ctx)?;
+        context.close();
+        CONTEXTS.remove(ctx)?;
+        context.flush_log();
+        Ok(())
     });
+}
+
+/// Sets the device budget at once (STRATA_UNLIMITED; 0 = nothing resident between uses; N bytes).
+/// Layers not in use are evicted down to the new cap before this returns; layers in use leave
+/// when they are released. strata_stats' vram_limit shows the cap in force.
+#[no_mangle]
+pub extern "C" fn strata_context_set_vram_limit(
+    ctx: *mut strata_context,
+    bytes: u64,
+) -> strata_status {
+    boundary("strata_context_set_vram_limit", || {
+        context(ctx)?.set_vram_limit(bytes)
+    })
+}
+
+/// Sets host_limit, the bytes of host memory for disk-tier copies and staging (STRATA_UNLIMITED:
+/// none), at once. strata_stats' host_limit shows the limit in force.
+#[no_mangle]
+pub extern "C" fn strata_context_set_host_limit(
+    ctx: *mut strata_context,
+    bytes: u64,
+) -> strata_status {
+    boundary("strata_context_set_host_limit", || {
+        context(ctx)?.set_host_limit(bytes)
+    })
 }

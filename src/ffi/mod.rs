@@ -12,6 +12,7 @@ pub mod context;
 pub mod error;
 pub mod group;
 pub mod layer;
+pub mod log;
 pub mod stats;
 
 use crate::error::{strata_status, Error, Result, STRATA_ERR_PANIC, STRATA_OK};

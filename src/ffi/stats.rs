@@ -36,11 +36,15 @@ pub struct strata_stats {
     pub evictions: u64,
     /// Groups onloaded by an acquire rather than by strata_group_onload.
     pub implicit_onloads: u64,
+    /// The host memory limit in force. Added after the first release: a caller whose struct_size
+    /// ends before it does not get it.
+    pub host_limit: u64,
 }
 
 // SAFETY: repr(C), plain data, struct_size first.
 unsafe impl Versioned for strata_stats {
-    const FIRST_RELEASED_SIZE: usize = std::mem::size_of::<strata_stats>();
+    /// Callers built before host_limit was added pass the size without it.
+    const FIRST_RELEASED_SIZE: usize = std::mem::offset_of!(strata_stats, host_limit);
 }
 
 /// Fills `out` (whose struct_size the caller set) with the context's counters.
@@ -68,6 +72,7 @@ pub extern "C" fn strata_stats_get(
             vram_limit: s.vram_limit,
             evictions: s.evictions,
             implicit_onloads: s.implicit_onloads,
+            host_limit: s.host_limit,
         };
         write_sized(out, "out", stats)
     })

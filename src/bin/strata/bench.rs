@@ -170,6 +170,8 @@ fn run(
         host_limit: strata::budget::STRATA_UNLIMITED,
         prefetch_depth: setting.depth,
         strict_budget: false,
+        log: None,
+        progress: Default::default(),
     })?;
     let tiers = RawTiers {
         placements: [

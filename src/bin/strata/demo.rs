@@ -165,6 +165,8 @@ fn streamed_run(
         host_limit: STRATA_UNLIMITED,
         prefetch_depth: 2,
         strict_budget: false,
+        log: None,
+        progress: Default::default(),
     })?;
     let tiers = RawTiers {
         placements: [

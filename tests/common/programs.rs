@@ -1,0 +1,142 @@
+//! Building and running programs against the library: compilers, flags, run with a timeout.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Flags every C example must compile cleanly under.
+pub const C_FLAGS: &[&str] = &["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"];
+pub const CXX_FLAGS: &[&str] = &["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"];
+/// The longest an example may run before it counts as hung.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn include_dir() -> PathBuf {
+    manifest_dir().join("include")
+}
+
+/// Panics with a clear message when `compiler` cannot be run at all.
+pub fn require_compiler(compiler: &str) {
+    match Command::new(compiler).arg("--version").output() {
+        Ok(output) if output.status.success() => {}
+        Ok(output) => panic!(
+            "`{compiler} --version` failed ({}): the C example tests need a working C/C++ compiler\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ),
+        Err(e) => panic!(
+            "`{compiler}` was not found on PATH ({e}): the C example tests need a C and a C++ \
+             compiler (install gcc and g++, e.g. `apt-get install gcc g++`)"
+        ),
+    }
+}
+
+/// A fresh directory under the system temp dir, removed when the test passes and kept (and
+/// printed) when it fails, so the binaries and files can be inspected.
+pub struct BuildDir(PathBuf);
+
+impl BuildDir {
+    pub fn new(label: &str) -> BuildDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "strata-build-{label}-{}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        BuildDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs a compiler command and panics with its output when it fails.
+pub fn compile(mut command: Command, what: &str) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running the compiler for {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "compiling {what} failed\ncommand: {command:?}\n{}",
+        describe(&output)
+    );
+}
+
+/// Runs a program with its output going to files (no pipe can fill up), killing it after
+/// RUN_TIMEOUT, and returns what it printed.
+pub fn run(exe: &Path, args: &[&Path], dir: &Path) -> Output {
+    let stdout_path = dir.join("stdout.txt");
+    let stderr_path = dir.join("stderr.txt");
+    let mut child = Command::new(exe)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).unwrap())
+        .stderr(File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", exe.display()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{} ran longer than {RUN_TIMEOUT:?}; its output so far:\n{}",
+                exe.display(),
+                fs::read_to_string(&stdout_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: fs::read(&stdout_path).unwrap(),
+        stderr: fs::read(&stderr_path).unwrap(),
+    }
+}
+
+/// Asserts a clean exit and that the last line printed is "<name>: OK".
+pub fn assert_ok(name: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{name} failed\n{}",
+        describe(output)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
+    assert_eq!(
+        last,
+        Some(format!("{name}: OK").as_str()),
+        "{name} did not end with \"{name}: OK\"\n{}",
+        describe(output)
+    );
+}
