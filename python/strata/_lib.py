@@ -195,9 +195,10 @@ def candidates():
         places.append(("STRATA_LIBRARY", path / _LIBRARY_FILE if path.is_dir() else path))
     package = Path(__file__).resolve().parent
     places.append(("the package folder", package / _LIBRARY_FILE))
-    # python/strata/ inside a checkout: the repository root is two levels up.
     roots = [Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else []
-    roots.append(package.parent.parent / "target")
+    # python/strata/ inside a checkout: the repository root is two levels up.
+    if (package.parent.parent / "Cargo.toml").is_file():
+        roots.append(package.parent.parent / "target")
     for root in roots:
         for sub in ("release", "release/deps", "debug", "debug/deps"):
             places.append(("the build folder", root / sub / _LIBRARY_FILE))
@@ -216,6 +217,8 @@ def lib():
         if found is None:
             looked = "\n".join(f"  {what}: {path}" for what, path in places)
             hint = "" if os.environ.get("STRATA_LIBRARY") else " (STRATA_LIBRARY is not set)"
+            if not any(what == "the build folder" for what, _ in places):
+                looked += "\n  (no build folder: this package is not inside a strata checkout)"
             raise OSError(f"strata: {_LIBRARY_FILE} not found{hint}; looked in:\n{looked}\n"
                           "Build it with `cargo build --release` or set STRATA_LIBRARY to its path.")
         handle = C.CDLL(str(found))

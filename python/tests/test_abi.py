@@ -98,18 +98,20 @@ class Layouts(unittest.TestCase):
 class Loading(unittest.TestCase):
     def test_a_missing_library_names_every_place_looked(self):
         with tempfile.TemporaryDirectory() as tmp:
+            # A checkout without a build: python/strata beside a Cargo.toml.
             tmp = os.path.realpath(tmp)
-            shutil.copytree(REPO / "python" / "strata", os.path.join(tmp, "strata"))
+            shutil.copytree(REPO / "python" / "strata", os.path.join(tmp, "python", "strata"))
+            open(os.path.join(tmp, "Cargo.toml"), "w").close()
             env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
             env["STRATA_LIBRARY"] = os.path.join(tmp, "nowhere", "libstrata.so")
             run = subprocess.run([sys.executable, "-c", "import strata; strata.version()"],
-                                 cwd=tmp, env=env, capture_output=True, text=True)
+                                 cwd=os.path.join(tmp, "python"), env=env,
+                                 capture_output=True, text=True)
         self.assertNotEqual(run.returncode, 0)
         self.assertIn("STRATA_LIBRARY: " + env["STRATA_LIBRARY"], run.stderr)
-        self.assertIn("the package folder: " + os.path.join(tmp, "strata"), run.stderr)
-        self.assertIn(os.path.join("target", "release", "deps"), run.stderr)
-        self.assertIn(os.path.join("target", "debug"), run.stderr)
-
+        self.assertIn("the package folder: " + os.path.join(tmp, "python", "strata"), run.stderr)
+        for build in ("release", "release/deps", "debug", "debug/deps"):
+            self.assertIn(f"the build folder: {tmp}/target/{build}/libstrata.so", run.stderr)
 
 if __name__ == "__main__":
     unittest.main()
