@@ -393,8 +393,9 @@ class Views(Sequence):
 
 
 class TensorView:
-    """One tensor of an acquired layer, valid until its lease is released: from then on every
-    access to its bytes raises StateError instead of reading freed memory. Tensors made from it
+    """One tensor of an acquired layer, valid until its lease is released (or its context
+    closed): from then on every access to its bytes raises StateError instead of reading freed
+    memory. Tensors made from it
     (torch.from_dlpack, numpy.asarray) share its bytes and must not be used after release."""
 
     def __init__(self, lease, raw):
@@ -415,9 +416,9 @@ class TensorView:
     @property
     def data_ptr(self):
         """The bytes' address (device memory on CUDA)."""
-        if self._lease.released:
+        if self._lease.released or self._lease.context._handle is None:
             raise StateError(f"view {self.name!r} of layer {self._lease.layer.name!r} used after "
-                             "release", 10)
+                             "release (or after its context was closed)", 10)
         return self._data
 
     def _host_pointer(self):

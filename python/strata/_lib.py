@@ -183,7 +183,8 @@ _PROTOTYPES = {
     "strata_trace_write": (_STATUS, [_P, C.c_char_p]),
 }
 
-_LIBRARY_FILE = {"darwin": "libstrata.dylib", "win32": "strata.dll"}.get(sys.platform, "libstrata.so")
+_LIBRARY_FILE = {"darwin": "libstrata.dylib", "win32": "strata.dll"}.get(sys.platform,
+                                                                        "libstrata.so")
 
 
 def candidates():
@@ -220,7 +221,8 @@ def lib():
             if not any(what == "the build folder" for what, _ in places):
                 looked += "\n  (no build folder: this package is not inside a strata checkout)"
             raise OSError(f"strata: {_LIBRARY_FILE} not found{hint}; looked in:\n{looked}\n"
-                          "Build it with `cargo build --release` or set STRATA_LIBRARY to its path.")
+                          "Build it with `cargo build --release` or set STRATA_LIBRARY to its "
+                          "path.")
         handle = C.CDLL(str(found))
         for name, (restype, argtypes) in _PROTOTYPES.items():
             fn = getattr(handle, name)

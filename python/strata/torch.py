@@ -8,9 +8,11 @@ each forward call.
 Each submodule of one of `module_types` becomes one strata layer holding all its parameters
 (a whole transformer block when its class is listed). A module whose forward reads its
 children's parameters without calling them (nn.TransformerEncoderLayer's fast path) must be
-listed itself, or those children hold placeholders when it runs. A forward pre-hook acquires the layer on
-torch's current stream and points the parameters at strata's bytes (zero-copy, through
-DLPack); a forward hook releases it again, also when forward raises. Between calls each
+listed itself, or those children hold placeholders when it runs.
+
+A forward pre-hook acquires the layer on torch's current stream and points the parameters at
+strata's bytes (zero-copy, through DLPack); a forward hook releases it again, also when
+forward raises. Between calls each
 parameter is a one-element placeholder expanded to its shape: its bytes live in strata.
 Inference only: autograd must not keep the weights past the call.
 """
@@ -31,8 +33,9 @@ for _name, _dtype in (("float8_e4m3fn", DType.F8_E4M3FN), ("float8_e5m2", DType.
 
 # MultiheadAttention reads its out_proj's weight without calling it, so it is one layer.
 MODULE_TYPES = tuple(getattr(nn, name) for name in (
-    "MultiheadAttention", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-    "ConvTranspose3d", "Embedding", "LayerNorm", "GroupNorm", "RMSNorm") if hasattr(nn, name))
+    "MultiheadAttention", "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
+    "ConvTranspose2d", "ConvTranspose3d", "Embedding", "LayerNorm", "GroupNorm", "RMSNorm")
+    if hasattr(nn, name))
 
 
 def _default_device():
@@ -141,10 +144,35 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
         tiers = _core.Tiers(**tiers)
     group = context.group(group_name, tiers)
     managed = ManagedModule(module, context, group, device, owns_context)
-    matches = _matching_modules(module, module_types)
+    # Everything that can fail comes before the module is touched; a failure undoes the group.
+    try:
+        registered = _register(module, group, module_types, checkpoint, checkpoint_prefix,
+                               context, group_name)
+        _move_unmanaged(module, [name for name, _, _, _ in registered], device)
+    except BaseException:
+        if owns_context:
+            context.close()
+        else:
+            group.destroy()
+        raise
+    for name, sub, layer, params in registered:
+        entry = _Layer(sub, layer, {tensor: (_park(sub, pname, p, device), p.device)
+                                    for tensor, (pname, p) in params.items()})
+        managed.layers[name] = entry
+        managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
+        managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
+                                                       always_call=True))
+    module.__dict__["_strata_managed"] = managed
+    return managed
+
+
+def _register(module, group, module_types, checkpoint, checkpoint_prefix, context, group_name):
+    """Registers one layer per matching submodule: [(name, submodule, Layer, {strata tensor
+    name: (parameter name in the submodule, Parameter)})]."""
+    registered = []
     ckpt = context.open_checkpoint(checkpoint) if checkpoint is not None else None
     try:
-        for name, sub in matches:
+        for name, sub in _matching_modules(module, module_types):
             params = [(pname, p) for pname, p in sub.named_parameters() if p is not None]
             if not params:
                 continue
@@ -158,18 +186,11 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
                 # `keep` holds the host copies until register_host has copied them.
                 tensors, keep = _host_tensors(layer_name, params)
                 layer = group.register_host(layer_name, tensors)
-            entry = _Layer(sub, layer, {n: (_park(sub, pname, p, device), p.device)
-                                        for n, (pname, p) in zip(names, params)})
-            managed.layers[name] = entry
-            managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
-            managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
-                                                           always_call=True))
+            registered.append((name, sub, layer, dict(zip(names, params))))
     finally:
         if ckpt is not None:
             ckpt.close()
-    _move_unmanaged(module, list(managed.layers), device)
-    module.__dict__["_strata_managed"] = managed
-    return managed
+    return registered
 
 
 def _placeholder(param, device):

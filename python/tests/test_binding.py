@@ -126,9 +126,13 @@ class Handles(unittest.TestCase):
         group.destroy()
         with self.assertRaises(strata.InvalidHandleError):
             group.onload()
+        other = ctx.group("h").register_host("m", {"w": ("f32", (1,), f32_data([1]))})
+        lease = ctx.acquire(other)
         ctx.close()
         with self.assertRaises(strata.InvalidHandleError):
-            ctx.group("h")
+            ctx.group("i")
+        with self.assertRaises(strata.StateError):
+            lease.views[0].tobytes()  # the context took the bytes with it
         ctx.close()  # idempotent
 
 

@@ -140,6 +140,18 @@ class Torch(unittest.TestCase):
         with self.assertRaises(strata.InvalidHandleError):
             managed.stats()  # its context is gone
 
+    def test_a_failed_enable_leaves_the_module_alone(self):
+        m = model(torch.float32)
+        m.head.to("meta")  # registered last, and impossible without a checkpoint
+        with strata.Context() as ctx:
+            with self.assertRaises(ValueError):
+                st.enable_vram_management(m, context=ctx, device="cpu")
+            with self.assertRaises(strata.NotFoundError):
+                ctx.find_layer("model/embed")  # the group went with the failure
+        self.assertNotIn("_strata_managed", m.__dict__)
+        self.assertFalse(m.embed._forward_pre_hooks)
+        self.assertTrue(torch.equal(m.embed.weight, model(torch.float32).embed.weight))
+
     def test_views_into_torch_dtypes(self):
         values = [0.1, -2.5, 3.75, 100.3]
         source = torch.tensor(values)
