@@ -301,6 +301,7 @@ class Layer:
 
     def __init__(self, context, id, name):
         self.context, self.id, self.name = context, id, name
+        self._capacity = None
 
     def __repr__(self):
         return f"Layer({self.name!r}, id={self.id:#x})"
@@ -310,6 +311,12 @@ class Layer:
         out = C.c_size_t()
         check(lib().strata_layer_tensor_count(self.context.handle, self.id, C.byref(out)))
         return out.value
+
+    def capacity(self):
+        """tensor_count, asked once: a layer's tensors are fixed when it is registered."""
+        if self._capacity is None:
+            self._capacity = self.tensor_count
+        return self._capacity
 
     def unregister(self):
         """Removes the layer; its id becomes stale (InvalidHandleError from then on)."""
@@ -350,12 +357,11 @@ class Lease:
         self.stream = _stream_pointer(stream)
         self.released = False
         self.capsules = []  # (capsule, block) made from this lease's views: see _dlpack
-        capacity = C.c_size_t()
-        check(lib().strata_layer_tensor_count(context.handle, layer.id, C.byref(capacity)))
-        raw = (strata_tensor_view * capacity.value)()
+        capacity = layer.capacity()
+        raw = (strata_tensor_view * capacity)()
         count = C.c_size_t()
         check(lib().strata_acquire_for_compute(context.handle, layer.id, self.stream, raw,
-                                               capacity.value, C.byref(count)))
+                                               capacity, C.byref(count)))
         self.views = Views([TensorView(self, raw[i]) for i in range(count.value)])
 
     def release(self):

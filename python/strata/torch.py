@@ -59,8 +59,13 @@ class _Layer:
 
     def __init__(self, module, layer, params):
         self.module, self.layer = module, layer
-        self.params = params  # strata tensor name -> (Parameter, original device)
+        self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
         self.leases = []      # a stack: a module may be re-entered (recursion, shared blocks)
+        # strata tensor name -> ((address, shape, dtype), torch tensor over it). A resident
+        # layer comes back at the same address with the same bytes, so its tensors are reused
+        # instead of imported again (DLPack through ctypes costs tens of microseconds). They
+        # are only ever handed out while a new acquire vouches for that address.
+        self.tensors = {}
 
 
 class ManagedModule:
@@ -89,7 +94,11 @@ class ManagedModule:
             lease = self.context.acquire(entry.layer, stream=self._stream())
             entry.leases.append(lease)
             for view in lease.views:
-                entry.params[view.name][0].data = torch.from_dlpack(view)
+                key = (view.data_ptr, view.shape, view.dtype)
+                cached = entry.tensors.get(view.name)
+                if cached is None or cached[0] != key:
+                    cached = entry.tensors[view.name] = (key, torch.from_dlpack(view))
+                entry.params[view.name][0].data = cached[1]
         return pre
 
     def _post_hook(self, entry):
@@ -99,8 +108,8 @@ class ManagedModule:
                 return
             lease = entry.leases.pop()
             if not entry.leases:
-                for param, _ in entry.params.values():
-                    param.data = _placeholder(param, self.device)
+                for param, _, placeholder in entry.params.values():
+                    param.data = placeholder
             lease.release()
         return post
 
@@ -156,7 +165,7 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
             group.destroy()
         raise
     for name, sub, layer, params in registered:
-        entry = _Layer(sub, layer, {tensor: (_park(sub, pname, p, device), p.device)
+        entry = _Layer(sub, layer, {tensor: _park(sub, pname, p, device)
                                     for tensor, (pname, p) in params.items()})
         managed.layers[name] = entry
         managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
@@ -200,16 +209,19 @@ def _placeholder(param, device):
 
 
 def _park(sub, pname, param, device):
-    """Points `param` (sub's parameter `pname`) at a placeholder on `device` and returns the
-    Parameter the hooks fill: the same object, or a new one replacing a meta parameter."""
+    """Points `param` (sub's parameter `pname`) at a placeholder on `device`. Returns (the
+    Parameter the hooks fill: the same object, or a new one replacing a meta parameter, its
+    original device, the placeholder)."""
+    placeholder = _placeholder(param, device)
     if param.device.type != "meta":
-        param.data = _placeholder(param, device)
-        return param
+        original = param.device
+        param.data = placeholder
+        return param, original, placeholder
     owner_name, _, local = pname.rpartition(".")
     owner = sub.get_submodule(owner_name)
-    replacement = nn.Parameter(_placeholder(param, device), requires_grad=param.requires_grad)
+    replacement = nn.Parameter(placeholder, requires_grad=param.requires_grad)
     owner._parameters[local] = replacement
-    return replacement
+    return replacement, param.device, placeholder
 
 
 def _host_tensors(layer_name, params):
@@ -254,7 +266,7 @@ def disable_vram_management(module):
     for entry in managed.layers.values():
         with managed.context.acquire(entry.layer, stream=managed._stream()) as views:
             for view in views:
-                param, original = entry.params[view.name]
+                param, original, _ = entry.params[view.name]
                 target = torch.device("cpu") if original.type == "meta" else original
                 param.data = torch.from_dlpack(view).to(target, param.dtype, copy=True)
     if managed.owns_context:

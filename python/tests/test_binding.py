@@ -1,6 +1,7 @@
 """The binding with the standard library only: conversions, errors, handles, leases, budgets."""
 
 import array
+import ctypes as C
 import os
 import struct
 import tempfile
@@ -190,6 +191,59 @@ class Leases(unittest.TestCase):
             self.assertTrue(_dlpack._capsule_is_valid(capsule, b"dltensor"))
         # Nobody can consume it after release (its block is freed).
         self.assertFalse(_dlpack._capsule_is_valid(capsule, b"dltensor"))
+
+
+class DLDevice(C.Structure):  # dlpack.h, written out here independently of the binding
+    _fields_ = [("device_type", C.c_int32), ("device_id", C.c_int32)]
+
+
+class DLDataType(C.Structure):
+    _fields_ = [("code", C.c_uint8), ("bits", C.c_uint8), ("lanes", C.c_uint16)]
+
+
+class DLTensor(C.Structure):
+    _fields_ = [("data", C.c_void_p), ("device", DLDevice), ("ndim", C.c_int32),
+                ("dtype", DLDataType), ("shape", C.POINTER(C.c_int64)),
+                ("strides", C.POINTER(C.c_int64)), ("byte_offset", C.c_uint64)]
+
+
+class DLManagedTensor(C.Structure):
+    _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", C.c_void_p), ("deleter", C.c_void_p)]
+
+
+class DLManagedTensorVersioned(C.Structure):
+    _fields_ = [("major", C.c_uint32), ("minor", C.c_uint32), ("manager_ctx", C.c_void_p),
+                ("deleter", C.c_void_p), ("flags", C.c_uint64), ("dl_tensor", DLTensor)]
+
+
+class DLPack(unittest.TestCase):
+    def test_capsules_hold_the_structs_of_dlpack_h(self):
+        get_pointer = C.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype, get_pointer.argtypes = C.c_void_p, [C.py_object, C.c_char_p]
+        free = C.cast(_dlpack._free, C.c_void_p).value
+        with strata.Context() as ctx:
+            group = ctx.group("g", strata.Tiers(computation_dtype="bf16"))
+            layer = group.register_host("l", {"w": ("f32", (2, 3, 4), f32_data([0] * 24))})
+            with ctx.acquire(layer) as views:
+                view = views["w"]
+                for versioned in (False, True):
+                    capsule = view.__dlpack__(max_version=(1, 0) if versioned else None)
+                    name = b"dltensor_versioned" if versioned else b"dltensor"
+                    struct_type = DLManagedTensorVersioned if versioned else DLManagedTensor
+                    managed = struct_type.from_address(get_pointer(capsule, name))
+                    tensor = managed.dl_tensor
+                    self.assertEqual(tensor.data, view.data_ptr)
+                    self.assertEqual((tensor.device.device_type, tensor.device.device_id), (1, 0))
+                    self.assertEqual(tensor.ndim, 3)
+                    self.assertEqual((tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes),
+                                     (4, 16, 1))  # kDLBfloat
+                    self.assertEqual(tensor.shape[:3], [2, 3, 4])
+                    self.assertEqual(tensor.strides[:3], [12, 4, 1])
+                    self.assertEqual(tensor.byte_offset, 0)
+                    self.assertEqual(managed.deleter, free)
+                    if versioned:
+                        self.assertEqual((managed.major, managed.minor, managed.flags),
+                                         (1, 1, 1))  # DLPACK_FLAG_BITMASK_READ_ONLY
 
 
 class Budget(unittest.TestCase):
