@@ -13,7 +13,7 @@ folder. PyTorch integration: strata.torch.enable_vram_management(module, vram_li
 
 from ._core import (Checkpoint, Context, Group, Layer, Lease, Options, Stats, Tiers, TensorView,
                     Views, parse_bytes, version)
-from ._lib import FLAG_STRICT_BUDGET, MAX_DIMS, UNLIMITED, DType, Device, Quantization
+from ._lib import FLAG_STRICT_BUDGET, MAX_DIMS, UNLIMITED, DType, Device, LogLevel, Quantization
 from .errors import (BudgetError, BufferTooSmallError, DeviceError, Error, FormatError,
                      InvalidArgumentError, InvalidHandleError, IoError, NoDeviceError,
                      NotFoundError, NullArgumentError, OutOfMemoryError, PanicError, StateError,
@@ -21,7 +21,7 @@ from .errors import (BudgetError, BufferTooSmallError, DeviceError, Error, Forma
 
 __all__ = ["Checkpoint", "Context", "Group", "Layer", "Lease", "Options", "Stats", "Tiers",
            "TensorView", "Views", "parse_bytes", "version", "FLAG_STRICT_BUDGET", "MAX_DIMS",
-           "UNLIMITED", "DType", "Device", "Quantization", "BudgetError", "BufferTooSmallError",
-           "DeviceError", "Error", "FormatError", "InvalidArgumentError", "InvalidHandleError",
-           "IoError", "NoDeviceError", "NotFoundError", "NullArgumentError", "OutOfMemoryError",
-           "PanicError", "StateError", "UnsupportedError", "last_error"]
+           "UNLIMITED", "DType", "Device", "LogLevel", "Quantization", "BudgetError",
+           "BufferTooSmallError", "DeviceError", "Error", "FormatError", "InvalidArgumentError",
+           "InvalidHandleError", "IoError", "NoDeviceError", "NotFoundError", "NullArgumentError",
+           "OutOfMemoryError", "PanicError", "StateError", "UnsupportedError", "last_error"]

@@ -5,10 +5,11 @@ import re
 from collections.abc import Sequence
 
 from . import _dlpack
-from ._lib import (FLAG_STRICT_BUDGET, LOG_FN, PROGRESS_FN, UNLIMITED, Device, DType, Quantization,
-                   lib, strata_host_tensor, strata_options, strata_stats, strata_tensor_view,
-                   strata_tiers)
-from .errors import InvalidArgumentError, InvalidHandleError, StateError, check
+from ._lib import (FLAG_STRICT_BUDGET, LOG_FN, PROGRESS_FN, UNLIMITED, Device, DType,
+                   LogLevel, Quantization, lib, strata_host_tensor, strata_options, strata_stats,
+                   strata_tensor_view, strata_tiers)
+from .errors import (InvalidArgumentError, InvalidHandleError, StateError, UnsupportedError,
+                     check)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -35,8 +36,8 @@ def version():
 class Options(strata_options):
     """strata_options: the library's defaults (strata_options_default) with keyword overrides.
 
-    log(level, message) and progress(phase, done, total) are Python callables; they may be
-    called from strata's worker threads."""
+    log(level, message) (level: a LogLevel) and progress(phase, done, total) are Python
+    callables, called on the thread of the strata call they report on, as it returns."""
 
     def __init__(self, compute_device=None, device_index=None, vram_limit=None, host_limit=None,
                  prefetch_depth=None, strict_budget=None, flags=None, log=None, progress=None):
@@ -66,7 +67,8 @@ class Options(strata_options):
                           else self.flags & ~FLAG_STRICT_BUDGET)
         if log is not None:
             self.log_fn = LOG_FN(lambda _user, level, message: log(
-                level, message.decode("utf-8", "replace")))
+                LogLevel(level) if level in LogLevel._value2member_map_ else level,
+                message.decode("utf-8", "replace")))
         if progress is not None:
             self.progress_fn = PROGRESS_FN(lambda _user, phase, done, total: progress(
                 phase.decode("utf-8", "replace"), done, total))
@@ -234,6 +236,20 @@ class Context:
         cupy stream; ignored on the CPU device). Use as `with ctx.acquire(layer) as views:`
         (released on exit, also on an exception), or call release() on the returned Lease."""
         return Lease(self, layer, stream)
+
+    def set_vram_limit(self, value):
+        """Changes the device budget now (bytes, "8GiB", None = unlimited): layers not in use
+        are evicted down to it before this returns."""
+        self._set_limit("strata_context_set_vram_limit", value)
+
+    def set_host_limit(self, value):
+        """Changes host_limit now (bytes, "8GiB", None = unlimited)."""
+        self._set_limit("strata_context_set_host_limit", value)
+
+    def _set_limit(self, function, value):
+        if not hasattr(lib(), function):
+            raise UnsupportedError(f"this libstrata ({lib().path}) has no {function}", 7)
+        check(getattr(lib(), function)(self.handle, parse_bytes(value)))
 
     def stats(self):
         out = Stats()

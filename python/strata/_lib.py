@@ -101,6 +101,15 @@ class Quantization(enum.IntEnum):
         return cls[str(value).upper()]
 
 
+class LogLevel(enum.IntEnum):
+    """STRATA_LOG_*: the level a log callback receives."""
+
+    ERROR = 1
+    WARN = 2
+    INFO = 3
+    DEBUG = 4
+
+
 # Status numbers, fixed by the ABI (never renumbered).
 STATUS_NAMES = ("STRATA_OK", "STRATA_ERR_NULL_ARGUMENT", "STRATA_ERR_INVALID_ARGUMENT",
                 "STRATA_ERR_INVALID_HANDLE", "STRATA_ERR_NOT_FOUND", "STRATA_ERR_IO",
@@ -183,6 +192,12 @@ _PROTOTYPES = {
     "strata_trace_write": (_STATUS, [_P, C.c_char_p]),
 }
 
+# Newer than some builds this binding may load: bound when the library has them.
+_OPTIONAL_PROTOTYPES = {
+    "strata_context_set_vram_limit": (_STATUS, [_P, C.c_uint64]),
+    "strata_context_set_host_limit": (_STATUS, [_P, C.c_uint64]),
+}
+
 _LIBRARY_FILE = {"darwin": "libstrata.dylib", "win32": "strata.dll"}.get(sys.platform,
                                                                         "libstrata.so")
 
@@ -227,6 +242,10 @@ def lib():
         for name, (restype, argtypes) in _PROTOTYPES.items():
             fn = getattr(handle, name)
             fn.restype, fn.argtypes = restype, argtypes
+        for name, (restype, argtypes) in _OPTIONAL_PROTOTYPES.items():
+            if hasattr(handle, name):
+                fn = getattr(handle, name)
+                fn.restype, fn.argtypes = restype, argtypes
         handle.path = found
         _lib = handle
     return _lib

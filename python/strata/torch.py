@@ -57,8 +57,8 @@ def _context_for(device, vram_limit, prefetch_depth):
 class _Layer:
     """One managed submodule: its strata layer and the parameters its tensors feed."""
 
-    def __init__(self, module, layer, params):
-        self.module, self.layer = module, layer
+    def __init__(self, layer, params):
+        self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
         self.leases = []      # a stack: a module may be re-entered (recursion, shared blocks)
         # strata tensor name -> ((address, shape, dtype), torch tensor over it). A resident
@@ -165,8 +165,8 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
             group.destroy()
         raise
     for name, sub, layer, params in registered:
-        entry = _Layer(sub, layer, {tensor: _park(sub, pname, p, device)
-                                    for tensor, (pname, p) in params.items()})
+        entry = _Layer(layer, {tensor: _park(sub, pname, p, device)
+                               for tensor, (pname, p) in params.items()})
         managed.layers[name] = entry
         managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
         managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
@@ -299,6 +299,7 @@ class Pipeline:
 
     def load_models_to_device(self, names):
         """Onloads the named models' groups and offloads all others (first, to free room)."""
+        names = [names] if isinstance(names, str) else list(names)
         unknown = set(names) - set(self.models)
         if unknown:
             raise KeyError(f"no models named {sorted(unknown)}; have {sorted(self.models)}")

@@ -35,6 +35,12 @@ class Constants(unittest.TestCase):
             in_header = {k[len(prefix):]: int(v) for k, v in defines.items()
                          if k.startswith(prefix)}
             self.assertEqual({m.name: m.value for m in enum}, in_header, enum.__name__)
+        log_levels = {k[len("STRATA_LOG_"):]: int(v) for k, v in defines.items()
+                      if k.startswith("STRATA_LOG_")}
+        if log_levels:
+            self.assertEqual({m.name: m.value for m in strata.LogLevel}, log_levels)
+        else:
+            print("\nSTRATA_LOG_* not in this header yet: LogLevel check skipped", file=sys.stderr)
         self.assertEqual(int(defines["STRATA_FLAG_STRICT_BUDGET"]), strata.FLAG_STRICT_BUDGET)
         self.assertEqual(int(defines["STRATA_MAX_DIMS"]), strata.MAX_DIMS)
         self.assertEqual(defines["STRATA_UNLIMITED"], "UINT64_MAX")

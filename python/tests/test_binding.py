@@ -9,7 +9,8 @@ import unittest
 
 import strata
 from strata import _dlpack
-from support import bf16_bits, bf16_value, e4m3fn_round, f16_round, f32, write_safetensors
+from support import (bf16_bits, bf16_value, e4m3fn_round, f16_round, f32, skipped,
+                     write_safetensors)
 
 # Values that are not exact in bf16/f16/fp8, so rounding is exercised (ties included).
 VALUES = f32([1 / 3, 3.14159265, -2.7e-5, 1.00390625, 1.01171875, 300.7, -0.0078125, 0.0,
@@ -302,12 +303,29 @@ class Budget(unittest.TestCase):
             self.assertEqual((getattr(tiers, tier).device, getattr(tiers, tier).dtype), (0, 0))
         self.assertEqual(tiers.quantization, strata.Quantization.NONE)
 
-    def test_callbacks_are_accepted(self):
+    def test_log_callback_hears_an_overcommit(self):
         messages = []
-        with strata.Context(log=lambda level, message: messages.append((level, message)),
+        with strata.Context(vram_limit="1KiB",
+                            log=lambda level, message: messages.append((level, message)),
                             progress=lambda phase, done, total: None) as ctx:
             self.assertTrue(ctx.options.log_fn)
             self.run_layers(ctx, 1, passes=1)
+            if ctx.options.library_struct_size < ctx.options.struct_size:
+                skipped("log callback: this libstrata's strata_options has no log_fn yet")
+                return
+        self.assertIn(strata.LogLevel.WARN, [level for level, _ in messages], messages)
+
+    def test_set_vram_limit(self):
+        with strata.Context(prefetch_depth=0) as ctx:
+            self.run_layers(ctx, 4, passes=1)
+            try:
+                ctx.set_vram_limit(self.LAYER_BYTES)
+            except strata.UnsupportedError as error:
+                skipped(f"set_vram_limit: {error.message}")
+                return
+            stats = ctx.stats()
+            self.assertEqual(stats.vram_limit, self.LAYER_BYTES)
+            self.assertLessEqual(stats.vram_in_use, self.LAYER_BYTES)
 
 
 class Checkpoints(unittest.TestCase):

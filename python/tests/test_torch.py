@@ -174,7 +174,7 @@ class Torch(unittest.TestCase):
         pipe.load_models_to_device(["text_encoder"])
         text(self.ids)
         self.assertEqual(pipe.stats().implicit_onloads, 0)
-        pipe.load_models_to_device(["dit"])
+        pipe.load_models_to_device("dit")  # one name or a list
         self.assertTrue(torch.allclose(dit(self.ids), expected, atol=0.05))
         self.assertEqual(pipe.stats().implicit_onloads, 0)
         with self.assertRaises(KeyError):
