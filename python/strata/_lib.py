@@ -151,10 +151,12 @@ class strata_tensor_view(C.Structure):
 
 
 class strata_stats(C.Structure):
+    # host_limit is being appended to the library's strata_stats: a build without it accepts
+    # this larger struct and leaves the field 0.
     _fields_ = [("struct_size", C.c_uint32)] + [(name, C.c_uint64) for name in (
         "vram_in_use", "vram_peak", "host_in_use", "host_peak", "bytes_to_device",
         "bytes_from_disk", "acquires", "resident_hits", "prefetch_hits", "misses", "stall_ns",
-        "overcommit_peak", "vram_limit", "evictions", "implicit_onloads")]
+        "overcommit_peak", "vram_limit", "evictions", "implicit_onloads", "host_limit")]
 
 
 _P = C.c_void_p
