@@ -170,6 +170,22 @@ class Leases(unittest.TestCase):
                 views["missing"]
         self.group.destroy()  # STRATA_ERR_STATE if the layer were still acquired
 
+    def test_streams_from_torch_and_cupy_objects(self):
+        # Ignored on the CPU device, but taken from the objects' attributes all the same.
+        class TorchStream:
+            cuda_stream = 0x1234
+
+        class CupyStream:
+            ptr = 0x5678
+
+        for stream, pointer in ((None, None), (0x42, 0x42), (TorchStream(), 0x1234),
+                                (CupyStream(), 0x5678)):
+            with self.ctx.acquire(self.layer, stream=stream):
+                pass
+            self.assertEqual(strata._core._stream_pointer(stream), pointer)
+        with self.assertRaises(TypeError):
+            self.ctx.acquire(self.layer, stream="default")
+
     def test_double_release_is_state_error(self):
         lease = self.ctx.acquire(self.layer)
         lease.release()
