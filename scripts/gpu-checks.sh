@@ -18,6 +18,7 @@ check "cuda requests (abi)" .gpu/bin/abi cuda --nocapture
 # The whole ABI and budget suites also run there, on the CPU device, beside a live driver.
 check "abi suite" .gpu/bin/abi
 check "budget suite" .gpu/bin/budget
+if python3 -c 'import torch' 2>/dev/null; then check "torch offload bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/torch_offload_bench.py; else echo "SKIPPED: torch offload bench (no torch)"; fi
 
 echo
 printf '%-28s %s\n' "check" "result"

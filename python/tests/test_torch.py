@@ -1,0 +1,185 @@
+"""strata.torch on the CPU device: managed modules compute what unmanaged ones do."""
+
+import os
+import tempfile
+import unittest
+
+import strata
+from support import skipped, write_safetensors
+
+try:
+    import torch
+    from torch import nn
+
+    import strata.torch as st
+except ImportError:
+    torch = None
+
+
+def needs_torch(cls):
+    return unittest.skipIf(torch is None, skipped("torch not installed") if torch is None
+                           else "")(cls)
+
+
+if torch is not None:
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.up = nn.Linear(width, 2 * width)
+            self.down = nn.Linear(2 * width, width, bias=False)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+    class Model(nn.Module):
+        def __init__(self, width=16, depth=3):
+            super().__init__()
+            self.embed = nn.Embedding(32, width)
+            self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.head = nn.Linear(width, 8)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for block in self.blocks:
+                x = block(x)
+            x = x + self.conv(x.unsqueeze(1)).mean(1)
+            return self.head(x)
+
+
+def model(dtype):
+    torch.manual_seed(0)
+    return Model().to(dtype).eval()
+
+
+def safetensors_bytes(tensor):
+    return tensor.detach().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+IDS = [[1, 5, 7, 30], [2, 2, 0, 9]]
+
+
+@needs_torch
+class Torch(unittest.TestCase):
+    def setUp(self):
+        torch.set_grad_enabled(False)
+        self.ids = torch.tensor(IDS)
+
+    def test_streamed_under_a_small_budget_is_bit_identical(self):
+        # bf16 weights computed in f32: every call converts, under a budget of a few layers.
+        m = model(torch.bfloat16)
+        reference = model(torch.bfloat16).float()
+        expected = reference(self.ids)
+        managed = st.enable_vram_management(m, vram_limit="3KiB", device="cpu",
+                                            tiers=dict(computation_dtype=torch.float32))
+        for _ in range(3):
+            self.assertTrue(torch.equal(m(self.ids), expected))
+        stats = managed.stats()
+        self.assertEqual(stats.acquires, 3 * len(managed.layers))
+        self.assertGreater(stats.evictions, 0)
+        self.assertEqual(stats.vram_limit, 3 * 1024)
+
+    def test_stored_dtype_computation_is_bit_identical(self):
+        m = model(torch.bfloat16)
+        expected = m(self.ids)
+        managed = st.enable_vram_management(m, vram_limit="4KiB", device="cpu")
+        self.assertTrue(torch.equal(m(self.ids), expected))
+        # one layer per Linear/LayerNorm/Embedding/Conv2d
+        self.assertEqual(len(managed.layers), 1 + 3 * 3 + 1 + 1)
+
+    def test_bf16_storage_computes_on_rounded_weights(self):
+        m = model(torch.float32)
+        reference = model(torch.float32)
+        for p in reference.parameters():
+            p.data = p.data.to(torch.bfloat16).float()
+        st.enable_vram_management(m, device="cpu",
+                                  tiers=strata.Tiers(offload_dtype=torch.bfloat16,
+                                                     computation_dtype=torch.float32))
+        self.assertTrue(torch.equal(m(self.ids), reference(self.ids)))
+
+    def test_whole_blocks_as_layers(self):
+        m = model(torch.float32)
+        expected = m(self.ids)
+        managed = st.enable_vram_management(m, device="cpu", module_types=(Block, nn.Linear))
+        self.assertEqual(sorted(managed.layers), ["blocks.0", "blocks.1", "blocks.2", "head"])
+        self.assertTrue(torch.equal(m(self.ids), expected))  # embed and conv moved as they were
+
+    def test_checkpoint_into_a_meta_module(self):
+        m = model(torch.bfloat16)
+        expected = m(self.ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            write_safetensors(path, {f"model.{k}": ("BF16", v.shape, safetensors_bytes(v))
+                                     for k, v in m.state_dict().items()})
+            with torch.device("meta"):
+                empty = Model().to(torch.bfloat16).eval()
+            managed = st.enable_vram_management(
+                empty, device="cpu", checkpoint=path, checkpoint_prefix="model.",
+                tiers=dict(offload_device="disk", onload_device="disk"), vram_limit="8KiB")
+            self.assertTrue(torch.equal(empty(self.ids), expected))
+            self.assertGreater(managed.stats().bytes_from_disk, 0)
+            st.disable_vram_management(empty)
+        self.assertEqual({p.device.type for p in empty.parameters()}, {"cpu"})
+        self.assertTrue(torch.equal(empty(self.ids), expected))
+
+    def test_release_on_exception_and_disable_restores(self):
+        m = model(torch.float32)
+        expected = m(self.ids)
+        params = list(m.parameters())
+        managed = st.enable_vram_management(m, device="cpu")
+        with self.assertRaises((RuntimeError, IndexError)):
+            m(torch.tensor([[99]]))  # out of the embedding's range
+        self.assertTrue(all(not entry.leases for entry in managed.layers.values()))
+        self.assertEqual(m.embed.weight.stride(), (0, 0))  # back to its placeholder
+        self.assertTrue(torch.equal(m(self.ids), expected))
+        st.disable_vram_management(m)
+        self.assertEqual(list(m.parameters()), params)  # the same Parameter objects
+        self.assertTrue(all(a is b for a, b in zip(m.parameters(), params)))
+        self.assertTrue(torch.equal(m(self.ids), expected))
+        with self.assertRaises(strata.InvalidHandleError):
+            managed.stats()  # its context is gone
+
+    def test_a_failed_enable_leaves_the_module_alone(self):
+        m = model(torch.float32)
+        m.head.to("meta")  # registered last, and impossible without a checkpoint
+        with strata.Context() as ctx:
+            with self.assertRaises(ValueError):
+                st.enable_vram_management(m, context=ctx, device="cpu")
+            with self.assertRaises(strata.NotFoundError):
+                ctx.find_layer("model/embed")  # the group went with the failure
+        self.assertNotIn("_strata_managed", m.__dict__)
+        self.assertFalse(m.embed._forward_pre_hooks)
+        self.assertTrue(torch.equal(m.embed.weight, model(torch.float32).embed.weight))
+
+    def test_views_into_torch_dtypes(self):
+        values = [0.1, -2.5, 3.75, 100.3]
+        source = torch.tensor(values)
+        with strata.Context() as ctx:
+            for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2):
+                group = ctx.group(str(dtype), strata.Tiers(computation_dtype=dtype))
+                layer = group.register_host(f"l.{dtype}", {"w": ("f32", (4,), source.numpy())})
+                with ctx.acquire(layer) as views:
+                    got = torch.from_dlpack(views["w"])
+                    self.assertEqual(got.dtype, dtype)
+                    self.assertTrue(torch.equal(got.view(torch.uint8),
+                                                source.to(dtype).view(torch.uint8)), dtype)
+
+    def test_pipeline_moves_groups_like_diffsynth(self):
+        pipe = st.Pipeline(vram_limit="64KiB", device="cpu")
+        text, dit = model(torch.float32), model(torch.float32)
+        expected = dit(self.ids)
+        pipe.add("text_encoder", text, tiers=dict(computation_dtype="bf16"))
+        pipe.add("dit", dit, tiers=dict(offload_dtype="bf16", computation_dtype="f32"))
+        pipe.load_models_to_device(["text_encoder"])
+        text(self.ids)
+        self.assertEqual(pipe.stats().implicit_onloads, 0)
+        pipe.load_models_to_device("dit")  # one name or a list
+        self.assertTrue(torch.allclose(dit(self.ids), expected, atol=0.05))
+        self.assertEqual(pipe.stats().implicit_onloads, 0)
+        with self.assertRaises(KeyError):
+            pipe.load_models_to_device(["vae"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,96 @@
+//! Runs the Python package's unit tests (python/tests, plain unittest) and its examples against
+//! the library this build made. Tests that need numpy or torch skip where those are missing and
+//! say so with a "SKIPPED:" line, which is copied to the real stderr so that `cargo test` shows it.
+
+mod common;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs python3 with the package importable and STRATA_LIBRARY set; None without python3.
+fn python(args: &[&str], dir: &Path) -> Option<Output> {
+    let output = Command::new("python3")
+        .args(args)
+        .current_dir(dir)
+        .env("PYTHONPATH", repo().join("python"))
+        .env("STRATA_LIBRARY", common::library_dir().join("libstrata.so"))
+        .output();
+    match output {
+        Ok(output) => Some(output),
+        Err(_) => {
+            show("SKIPPED: no python3 on this machine");
+            None
+        }
+    }
+}
+
+/// Writes past the test harness's capture, so that skips show in a passing run.
+fn show(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn check(name: &str, output: Output, expect: &str) {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut skipped = false;
+    for line in stdout.lines().chain(stderr.lines()) {
+        // unittest -v writes a test's name and its result on one line, around what it printed.
+        if let Some(at) = line.find("SKIPPED:") {
+            show(&format!(
+                "{name}: {}",
+                line[at..].trim_end_matches(" ... ok")
+            ));
+            skipped = true;
+        }
+    }
+    assert!(
+        output.status.success(),
+        "{name} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        skipped || stdout.contains(expect) || stderr.contains(expect),
+        "{name}: no {expect:?} in\n{stdout}\n{stderr}"
+    );
+}
+
+#[test]
+fn python_unittests() {
+    let dir = repo().join("python/tests");
+    if let Some(output) = python(&["-m", "unittest", "discover", "-v"], &dir) {
+        check("python unittests", output, "\nOK");
+    }
+}
+
+#[test]
+fn python_example_binding_minimal() {
+    if let Some(output) = python(&["examples/binding_minimal.py"], &repo().join("python")) {
+        check("binding_minimal.py", output, "binding_minimal: OK");
+    }
+}
+
+#[test]
+fn python_example_torch_offload() {
+    if let Some(output) = python(&["examples/torch_offload.py"], &repo().join("python")) {
+        check("torch_offload.py", output, "torch_offload: OK");
+    }
+}
+
+/// The GPU benchmark's CPU mode: a small stack, strata against unmanaged, bit for bit.
+#[test]
+fn python_benchmark_small_on_cpu() {
+    let args = [
+        "benchmarks/torch_offload_bench.py",
+        "--device",
+        "cpu",
+        "--small",
+        "--steps",
+        "1",
+    ];
+    if let Some(output) = python(&args, &repo().join("python")) {
+        check("torch_offload_bench.py", output, "torch_offload_bench: OK");
+    }
+}
