@@ -48,9 +48,7 @@ impl Context {
                     let info = &infos[i];
                     let started = Instant::now();
                     let mut staging = CountedBuffer::new(meta.nbytes(), &self.host)?;
-                    info.file
-                        .read_at(info.offset, staging.buffer.as_mut_slice())
-                        .map_err(|e| e.context(format!("tensor {}", info.name)))?;
+                    info.read_into(staging.buffer.as_mut_slice())?;
                     self.bytes_from_disk
                         .fetch_add(info.nbytes, Ordering::Relaxed);
                     spans.push(Span {
