@@ -660,3 +660,173 @@ fn files_rewritten_in_place_are_refused_and_replaced_ones_keep_their_bytes() {
     assert_eq!(f32_values(&ctx.acquire(replaced_layer)[0].1), first);
     ctx.release(replaced_layer);
 }
+
+/// Tensors of a Qwen-Image-like DiT: (name, dtype, shape), every one a distinct byte pattern.
+fn dit_tensors(specs: &[(&str, St, Vec<usize>)]) -> Vec<(String, St, Vec<usize>, Vec<u8>)> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dtype, shape))| {
+            let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            let bytes = (0..len)
+                .map(|j| (j.wrapping_mul(31) ^ (j >> 8) ^ (i * 97)) as u8)
+                .collect();
+            (name.to_string(), *dtype, shape.clone(), bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn a_sharded_directory_with_an_index_and_non_ascii_names_reads_every_byte() {
+    let dir = TempDir::new("qwen layout");
+    let model = dir.path("modèle 1");
+    std::fs::create_dir(&model).unwrap();
+    let shards = [
+        "shard ü-00001-of-00002.safetensors",
+        "shard ü-00002-of-00002.safetensors",
+    ];
+    // Block 1 straddles the two shards, as blocks do at Qwen-Image's and Flux's shard boundaries;
+    // its feed-forward weight is larger than one read chunk and not a multiple of it.
+    let first = dit_tensors(&[
+        ("img_in.weight", St::BF16, vec![64, 16]),
+        (
+            "transformer_blocks.0.attn.to_q.weight",
+            St::BF16,
+            vec![64, 64],
+        ),
+        ("transformer_blocks.0.attn.to_q.bias", St::BF16, vec![64]),
+        ("transformer_blocks.0.norm.weight", St::F32, vec![64]),
+        (
+            "transformer_blocks.1.attn.to_q.weight",
+            St::BF16,
+            vec![64, 64],
+        ),
+    ]);
+    let second = dit_tensors(&[
+        ("transformer_blocks.1.attn.to_q.bias", St::BF16, vec![64]),
+        ("transformer_blocks.1.ff.weight", St::BF16, vec![1031, 4099]),
+        ("transformer_blocks.1.norm.weight", St::F32, vec![64]),
+        (
+            "transformer_blocks.2.attn.to_q.weight",
+            St::F16,
+            vec![32, 64],
+        ),
+    ]);
+    assert!(
+        second[1].3.len() > 8 << 20,
+        "more than one 8 MiB read chunk"
+    );
+    write_safetensors(&model.join(shards[0]), &first);
+    write_safetensors(&model.join(shards[1]), &second);
+    let mut weight_map = Vec::new();
+    for (tensors, shard) in [(&first, shards[0]), (&second, shards[1])] {
+        weight_map.extend(tensors.iter().map(|t| (t.0.as_str(), shard)));
+    }
+    let total_size = first.iter().chain(&second).map(|t| t.3.len() as u64).sum();
+    let index = model.join("model.safetensors.index.json");
+    write_index(&index, total_size, &weight_map);
+    // Hidden and non-shard files beside the shards, as a downloaded snapshot has them.
+    std::fs::write(model.join("config.json"), "{}").unwrap();
+    std::fs::write(model.join(".lock.safetensors"), "not a shard").unwrap();
+
+    let expected: std::collections::HashMap<&str, &[u8]> = first
+        .iter()
+        .chain(&second)
+        .map(|t| (t.0.as_str(), t.3.as_slice()))
+        .collect();
+    for open in [&index, &model] {
+        let ctx = Ctx::new(0);
+        let group = ctx.group(&tiers(|t| {
+            t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+            t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        }));
+        assert_eq!(
+            ctx.register_prefix(group, open, "transformer_blocks.", 2),
+            3
+        );
+        let mut seen = 0;
+        for (b, tensors) in [(0, 3), (1, 4), (2, 1)] {
+            let layer = ctx.find(&format!("transformer_blocks.{b}"));
+            let views = ctx.acquire(layer);
+            assert_eq!(views.len(), tensors, "block {b}");
+            for (view, bytes) in &views {
+                let name = view_name(view);
+                assert!(
+                    bytes == expected[name.as_str()],
+                    "{name} read from {open:?}"
+                );
+                assert_eq!(view.nbytes, bytes.len() as u64);
+            }
+            seen += views.len();
+            ctx.release(layer);
+        }
+        assert_eq!(seen, expected.len() - 1, "every block tensor, img_in aside");
+        assert_eq!(ctx.stats().bytes_from_disk, total_size - 64 * 16 * 2);
+    }
+}
+
+#[test]
+fn an_index_naming_a_missing_shard_is_refused_at_open_naming_it() {
+    let dir = TempDir::new("missing shard");
+    let model = dir.path("modèle 1");
+    std::fs::create_dir(&model).unwrap();
+    let present = "shard ü-00001-of-00002.safetensors";
+    let absent = "shard ü-00002-of-00002.safetensors";
+    write_safetensors(
+        &model.join(present),
+        &dit_tensors(&[("a.weight", St::F32, vec![4])]),
+    );
+    let index = model.join("model.safetensors.index.json");
+    write_index(&index, 32, &[("a.weight", present), ("b.weight", absent)]);
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    for open in [&index, &model] {
+        let mut ckpt = ptr::null_mut();
+        expect(
+            strata_checkpoint_open(ctx.0, cstr(open.to_str().unwrap()).as_ptr(), &mut ckpt),
+            STRATA_ERR_NOT_FOUND,
+        );
+        assert!(ckpt.is_null());
+        let message = last_error();
+        assert!(
+            message.contains(&format!("modèle 1/{absent}"))
+                && message.contains("model.safetensors.index.json"),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn a_read_fault_is_retried_once_and_two_fail_the_acquire_naming_file_and_offset() {
+    let dir = TempDir::new("faulty reads");
+    let path = dir.path("flaky é.safetensors");
+    let values = write_blocks(&path, 1, 16, 16);
+    let ctx = Ctx::new(0);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, 0);
+        t.onload = place(STRATA_DEVICE_DISK, 0);
+        t.computation.dtype = STRATA_DTYPE_F32;
+    }));
+    let layer = ctx.register_tensors(group, &path, "w", &["blocks.0.weight"]);
+    // Faults are armed per path: this test's directory name is unique to it.
+    let unique = dir.0.file_name().unwrap().to_str().unwrap();
+
+    strata::checkpoint::inject_read_faults(unique, 1);
+    assert_eq!(f32_values(&ctx.acquire(layer)[0].1), values[0].0);
+    ctx.release(layer);
+
+    strata::checkpoint::inject_read_faults(unique, 2);
+    expect(ctx.try_acquire(layer), STRATA_ERR_IO);
+    let message = last_error();
+    for needle in [
+        "flaky é.safetensors",
+        "blocks.0.weight",
+        "at offset",
+        "retried",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
+    // A failed read leaves nothing behind: the next acquire reads the file again.
+    assert_eq!(f32_values(&ctx.acquire(layer)[0].1), values[0].0);
+    ctx.release(layer);
+    assert_eq!(ctx.stats().acquires, 2, "the failed acquire is not counted");
+}

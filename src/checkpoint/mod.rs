@@ -2,13 +2,17 @@
 //! shards.
 //!
 //! Opening reads and validates only the headers; tensor bytes are read later, with positioned
-//! reads, when a tier needs them (`ShardFile::read_at`). Files are never mapped: a mapping touched
-//! after the file was truncated kills the process with SIGBUS, where a read returns an error.
+//! reads, when a tier needs them: whole (`TensorInfo::read_into`), or through a staging area
+//! smaller than the tensor (`TensorInfo::read_chunks`). Large reads keep several requests in
+//! flight (`ShardFile::read_at`). Files are never mapped: a mapping touched after the file was
+//! truncated kills the process with SIGBUS, where a read returns an error.
 
 mod shard;
 #[cfg(test)]
 mod tests;
 
+#[doc(hidden)]
+pub use shard::inject_read_faults;
 pub use shard::ShardFile;
 
 use crate::dtype::DType;
@@ -35,6 +39,54 @@ pub struct TensorInfo {
     /// Absolute byte offset of the tensor's data in `file`.
     pub offset: u64,
     pub nbytes: u64,
+}
+
+impl TensorInfo {
+    /// Reads the tensor's bytes into `dst`, which must be exactly `nbytes` long.
+    pub fn read_into(&self, dst: &mut [u8]) -> Result<()> {
+        if dst.len() as u64 != self.nbytes {
+            return Err(Error::invalid(format!(
+                "tensor {} holds {} bytes, not the {} of the buffer given",
+                self.name,
+                self.nbytes,
+                dst.len()
+            )));
+        }
+        self.file
+            .read_at(self.offset, dst)
+            .map_err(|e| e.context(format!("tensor {}", self.name)))
+    }
+
+    /// Streams the tensor through `staging`, which may be smaller than the tensor: fills it with
+    /// successive pieces and calls `consume(offset within the tensor, piece)` for each. Every
+    /// piece is `staging.len()` bytes but the last; an empty tensor calls `consume` never.
+    /// The file's identity is checked around every piece, so a file that changes halfway through
+    /// fails the stream rather than mixing old and new bytes.
+    pub fn read_chunks(
+        &self,
+        staging: &mut [u8],
+        mut consume: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        if staging.is_empty() && self.nbytes > 0 {
+            return Err(Error::invalid(format!(
+                "tensor {}: an empty staging area cannot stream {} bytes",
+                self.name, self.nbytes
+            )));
+        }
+        let mut done = 0u64;
+        while done < self.nbytes {
+            // Lossless: at most `staging.len()`.
+            let len = (self.nbytes - done).min(staging.len() as u64) as usize;
+            let piece = &mut staging[..len];
+            // Cannot overflow: the tensor lies within the file, checked at open.
+            self.file
+                .read_at(self.offset + done, piece)
+                .map_err(|e| e.context(format!("tensor {}", self.name)))?;
+            consume(done, piece)?;
+            done += len as u64;
+        }
+        Ok(())
+    }
 }
 
 pub struct Checkpoint {

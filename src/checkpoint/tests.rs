@@ -648,3 +648,188 @@ fn checkpoints_and_shard_files_can_be_shared_across_threads() {
     shareable::<ShardFile>();
     shareable::<TensorInfo>();
 }
+
+/// A file holding one U8 tensor "t" of `len` bytes, all distinct from their neighbours.
+fn write_u8_tensor(path: &Path, len: usize) -> Vec<u8> {
+    write_safetensors(path, &[("t", Dtype::U8, &[len])])
+        .remove("t")
+        .unwrap()
+}
+
+#[test]
+fn reads_split_into_chunks_in_flight_at_once_return_every_byte() {
+    let dir = TempDir::new("chunks");
+    let path = dir.path("chunks.safetensors");
+    let expected = write_u8_tensor(&path, 100_003);
+    let file_bytes = std::fs::read(&path).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let file = &checkpoint.files()[0];
+    // Chunk sizes that divide the read, that leave a short last chunk, and that give one chunk;
+    // reads that start at odd offsets and end at the file's end.
+    for chunk in [4096, 4099, 999, 100_003, 1 << 20] {
+        for (offset, len) in [
+            (0, file_bytes.len()),
+            (13, 77_777),
+            (file_bytes.len() - 5000, 5000),
+        ] {
+            let mut buffer = vec![0u8; len];
+            file.read_at_in_chunks(offset as u64, &mut buffer, chunk)
+                .unwrap();
+            assert!(
+                buffer == file_bytes[offset..offset + len],
+                "chunk {chunk} offset {offset}"
+            );
+        }
+    }
+    let info = checkpoint.tensor("t").unwrap();
+    let mut buffer = vec![0u8; expected.len()];
+    info.read_into(&mut buffer).unwrap();
+    assert_eq!(buffer, expected);
+    let error = info.read_into(&mut buffer[1..]).unwrap_err();
+    assert_error(
+        &error,
+        crate::error::STRATA_ERR_INVALID_ARGUMENT,
+        &["tensor t", "100003"],
+    );
+}
+
+#[test]
+fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
+    let dir = TempDir::new("stream");
+    let path = dir.path("stream.safetensors");
+    let mut expected = write_safetensors(
+        &path,
+        &[("big", Dtype::F32, &[2500]), ("empty", Dtype::F32, &[0])],
+    );
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let big = checkpoint.tensor("big").unwrap();
+    let expected_big = expected.remove("big").unwrap();
+    for staging_len in [1000, 3333, 10_000, 20_000] {
+        let mut staging = vec![0u8; staging_len];
+        let mut streamed = Vec::new();
+        let mut pieces = Vec::new();
+        big.read_chunks(&mut staging, |offset, piece| {
+            assert_eq!(offset, streamed.len() as u64);
+            pieces.push(piece.len());
+            streamed.extend_from_slice(piece);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(streamed, expected_big, "staging {staging_len}");
+        let full = 10_000 / staging_len;
+        assert!(pieces[..full.min(pieces.len())]
+            .iter()
+            .all(|&len| len == staging_len.min(10_000)));
+        assert_eq!(pieces.len(), 10_000usize.div_ceil(staging_len));
+    }
+
+    let empty = checkpoint.tensor("empty").unwrap();
+    empty
+        .read_chunks(&mut [], |_, _| panic!("an empty tensor has no pieces"))
+        .unwrap();
+    let error = big.read_chunks(&mut [], |_, _| Ok(())).unwrap_err();
+    assert_error(
+        &error,
+        crate::error::STRATA_ERR_INVALID_ARGUMENT,
+        &["big", "empty staging"],
+    );
+    // The consumer's error stops the stream and comes back as it was.
+    let mut calls = 0;
+    let error = big
+        .read_chunks(&mut [0u8; 4000], |_, _| {
+            calls += 1;
+            Err(Error::budget("full"))
+        })
+        .unwrap_err();
+    assert_eq!((calls, error), (1, Error::budget("full")));
+}
+
+#[test]
+fn a_file_changed_while_streaming_fails_the_next_piece() {
+    let dir = TempDir::new("stream-change");
+    let path = dir.path("moving.safetensors");
+    write_u8_tensor(&path, 4096);
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let opened_mtime = writer.metadata().unwrap().modified().unwrap();
+    let mut pieces = 0;
+    let error = checkpoint
+        .tensor("t")
+        .unwrap()
+        .read_chunks(&mut [0u8; 1024], |_, _| {
+            pieces += 1;
+            writer
+                .set_modified(opened_mtime + Duration::from_secs(2))
+                .unwrap();
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(pieces, 1);
+    assert_error(
+        &error,
+        STRATA_ERR_FORMAT,
+        &[
+            "tensor t",
+            "moving.safetensors",
+            "changed since it was opened",
+        ],
+    );
+}
+
+#[test]
+fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offset() {
+    let dir = TempDir::new("faults");
+    let path = dir.path("flaky.safetensors");
+    let expected = write_u8_tensor(&path, 5000);
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let info = checkpoint.tensor("t").unwrap();
+    let unique = dir.0.file_name().unwrap().to_str().unwrap();
+    let mut buffer = vec![0u8; 5000];
+
+    inject_read_faults(unique, 1);
+    info.read_into(&mut buffer).unwrap();
+    assert_eq!(buffer, expected);
+
+    inject_read_faults(unique, 2);
+    let error = info.read_into(&mut buffer).unwrap_err();
+    assert_error(
+        &error,
+        STRATA_ERR_IO,
+        &[
+            "tensor t",
+            "flaky.safetensors",
+            &format!("at offset {}", info.offset),
+            "also when retried",
+            "os error 5",
+        ],
+    );
+    // Both faults were used up: the next read works.
+    info.read_into(&mut buffer).unwrap();
+
+    // A read in many chunks whose every chunk fails reports one of them and leaves no thread
+    // behind; disarming restores reads.
+    inject_read_faults(unique, u32::MAX);
+    let mut whole = vec![0u8; std::fs::metadata(&path).unwrap().len() as usize];
+    let error = checkpoint.files()[0]
+        .read_at_in_chunks(0, &mut whole, 512)
+        .unwrap_err();
+    assert_error(&error, STRATA_ERR_IO, &["flaky.safetensors", "at offset"]);
+    inject_read_faults(unique, 0);
+    checkpoint.files()[0]
+        .read_at_in_chunks(0, &mut whole, 512)
+        .unwrap();
+}
+
+#[test]
+fn fault_specs_name_a_substring_and_a_count() {
+    assert_eq!(
+        shard::parse_fault_spec("shard:3"),
+        Some(("shard".to_owned(), 3))
+    );
+    assert_eq!(
+        shard::parse_fault_spec("C:/a b:1"),
+        Some(("C:/a b".to_owned(), 1))
+    );
+    assert_eq!(shard::parse_fault_spec("shard"), None);
+    assert_eq!(shard::parse_fault_spec("shard:x"), None);
+}

@@ -134,7 +134,7 @@ impl Context {
 
     /// Frees what the engine filled ahead for layers no longer predicted next (budget 0 keeps
     /// nothing else between uses).
-    fn drop_stale_prefetches(&self, st: &mut State, upcoming: &[Key]) {
+    pub(super) fn drop_stale_prefetches(&self, st: &mut State, upcoming: &[Key]) {
         let State {
             registry,
             budget,

@@ -49,16 +49,13 @@ impl Context {
                     let info = &infos[i];
                     let started = Instant::now();
                     let mut staging = CountedBuffer::new(meta.nbytes(), &self.host)?;
-                    info.file
-                        .read_at(info.offset, staging.buffer.as_mut_slice())
-                        .map_err(|e| {
+                    info.read_into(staging.buffer.as_mut_slice())
+                        .inspect_err(|e| {
                             // Truncated or changed under us: the caller gets the error, and the
                             // log says which file went bad even when the caller drops it.
-                            let e = e.context(format!("tensor {}", info.name));
                             self.logger.log(Level::Warn, || {
                                 format!("reading the checkpoint failed: {}", e.message)
                             });
-                            e
                         })?;
                     self.bytes_from_disk
                         .fetch_add(info.nbytes, Ordering::Relaxed);

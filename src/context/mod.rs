@@ -880,6 +880,18 @@ impl Context {
         if layer.in_use > 0 || layer.busy || !self.needs_device_work(&st, layer, distance) {
             return true;
         }
+        if st.budget.limit == Limit::Minimal {
+            // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
+            let depth = self.options.prefetch_depth as usize;
+            let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
+            self.drop_stale_prefetches(&mut st, &upcoming);
+            if !upcoming.contains(&key) || st.prefetched.len() >= depth {
+                return true;
+            }
+        }
+        let Some(layer) = st.registry.layers.get(key) else {
+            return true;
+        };
         let mut plan = device_plan(layer);
         if distance > 1 {
             // Only the next layer is converted ahead: the computation form is the larger one
@@ -929,8 +941,16 @@ impl Context {
                 if !was_resident {
                     st.counters.bytes_to_device += payload;
                 }
-                // The cap may have been lowered during the fill.
+                // The cap may have been lowered during the fill; under budget 0 the prediction
+                // may have moved past this layer, which then may not stay.
                 self.trim_to_cap(&mut st);
+                if st.budget.limit == Limit::Minimal {
+                    let depth = self.options.prefetch_depth as usize;
+                    let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
+                    if !upcoming.contains(&key) {
+                        self.drop_stale_prefetches(&mut st, &upcoming);
+                    }
+                }
                 true
             }
             Err((prepared, _)) => {

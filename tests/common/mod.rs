@@ -356,3 +356,38 @@ pub fn library_dir() -> PathBuf {
             )
         })
 }
+
+impl Ctx {
+    /// Acquires a layer into scratch views and returns only the status; the layer stays acquired
+    /// on success.
+    pub fn try_acquire(&self, layer: u64) -> strata_status {
+        let mut views = vec![empty_view(); 16];
+        let mut count = 0;
+        strata_acquire_for_compute(
+            self.0,
+            layer,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            views.len(),
+            &mut count,
+        )
+    }
+}
+
+/// A view's tensor name.
+pub fn view_name(view: &strata_tensor_view) -> String {
+    unsafe { std::ffi::CStr::from_ptr(view.name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Writes a sharded checkpoint's index as Hugging Face tools do: `metadata.total_size` and a
+/// `weight_map` from tensor name to shard file name.
+pub fn write_index(path: &Path, total_size: u64, weight_map: &[(&str, &str)]) {
+    let map: serde_json::Map<String, serde_json::Value> = weight_map
+        .iter()
+        .map(|(tensor, shard)| (tensor.to_string(), serde_json::Value::from(*shard)))
+        .collect();
+    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": map});
+    std::fs::write(path, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+}
