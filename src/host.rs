@@ -17,9 +17,10 @@ pub fn align_up(n: usize) -> usize {
 /// Buffers at least this large are mapped straight from the kernel. Its pages arrive zeroed on
 /// first touch, so zero-initialising costs nothing until a byte is written; the allocator's path
 /// for `ALIGN` alignment instead writes every byte with memset, which doubles the memory traffic
-/// of a buffer that a read or a copy fills next. The mapping asks for transparent huge pages:
-/// with 4 KiB pages, faulting in a fresh 32 MiB layer buffer page by page cost more than reading
-/// it (benches/disk.rs). Unmapping gives the memory back to the system at once, so what the
+/// of a buffer that a read or a copy fills next. No MADV_HUGEPAGE: where the kernel defragments
+/// for such mappings, a page fault may compact memory synchronously, which stalled single fills
+/// by 20-30 ms in `strata bench`; the CPU device reuses its buffers instead (`backend::cpu`).
+/// Unmapping gives the memory back to the system at once, so what the
 /// process holds follows what `MemoryCounter` counts.
 const MAP_THRESHOLD: usize = 1 << 20;
 
@@ -107,8 +108,6 @@ fn map_zeroed(len: usize) -> *mut u8 {
     if addr == libc::MAP_FAILED {
         return std::ptr::null_mut();
     }
-    // SAFETY: advice on a mapping just made; failure (no THP support) changes nothing.
-    unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
     addr.cast()
 }
 

@@ -1,13 +1,47 @@
 //! The CPU as a compute device: RAM is the compute tier and conversions run on the host. It is a
 //! real device, not a mock: every test without a GPU drives the whole engine through it.
 
-use super::{convert_into_slot, slot_contents, Backend, DeviceMemory, TensorSlot};
+use super::{
+    convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
+};
 use crate::convert::TensorBytes;
 use crate::error::Result;
 use crate::host::HostBuffer;
 use crate::tiers::Device;
+use std::sync::{Arc, Mutex};
 
-pub struct CpuBackend;
+/// Freed buffers kept for the next allocation of the same size, at most this many and this many
+/// bytes: a repeating pass frees and allocates the same sizes over and over, and a fresh mapping
+/// costs a page fault per page when filled and a TLB shootdown when unmapped. The bound keeps the
+/// memory held beside the budget small.
+const POOL_BUFFERS: usize = 3;
+const POOL_BYTES: usize = 32 << 20;
+
+type Pool = Arc<Mutex<Vec<HostBuffer>>>;
+
+#[derive(Default)]
+pub struct CpuBackend {
+    pool: Pool,
+}
+
+/// A buffer that goes back to the pool, room permitting, when its device copy is dropped.
+struct Pooled {
+    buffer: Option<HostBuffer>,
+    pool: Pool,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let Some(buffer) = self.buffer.take() else {
+            return;
+        };
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let pooled: usize = pool.iter().map(HostBuffer::len).sum();
+        if pool.len() < POOL_BUFFERS && pooled + buffer.len() <= POOL_BYTES {
+            pool.push(buffer);
+        }
+    }
+}
 
 /// All bytes of memory this backend allocated, to read.
 fn bytes(memory: &DeviceMemory) -> &[u8] {
@@ -38,16 +72,43 @@ impl Backend for CpuBackend {
     }
 
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {
-        let buffer = HostBuffer::new(bytes)?;
+        let reused = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let found = pool.iter().position(|b| b.len() == bytes);
+            found.map(|i| pool.swap_remove(i))
+        };
+        // A reused buffer holds old bytes: every fill writes each tensor's data and scales, and
+        // nothing reads the padding between them.
+        let buffer = match reused {
+            Some(buffer) => buffer,
+            None => HostBuffer::new(bytes)?,
+        };
         Ok(DeviceMemory {
             addr: buffer.as_ptr() as u64,
             len: bytes,
-            _owner: Box::new(buffer),
+            _owner: Box::new(Pooled {
+                buffer: Some(buffer),
+                pool: self.pool.clone(),
+            }),
         })
     }
 
     fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()> {
         convert_into_slot(src, slot, bytes_mut(dst))
+    }
+
+    fn upload_part(
+        &self,
+        src: TensorBytes<'_>,
+        dst: &DeviceMemory,
+        slot: &TensorSlot,
+        first_element: usize,
+    ) -> Result<()> {
+        convert_into_slot_part(src, slot, bytes_mut(dst), first_element)
+    }
+
+    fn host_writable<'a>(&self, dst: &'a DeviceMemory) -> Option<&'a mut [u8]> {
+        Some(bytes_mut(dst))
     }
 
     fn convert(

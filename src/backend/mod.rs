@@ -72,6 +72,36 @@ pub fn convert_into_slot(src: TensorBytes<'_>, slot: &TensorSlot, buffer: &mut [
     Ok(())
 }
 
+/// Converts a run of whole elements of an unscaled source into `slot`'s data, starting at element
+/// `first_element`: a tensor streamed through a staging area smaller than itself. Only for slots
+/// without scales, whose conversion is element by element.
+pub fn convert_into_slot_part(
+    src: TensorBytes<'_>,
+    slot: &TensorSlot,
+    buffer: &mut [u8],
+    first_element: usize,
+) -> Result<()> {
+    if slot.scale_count() != 0 || !src.scales.is_empty() {
+        return Err(Error::invalid(
+            "a scaled tensor converts whole, not in parts",
+        ));
+    }
+    let size = slot.repr.dtype.size();
+    let count = src.bytes.len() / src.dtype.size();
+    let start = slot.offset + first_element * size;
+    if first_element + count > slot.numel || start + count * size > buffer.len() {
+        return Err(Error::invalid("tensor part lies outside its slot"));
+    }
+    crate::convert::convert(
+        src,
+        1,
+        &mut buffer[start..start + count * size],
+        slot.repr.dtype,
+        crate::convert::Quant::None,
+    )?;
+    Ok(())
+}
+
 /// A slot's data bytes and its scales, read from the buffer the slot lies in.
 pub fn slot_contents<'a>(slot: &TensorSlot, buffer: &'a [u8]) -> Result<(&'a [u8], Vec<f32>)> {
     let scales_end = slot.scales_offset + slot.scale_count() * 4;
@@ -105,6 +135,20 @@ pub trait Backend: Send + Sync {
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory>;
     /// Writes `src` (host memory) into `dst` at `slot`, converted to `slot.repr`.
     fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()>;
+    /// Writes part of an unscaled tensor, whole elements from `first_element` on (see
+    /// `convert_into_slot_part`): how a tensor larger than the staging area arrives.
+    fn upload_part(
+        &self,
+        src: TensorBytes<'_>,
+        dst: &DeviceMemory,
+        slot: &TensorSlot,
+        first_element: usize,
+    ) -> Result<()>;
+    /// The device memory as host bytes, when the host can write it directly (the CPU device):
+    /// a read from the checkpoint then lands in place, with no staging at all. The engine fills a
+    /// buffer from one thread at a time and hands out no views of it until the fill is done.
+    #[allow(clippy::mut_from_ref)]
+    fn host_writable<'a>(&self, dst: &'a DeviceMemory) -> Option<&'a mut [u8]>;
     /// Converts a tensor already on the device into another slot on the device.
     fn convert(
         &self,

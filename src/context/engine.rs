@@ -133,8 +133,9 @@ impl Context {
     }
 
     /// Frees what the engine filled ahead for layers no longer predicted next (budget 0 keeps
-    /// nothing else between uses).
+    /// nothing else between uses). The current layer stays: an acquire may be waiting for it.
     pub(super) fn drop_stale_prefetches(&self, st: &mut State, upcoming: &[Key]) {
+        let current = st.schedule.current();
         let State {
             registry,
             budget,
@@ -145,7 +146,7 @@ impl Context {
             let Some(layer) = registry.layers.get_mut(key) else {
                 return false;
             };
-            if upcoming.contains(&key) || layer.in_use > 0 || layer.busy {
+            if upcoming.contains(&key) || Some(key) == current || layer.in_use > 0 || layer.busy {
                 return true;
             }
             budget.refund(layer.drop_device_copies());

@@ -2,7 +2,9 @@
 //! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
 
 use super::Context;
-use crate::backend::{convert_into_slot, slot_contents, TensorSlot};
+use crate::backend::{
+    convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
+};
 use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
 use crate::error::Result;
@@ -21,62 +23,150 @@ pub enum Source {
     Disk(Arc<[TensorInfo]>),
 }
 
+/// Largest staging area one fill holds for a tensor read from a checkpoint: a larger tensor
+/// streams through it in pieces, so host memory stays bounded whatever the model's tensors.
+const STAGING_CHUNK: usize = 8 << 20;
+
+/// Where a fill puts each tensor it reads: a host copy's buffer, or device memory.
+trait Sink {
+    fn slot(&self, i: usize) -> &TensorSlot;
+    /// Converts a whole tensor into slot `i`.
+    fn whole(&mut self, i: usize, src: TensorBytes<'_>) -> Result<()>;
+    /// Converts a run of unscaled elements into slot `i`, from element `first` on.
+    fn part(&mut self, i: usize, src: TensorBytes<'_>, first: usize) -> Result<()>;
+    /// Slot `i`'s data bytes, when the host can write them in place.
+    fn raw(&mut self, i: usize) -> Option<&mut [u8]>;
+}
+
+struct HostSink<'a> {
+    buffer: &'a mut [u8],
+    slots: &'a [TensorSlot],
+}
+
+impl Sink for HostSink<'_> {
+    fn slot(&self, i: usize) -> &TensorSlot {
+        &self.slots[i]
+    }
+    fn whole(&mut self, i: usize, src: TensorBytes<'_>) -> Result<()> {
+        convert_into_slot(src, &self.slots[i], self.buffer)
+    }
+    fn part(&mut self, i: usize, src: TensorBytes<'_>, first: usize) -> Result<()> {
+        convert_into_slot_part(src, &self.slots[i], self.buffer, first)
+    }
+    fn raw(&mut self, i: usize) -> Option<&mut [u8]> {
+        let slot = &self.slots[i];
+        self.buffer
+            .get_mut(slot.offset..slot.offset + slot.data_bytes())
+    }
+}
+
+struct DeviceSink<'a> {
+    backend: &'a dyn Backend,
+    memory: &'a DeviceMemory,
+    slots: &'a [TensorSlot],
+}
+
+impl Sink for DeviceSink<'_> {
+    fn slot(&self, i: usize) -> &TensorSlot {
+        &self.slots[i]
+    }
+    fn whole(&mut self, i: usize, src: TensorBytes<'_>) -> Result<()> {
+        self.backend.upload(src, self.memory, &self.slots[i])
+    }
+    fn part(&mut self, i: usize, src: TensorBytes<'_>, first: usize) -> Result<()> {
+        self.backend
+            .upload_part(src, self.memory, &self.slots[i], first)
+    }
+    fn raw(&mut self, i: usize) -> Option<&mut [u8]> {
+        let slot = &self.slots[i];
+        self.backend
+            .host_writable(self.memory)?
+            .get_mut(slot.offset..slot.offset + slot.data_bytes())
+    }
+}
+
 impl Context {
-    /// Calls `consume` with each tensor's bytes from `source`, reading checkpoint tensors through
-    /// a staging buffer that counts as host memory while it lives. Records spans in `spans`.
-    fn for_each_source_tensor(
+    /// Brings every tensor of `source` into `sink`. Checkpoint tensors are read in place when the
+    /// target keeps the stored bytes and the host can write it; else through one staging area,
+    /// counted as host memory, of at most `STAGING_CHUNK` bytes for tensors that convert element
+    /// by element (a scaled fp8 target needs its whole tensor at once). Records spans in `spans`.
+    fn fill_from_source(
         &self,
         source: &Source,
         tensors: &[TensorMeta],
+        sink: &mut dyn Sink,
         spans: &mut Vec<Span>,
-        mut consume: impl FnMut(usize, TensorBytes<'_>) -> Result<()>,
     ) -> Result<()> {
-        for (i, meta) in tensors.iter().enumerate() {
-            match source {
-                Source::Host(copy) => {
+        let infos = match source {
+            Source::Host(copy) => {
+                for i in 0..tensors.len() {
                     let slot = &copy.slots[i];
                     let (bytes, scales) = slot_contents(slot, copy.buffer.buffer.as_slice())?;
-                    consume(
-                        i,
-                        TensorBytes {
-                            bytes,
-                            dtype: slot.repr.dtype,
-                            scales: &scales,
-                        },
-                    )?;
+                    let src = TensorBytes {
+                        bytes,
+                        dtype: slot.repr.dtype,
+                        scales: &scales,
+                    };
+                    sink.whole(i, src)?;
                 }
-                Source::Disk(infos) => {
-                    let info = &infos[i];
-                    let started = Instant::now();
-                    let mut staging = CountedBuffer::new(meta.nbytes(), &self.host)?;
-                    info.read_into(staging.buffer.as_mut_slice())
-                        .inspect_err(|e| {
-                            // Truncated or changed under us: the caller gets the error, and the
-                            // log says which file went bad even when the caller drops it.
-                            self.logger.log(Level::Warn, || {
-                                format!("reading the checkpoint failed: {}", e.message)
-                            });
-                        })?;
-                    self.bytes_from_disk
-                        .fetch_add(info.nbytes, Ordering::Relaxed);
-                    spans.push(Span {
-                        track: Track::Copy,
-                        name: info.name.as_str().into(),
-                        what: "read",
-                        start: started,
-                        end: Instant::now(),
-                        bytes: info.nbytes,
-                    });
-                    consume(
-                        i,
-                        TensorBytes {
-                            bytes: staging.buffer.as_slice(),
-                            dtype: meta.dtype,
-                            scales: &[],
-                        },
-                    )?;
-                }
+                return Ok(());
             }
+            Source::Disk(infos) => infos,
+        };
+        let mut staging: Option<CountedBuffer> = None;
+        for (i, (meta, info)) in tensors.iter().zip(infos.iter()).enumerate() {
+            let started = Instant::now();
+            let slot = *sink.slot(i);
+            let unscaled = slot.scale_count() == 0;
+            let result = if unscaled && slot.repr.dtype == meta.dtype && sink.raw(i).is_some() {
+                info.read_into(sink.raw(i).expect("checked"))
+            } else if unscaled {
+                let element = meta.dtype.size().max(1);
+                let chunk = (meta.nbytes().min(STAGING_CHUNK) / element).max(1) * element;
+                if staging.as_ref().is_none_or(|s| s.buffer.len() < chunk) {
+                    // The smaller area goes first, so the two are never held at once.
+                    drop(staging.take());
+                    staging = Some(CountedBuffer::new(chunk, &self.host)?);
+                }
+                let area =
+                    &mut staging.as_mut().expect("made above").buffer.as_mut_slice()[..chunk];
+                info.read_chunks(area, |offset, piece| {
+                    let src = TensorBytes {
+                        bytes: piece,
+                        dtype: meta.dtype,
+                        scales: &[],
+                    };
+                    sink.part(i, src, offset as usize / element)
+                })
+            } else {
+                drop(staging.take());
+                let mut whole = CountedBuffer::new(meta.nbytes(), &self.host)?;
+                info.read_into(whole.buffer.as_mut_slice()).and_then(|()| {
+                    let src = TensorBytes {
+                        bytes: whole.buffer.as_slice(),
+                        dtype: meta.dtype,
+                        scales: &[],
+                    };
+                    sink.whole(i, src)
+                })
+            };
+            result.inspect_err(|e| {
+                // Truncated or changed under us: the caller gets the error, and the log says
+                // which file went bad even when the caller drops it.
+                self.logger.log(Level::Warn, || {
+                    format!("reading the checkpoint failed: {}", e.message)
+                });
+            })?;
+            self.bytes_from_disk
+                .fetch_add(info.nbytes, Ordering::Relaxed);
+            spans.push(Span {
+                track: Track::Copy,
+                name: info.name.as_str().into(),
+                what: "read",
+                start: started,
+                end: Instant::now(),
+                bytes: info.nbytes,
+            });
         }
         Ok(())
     }
@@ -91,9 +181,11 @@ impl Context {
         spans: &mut Vec<Span>,
     ) -> Result<HostCopy> {
         let mut buffer = CountedBuffer::new(size, &self.host)?;
-        self.for_each_source_tensor(source, tensors, spans, |i, src| {
-            convert_into_slot(src, &slots[i], buffer.buffer.as_mut_slice())
-        })?;
+        let mut sink = HostSink {
+            buffer: buffer.buffer.as_mut_slice(),
+            slots: &slots,
+        };
+        self.fill_from_source(source, tensors, &mut sink, spans)?;
         Ok(HostCopy { buffer, slots })
     }
 
@@ -109,9 +201,12 @@ impl Context {
     ) -> Result<DeviceCopy> {
         let memory = self.backend.allocate(size)?;
         let started = Instant::now();
-        self.for_each_source_tensor(source, tensors, spans, |i, src| {
-            self.backend.upload(src, &memory, &slots[i])
-        })?;
+        let mut sink = DeviceSink {
+            backend: &*self.backend,
+            memory: &memory,
+            slots,
+        };
+        self.fill_from_source(source, tensors, &mut sink, spans)?;
         spans.push(Span {
             track: Track::Copy,
             name: layer_name.clone(),

@@ -150,7 +150,7 @@ enum NoRoom {
 impl Context {
     pub fn new(options: Options) -> Result<Arc<Context>> {
         let backend: Box<dyn Backend> = match options.compute {
-            Device::Cpu => Box::new(CpuBackend),
+            Device::Cpu => Box::new(CpuBackend::default()),
             Device::Cuda => crate::backend::open_cuda(options.device_index)?,
             Device::Disk => return Err(Error::invalid("the compute device cannot be the disk")),
         };
@@ -885,7 +885,8 @@ impl Context {
             let depth = self.options.prefetch_depth as usize;
             let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
             self.drop_stale_prefetches(&mut st, &upcoming);
-            if !upcoming.contains(&key) || st.prefetched.len() >= depth {
+            let wanted = upcoming.contains(&key) || st.schedule.current() == Some(key);
+            if !wanted || st.prefetched.len() >= depth {
                 return true;
             }
         }
@@ -947,9 +948,7 @@ impl Context {
                 if st.budget.limit == Limit::Minimal {
                     let depth = self.options.prefetch_depth as usize;
                     let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-                    if !upcoming.contains(&key) {
-                        self.drop_stale_prefetches(&mut st, &upcoming);
-                    }
+                    self.drop_stale_prefetches(&mut st, &upcoming);
                 }
                 true
             }

@@ -156,6 +156,11 @@ impl Schedule {
         now
     }
 
+    /// The layer acquired last: being used, or about to be by an acquire that waits for it.
+    pub fn current(&self) -> Option<Key> {
+        self.current
+    }
+
     /// Forgets a layer that was unregistered, so predictions stop at it.
     pub fn forget(&mut self, key: Key) {
         if let Some(entry) = self.entries.get_mut(key.index as usize) {
