@@ -26,6 +26,8 @@ pub enum Source {
 /// Largest staging area one fill holds for a tensor read from a checkpoint: a larger tensor
 /// streams through it in pieces, so host memory stays bounded whatever the model's tensors.
 const STAGING_CHUNK: usize = 8 << 20;
+/// Smallest staging area, whatever `host_limit` says: below it reads get too small to be fast.
+const MIN_STAGING: usize = 64 << 10;
 
 /// Where a fill puts each tensor it reads: a host copy's buffer, or device memory.
 trait Sink {
@@ -121,8 +123,13 @@ impl Context {
             let result = if unscaled && slot.repr.dtype == meta.dtype && sink.raw(i).is_some() {
                 info.read_into(sink.raw(i).expect("checked"))
             } else if unscaled {
+                // A small host_limit gets a small staging area: half of it, so the engine and a
+                // caller can each stage at once, but never less than a useful read.
                 let element = meta.dtype.size().max(1);
-                let chunk = (meta.nbytes().min(STAGING_CHUNK) / element).max(1) * element;
+                let room = usize::try_from(self.host.limit() / 2)
+                    .unwrap_or(usize::MAX)
+                    .clamp(MIN_STAGING, STAGING_CHUNK);
+                let chunk = (meta.nbytes().min(room) / element).max(1) * element;
                 if staging.as_ref().is_none_or(|s| s.buffer.len() < chunk) {
                     // The smaller area goes first, so the two are never held at once.
                     drop(staging.take());
