@@ -102,11 +102,17 @@ impl Checkpoint {
     /// it has exactly one, else every `*.safetensors` file in it, in file-name order; hidden files
     /// are skipped, as the loaders' globs skip them.
     pub fn open(path: &Path) -> Result<Checkpoint> {
+        Self::open_reporting(path, &|_, _| {})
+    }
+
+    /// `open`, calling `progress(shards read, shards)` as each shard's header is read: a
+    /// directory of many shards on a slow disk takes a while.
+    pub fn open_reporting(path: &Path, progress: &dyn Fn(u64, u64)) -> Result<Checkpoint> {
         let metadata = std::fs::metadata(path).map_err(|e| Error::from_io(&e, "opening", path))?;
         if metadata.is_dir() {
-            Self::open_directory(path)
+            Self::open_directory(path, progress)
         } else if path.extension() == Some(OsStr::new("json")) {
-            Self::open_index(path)
+            Self::open_index(path, progress)
         } else {
             let file = ShardFile::open(path)?;
             let tensors = file.read_header()?;
@@ -147,7 +153,7 @@ impl Checkpoint {
         }
     }
 
-    fn open_directory(dir: &Path) -> Result<Checkpoint> {
+    fn open_directory(dir: &Path, progress: &dyn Fn(u64, u64)) -> Result<Checkpoint> {
         let listing_failed = |e: std::io::Error| Error::from_io(&e, "listing", dir);
         let mut indexes = Vec::new();
         let mut shards = Vec::new();
@@ -165,7 +171,7 @@ impl Checkpoint {
             }
         }
         if let [index] = indexes.as_slice() {
-            return Self::open_index(index);
+            return Self::open_index(index, progress);
         }
         if shards.is_empty() {
             return Err(Error::not_found(format!(
@@ -175,7 +181,9 @@ impl Checkpoint {
         }
         shards.sort();
         let mut checkpoint = Checkpoint::empty();
-        for path in shards {
+        let total = shards.len() as u64;
+        for (done, path) in shards.into_iter().enumerate() {
+            progress(done as u64, total);
             let file = ShardFile::open(&path)?;
             // Two names for one file (a symlink into a blob store) are one shard, not duplicates.
             if checkpoint.files.iter().any(|seen| seen.is_same_file(&file)) {
@@ -184,12 +192,13 @@ impl Checkpoint {
             let tensors = file.read_header()?;
             checkpoint.add_shard(Arc::new(file), tensors)?;
         }
+        progress(total, total);
         Ok(checkpoint)
     }
 
     /// Takes exactly the tensors the index's `weight_map` names, each from the shard it names;
     /// a shard's other tensors are ignored, as loaders ignore them.
-    fn open_index(index: &Path) -> Result<Checkpoint> {
+    fn open_index(index: &Path, progress: &dyn Fn(u64, u64)) -> Result<Checkpoint> {
         let text = std::fs::read(index).map_err(|e| Error::from_io(&e, "reading", index))?;
         let json: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::format(format!("{} is not valid JSON: {e}", index.display())))?;
@@ -231,7 +240,9 @@ impl Checkpoint {
         }
 
         let mut checkpoint = Checkpoint::empty();
-        for (file, wanted) in shards {
+        let total = shards.len() as u64;
+        for (done, (file, wanted)) in shards.into_iter().enumerate() {
+            progress(done as u64, total);
             let tensors = file.read_header()?;
             let present: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
             if let Some(missing) = wanted.iter().find(|name| !present.contains(*name)) {
@@ -247,6 +258,7 @@ impl Checkpoint {
                 .collect();
             checkpoint.add_shard(Arc::new(file), tensors)?;
         }
+        progress(total, total);
         Ok(checkpoint)
     }
 

@@ -190,6 +190,11 @@ impl Context {
         &self.options
     }
 
+    /// Tells the progress callback how far a long operation is. Callers hold no strata lock.
+    pub fn report_progress(&self, phase: &str, done: u64, total: u64) {
+        self.options.progress.report(phase, done, total);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is caught at the FFI boundary; the bookkeeping it left is
         // still the best there is, so keep serving rather than failing every later call.
@@ -345,6 +350,19 @@ impl Context {
         g.loading = true;
         let tiers = g.tiers;
         let layers = g.layers.clone();
+        let phase = format!("onloading group {:?}", g.name);
+        let host_bytes = |st: &State, key: Key| {
+            let in_ram = tiers.onload.device == Device::Cpu;
+            st.registry.layers.get(key).map_or(0, |l| {
+                if in_ram {
+                    l.forms.onload.size as u64
+                } else {
+                    0
+                }
+            })
+        };
+        let total: u64 = layers.iter().map(|&l| host_bytes(&st, l)).sum();
+        let mut done = 0;
         let mut result = Ok(());
         for &layer in &layers {
             match self.ensure_host_copy(st, layer, tiers, Tier::Onload) {
@@ -354,6 +372,13 @@ impl Context {
                     result = Err(e);
                     break;
                 }
+            }
+            if total > 0 {
+                done += host_bytes(&st, layer);
+                // Never under the lock: the callback may call back into strata.
+                drop(st);
+                self.report_progress(&phase, done, total);
+                st = self.lock();
             }
         }
         if result.is_err() {

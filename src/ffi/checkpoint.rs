@@ -26,10 +26,12 @@ pub extern "C" fn strata_checkpoint_open(
     out: *mut *mut strata_checkpoint,
 ) -> strata_status {
     boundary("strata_checkpoint_open", || {
-        context(ctx)?;
+        let ctx = context(ctx)?;
         let path = str_arg(path, "path")?;
         let out = out_arg(out, "out")?;
-        let opened = Checkpoint::open(std::path::Path::new(path))?;
+        let opened = Checkpoint::open_reporting(std::path::Path::new(path), &|done, total| {
+            ctx.report_progress("reading checkpoint headers", done, total)
+        })?;
         *out = CHECKPOINTS.insert(opened) as *mut strata_checkpoint;
         Ok(())
     })

@@ -257,7 +257,7 @@ pub fn bench(args: &[String]) -> Result<()> {
 }
 
 fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progress) -> Result<()> {
-    let checkpoint = Checkpoint::open(path)?;
+    let checkpoint = crate::open_checkpoint(path, config.json)?;
     let layers = layers_of(&checkpoint, &config.prefix, config.keep);
     if layers.is_empty() {
         return Err(Error::not_found(format!(

@@ -75,7 +75,7 @@ fn open(args: &Args, usage: &str) -> Result<Checkpoint> {
             "expected one CHECKPOINT\n\n{usage}"
         )));
     };
-    Checkpoint::open(Path::new(path))
+    crate::open_checkpoint(Path::new(path), args.has("--json"))
 }
 
 pub fn inspect(args: &[String]) -> Result<()> {

@@ -5,6 +5,7 @@ mod demo;
 mod inspect;
 
 use std::collections::HashMap;
+use strata::checkpoint::Checkpoint;
 use strata::error::{Error, Result};
 
 const USAGE: &str = "strata: run models larger than GPU memory
@@ -161,6 +162,18 @@ impl Progress {
             self.drawn = false;
         }
     }
+}
+
+/// Opens a checkpoint with a progress bar over its shards' headers (none for `--json`).
+pub fn open_checkpoint(path: &std::path::Path, machine_readable: bool) -> Result<Checkpoint> {
+    let progress = std::cell::RefCell::new(Progress::new(machine_readable));
+    let opened = Checkpoint::open_reporting(path, &|done, total| {
+        progress
+            .borrow_mut()
+            .update("reading checkpoint headers", done, total)
+    });
+    progress.borrow_mut().finish();
+    opened
 }
 
 /// Bytes in binary units, the way people read memory sizes.
