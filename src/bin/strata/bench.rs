@@ -36,6 +36,7 @@ JSON (Perfetto) and SVG.
 Options:
   --vram-limit SIZE    device budget: bytes (512MiB) or a percentage of the model (25%); default 0
                        (nothing resident between uses, everything streams)
+  --host-limit SIZE    host memory for staging and host copies (default unlimited)
   --prefetch N         layers fetched ahead (default 2)
   --passes N           passes per run, the first a warm-up (default 6)
   --compute-ms X       synthetic compute per layer in ms (default: the measured transfer time per
@@ -50,6 +51,7 @@ Options:
 struct BenchConfig {
     checkpoint: Option<PathBuf>,
     vram_limit: String,
+    host_limit: u64,
     depth: u32,
     passes: usize,
     compute: Option<Duration>,
@@ -66,6 +68,7 @@ struct BenchConfig {
 fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
     let valued = [
         "--vram-limit",
+        "--host-limit",
         "--prefetch",
         "--passes",
         "--compute-ms",
@@ -106,6 +109,10 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
     Ok(Some(BenchConfig {
         checkpoint: args.positional.first().map(PathBuf::from),
         vram_limit: args.get("--vram-limit").unwrap_or("0").to_owned(),
+        host_limit: match args.get("--host-limit") {
+            Some(size) => parse_bytes(size)?,
+            None => strata::budget::STRATA_UNLIMITED,
+        },
         depth: args.count("--prefetch", 2)? as u32,
         passes,
         compute,
@@ -131,6 +138,7 @@ struct Run {
     stall_seconds_per_pass: f64,
     prefetch_hits: u64,
     peak: u64,
+    host_peak: u64,
 }
 
 impl Run {
@@ -172,7 +180,7 @@ fn run(
         compute: Device::Cpu,
         device_index: 0,
         vram_limit: setting.vram_limit,
-        host_limit: strata::budget::STRATA_UNLIMITED,
+        host_limit: config.host_limit,
         prefetch_depth: setting.depth,
         strict_budget: false,
         log: None,
@@ -223,6 +231,7 @@ fn run(
         stall_seconds_per_pass: (stats.stall_ns - warm.stall_ns) as f64 / 1e9 / steady as f64,
         prefetch_hits: stats.prefetch_hits,
         peak: stats.vram_peak,
+        host_peak: stats.host_peak,
         ctx,
     })
 }
@@ -346,6 +355,7 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
             "stall_seconds_per_pass": r.stall_seconds_per_pass,
             "prefetch_hits": r.prefetch_hits,
             "vram_peak": r.peak,
+            "host_peak": r.host_peak,
         }));
         if depth == config.depth {
             timeline = Some(r.ctx);
@@ -360,8 +370,11 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         .map_err(|e| Error::from_io(&e, "writing", &svg_path))?;
     progress.finish();
 
+    let peak_rss = peak_rss_bytes();
     if config.json {
         let report = json!({
+            "peak_rss": peak_rss,
+            "host_limit": config.host_limit,
             "checkpoint": path.display().to_string(),
             "layers": n,
             "model_bytes": model_bytes,
@@ -415,10 +428,33 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
     println!(
         "\noverlap = max(Σcompute, Σtransfer) / pass time (1.00: the pass takes only the longer of the two)"
     );
+    let host_peak = rows.iter().filter_map(|r| r["host_peak"].as_u64()).max();
+    println!(
+        "memory: peak RSS of this process {}; strata's host peak {} (host_limit {}), device peak {} (vram_limit {})",
+        human_bytes(peak_rss),
+        human_bytes(host_peak.unwrap_or(0)),
+        match config.host_limit {
+            strata::budget::STRATA_UNLIMITED => "unlimited".to_owned(),
+            limit => human_bytes(limit),
+        },
+        human_bytes(rows.iter().filter_map(|r| r["vram_peak"].as_u64()).max().unwrap_or(0)),
+        human_bytes(vram_limit)
+    );
     println!(
         "timeline: {} (Perfetto) and {} (a browser)",
         json_path.display(),
         svg_path.display()
     );
     Ok(())
+}
+
+/// The process's peak resident memory so far (getrusage), in bytes.
+fn peak_rss_bytes() -> u64 {
+    // SAFETY: rusage is plain data; all-zero is a valid value for getrusage to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a pointer to a live rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    usage.ru_maxrss as u64 * 1024
 }

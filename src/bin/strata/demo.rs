@@ -76,42 +76,53 @@ fn synthetic_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Writes the demo model as a safetensors file one tensor at a time, so even a model of many GiB
+/// (`strata bench --layers 128 --width 4096`) never sits in memory whole. Returns its data bytes.
 pub(crate) fn write_model(path: &Path, layers: usize, width: usize) -> Result<u64> {
-    let to_bf16 = |values: Vec<f32>| -> Vec<u8> {
-        values
-            .into_iter()
-            .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-            .collect()
+    use std::io::Write;
+    let shapes = |i: usize| {
+        [
+            (format!("blocks.{i}.weight"), vec![width, width]),
+            (format!("blocks.{i}.bias"), vec![width]),
+        ]
     };
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = (0..layers)
-        .flat_map(|i| {
-            let scale = 1.0 / (width as f32).sqrt();
-            [
-                (
-                    format!("blocks.{i}.weight"),
-                    vec![width, width],
-                    to_bf16(synthetic_values(width * width, 2 * i as u64 + 1, scale)),
-                ),
-                (
-                    format!("blocks.{i}.bias"),
-                    vec![width],
-                    to_bf16(synthetic_values(width, 2 * i as u64 + 2, 0.1)),
-                ),
-            ]
-        })
-        .collect();
-    let total = tensors.iter().map(|t| t.2.len() as u64).sum();
-    let views = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::invalid(format!("building the demo model: {e}")))?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| Error::io(format!("writing {}: {e}", path.display())))?;
-    Ok(total)
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for i in 0..layers {
+        for (name, shape) in shapes(i) {
+            let bytes = shape.iter().product::<usize>() as u64 * 2;
+            header.insert(
+                name,
+                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            );
+            offset += bytes;
+        }
+    }
+    let mut header = serde_json::to_vec(&header)
+        .map_err(|e| Error::invalid(format!("building the demo model's header: {e}")))?;
+    // The data starts 8-byte aligned, as the format asks.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let written = |e: std::io::Error| Error::from_io(&e, "writing", path);
+    let file = std::fs::File::create(path).map_err(written)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&header))
+        .map_err(written)?;
+    let scale = 1.0 / (width as f32).sqrt();
+    for i in 0..layers {
+        for (values, seed_scale) in [
+            (width * width, (2 * i as u64 + 1, scale)),
+            (width, (2 * i as u64 + 2, 0.1)),
+        ] {
+            let bytes: Vec<u8> = synthetic_values(values, seed_scale.0, seed_scale.1)
+                .into_iter()
+                .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+            out.write_all(&bytes).map_err(written)?;
+        }
+    }
+    out.flush().map_err(written)?;
+    Ok(offset)
 }
 
 /// One pass: x <- normalize(W x + b) through every layer, reading the bf16 views strata hands out.
