@@ -108,6 +108,15 @@ impl Tiers {
         for (i, &(device, dtype)) in raw.placements.iter().enumerate() {
             let tier = names[i];
             let dtype = DType::from_abi(dtype).map_err(|e| e.context(format!("{tier} tier")))?;
+            if let Some(dtype) = dtype.filter(|d| !d.is_float()) {
+                // Integer tensors keep their stored dtype in every tier; an integer tier dtype
+                // would ask for float tensors to be cast to integers, which strata does not do.
+                return Err(Error::invalid(format!(
+                    "the {tier} tier's dtype {} is not a float dtype: tiers convert float tensors \
+                     only, and integer tensors keep their stored dtype",
+                    dtype.name()
+                )));
+            }
             let device = Device::from_abi(device).map_err(|e| e.context(format!("{tier} tier")))?;
             let host_tier = i < 2;
             let device = match device {

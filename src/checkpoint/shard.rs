@@ -208,12 +208,18 @@ impl ShardFile {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) if !retried => retried = true,
                 Err(e) => {
+                    // Where in the read it failed only says more when some bytes came first.
+                    let failed_at = if position == offset {
+                        String::new()
+                    } else {
+                        format!(" failed at offset {position},")
+                    };
                     return Err(Error::io(format!(
-                        "{}: reading {} bytes at offset {offset} failed at offset {position}, \
-                         also when retried: {e}",
+                        "{}: reading {} bytes at offset {offset}{failed_at} also failed when \
+                         retried: {e}",
                         self.path.display(),
                         dst.len()
-                    )))
+                    )));
                 }
             }
         }

@@ -799,7 +799,7 @@ fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offs
             "tensor t",
             "flaky.safetensors",
             &format!("at offset {}", info.offset),
-            "also when retried",
+            "also failed when retried",
             "os error 5",
         ],
     );

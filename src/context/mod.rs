@@ -254,11 +254,18 @@ impl Context {
     pub fn destroy_group(&self, id: u32) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
+        // An onload is a call still running (perhaps the very one whose progress callback is
+        // calling this): refuse rather than wait on it.
         if st.registry.groups.get(key).is_some_and(|g| g.loading) {
             return Err(Error::state(
                 "the group is being onloaded; destroy it once that returns",
             ));
         }
+        // A layer being filled (by the copy engine ahead of its use, or by an acquire) is not a
+        // use by the caller: wait for the fill to end, then decide. Refusing instead made the
+        // outcome depend on the engine's timing.
+        st = self.wait_until_group_idle(st, key);
+        let key = self.group_key(&st, id)?;
         let layers = st
             .registry
             .groups
@@ -271,7 +278,7 @@ impl Context {
                 .layers
                 .get(layer)
                 .expect("group lists live layers");
-            if l.in_use > 0 || l.busy {
+            if l.in_use > 0 {
                 return Err(Error::state(format!(
                     "group {:?} has layer {:?} in use; release it first",
                     st.registry.groups.get(key).map_or("", |g| g.name.as_str()),
@@ -491,12 +498,16 @@ impl Context {
         let name = layer.name.clone();
         let key = st.registry.layers.insert(layer);
         st.registry.layer_names.insert(name.to_string(), key);
-        st.registry
+        let group = st
+            .registry
             .groups
             .get_mut(group)
-            .expect("checked by caller")
-            .layers
-            .push(key);
+            .expect("checked by caller");
+        group.layers.push(key);
+        // The group's onload made copies for the layers it had; this one has none yet. The next
+        // acquire onloads again (only this layer has work to do) rather than reading around the
+        // onload tier from the offload one.
+        group.onloaded = false;
         Ok(self.codec.layer_id(key))
     }
 
@@ -654,16 +665,24 @@ impl Context {
 
     pub fn unregister_layer(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
-        let key = self.layer_key(&st, id)?;
-        let layer = st.registry.layers.get(key).expect("checked");
-        if layer.in_use > 0 || layer.busy {
-            return Err(Error::state(format!(
-                "layer {:?} is in use; release it first",
-                layer.name
-            )));
+        loop {
+            let key = self.layer_key(&st, id)?;
+            let layer = st.registry.layers.get(key).expect("checked");
+            if layer.in_use > 0 {
+                return Err(Error::state(format!(
+                    "layer {:?} is in use; release it first",
+                    layer.name
+                )));
+            }
+            // Being filled (by the copy engine, or by an acquire that will then hold it): wait
+            // for the fill to end rather than refuse a layer the caller does not hold.
+            if layer.busy {
+                st = self.wait(st);
+                continue;
+            }
+            self.remove_layer(&mut st, key);
+            return Ok(());
         }
-        self.remove_layer(&mut st, key);
-        Ok(())
     }
 
     fn remove_layer(&self, st: &mut State, key: Key) {
@@ -756,7 +775,9 @@ impl Context {
             }
             let plan = device_plan(layer);
             let bytes = plan.bytes();
-            if bytes == 0 {
+            // Not `bytes == 0`: a layer whose tensors are all empty plans copies of 0 bytes,
+            // which must still be made before views can point into them.
+            if plan.prepared.is_none() && plan.converted.is_none() {
                 // Resident, and converted ahead when the forms differ: a hit, nothing moves.
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 let prefetched = std::mem::take(&mut layer.prefetched);
@@ -793,6 +814,9 @@ impl Context {
             let mut spans = Vec::new();
             let result =
                 self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
+            // Before the lock: once it is taken the group may be destroyed, and its host copies
+            // must then be gone with it rather than kept a moment longer by this thread.
+            drop(source);
 
             let mut st = self.lock();
             for span in spans {
@@ -945,6 +969,8 @@ impl Context {
 
         let mut spans = Vec::new();
         let result = self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
+        // Before the lock, as in `acquire`: a destroy that follows must find the host copies gone.
+        drop(source);
 
         let mut st = self.lock();
         st.engine_filling = None;

@@ -10,6 +10,7 @@ use crate::tiers::RawTiers;
 /// of the tier before (so storing fp8 at offload keeps it fp8 until computation); on the offload
 /// and computation tiers it means the stored dtype. On STRATA_DEVICE_DISK the bytes are the file's own, so the dtype
 /// there is the stored one whatever is written here: strata never writes a second copy to disk.
+/// A tier's dtype is a float one or SOURCE: integer tensors keep their stored dtype everywhere.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct strata_placement {
