@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the seed corpus of the checkpoint_open fuzz target into seeds/checkpoint_open/.
+"""Writes the seed corpora of the fuzz targets into seeds/checkpoint_open/ and seeds/abi_sequence/.
 
 Each seed is the target's input format (see fuzz_targets/checkpoint_open.rs): a layout byte, then
 files cut by little-endian u16 lengths. A few valid tiny checkpoints in each layout, and some
@@ -79,3 +79,85 @@ for name, data in seeds.items():
     with open(os.path.join(OUT, name), "wb") as f:
         f.write(data)
 print(f"{len(seeds)} seeds, {sum(map(len, seeds.values()))} bytes in {OUT}")
+
+# ----- abi_sequence: operations as fuzz_targets/abi_sequence.rs reads them -----
+ABI_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds", "abi_sequence")
+F32, F16, BF16, E4M3, E5M2, F64, I64, I32, U8, BOOL = 1, 2, 3, 4, 5, 6, 7, 8, 11, 12
+
+
+def limit(n):
+    """0, unlimited (None), or n bytes as a u32."""
+    if n == 0:
+        return b"\x00"
+    if n is None:
+        return b"\x01"
+    return b"\x04" + struct.pack("<I", n)
+
+
+def context(vram=None, depth=2, strict=False):
+    # op, vram_limit, host_limit unlimited, depth (0..3), flags, CPU device, full struct, no NULL
+    return b"\x00" + limit(vram) + b"\x01" + b"\x02" + bytes([depth]) + bytes([4 if strict else 0]) \
+        + b"\x01\x05\x00"
+
+
+def group(offload=0, onload=0, preparing=0, computation=0, quant=0):
+    out = b"\x02\x00"
+    for dtype in (offload, onload, preparing, computation):
+        out += b"\x00" + bytes([dtype])
+    return out + bytes([quant]) + b"\x02\x00\x00"
+
+
+def tensor(name, dtype, shape):
+    size = [0, 4, 2, 2, 1, 1, 8, 8, 4, 2, 1, 1, 1][dtype]
+    n = 1
+    for d in shape:
+        n *= d
+    data = bytes((i * 37 + 11) % 256 for i in range(n * size))
+    return bytes([name, dtype, len(shape)]) + bytes(shape) + data
+
+
+def layer(group_index, name, tensors):
+    return b"\x03\x00\x00" + bytes([group_index, name, len(tensors)]) + b"".join(tensors) + b"\x00"
+
+
+def acquire(index):
+    return b"\x05\x00\x00" + bytes([index]) + b"\x03\x00" + bytes(8)
+
+
+def release(index):
+    return b"\x07\x00\x00" + bytes([index])
+
+
+def passes(n):
+    return b"\x0f\x00" + bytes([n])
+
+
+def block(name):
+    return layer(0, name, [tensor(0, F32, [4, 4]), tensor(1, F32, [4])])
+
+
+abi_seeds = {
+    "fp8_per_channel_passes": context(vram=1200) + group(BF16, 0, E4M3, F32, 2)
+    + block(0) + block(1) + block(2) + passes(3),
+    "zero_budget_prefetch": context(vram=0, depth=3) + group(0, F16, BF16, F32, 0)
+    + block(0) + block(1) + block(2) + block(3) + passes(2),
+    "strict_budget_two_held": context(vram=700, strict=True) + group(0, 0, BF16, F32, 1)
+    + block(0) + block(1) + acquire(0) + acquire(1) + release(0) + acquire(1) + release(1),
+    "limit_lowered_while_held": context(vram=None) + group(0, 0, E5M2, BF16, 2)
+    + block(0) + block(1) + acquire(0) + acquire(1) + b"\x0b\x00\x01" + limit(200)
+    + release(0) + release(1) + passes(1),
+    "stale_ids": context() + group() + block(0) + block(1) + acquire(0)
+    + b"\x0a\x00\x00\x00" + release(0) + b"\x0a\x00\x00\x00" + acquire(0) + release(0)
+    + b"\x09\x00\x02\x00\x00" + acquire(0) + b"\x01\x00" + acquire(0),
+    "every_dtype": context(vram=4000) + group(0, 0, F16, F64, 0)
+    + layer(0, 0, [tensor(0, F32, [2, 3]), tensor(1, F16, [3]), tensor(2, BF16, [2, 2]),
+                   tensor(3, E4M3, [4, 2]), tensor(4, E5M2, [5]), tensor(5, F64, [2])][:3])
+    + layer(0, 1, [tensor(0, E4M3, [4, 2]), tensor(1, E5M2, [5]), tensor(2, F64, [2])])
+    + layer(0, 2, [tensor(0, I64, [2]), tensor(1, U8, [3, 1]), tensor(2, BOOL, [2])])
+    + passes(2) + b"\x0c\x00\x01" + b"\x0d\x00\x03",
+}
+os.makedirs(ABI_OUT, exist_ok=True)
+for name, data in abi_seeds.items():
+    with open(os.path.join(ABI_OUT, name), "wb") as f:
+        f.write(data)
+print(f"{len(abi_seeds)} seeds, {sum(map(len, abi_seeds.values()))} bytes in {ABI_OUT}")
