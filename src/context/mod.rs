@@ -254,11 +254,10 @@ impl Context {
     pub fn destroy_group(&self, id: u32) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
-        if st.registry.groups.get(key).is_some_and(|g| g.loading) {
-            return Err(Error::state(
-                "the group is being onloaded; destroy it once that returns",
-            ));
-        }
+        // Onloads and fills run without the lock and end on their own; the copy engine's
+        // prefetches are among them, and the caller, having released everything, cannot see them.
+        st = self.wait_until_group_idle(st, key);
+        let key = self.group_key(&st, id)?;
         let layers = st
             .registry
             .groups
@@ -271,7 +270,7 @@ impl Context {
                 .layers
                 .get(layer)
                 .expect("group lists live layers");
-            if l.in_use > 0 || l.busy {
+            if l.in_use > 0 {
                 return Err(Error::state(format!(
                     "group {:?} has layer {:?} in use; release it first",
                     st.registry.groups.get(key).map_or("", |g| g.name.as_str()),
@@ -655,8 +654,13 @@ impl Context {
     pub fn unregister_layer(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
+        // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.
+        while st.registry.layers.get(key).is_some_and(|l| l.busy) {
+            st = self.wait(st);
+        }
+        let key = self.layer_key(&st, id)?;
         let layer = st.registry.layers.get(key).expect("checked");
-        if layer.in_use > 0 || layer.busy {
+        if layer.in_use > 0 {
             return Err(Error::state(format!(
                 "layer {:?} is in use; release it first",
                 layer.name
