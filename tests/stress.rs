@@ -83,3 +83,63 @@ fn a_wrong_byte_or_shape_is_caught() {
         model.ctx.release(id);
     }
 }
+
+/// Threads of this process running a copy engine, which names its thread as it starts.
+fn copy_engine_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "strata-copy")
+        })
+        .count()
+}
+
+#[test]
+fn destroy_returns_once_the_copy_engine_thread_has_ended() {
+    // Alone in this process, so every copy engine thread counted is this test's.
+    let _alone = alone();
+    for round in 0..50 {
+        let ctx = Ctx::with(|o| o.prefetch_depth = 4);
+        let group = ctx.group(&tiers(|t| {
+            t.offload.dtype = STRATA_DTYPE_BF16;
+            t.preparing.dtype = STRATA_DTYPE_F32;
+        }));
+        let data = f32_bytes(&weights(4096 * 64, round, 1.0));
+        let ids: Vec<u64> = (0..6)
+            .map(|i| {
+                let tensor = ("w", STRATA_DTYPE_F32, vec![4096, 64], data.clone());
+                ctx.register(group, &format!("l{i}"), &[tensor])
+            })
+            .collect();
+        for _ in 0..2 {
+            for &id in &ids {
+                ctx.acquire(id);
+                ctx.release(id);
+            }
+        }
+        // With every device copy gone, an acquire sets the engine filling the next layers: the
+        // first time starts its thread, the second destroys the context while it fills, when
+        // the engine may hold the last handle.
+        for time in 0..2 {
+            ok(strata_group_offload(ctx.0, group));
+            ctx.acquire(ids[0]);
+            ctx.release(ids[0]);
+            let started = std::time::Instant::now();
+            while time == 0 && copy_engine_threads() != 1 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "round {round}: {} copy engine threads",
+                    copy_engine_threads()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(ctx);
+        assert_eq!(
+            copy_engine_threads(),
+            0,
+            "round {round}: the copy engine outlived strata_context_destroy"
+        );
+    }
+}

@@ -178,8 +178,12 @@ impl Context {
         }))
     }
 
+    /// Takes no more calls and waits for the copy engine's worker to end. The worker may hold the
+    /// context mid-fill, and the last handle dropped there would leave it running unjoined after
+    /// destroy returned: a host that unloads the library next would unmap its code.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.engine.stop();
     }
 
     pub fn is_closed(&self) -> bool {
