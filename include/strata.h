@@ -493,6 +493,7 @@ strata_status strata_context_create(const struct strata_options *opts, struct st
 
 /**
  * Destroys a context and everything registered on it; views it handed out become invalid.
+ * Returns once the context's copy engine thread has ended, so the library may be unloaded next.
  * NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
  */
 void strata_context_destroy(struct strata_context *ctx);

@@ -41,6 +41,11 @@ impl Default for Trace {
 }
 
 impl Trace {
+    /// The most spans a trace keeps (what it costs in memory once full is for a soak to measure).
+    pub fn max_spans() -> usize {
+        MAX_SPANS
+    }
+
     pub fn record(&mut self, span: Span) {
         if self.spans.len() == MAX_SPANS {
             self.spans.pop_front();

@@ -38,7 +38,7 @@ fn compile_shared(source: &Path, exe: &Path) {
         .arg(format!("-L{}", lib.display()))
         .arg("-lstrata")
         .arg(format!("-Wl,-rpath,{}", dir.display()))
-        .arg("-lm");
+        .args(["-lm", "-pthread"]);
     compile(cc, &source.display().to_string());
 }
 
@@ -80,7 +80,7 @@ fn every_example_compiles_and_runs() {
     require_compiler("cc");
     let sources = sources("examples-c", "c");
     let names: Vec<String> = sources.iter().map(|s| stem(s)).collect();
-    for expected in ["minimal", "stream_checkpoint"] {
+    for expected in ["minimal", "stream_checkpoint", "stress"] {
         assert!(
             names.iter().any(|n| n == expected),
             "examples-c/{expected}.c is missing (found {names:?})"
@@ -97,6 +97,8 @@ fn every_example_compiles_and_runs() {
         let trace = dir.path().join("trace.json");
         let args: Vec<&Path> = match name.as_str() {
             "stream_checkpoint" => vec![&model, &trace],
+            // Seconds and threads: a short run of what it does for as long as it is asked.
+            "stress" => vec![Path::new("1.5"), Path::new("4")],
             _ => Vec::new(),
         };
         let output = run(&exe, &args, dir.path());

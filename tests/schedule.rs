@@ -337,3 +337,31 @@ fn a_budget_with_no_room_ahead_shrinks_the_depth_to_zero() {
     assert_eq!(stats.overcommit_peak, 0);
     assert_eq!(stats.vram_peak, size);
 }
+
+#[test]
+fn layers_the_engine_is_filling_can_be_removed_right_after_the_last_release() {
+    // The caller has released everything; that the copy engine is still filling the layers it
+    // predicted next is invisible to it, so removing them must not be refused as "in use".
+    for round in 0..20 {
+        let ctx = Ctx::with(|o| o.prefetch_depth = 4);
+        let group = ctx.group(&plain_tiers());
+        let ids: Vec<u64> = (0..6)
+            .map(|i| layer(&ctx, group, &format!("l{i}"), 4096, i))
+            .collect();
+        for _ in 0..2 {
+            for &id in &ids {
+                ctx.acquire(id);
+                ctx.release(id);
+            }
+        }
+        // Offloading drops every device copy: the next acquire sets the engine filling the rest.
+        ok(strata_group_offload(ctx.0, group));
+        ctx.acquire(ids[0]);
+        ctx.release(ids[0]);
+        if round % 2 == 0 {
+            ok(strata_layer_unregister(ctx.0, ids[1]));
+        }
+        ok(strata_group_destroy(ctx.0, group));
+        assert_eq!(ctx.stats().vram_in_use, 0);
+    }
+}

@@ -178,8 +178,12 @@ impl Context {
         }))
     }
 
+    /// Takes no more calls and waits for the copy engine's worker to end. The worker may hold the
+    /// context mid-fill, and the last handle dropped there would leave it running unjoined after
+    /// destroy returned: a host that unloads the library next would unmap its code.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        self.engine.stop();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -665,24 +669,21 @@ impl Context {
 
     pub fn unregister_layer(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
-        loop {
-            let key = self.layer_key(&st, id)?;
-            let layer = st.registry.layers.get(key).expect("checked");
-            if layer.in_use > 0 {
-                return Err(Error::state(format!(
-                    "layer {:?} is in use; release it first",
-                    layer.name
-                )));
-            }
-            // Being filled (by the copy engine, or by an acquire that will then hold it): wait
-            // for the fill to end rather than refuse a layer the caller does not hold.
-            if layer.busy {
-                st = self.wait(st);
-                continue;
-            }
-            self.remove_layer(&mut st, key);
-            return Ok(());
+        let key = self.layer_key(&st, id)?;
+        // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.
+        while st.registry.layers.get(key).is_some_and(|l| l.busy) {
+            st = self.wait(st);
         }
+        let key = self.layer_key(&st, id)?;
+        let layer = st.registry.layers.get(key).expect("checked");
+        if layer.in_use > 0 {
+            return Err(Error::state(format!(
+                "layer {:?} is in use; release it first",
+                layer.name
+            )));
+        }
+        self.remove_layer(&mut st, key);
+        Ok(())
     }
 
     fn remove_layer(&self, st: &mut State, key: Key) {

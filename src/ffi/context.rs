@@ -173,6 +173,7 @@ pub extern "C" fn strata_context_create(
 }
 
 /// Destroys a context and everything registered on it; views it handed out become invalid.
+/// Returns once the context's copy engine thread has ended, so the library may be unloaded next.
 /// NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
 #[no_mangle]
 pub extern "C" fn strata_context_destroy(ctx: *mut strata_context) {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::ptr;
 
 pub mod programs;
+pub mod stress;
 pub use strata::budget::STRATA_UNLIMITED;
 pub use strata::context::STRATA_FLAG_STRICT_BUDGET;
 pub use strata::convert::{STRATA_QUANT_NONE, STRATA_QUANT_PER_CHANNEL, STRATA_QUANT_PER_TENSOR};

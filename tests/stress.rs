@@ -1,0 +1,145 @@
+//! Short runs of the stress workloads (`cargo bench --bench stress` runs them for a minute and
+//! more): threads acquiring random layers of every kind under a budget of a few layers, every
+//! byte verified; and a soak whose resident memory must stop growing after warm-up.
+
+mod common;
+use common::stress::*;
+use common::*;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The soak measures the whole process's memory: nothing else may run beside it.
+static ALONE: Mutex<()> = Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ALONE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn eight_threads_under_a_budget_of_a_few_layers_see_exact_bytes() {
+    let _alone = alone();
+    let report = run_threads(&ThreadsConfig {
+        threads: 8,
+        duration: Duration::from_secs(3),
+        layers_of_budget: 2.5,
+        seed: 1,
+    });
+    report.print();
+    assert!(report.verified > 1000, "{report:?}");
+    assert!(report.peak_seen <= report.limit);
+    // The budget was tight: layers were evicted and brought back, and some second acquires had
+    // no room.
+    assert!(
+        report.stats.evictions > 0 && report.stats.misses > 0,
+        "{report:?}"
+    );
+    assert!(report.refusals > 0, "{report:?}");
+}
+
+#[test]
+fn a_soak_keeps_its_memory_flat_and_gives_everything_back() {
+    let _alone = alone();
+    let report = soak(&SoakConfig {
+        passes: 500,
+        warmup: 100,
+    });
+    report.print();
+    assert_eq!(report.held_after_destroy, (0, 0));
+    assert_eq!(
+        report.stats.acquires,
+        (report.warmup_passes + report.passes) as u64 * 16
+    );
+    assert!(
+        report.stats.misses > 0 && report.stats.prefetch_hits > 0,
+        "{report:?}"
+    );
+    assert!(
+        report.growth() <= 1 << 20,
+        "RSS grew by {} KiB after warm-up",
+        report.growth() / 1024
+    );
+}
+
+#[test]
+fn a_wrong_byte_or_shape_is_caught() {
+    let _alone = alone();
+    let spec = ModelSpec {
+        kinds: vec![(Kind::Fp8Host, 1), (Kind::F16Disk, 1)],
+        rows: 4,
+        cols: 8,
+    };
+    let mut model = Model::build(&spec, |o| o.vram_limit = STRATA_UNLIMITED);
+    for i in 0..model.layers.len() {
+        let views = model.acquire(&model.layers[i]).unwrap();
+        verify(&views, &model.layers[i]).unwrap();
+        let layer = &mut model.layers[i];
+        layer.tensors[0].bytes[5] ^= 1;
+        assert!(verify(&views, layer).unwrap_err().contains("byte 5"));
+        layer.tensors[0].bytes[5] ^= 1;
+        layer.tensors[1].shape[0] += 1;
+        assert!(verify(&views, layer).is_err());
+        layer.tensors[1].shape[0] -= 1;
+        let id = layer.id;
+        model.ctx.release(id);
+    }
+}
+
+/// Threads of this process running a copy engine, which names its thread as it starts.
+fn copy_engine_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "strata-copy")
+        })
+        .count()
+}
+
+#[test]
+fn destroy_returns_once_the_copy_engine_thread_has_ended() {
+    // Alone in this process, so every copy engine thread counted is this test's.
+    let _alone = alone();
+    for round in 0..50 {
+        let ctx = Ctx::with(|o| o.prefetch_depth = 4);
+        let group = ctx.group(&tiers(|t| {
+            t.offload.dtype = STRATA_DTYPE_BF16;
+            t.preparing.dtype = STRATA_DTYPE_F32;
+        }));
+        let data = f32_bytes(&weights(4096 * 64, round, 1.0));
+        let ids: Vec<u64> = (0..6)
+            .map(|i| {
+                let tensor = ("w", STRATA_DTYPE_F32, vec![4096, 64], data.clone());
+                ctx.register(group, &format!("l{i}"), &[tensor])
+            })
+            .collect();
+        for _ in 0..2 {
+            for &id in &ids {
+                ctx.acquire(id);
+                ctx.release(id);
+            }
+        }
+        // With every device copy gone, an acquire sets the engine filling the next layers: the
+        // first time starts its thread, the second destroys the context while it fills, when
+        // the engine may hold the last handle.
+        for time in 0..2 {
+            ok(strata_group_offload(ctx.0, group));
+            ctx.acquire(ids[0]);
+            ctx.release(ids[0]);
+            let started = std::time::Instant::now();
+            while time == 0 && copy_engine_threads() != 1 {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "round {round}: {} copy engine threads",
+                    copy_engine_threads()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(ctx);
+        assert_eq!(
+            copy_engine_threads(),
+            0,
+            "round {round}: the copy engine outlived strata_context_destroy"
+        );
+    }
+}
