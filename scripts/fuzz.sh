@@ -16,7 +16,6 @@ export RUSTC_BOOTSTRAP=1
 scratch=$(mktemp -d -p "$([ -d /dev/shm ] && echo /dev/shm || echo /tmp)" strata-fuzz.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 export TMPDIR=$scratch
-export LSAN_OPTIONS="suppressions=$fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 
 for target in $(cargo fuzz list); do
   mkdir -p "$fuzz/corpus/$target"

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 /// Spans kept at most; older ones are dropped first so a long run cannot grow without bound.
-const MAX_SPANS: usize = 1 << 18;
+const MAX_SPANS: usize = 1 << 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Track {
