@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
 use crate::log::{LogCallback, Logger, ProgressSink};
 use crate::registry::{
-    Computation, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry, TensorMeta,
+    Computation, DeviceCopy, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry,
+    TensorMeta,
 };
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
@@ -804,32 +805,11 @@ impl Context {
             }
             started.get_or_insert_with(Instant::now);
             st.budget.charge(bytes);
-            let layer = st.registry.layers.get_mut(key).expect("checked");
-            layer.busy = true;
-            let tensors = layer.tensors.clone();
-            let prepared = layer.prepared.take();
+            st.registry.layers.get_mut(key).expect("checked").busy = true;
             // The engine works on the layers after this one while this one is filled.
             self.request_prefetch(&mut st);
-            drop(st);
-
-            let mut spans = Vec::new();
-            let result =
-                self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
-            // Before the lock: once it is taken the group may be destroyed, and its host copies
-            // must then be gone with it rather than kept a moment longer by this thread.
-            drop(source);
-
-            let mut st = self.lock();
-            for span in spans {
-                st.trace.record(span);
-            }
-            self.wake(st.waiters);
-            let layer = st
-                .registry
-                .layers
-                .get_mut(key)
-                .expect("busy layers are not removed");
-            layer.busy = false;
+            let (mut st, result) = self.fill_unlocked(st, key, source, plan, &layer_name);
+            let layer = st.registry.layers.get_mut(key).expect("checked");
             let (prepared, converted) = match result {
                 Ok(filled) => filled,
                 Err((prepared, e)) => {
@@ -962,29 +942,10 @@ impl Context {
         }
         st.budget.charge(bytes);
         st.engine_filling = Some(key);
-        let layer = st.registry.layers.get_mut(key).expect("checked");
-        layer.busy = true;
-        let tensors = layer.tensors.clone();
-        let prepared = layer.prepared.take();
-        drop(st);
-
-        let mut spans = Vec::new();
-        let result = self.fill_device(&source, &tensors, prepared, plan, &layer_name, &mut spans);
-        // Before the lock, as in `acquire`: a destroy that follows must find the host copies gone.
-        drop(source);
-
-        let mut st = self.lock();
+        st.registry.layers.get_mut(key).expect("checked").busy = true;
+        let (mut st, result) = self.fill_unlocked(st, key, source, plan, &layer_name);
         st.engine_filling = None;
-        for span in spans {
-            st.trace.record(span);
-        }
-        self.wake(st.waiters);
-        let layer = st
-            .registry
-            .layers
-            .get_mut(key)
-            .expect("busy layers are not removed");
-        layer.busy = false;
+        let layer = st.registry.layers.get_mut(key).expect("checked");
         match result {
             Ok((prepared, converted)) => {
                 layer.prepared = Some(prepared);
@@ -1019,24 +980,52 @@ impl Context {
         layer.acquired_at = Some(Instant::now());
     }
 
+    /// Fills a layer the caller marked busy (and paid for) without holding the lock: takes its
+    /// resident copy along, fills, then takes the lock back, records the spans, wakes the waiters
+    /// and clears busy. The layer is still there: busy layers are not removed.
+    fn fill_unlocked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        key: Key,
+        source: Source,
+        plan: DevicePlan,
+        layer_name: &Arc<str>,
+    ) -> (MutexGuard<'a, State>, Filled) {
+        let layer = st.registry.layers.get_mut(key).expect("checked");
+        let tensors = layer.tensors.clone();
+        let prepared = layer.prepared.take();
+        drop(st);
+
+        let mut spans = Vec::new();
+        let result = self.fill_device(&source, &tensors, prepared, plan, layer_name, &mut spans);
+        // Before the lock: once it is taken the group may be destroyed, and its host copies
+        // must then be gone with it rather than kept a moment longer by this thread.
+        drop(source);
+
+        let mut st = self.lock();
+        for span in spans {
+            st.trace.record(span);
+        }
+        self.wake(st.waiters);
+        st.registry
+            .layers
+            .get_mut(key)
+            .expect("busy layers are not removed")
+            .busy = false;
+        (st, result)
+    }
+
     /// Fills the prepared copy (unless it is resident) and the converted one (if the forms differ).
     /// On failure hands back the prepared copy it was given, so nothing resident is lost.
-    #[allow(clippy::type_complexity)]
     fn fill_device(
         &self,
         source: &Source,
         tensors: &[TensorMeta],
-        prepared: Option<crate::registry::DeviceCopy>,
+        prepared: Option<DeviceCopy>,
         plan: DevicePlan,
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
-    ) -> std::result::Result<
-        (
-            crate::registry::DeviceCopy,
-            Option<crate::registry::DeviceCopy>,
-        ),
-        (Option<crate::registry::DeviceCopy>, Error),
-    > {
+    ) -> Filled {
         let prepared = match (prepared, plan.prepared) {
             (Some(copy), _) => copy,
             (None, Some(Layout { slots, size })) => self
@@ -1267,6 +1256,10 @@ fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
         (None, None) => unreachable!("host layers always keep their offload copy"),
     }
 }
+
+/// A device fill's outcome: the prepared copy and the converted one (when the forms differ), or
+/// the error with the prepared copy the fill was given back, so nothing resident is lost.
+type Filled = std::result::Result<(DeviceCopy, Option<DeviceCopy>), (Option<DeviceCopy>, Error)>;
 
 /// What using a layer must add on the device: the prepared copy unless resident, and a converted
 /// copy when the computation form differs from the preparing one and none was staged ahead.
