@@ -3,19 +3,16 @@
 //! in the same run: pass time against max(Σcompute, Σtransfer), bytes per pass against the lower
 //! bound Σ − (B − W), and the time the compute waited for bytes.
 
-use crate::demo::write_model;
+use crate::demo::{streaming_context, write_model};
 use crate::inspect::{layers_of, parse_dtype};
-use crate::{human_bytes, parse_bytes, Args, Progress};
+use crate::{human_bytes, output_dir, parse_bytes, Args, Progress};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use strata::checkpoint::Checkpoint;
-use strata::context::{Context, Options};
-use strata::convert::STRATA_QUANT_PER_CHANNEL;
-use strata::dtype::STRATA_DTYPE_SOURCE;
+use strata::context::Context;
 use strata::error::{Error, Result};
-use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
 
 const BENCH_USAGE: &str = "strata bench: stream a checkpoint under a budget and measure the overlap
 
@@ -176,26 +173,13 @@ fn run(
     phase: &str,
 ) -> Result<Run> {
     let compute = setting.compute;
-    let ctx = Context::new(Options {
-        compute: Device::Cpu,
-        device_index: 0,
-        vram_limit: setting.vram_limit,
-        host_limit: config.host_limit,
-        prefetch_depth: setting.depth,
-        strict_budget: false,
-        log: None,
-        progress: Default::default(),
-    })?;
-    let tiers = RawTiers {
-        placements: [
-            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DEFAULT, config.preparing),
-            (STRATA_DEVICE_DEFAULT, config.computation),
-        ],
-        quant: STRATA_QUANT_PER_CHANNEL,
-    };
-    let group = ctx.create_group("model", &tiers)?;
+    let (ctx, group) = streaming_context(
+        setting.vram_limit,
+        config.host_limit,
+        setting.depth,
+        config.preparing,
+        config.computation,
+    )?;
     let ids = layer_names
         .iter()
         .map(|(name, tensors)| ctx.register_checkpoint(group, checkpoint, name, tensors))
@@ -240,11 +224,7 @@ pub fn bench(args: &[String]) -> Result<()> {
     let Some(config) = parse_bench(args)? else {
         return Ok(());
     };
-    let out = match &config.out {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("strata-bench-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&out).map_err(|e| Error::from_io(&e, "creating", &out))?;
+    let out = output_dir(config.out.as_deref(), "bench")?;
     let mut progress = Progress::new(config.json);
     let path = match &config.checkpoint {
         Some(path) => path.clone(),

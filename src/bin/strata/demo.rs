@@ -1,8 +1,9 @@
 //! `strata demo`, the main job: a generated model streamed from its safetensors file under a
 //! budget, with real work per layer, checked against an all-resident run.
 
-use crate::{human_bytes, Args};
+use crate::{human_bytes, output_dir, Args};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use strata::budget::STRATA_UNLIMITED;
 use strata::checkpoint::Checkpoint;
@@ -164,17 +165,22 @@ fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Re
     Ok(())
 }
 
-fn streamed_run(
-    checkpoint: &Checkpoint,
-    config: &DemoConfig,
+/// A CPU context with one group, "model", that reads its layers from their checkpoint file
+/// (disk offload and onload tiers), keeps them as `preparing` (per-channel scales where that is
+/// fp8) and hands them out as `computation`.
+pub fn streaming_context(
     vram_limit: u64,
-) -> Result<(Vec<f32>, Stats, std::sync::Arc<Context>, f64)> {
+    host_limit: u64,
+    prefetch_depth: u32,
+    preparing: u32,
+    computation: u32,
+) -> Result<(Arc<Context>, u32)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
         device_index: 0,
         vram_limit,
-        host_limit: STRATA_UNLIMITED,
-        prefetch_depth: 2,
+        host_limit,
+        prefetch_depth,
         strict_budget: false,
         log: None,
         progress: Default::default(),
@@ -183,12 +189,27 @@ fn streamed_run(
         placements: [
             (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
             (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DEFAULT, STRATA_DTYPE_F8_E4M3FN),
-            (STRATA_DEVICE_DEFAULT, STRATA_DTYPE_BF16),
+            (STRATA_DEVICE_DEFAULT, preparing),
+            (STRATA_DEVICE_DEFAULT, computation),
         ],
         quant: STRATA_QUANT_PER_CHANNEL,
     };
     let group = ctx.create_group("model", &tiers)?;
+    Ok((ctx, group))
+}
+
+fn streamed_run(
+    checkpoint: &Checkpoint,
+    config: &DemoConfig,
+    vram_limit: u64,
+) -> Result<(Vec<f32>, Stats, Arc<Context>, f64)> {
+    let (ctx, group) = streaming_context(
+        vram_limit,
+        STRATA_UNLIMITED,
+        2,
+        STRATA_DTYPE_F8_E4M3FN,
+        STRATA_DTYPE_BF16,
+    )?;
     ctx.register_checkpoint_prefix(group, checkpoint, "blocks.", 2)?;
     let layers = (0..config.layers)
         .map(|i| ctx.find_layer(&format!("blocks.{i}")))
@@ -207,11 +228,7 @@ pub fn demo(args: &[String]) -> Result<()> {
     let Some(config) = parse_demo(args)? else {
         return Ok(());
     };
-    let dir = match &config.keep {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("strata-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::from_io(&e, "creating", &dir))?;
+    let dir = output_dir(config.keep.as_deref(), "demo")?;
     let model = dir.join("model.safetensors");
     let stored = write_model(&model, config.layers, config.width)?;
     let checkpoint = Checkpoint::open(&model)?;

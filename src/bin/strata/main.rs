@@ -176,6 +176,17 @@ pub fn open_checkpoint(path: &std::path::Path, machine_readable: bool) -> Result
     opened
 }
 
+/// The folder a command writes into: the one given, or strata-COMMAND-PID in the temp folder.
+/// Created if missing.
+pub fn output_dir(given: Option<&std::path::Path>, command: &str) -> Result<std::path::PathBuf> {
+    let dir = match given {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::temp_dir().join(format!("strata-{command}-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::from_io(&e, "creating", &dir))?;
+    Ok(dir)
+}
+
 /// Bytes in binary units, the way people read memory sizes.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
