@@ -140,19 +140,32 @@ impl Ctx {
         )
     }
 
-    /// Acquires a layer and copies out each tensor's bytes; the layer stays acquired.
-    pub fn acquire(&self, layer: u64) -> Vec<(strata_tensor_view, Vec<u8>)> {
+    /// Acquires a layer into room for 16 views: the status and the views written.
+    fn acquire_views(&self, layer: u64) -> (strata_status, Vec<strata_tensor_view>) {
         let mut views = vec![empty_view(); 16];
         let mut count = 0;
-        ok(strata_acquire_for_compute(
+        let status = strata_acquire_for_compute(
             self.0,
             layer,
             ptr::null_mut(),
             views.as_mut_ptr(),
             views.len(),
             &mut count,
-        ));
-        views[..count]
+        );
+        views.truncate(count);
+        (status, views)
+    }
+
+    /// Acquires a layer and returns only the status; the layer stays acquired on success.
+    pub fn try_acquire(&self, layer: u64) -> strata_status {
+        self.acquire_views(layer).0
+    }
+
+    /// Acquires a layer and copies out each tensor's bytes; the layer stays acquired.
+    pub fn acquire(&self, layer: u64) -> Vec<(strata_tensor_view, Vec<u8>)> {
+        let (status, views) = self.acquire_views(layer);
+        ok(status);
+        views
             .iter()
             .map(|v| {
                 let bytes =
@@ -356,23 +369,6 @@ pub fn library_dir() -> PathBuf {
                 "libstrata.so and libstrata.a are not in {candidates:?}: run cargo test --release"
             )
         })
-}
-
-impl Ctx {
-    /// Acquires a layer into scratch views and returns only the status; the layer stays acquired
-    /// on success.
-    pub fn try_acquire(&self, layer: u64) -> strata_status {
-        let mut views = vec![empty_view(); 16];
-        let mut count = 0;
-        strata_acquire_for_compute(
-            self.0,
-            layer,
-            ptr::null_mut(),
-            views.as_mut_ptr(),
-            views.len(),
-            &mut count,
-        )
-    }
 }
 
 /// A view's tensor name.
