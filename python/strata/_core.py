@@ -175,11 +175,39 @@ def _host_tensor(name, value):
     return strata_host_tensor(encoded, dtype, len(shape), shape_array, address), keep
 
 
-class Context:
+class _Owned:
+    """Something strata made and the caller owns: `close()` (idempotent, also on garbage
+    collection and at the end of a `with` block) hands it back; `handle` refuses once closed.
+    Subclasses name themselves in `_what` and hand the handle back in `_destroy`."""
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            raise InvalidHandleError(f"the {self._what} is closed", 3)
+        return self._handle
+
+    def close(self):
+        if getattr(self, "_handle", None) is not None:
+            self._destroy(self._handle)
+            self._handle = None
+
+    __del__ = close
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Context(_Owned):
     """One manager for one compute device: budget, copy engine, statistics.
 
     Context(compute_device="cpu", vram_limit="2GiB", ...) takes Options' keywords, or
-    Context(options=Options(...)). Use it as a context manager or call close()."""
+    Context(options=Options(...)). Use it as a context manager or call close(), which destroys
+    the context and everything registered on it."""
+
+    _what = "context"
 
     def __init__(self, options=None, **kwargs):
         if options is None:
@@ -192,25 +220,8 @@ class Context:
         check(lib().strata_context_create(C.byref(options), C.byref(handle)))
         self._handle = handle
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise InvalidHandleError("the context is closed", 3)
-        return self._handle
-
-    def close(self):
-        """Destroys the context and everything registered on it. Idempotent."""
-        if getattr(self, "_handle", None) is not None:
-            lib().strata_context_destroy(self._handle)
-            self._handle = None
-
-    __del__ = close
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _destroy(self, handle):
+        lib().strata_context_destroy(handle)
 
     def group(self, name, tiers=None):
         """Creates a group (initially offloaded) with `tiers` (a Tiers; None: the defaults)."""
@@ -339,30 +350,16 @@ class Layer:
         check(lib().strata_layer_unregister(self.context.handle, self.id))
 
 
-class Checkpoint:
+class Checkpoint(_Owned):
     """An open safetensors checkpoint. Layers registered from it outlive close()."""
+
+    _what = "checkpoint"
 
     def __init__(self, context, handle):
         self.context, self._handle = context, handle
 
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise InvalidHandleError("the checkpoint is closed", 3)
-        return self._handle
-
-    def close(self):
-        if getattr(self, "_handle", None) is not None:
-            lib().strata_checkpoint_close(self._handle)
-            self._handle = None
-
-    __del__ = close
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _destroy(self, handle):
+        lib().strata_checkpoint_close(handle)
 
 
 class Lease:
