@@ -14,6 +14,15 @@ for line in sys.stdin:
   | while read -r name exe; do
       case " abi budget " in *" $name "*) cp "$exe" ".gpu/bin/$name" ;; esac
     done
+# The CUDA streaming bench (benches/cuda.rs), as .gpu/bin/bench-cuda: the test binary is "cuda".
+cargo bench --bench cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
+        print(m["executable"])' \
+  | while read -r exe; do cp "$exe" .gpu/bin/bench-cuda; done
+test -x .gpu/bin/bench-cuda
 cp target/release/libstrata.so .gpu/
 # Debug info is most of their size, and the device machine takes at most 64 MiB.
 strip .gpu/bin/* .gpu/libstrata.so

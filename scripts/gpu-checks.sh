@@ -19,6 +19,11 @@ check "cuda requests (abi)" .gpu/bin/abi cuda --nocapture
 check "abi suite" .gpu/bin/abi
 check "budget suite" .gpu/bin/budget
 if python3 -c 'import torch' 2>/dev/null; then check "torch offload bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/torch_offload_bench.py; else echo "SKIPPED: torch offload bench (no torch)"; fi
+# Streaming throughput through the C ABI against the pinned H2D limit measured in the same run
+# (bf16 pure transfer, fp8 -> bf16 converted on the GPU), and a bf16 nn.Linear stack under
+# several budgets against max(compute, transfer): benches/cuda.rs, cuda_linear_stack.py.
+check "cuda streaming bench" .gpu/bin/bench-cuda
+if python3 -c 'import torch' 2>/dev/null; then check "cuda linear stack bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/cuda_linear_stack.py; else echo "SKIPPED: cuda linear stack bench (no torch)"; fi
 
 echo
 printf '%-28s %s\n' "check" "result"

@@ -1,0 +1,585 @@
+//! Streaming weights to an NVIDIA GPU through the C ABI, against the host → device limits
+//! measured in the same run (DESIGN.md §5: report achieved / limit).
+//!
+//! Limits, with the CUDA driver directly (cudarc's `result` layer, on a non-blocking stream of
+//! the device's primary context), each one 256 MiB copy timed by a pair of CUDA events, after one
+//! copy that is not timed:
+//!
+//! - pinned H2D: from `cuMemHostAlloc` memory, `PINNED_COPIES` copies: the PCIe limit;
+//! - pageable H2D: from a plain `Vec`, `PAGEABLE_COPIES` copies: what unpinned copies get.
+//!
+//! strata, through the extern "C" functions: a CUDA context with `vram_limit` 0 (nothing stays
+//! resident, every pass streams every layer) and `prefetch_depth` 2; `LAYERS` layers of one
+//! [4096, 4096] tensor registered from host memory (`strata_layer_register_host`, so strata's host
+//! copies are pinned in place and upload by direct DMA). Two cases:
+//!
+//! - bf16 stored, bf16 computation: pure transfer (32 MiB per layer crosses PCIe);
+//! - fp8 e4m3fn stored, bf16 computation: 16 MiB per layer crosses as fp8 and a kernel on
+//!   strata's copy stream makes the bf16 the acquire hands out.
+//!
+//! Each pass acquires every layer on a stream this bench created (non-blocking, primary context)
+//! and releases it on that stream at once: no compute, so the copies alone set the pace. After
+//! `WARMUP_PASSES` (strata learns the order in the first), `TRIALS` trials of `PASSES` passes:
+//! each trial's time runs from before its first acquire to after `cuStreamSynchronize` of that
+//! stream following its last release; its throughput is the `bytes_to_device` delta (bytes that
+//! crossed PCIe into the preparing tier) over that time. Printed: best and median throughput, and
+//! their ratios to the pinned limit's best and median (aim >= 0.90), with the counters over the
+//! timed passes and `device_allocations` after the first pass, after warm-up and after each trial
+//! (it must stay flat once warm: the exit status is 1 if a timed pass allocated).
+//!
+//! Where there is no CUDA driver or no device it prints "SKIPPED: no CUDA driver" and exits 0.
+//! Bounded: a few seconds on an H100; host memory peaks near 1.1 GiB (strata's 1 GiB of host
+//! copies in the bf16 case; the limits' buffers are freed before strata runs).
+//!
+//! Run: cargo bench --bench cuda   (scripts/gpu-checks.sh runs the prebuilt executable)
+
+use cudarc::driver::{result, sys};
+use std::ffi::{c_void, CStr, CString};
+use std::ptr;
+use std::time::Instant;
+use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN};
+use strata::error::{strata_status, STRATA_OK};
+use strata::ffi::acquire::{strata_acquire_for_compute, strata_release, strata_tensor_view};
+use strata::ffi::context::{
+    strata_context, strata_context_create, strata_context_destroy, strata_options_default,
+};
+use strata::ffi::error::{strata_last_error, strata_status_name};
+use strata::ffi::group::{strata_group_create, strata_group_onload, strata_tiers_default};
+use strata::ffi::layer::{strata_host_tensor, strata_layer_register_host};
+use strata::ffi::stats::{strata_stats, strata_stats_get};
+use strata::tiers::STRATA_DEVICE_CUDA;
+
+/// The limits' copy size.
+const COPY_BYTES: usize = 256 << 20;
+const PINNED_COPIES: usize = 10;
+const PAGEABLE_COPIES: usize = 5;
+
+/// The streamed model: `LAYERS` layers of one [ROWS, COLS] weight (32 MiB in bf16).
+const LAYERS: usize = 32;
+const ROWS: usize = 4096;
+const COLS: usize = 4096;
+const PREFETCH_DEPTH: u32 = 2;
+const WARMUP_PASSES: usize = 2;
+const TRIALS: usize = 5;
+const PASSES: usize = 8;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+fn main() {
+    let Some(device) = open_device() else {
+        return;
+    };
+    let name = result::device::get_name(device).unwrap_or_else(|_| "?".into());
+    // strata works in the primary context (it pushes and pops it around its own calls); the
+    // bench's stream, buffers and events live there too.
+    // SAFETY: `device` came from cuDeviceGet; released at the end of main.
+    let context = unsafe { result::primary_ctx::retain(device) }.expect("primary context");
+    // SAFETY: a retained, live context.
+    unsafe { result::ctx::set_current(context) }.expect("making the primary context current");
+    println!("device 0: {name}");
+
+    let stream = Stream::new();
+    let pinned = {
+        let mut host = Pinned::new(COPY_BYTES);
+        fill(host.as_mut_slice());
+        let device = DeviceBuffer::new(COPY_BYTES);
+        copy_rates(host.as_slice(), &device, &stream, PINNED_COPIES)
+    };
+    let pageable = {
+        let mut host = vec![0u8; COPY_BYTES];
+        fill(&mut host);
+        let device = DeviceBuffer::new(COPY_BYTES);
+        copy_rates(&host, &device, &stream, PAGEABLE_COPIES)
+    };
+    println!(
+        "limit: pinned H2D, {} MiB x {PINNED_COPIES} copies: best {:.2} GB/s, median {:.2} GB/s",
+        COPY_BYTES >> 20,
+        pinned.best,
+        pinned.median
+    );
+    println!(
+        "       pageable H2D, {} MiB x {PAGEABLE_COPIES} copies: best {:.2} GB/s, median {:.2} GB/s \
+         ({:.2} of pinned)",
+        COPY_BYTES >> 20,
+        pageable.best,
+        pageable.median,
+        pageable.best / pinned.best
+    );
+
+    let cases = [
+        Case {
+            label: "bf16 stored -> bf16 computation (pure transfer)",
+            stored: STRATA_DTYPE_BF16,
+            stored_bytes: 2,
+            computation: STRATA_DTYPE_BF16,
+            computation_bytes: 2,
+        },
+        Case {
+            label: "fp8 e4m3fn stored -> bf16 computation (converted on the GPU)",
+            stored: STRATA_DTYPE_F8_E4M3FN,
+            stored_bytes: 1,
+            computation: STRATA_DTYPE_BF16,
+            computation_bytes: 2,
+        },
+    ];
+    let mut flat = true;
+    let mut summary = Vec::new();
+    for case in &cases {
+        let run = stream_case(case, &stream);
+        flat &= run.print(case, &pinned);
+        summary.push((case.label, run.rate.best / pinned.best));
+    }
+    println!();
+    for (label, ratio) in summary {
+        println!("strata streaming / pinned H2D limit, {label}: {ratio:.3} (aim >= 0.90)");
+    }
+    drop(stream);
+    // SAFETY: balances the retain above; nothing of the bench's is left in the context.
+    unsafe { result::primary_ctx::release(device) }.expect("releasing the primary context");
+    if !flat {
+        eprintln!("FAILED: device_allocations grew during the timed passes");
+        std::process::exit(1);
+    }
+}
+
+/// Device 0, with the driver initialised; None (after printing SKIPPED) where there is none.
+fn open_device() -> Option<sys::CUdevice> {
+    // SAFETY: only tries to load the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        println!("SKIPPED: no CUDA driver (libcuda could not be loaded)");
+        return None;
+    }
+    if let Err(e) = result::init() {
+        println!("SKIPPED: no CUDA driver (cuInit failed: {e:?})");
+        return None;
+    }
+    if result::device::get_count().unwrap_or(0) == 0 {
+        println!("SKIPPED: no CUDA driver (it found no device)");
+        return None;
+    }
+    Some(result::device::get(0).expect("device 0"))
+}
+
+/// Best and median of a set of rates, GB/s (1e9 bytes per second).
+struct Rates {
+    best: f64,
+    median: f64,
+}
+
+impl Rates {
+    fn of(mut rates: Vec<f64>) -> Rates {
+        rates.sort_by(f64::total_cmp);
+        let n = rates.len();
+        let median = if n % 2 == 1 {
+            rates[n / 2]
+        } else {
+            (rates[n / 2 - 1] + rates[n / 2]) / 2.0
+        };
+        Rates {
+            best: rates[n - 1],
+            median,
+        }
+    }
+}
+
+/// H2D copies of all of `src` into `dst` on `stream`, one untimed first, then `copies` timed by
+/// CUDA events: GB/s of each.
+fn copy_rates(src: &[u8], dst: &DeviceBuffer, stream: &Stream, copies: usize) -> Rates {
+    let start = Event::timing();
+    let end = Event::timing();
+    // SAFETY: `dst` holds `src.len()` bytes; `src` outlives the copy (synchronized below).
+    unsafe { result::memcpy_htod_async(dst.0, src, stream.0) }.expect("H2D copy");
+    stream.synchronize();
+    let rates = (0..copies)
+        .map(|_| {
+            // SAFETY: as above; live events and stream of the current context.
+            let ms = unsafe {
+                result::event::record(start.0, stream.0).expect("recording an event");
+                result::memcpy_htod_async(dst.0, src, stream.0).expect("H2D copy");
+                result::event::record(end.0, stream.0).expect("recording an event");
+                result::event::synchronize(end.0).expect("waiting for an event");
+                result::event::elapsed(start.0, end.0).expect("reading the elapsed time")
+            };
+            src.len() as f64 / (ms as f64 * 1e-3) / 1e9
+        })
+        .collect();
+    Rates::of(rates)
+}
+
+/// Deterministic bytes, so the copies read real (not shared zero) pages.
+fn fill(bytes: &mut [u8]) {
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+    }
+}
+
+struct Case {
+    label: &'static str,
+    stored: u32,
+    stored_bytes: usize,
+    computation: u32,
+    computation_bytes: usize,
+}
+
+/// What one case measured.
+struct StreamRun {
+    rate: Rates,
+    /// Bytes that crossed PCIe per timed pass, and the layers' stored bytes.
+    bytes_per_pass: f64,
+    stored_per_pass: u64,
+    ms_per_pass: f64,
+    /// Counters over the timed passes, and at the end.
+    timed: strata_stats,
+    end: strata_stats,
+    /// device_allocations after the first pass, after warm-up, after each trial.
+    allocations_first: u64,
+    allocations_warm: u64,
+    allocations_trials: Vec<u64>,
+}
+
+impl StreamRun {
+    /// Prints the case; false when a timed pass allocated device memory.
+    fn print(&self, case: &Case, pinned: &Rates) -> bool {
+        let flat = self
+            .allocations_trials
+            .iter()
+            .all(|&a| a == self.allocations_warm);
+        let t = &self.timed;
+        let passes = (TRIALS * PASSES) as f64;
+        println!();
+        println!(
+            "strata, {}: {LAYERS} layers x [{ROWS}, {COLS}], vram_limit 0, prefetch_depth \
+             {PREFETCH_DEPTH}, {TRIALS} trials x {PASSES} passes",
+            case.label
+        );
+        println!(
+            "  crossed PCIe per pass: {:.1} MiB ({:.3}x the layers' stored bytes); {:.2} ms per pass",
+            self.bytes_per_pass / MIB,
+            self.bytes_per_pass / self.stored_per_pass as f64,
+            self.ms_per_pass
+        );
+        println!(
+            "  throughput: best {:.2} GB/s, median {:.2} GB/s; ratio to pinned H2D: best/best {:.3}, \
+             median/median {:.3} (aim >= 0.90)",
+            self.rate.best,
+            self.rate.median,
+            self.rate.best / pinned.best,
+            self.rate.median / pinned.median
+        );
+        println!(
+            "  stats over the timed passes: acquires {}, prefetch_hits {}, resident_hits {}, misses \
+             {}, stall {:.3} ms/pass, evictions {}",
+            t.acquires,
+            t.prefetch_hits,
+            t.resident_hits,
+            t.misses,
+            t.stall_ns as f64 / 1e6 / passes,
+            t.evictions
+        );
+        println!(
+            "  at the end: vram_peak {:.1} MiB, vram_in_use {:.1} MiB, host_in_use {:.1} MiB, \
+             overcommit_peak {:.1} MiB",
+            self.end.vram_peak as f64 / MIB,
+            self.end.vram_in_use as f64 / MIB,
+            self.end.host_in_use as f64 / MIB,
+            self.end.overcommit_peak as f64 / MIB
+        );
+        println!(
+            "  device_allocations: {} after the first pass, {} after warm-up ({WARMUP_PASSES} \
+             passes), {:?} after each trial: {}",
+            self.allocations_first,
+            self.allocations_warm,
+            self.allocations_trials,
+            if flat {
+                "flat"
+            } else {
+                "GREW during timed passes"
+            }
+        );
+        flat
+    }
+}
+
+fn stream_case(case: &Case, stream: &Stream) -> StreamRun {
+    let mut options = strata_options_default();
+    options.compute_device = STRATA_DEVICE_CUDA;
+    options.device_index = 0;
+    options.vram_limit = 0;
+    options.prefetch_depth = PREFETCH_DEPTH;
+    let mut raw = ptr::null_mut();
+    check(
+        strata_context_create(&options, &mut raw),
+        "strata_context_create",
+    );
+    let ctx = Context(raw);
+
+    let mut tiers = strata_tiers_default();
+    tiers.computation.dtype = case.computation;
+    let mut group = 0;
+    let group_name = CString::new("weights").unwrap();
+    check(
+        strata_group_create(ctx.0, group_name.as_ptr(), &tiers, &mut group),
+        "strata_group_create",
+    );
+    // One source buffer for every layer: strata copies it during registration.
+    let mut data = vec![0u8; ROWS * COLS * case.stored_bytes];
+    fill_weights(&mut data, case.stored);
+    let shape = [ROWS as i64, COLS as i64];
+    let tensor_name = CString::new("weight").unwrap();
+    let tensor = strata_host_tensor {
+        name: tensor_name.as_ptr(),
+        dtype: case.stored,
+        ndim: 2,
+        shape: shape.as_ptr(),
+        data: data.as_ptr() as *const c_void,
+    };
+    let layers: Vec<u64> = (0..LAYERS)
+        .map(|i| {
+            let name = CString::new(format!("layer.{i}")).unwrap();
+            let mut id = 0;
+            check(
+                strata_layer_register_host(ctx.0, group, name.as_ptr(), &tensor, 1, &mut id),
+                "strata_layer_register_host",
+            );
+            id
+        })
+        .collect();
+    drop(data);
+    check(strata_group_onload(ctx.0, group), "strata_group_onload");
+
+    let expected_nbytes = (ROWS * COLS * case.computation_bytes) as u64;
+    let pass = |verify: bool| {
+        for &layer in &layers {
+            let mut view = empty_view();
+            let mut count = 0;
+            check(
+                strata_acquire_for_compute(
+                    ctx.0,
+                    layer,
+                    stream.0 as *mut c_void,
+                    &mut view,
+                    1,
+                    &mut count,
+                ),
+                "strata_acquire_for_compute",
+            );
+            if verify {
+                assert_eq!(count, 1);
+                assert_eq!(view.device, STRATA_DEVICE_CUDA);
+                assert_eq!(view.dtype, case.computation);
+                assert_eq!(view.nbytes, expected_nbytes);
+                assert!(!view.data.is_null());
+            }
+            check(
+                strata_release(ctx.0, layer, stream.0 as *mut c_void),
+                "strata_release",
+            );
+        }
+    };
+
+    pass(true);
+    let allocations_first = stats(&ctx).device_allocations;
+    for _ in 1..WARMUP_PASSES {
+        pass(false);
+    }
+    stream.synchronize();
+    let allocations_warm = stats(&ctx).device_allocations;
+
+    let first = stats(&ctx);
+    let mut rates = Vec::with_capacity(TRIALS);
+    let mut seconds = 0.0;
+    let mut allocations_trials = Vec::with_capacity(TRIALS);
+    for _ in 0..TRIALS {
+        let before = stats(&ctx);
+        let started = Instant::now();
+        for _ in 0..PASSES {
+            pass(false);
+        }
+        stream.synchronize();
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = stats(&ctx);
+        seconds += elapsed;
+        rates.push((after.bytes_to_device - before.bytes_to_device) as f64 / elapsed / 1e9);
+        allocations_trials.push(after.device_allocations);
+    }
+    let end = stats(&ctx);
+    let passes = (TRIALS * PASSES) as f64;
+    let timed = strata_stats {
+        acquires: end.acquires - first.acquires,
+        prefetch_hits: end.prefetch_hits - first.prefetch_hits,
+        resident_hits: end.resident_hits - first.resident_hits,
+        misses: end.misses - first.misses,
+        stall_ns: end.stall_ns - first.stall_ns,
+        evictions: end.evictions - first.evictions,
+        bytes_to_device: end.bytes_to_device - first.bytes_to_device,
+        ..end
+    };
+    StreamRun {
+        rate: Rates::of(rates),
+        bytes_per_pass: timed.bytes_to_device as f64 / passes,
+        stored_per_pass: (LAYERS * ROWS * COLS * case.stored_bytes) as u64,
+        ms_per_pass: seconds * 1e3 / passes,
+        timed,
+        end,
+        allocations_first,
+        allocations_warm,
+        allocations_trials,
+    }
+}
+
+/// Finite weights of the stored dtype (no NaN or infinity), so a conversion does real work.
+fn fill_weights(bytes: &mut [u8], dtype: u32) {
+    if dtype == STRATA_DTYPE_F8_E4M3FN {
+        // Exponent fields 0..=13 of 15, either sign: never 0x7f/0xff (NaN).
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let bits = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+            *b = (bits & 0x80) | ((bits & 0x7f) % 0x70);
+        }
+    } else {
+        // bf16 values in [2^-8, 1) of either sign.
+        for (i, pair) in bytes.chunks_exact_mut(2).enumerate() {
+            let bits = (i.wrapping_mul(2_654_435_761) >> 13) as u16;
+            let value = (bits & 0x8000) | (0x3b80 + (bits & 0x03ff));
+            pair.copy_from_slice(&value.to_le_bytes());
+        }
+    }
+}
+
+fn empty_view() -> strata_tensor_view {
+    strata_tensor_view {
+        name: ptr::null(),
+        data: ptr::null_mut(),
+        dtype: 0,
+        device: 0,
+        device_index: 0,
+        ndim: 0,
+        shape: [0; 8],
+        nbytes: 0,
+    }
+}
+
+fn stats(ctx: &Context) -> strata_stats {
+    let mut out = strata_stats {
+        struct_size: std::mem::size_of::<strata_stats>() as u32,
+        ..Default::default()
+    };
+    check(strata_stats_get(ctx.0, &mut out), "strata_stats_get");
+    out
+}
+
+/// Panics with strata's own message when a call failed.
+#[track_caller]
+fn check(status: strata_status, call: &str) {
+    if status != STRATA_OK {
+        let len = strata_last_error(ptr::null_mut(), 0);
+        let mut buf = vec![0u8; len + 1];
+        strata_last_error(buf.as_mut_ptr() as *mut _, buf.len());
+        // SAFETY: a static, NUL-terminated string.
+        let name = unsafe { CStr::from_ptr(strata_status_name(status)) };
+        panic!(
+            "{call}: {}: {}",
+            name.to_string_lossy(),
+            String::from_utf8_lossy(&buf[..len])
+        );
+    }
+}
+
+/// A strata context, destroyed on drop.
+struct Context(*mut strata_context);
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        strata_context_destroy(self.0);
+    }
+}
+
+/// A non-blocking stream of the current (primary) context.
+struct Stream(sys::CUstream);
+
+impl Stream {
+    fn new() -> Stream {
+        Stream(
+            result::stream::create(result::stream::StreamKind::NonBlocking)
+                .expect("creating a stream"),
+        )
+    }
+
+    fn synchronize(&self) {
+        // SAFETY: a live stream.
+        unsafe { result::stream::synchronize(self.0) }.expect("synchronizing the stream");
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe { result::stream::destroy(self.0) }.expect("destroying the stream");
+    }
+}
+
+/// An event with timing.
+struct Event(sys::CUevent);
+
+impl Event {
+    fn timing() -> Event {
+        Event(
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).expect("creating an event"),
+        )
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `timing`, destroyed once.
+        unsafe { result::event::destroy(self.0) }.expect("destroying an event");
+    }
+}
+
+/// Pinned host memory from cuMemHostAlloc.
+struct Pinned {
+    pointer: *mut u8,
+    len: usize,
+}
+
+impl Pinned {
+    fn new(len: usize) -> Pinned {
+        // SAFETY: a fresh allocation; its bytes are written before they are read.
+        let pointer = unsafe { result::malloc_host(len, 0) }.expect("cuMemHostAlloc") as *mut u8;
+        Pinned { pointer, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` bytes allocated in `new`, live until drop.
+        unsafe { std::slice::from_raw_parts(self.pointer, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.pointer, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: from cuMemHostAlloc, freed once; no copy from it is in flight (every use is
+        // synchronized before it returns).
+        unsafe { result::free_host(self.pointer as *mut c_void) }.expect("cuMemFreeHost");
+    }
+}
+
+/// Device memory from cuMemAlloc.
+struct DeviceBuffer(sys::CUdeviceptr);
+
+impl DeviceBuffer {
+    fn new(len: usize) -> DeviceBuffer {
+        // SAFETY: a fresh allocation, only written by copies.
+        DeviceBuffer(unsafe { result::malloc_sync(len) }.expect("cuMemAlloc"))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: from cuMemAlloc, freed once, after the copies into it completed.
+        unsafe { result::free_sync(self.0) }.expect("cuMemFree");
+    }
+}
