@@ -48,6 +48,10 @@ static strata_host_grid strata_host_grid_now;
 #define STRATA_THREAD_INDEX()                                                                      \
   ((strata_u64)blockIdx.x * (strata_u64)blockDim.x + (strata_u64)threadIdx.x)
 #define STRATA_GRID_THREADS() ((strata_u64)gridDim.x * (strata_u64)blockDim.x)
+#elif defined(STRATA_CUDA)
+// The host side of a CUDA build, which compiles the kernels' bodies but never runs them.
+#define STRATA_THREAD_INDEX() ((strata_u64)0)
+#define STRATA_GRID_THREADS() ((strata_u64)1)
 #else
 #define STRATA_THREAD_INDEX()                                                                      \
   ((strata_u64)strata_host_grid_now.block_idx * strata_host_grid_now.block_dim +                  \
