@@ -236,6 +236,11 @@ typedef struct strata_options {
    * Passed back to progress_fn.
    */
   void *progress_user;
+  /**
+   * CUDA: bytes to keep free on the device beside vram_limit, as cuMemGetInfo reports free
+   * memory (for GPUs shared with other programs); 0 = none. Ignored on the CPU.
+   */
+  uint64_t vram_headroom;
 } strata_options;
 
 /**
@@ -359,6 +364,11 @@ typedef struct strata_stats {
    * ends before it does not get it.
    */
   uint64_t host_limit;
+  /**
+   * Allocations strata made on the compute device (cuMemAlloc on CUDA): flat once a repeating
+   * pass is warm, since freed buffers are reused.
+   */
+  uint64_t device_allocations;
 } strata_stats;
 
 /**

@@ -197,6 +197,9 @@ impl TensorMeta {
 
 /// A copy of a layer in host memory (the offload or onload tier).
 pub struct HostCopy {
+    /// Keeps the buffer pinned for direct uploads (a GPU); declared first, so it unpins before
+    /// the buffer is freed.
+    pub pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
     pub buffer: CountedBuffer,
     pub slots: Vec<TensorSlot>,
 }

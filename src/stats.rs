@@ -16,6 +16,7 @@ pub struct Stats {
     pub stall_ns: u64,
     pub overcommit_peak: u64,
     pub vram_limit: u64,
+    pub device_allocations: u64,
     pub evictions: u64,
     pub implicit_onloads: u64,
     pub host_limit: u64,

@@ -40,7 +40,8 @@ class Options(strata_options):
     callables, called on the thread of the strata call they report on, as it returns."""
 
     def __init__(self, compute_device=None, device_index=None, vram_limit=None, host_limit=None,
-                 prefetch_depth=None, strict_budget=None, flags=None, log=None, progress=None):
+                 prefetch_depth=None, strict_budget=None, flags=None, log=None, progress=None,
+                 vram_headroom=None):
         super().__init__()
         # The library fills only the fields it knows: a build older than this binding leaves
         # the trailing callback fields as ctypes zeroed them (NULL).
@@ -60,6 +61,8 @@ class Options(strata_options):
             self.host_limit = parse_bytes(host_limit)
         if prefetch_depth is not None:
             self.prefetch_depth = prefetch_depth
+        if vram_headroom is not None:
+            self.vram_headroom = parse_bytes(vram_headroom)
         if flags is not None:
             self.flags = flags
         if strict_budget is not None:

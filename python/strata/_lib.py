@@ -126,7 +126,8 @@ class strata_options(C.Structure):
                 ("device_index", C.c_int32), ("vram_limit", C.c_uint64),
                 ("host_limit", C.c_uint64), ("prefetch_depth", C.c_uint32), ("flags", C.c_uint32),
                 ("log_fn", LOG_FN), ("log_user", C.c_void_p),
-                ("progress_fn", PROGRESS_FN), ("progress_user", C.c_void_p)]
+                ("progress_fn", PROGRESS_FN), ("progress_user", C.c_void_p),
+                ("vram_headroom", C.c_uint64)]
 
 
 class strata_placement(C.Structure):
@@ -151,12 +152,13 @@ class strata_tensor_view(C.Structure):
 
 
 class strata_stats(C.Structure):
-    # host_limit is being appended to the library's strata_stats: a build without it accepts
-    # this larger struct and leaves the field 0.
+    # Fields are appended to the library's strata_stats over time: an older build accepts this
+    # larger struct and leaves the newer fields 0.
     _fields_ = [("struct_size", C.c_uint32)] + [(name, C.c_uint64) for name in (
         "vram_in_use", "vram_peak", "host_in_use", "host_peak", "bytes_to_device",
         "bytes_from_disk", "acquires", "resident_hits", "prefetch_hits", "misses", "stall_ns",
-        "overcommit_peak", "vram_limit", "evictions", "implicit_onloads", "host_limit")]
+        "overcommit_peak", "vram_limit", "evictions", "implicit_onloads", "host_limit",
+        "device_allocations")]
 
 
 _P = C.c_void_p

@@ -8,6 +8,7 @@ use crate::convert::TensorBytes;
 use crate::error::Result;
 use crate::host::HostBuffer;
 use crate::tiers::Device;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Freed buffers kept for the next allocation of the same size, at most this many and this many
@@ -22,6 +23,7 @@ type Pool = Arc<Mutex<Vec<HostBuffer>>>;
 #[derive(Default)]
 pub struct CpuBackend {
     pool: Pool,
+    allocations: AtomicU64,
 }
 
 /// A buffer that goes back to the pool, room permitting, when its device copy is dropped.
@@ -81,7 +83,10 @@ impl Backend for CpuBackend {
         // nothing reads the padding between them.
         let buffer = match reused {
             Some(buffer) => buffer,
-            None => HostBuffer::new(bytes)?,
+            None => {
+                self.allocations.fetch_add(1, Ordering::Relaxed);
+                HostBuffer::new(bytes)?
+            }
         };
         Ok(DeviceMemory {
             addr: buffer.as_ptr() as u64,
@@ -125,5 +130,9 @@ impl Backend for CpuBackend {
             scales: &scales,
         };
         convert_into_slot(src, dst_slot, bytes_mut(dst))
+    }
+
+    fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
     }
 }

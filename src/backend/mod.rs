@@ -3,6 +3,7 @@
 //! the budget and the schedule use only this trait, never a concrete backend.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::convert::TensorBytes;
 use crate::error::{Error, Result};
@@ -157,11 +158,52 @@ pub trait Backend: Send + Sync {
         dst: &DeviceMemory,
         dst_slot: &TensorSlot,
     ) -> Result<()>;
+
+    /// Refuses a caller's stream the device cannot order work on (on CUDA, one of another
+    /// context), before anything changes. A device whose fills are done when they return (the
+    /// CPU) ignores streams.
+    fn check_stream(&self, _stream: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Makes the work the caller enqueues on `stream` from now on see `memory`'s last fill,
+    /// without blocking the host.
+    fn ready_for(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Ends the caller's use of `memory` on `stream`: the memory is written again, or freed, only
+    /// after the work enqueued there so far has run.
+    fn used_until(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
+        Ok(())
+    }
+    /// Pins a host copy in place, so uploads from it go straight to the device; the guard
+    /// unpins it and must be dropped before the memory is freed. None when the device has no use
+    /// for it, or pinning was refused (then uploads are staged).
+    fn pin_host(&self, _bytes: &[u8]) -> Option<Box<dyn Any + Send + Sync>> {
+        None
+    }
+    /// Host memory the device keeps for its own staging under `host_limit` (counted against
+    /// it): what a fill may stage beside it is the rest.
+    fn staging_host_bytes(&self, _host_limit: u64) -> u64 {
+        0
+    }
+    /// The most device memory the backend may hold, in use and kept for reuse: the budget's cap
+    /// (it may also keep as much as the budget has held in use since).
+    fn set_memory_cap(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Device allocations made from the system so far (cuMemAlloc on CUDA, new host buffers on
+    /// the CPU): flat once a repeating pass is warm.
+    fn allocations(&self) -> u64;
 }
 
 /// The CUDA device `index`. Checks that the driver library loads before any other CUDA call:
 /// without it cudarc panics, and strata must not take its host process down.
-pub fn open_cuda(index: i32) -> Result<Box<dyn Backend>> {
+pub fn open_cuda(
+    index: i32,
+    headroom: u64,
+    host: std::sync::Arc<crate::host::MemoryCounter>,
+    logger: std::sync::Arc<crate::log::Logger>,
+) -> Result<Box<dyn Backend>> {
     use cudarc::driver::result;
     // SAFETY: only tries to open the driver's shared library by its usual names, and closes it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -172,12 +214,12 @@ pub fn open_cuda(index: i32) -> Result<Box<dyn Backend>> {
     let count = result::init()
         .and_then(|()| result::device::get_count())
         .map_err(|e| Error::no_device(format!("the CUDA driver did not start: {e}")))?;
-    if index >= count {
+    if index < 0 || index >= count {
         return Err(Error::no_device(format!(
             "CUDA device {index} does not exist: this machine has {count}"
         )));
     }
-    Err(Error::unsupported(
-        "this build of strata has no CUDA backend yet: use STRATA_DEVICE_CPU",
-    ))
+    Ok(Box::new(cuda::CudaBackend::open(
+        index, headroom, host, logger,
+    )?))
 }

@@ -21,6 +21,7 @@ impl Context {
             st = self.wait(st);
         }
         let evicted = self.trim_to_cap(&mut st);
+        self.backend.set_memory_cap(bytes)?;
         self.logger.log(Level::Info, || {
             format!(
                 "vram_limit {old} -> {}: evicted {evicted} layers, {} bytes held",

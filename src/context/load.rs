@@ -7,7 +7,7 @@ use crate::backend::{
 };
 use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
-use crate::error::Result;
+use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
@@ -123,10 +123,13 @@ impl Context {
             let result = if unscaled && slot.repr.dtype == meta.dtype && sink.raw(i).is_some() {
                 info.read_into(sink.raw(i).expect("checked"))
             } else if unscaled {
-                // A small host_limit gets a small staging area: half of it, so the engine and a
-                // caller can each stage at once, but never less than a useful read.
+                // A small host_limit gets a small staging area: half of what the device's own
+                // staging leaves, so the engine and a caller can each stage at once, but never
+                // less than a useful read.
                 let element = meta.dtype.size().max(1);
-                let room = usize::try_from(self.host.limit() / 2)
+                let limit = self.host.limit();
+                let left = limit.saturating_sub(self.backend.staging_host_bytes(limit));
+                let room = usize::try_from(left / 2)
                     .unwrap_or(usize::MAX)
                     .clamp(MIN_STAGING, STAGING_CHUNK);
                 let chunk = (meta.nbytes().min(room) / element).max(1) * element;
@@ -193,7 +196,38 @@ impl Context {
             slots: &slots,
         };
         self.fill_from_source(source, tensors, &mut sink, spans)?;
-        Ok(HostCopy { buffer, slots })
+        Ok(HostCopy {
+            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            buffer,
+            slots,
+        })
+    }
+
+    /// Device memory for a fill. When the device itself is out of memory (another program took
+    /// some since the budget was set), unused resident layers are evicted, furthest next use
+    /// first, until the allocation succeeds or none is left.
+    fn allocate_device(&self, bytes: usize) -> Result<DeviceMemory> {
+        loop {
+            match self.backend.allocate(bytes) {
+                Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
+                    let mut st = self.lock();
+                    let distances = st.schedule.distances();
+                    if !self.evict_one(&mut st, None, &distances, 0, false) {
+                        return Err(e.context(
+                            "the device is out of memory (another program may be using it) and \
+                             no unused layer is left to evict",
+                        ));
+                    }
+                    self.logger.log(Level::Warn, || {
+                        format!(
+                            "the device ran out of memory ({}): evicted a layer and retrying",
+                            e.message
+                        )
+                    });
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The preparing-tier copy on the compute device, uploaded from `source`.
@@ -206,7 +240,7 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.backend.allocate(size)?;
+        let memory = self.allocate_device(size)?;
         let started = Instant::now();
         let mut sink = DeviceSink {
             backend: &*self.backend,
@@ -237,7 +271,7 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.backend.allocate(size)?;
+        let memory = self.allocate_device(size)?;
         let started = Instant::now();
         for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
             self.backend

@@ -43,6 +43,8 @@ pub struct Options {
     pub host_limit: u64,
     pub prefetch_depth: u32,
     pub strict_budget: bool,
+    /// Device bytes to keep free beside the budget, as the driver reports free memory (CUDA).
+    pub vram_headroom: u64,
     /// Where log messages go; without one, stderr when `STRATA_LOG` names a level.
     pub log: Option<LogCallback>,
     pub progress: ProgressSink,
@@ -87,7 +89,7 @@ pub struct Context {
     backend: Box<dyn Backend>,
     codec: IdCodec,
     options: Options,
-    logger: Logger,
+    logger: Arc<Logger>,
     state: Mutex<State>,
     /// Signalled whenever a layer stops being busy or in use, or memory is freed.
     changed: Condvar,
@@ -150,15 +152,23 @@ enum NoRoom {
 
 impl Context {
     pub fn new(options: Options) -> Result<Arc<Context>> {
+        let logger = Arc::new(Logger::new(options.log.clone()));
+        let host = Arc::new(MemoryCounter::with_limit(options.host_limit));
         let backend: Box<dyn Backend> = match options.compute {
             Device::Cpu => Box::new(CpuBackend::default()),
-            Device::Cuda => crate::backend::open_cuda(options.device_index)?,
+            Device::Cuda => crate::backend::open_cuda(
+                options.device_index,
+                options.vram_headroom,
+                host.clone(),
+                logger.clone(),
+            )?,
             Device::Disk => return Err(Error::invalid("the compute device cannot be the disk")),
         };
+        backend.set_memory_cap(options.vram_limit)?;
         Ok(Arc::new_cyclic(|self_ref| Context {
             backend,
             codec: IdCodec { tag: next_tag() },
-            logger: Logger::new(options.log.clone()),
+            logger,
             state: Mutex::new(State {
                 registry: Registry::default(),
                 budget: Budget::new(Limit::from_abi(options.vram_limit)),
@@ -170,7 +180,7 @@ impl Context {
                 waiters: 0,
             }),
             changed: Condvar::new(),
-            host: Arc::new(MemoryCounter::with_limit(options.host_limit)),
+            host,
             options,
             bytes_from_disk: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -584,7 +594,11 @@ impl Context {
             };
             convert_into_slot(src, slot, buffer.buffer.as_mut_slice())?;
         }
-        layer.offload_copy = Some(Arc::new(HostCopy { buffer, slots }));
+        layer.offload_copy = Some(Arc::new(HostCopy {
+            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            buffer,
+            slots,
+        }));
         let mut st = self.lock();
         self.group_key(&st, group)?;
         self.insert_layer(&mut st, layer)
@@ -708,9 +722,11 @@ impl Context {
     pub fn acquire(
         &self,
         id: u64,
+        stream: usize,
         capacity: usize,
         mut view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
+        self.backend.check_stream(stream)?;
         // Set when the acquire first has to wait or load: the time until it returns is a stall.
         let mut started: Option<Instant> = None;
         let me = current_thread();
@@ -763,7 +779,7 @@ impl Context {
                 st.counters.acquires += 1;
                 st.counters.resident_hits += 1;
                 add_stall(&mut st.counters, started);
-                return Ok(self.emit_views(&st, key, &mut view));
+                return self.hand_out(&mut st, key, me, stream, &mut view);
             }
             if tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
                 st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
@@ -773,7 +789,7 @@ impl Context {
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 layer.computation = Some(Computation::Host(copy));
                 self.mark_acquired(layer, me);
-                return Ok(self.finish_hit(st, key, false, started, &mut view));
+                return self.finish_hit(st, key, (me, stream), false, started, &mut view);
             }
             let plan = device_plan(layer);
             let bytes = plan.bytes();
@@ -788,7 +804,7 @@ impl Context {
                     None => Computation::Prepared,
                 });
                 self.mark_acquired(layer, me);
-                return Ok(self.finish_hit(st, key, prefetched, started, &mut view));
+                return self.finish_hit(st, key, (me, stream), prefetched, started, &mut view);
             }
             let source = nearest_source(layer, true);
             let was_resident = layer.prepared.is_some();
@@ -840,7 +856,7 @@ impl Context {
                 st.counters.bytes_to_device += payload;
             }
             add_stall(&mut st.counters, started);
-            return Ok(self.emit_views(&st, key, &mut view));
+            return self.hand_out(&mut st, key, me, stream, &mut view);
         }
     }
 
@@ -879,10 +895,11 @@ impl Context {
         &self,
         mut st: MutexGuard<'_, State>,
         key: Key,
+        (me, stream): (ThreadId, usize),
         prefetched: bool,
         started: Option<Instant>,
         view: impl FnMut(usize, View<'_>),
-    ) -> usize {
+    ) -> Result<usize> {
         st.counters.acquires += 1;
         if prefetched {
             st.counters.prefetch_hits += 1;
@@ -892,7 +909,30 @@ impl Context {
         }
         add_stall(&mut st.counters, started);
         self.request_prefetch(&mut st);
-        self.emit_views(&st, key, view)
+        self.hand_out(&mut st, key, me, stream, view)
+    }
+
+    /// Makes the caller's stream wait for the layer's fill, then hands out the views. If the
+    /// device refuses the wait, the use just counted ends again and nothing is handed out.
+    fn hand_out(
+        &self,
+        st: &mut State,
+        key: Key,
+        me: ThreadId,
+        stream: usize,
+        view: impl FnMut(usize, View<'_>),
+    ) -> Result<usize> {
+        let layer = st.registry.layers.get(key).expect("checked");
+        let waited = computation_memory(layer).map_or(Ok(()), |memory| {
+            self.backend
+                .ready_for(memory, stream)
+                .map_err(|e| e.context(format!("layer {:?}", layer.name)))
+        });
+        if let Err(e) = waited {
+            self.end_use(st, key, me);
+            return Err(e);
+        }
+        Ok(self.emit_views(st, key, view))
     }
 
     /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
@@ -1159,29 +1199,43 @@ impl Context {
 
     /// Ends one use of a layer. When the last use ends, conversion temporaries are freed, and the
     /// prepared copy too when nothing may stay resident (budget 0, or the group was offloaded).
-    pub fn release(&self, id: u64) -> Result<()> {
+    /// On a GPU the memory is reused only after the work enqueued on `stream` so far has run.
+    pub fn release(&self, id: u64, stream: usize) -> Result<()> {
+        self.backend.check_stream(stream)?;
         let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
-        let minimal = st.budget.limit == Limit::Minimal;
-        let State {
-            registry,
-            budget,
-            trace,
-            ..
-        } = &mut *st;
-        let layer = registry.layers.get_mut(key).expect("checked");
+        let layer = st.registry.layers.get(key).expect("checked");
         if layer.in_use == 0 {
             return Err(Error::state(format!(
                 "layer {:?} is not acquired: release without acquire, or released twice",
                 layer.name
             )));
         }
+        if let Some(memory) = computation_memory(layer) {
+            self.backend
+                .used_until(memory, stream)
+                .map_err(|e| e.context(format!("layer {:?}", layer.name)))?;
+        }
+        self.end_use(&mut st, key, me);
+        Ok(())
+    }
+
+    /// Ends one use of an acquired layer by thread `me`.
+    fn end_use(&self, st: &mut State, key: Key, me: ThreadId) {
+        let minimal = st.budget.limit == Limit::Minimal;
+        let State {
+            registry,
+            budget,
+            trace,
+            ..
+        } = st;
+        let layer = registry.layers.get_mut(key).expect("checked");
         layer.in_use -= 1;
         let holder = layer.holders.iter().position(|&h| h == me).unwrap_or(0);
         layer.holders.swap_remove(holder);
         if layer.in_use > 0 {
-            return Ok(());
+            return;
         }
         if let Some(start) = layer.acquired_at.take() {
             trace.record(Span {
@@ -1203,10 +1257,9 @@ impl Context {
             }
         } else if budget.over_cap() {
             // The cap was lowered while layers were in use: they leave as they are released.
-            self.trim_to_cap(&mut st);
+            self.trim_to_cap(st);
         }
         self.wake(st.waiters);
-        Ok(())
     }
 
     // ----- stats and trace -----
@@ -1228,6 +1281,7 @@ impl Context {
             stall_ns: c.stall_ns,
             overcommit_peak: st.budget.overcommit_peak(),
             vram_limit: st.budget.limit.to_abi(),
+            device_allocations: self.backend.allocations(),
             evictions: c.evictions,
             implicit_onloads: c.implicit_onloads,
             host_limit: self.host.limit(),
@@ -1240,6 +1294,15 @@ impl Context {
 
     pub fn trace_svg(&self) -> String {
         self.lock().trace.to_svg()
+    }
+}
+
+/// The device memory an acquired layer's views point into, if they point into device memory.
+fn computation_memory(layer: &Layer) -> Option<&crate::backend::DeviceMemory> {
+    match layer.computation.as_ref()? {
+        Computation::Host(_) => None,
+        Computation::Prepared => layer.prepared.as_ref().map(|copy| &copy.memory),
+        Computation::Converted(copy) => Some(&copy.memory),
     }
 }
 

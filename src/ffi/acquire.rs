@@ -35,14 +35,13 @@ pub extern "C" fn strata_acquire_for_compute(
     capacity: usize,
     count_out: *mut usize,
 ) -> strata_status {
-    let _ = stream;
     boundary("strata_acquire_for_compute", || {
         let ctx = context(ctx)?;
         let count_out = out_arg(count_out, "count_out")?;
         if views.is_null() && capacity > 0 {
             return Err(Error::null("views"));
         }
-        let count = ctx.acquire(layer, capacity, |i, view| {
+        let count = ctx.acquire(layer, stream as usize, capacity, |i, view| {
             let mut shape = [0i64; STRATA_MAX_DIMS];
             shape[..view.shape.len()].copy_from_slice(view.shape);
             let out = strata_tensor_view {
@@ -71,6 +70,7 @@ pub extern "C" fn strata_release(
     layer: u64,
     stream: *mut c_void,
 ) -> strata_status {
-    let _ = stream;
-    boundary("strata_release", || context(ctx)?.release(layer))
+    boundary("strata_release", || {
+        context(ctx)?.release(layer, stream as usize)
+    })
 }

@@ -39,6 +39,9 @@ pub struct strata_options {
     pub progress_fn: strata_progress_fn,
     /// Passed back to progress_fn.
     pub progress_user: *mut c_void,
+    /// CUDA: bytes to keep free on the device beside vram_limit, as cuMemGetInfo reports free
+    /// memory (for GPUs shared with other programs); 0 = none. Ignored on the CPU.
+    pub vram_headroom: u64,
 }
 
 // SAFETY: repr(C), plain data, struct_size first.
@@ -123,6 +126,7 @@ fn default_options() -> strata_options {
         log_user: std::ptr::null_mut(),
         progress_fn: None,
         progress_user: std::ptr::null_mut(),
+        vram_headroom: 0,
     }
 }
 
@@ -153,6 +157,7 @@ fn options_from(raw: &strata_options) -> crate::error::Result<Options> {
         strict_budget: raw.flags & STRATA_FLAG_STRICT_BUDGET != 0,
         log: log_callback(raw.log_fn, raw.log_user),
         progress: progress_sink(raw.progress_fn, raw.progress_user),
+        vram_headroom: raw.vram_headroom,
     })
 }
 

@@ -39,6 +39,9 @@ pub struct strata_stats {
     /// The host memory limit in force. Added after the first release: a caller whose struct_size
     /// ends before it does not get it.
     pub host_limit: u64,
+    /// Allocations strata made on the compute device (cuMemAlloc on CUDA): flat once a repeating
+    /// pass is warm, since freed buffers are reused.
+    pub device_allocations: u64,
 }
 
 // SAFETY: repr(C), plain data, struct_size first.
@@ -73,6 +76,7 @@ pub extern "C" fn strata_stats_get(
             evictions: s.evictions,
             implicit_onloads: s.implicit_onloads,
             host_limit: s.host_limit,
+            device_allocations: s.device_allocations,
         };
         write_sized(out, "out", stats)
     })

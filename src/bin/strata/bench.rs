@@ -192,11 +192,11 @@ fn run(
         let started = Instant::now();
         let mut computing = Duration::ZERO;
         for &id in &ids {
-            ctx.acquire(id, usize::MAX, |_, _| {})?;
+            ctx.acquire(id, 0, usize::MAX, |_, _| {})?;
             let t = Instant::now();
             synthetic_compute(compute);
             computing += t.elapsed();
-            ctx.release(id)?;
+            ctx.release(id, 0)?;
         }
         if pass == 0 {
             warm = ctx.stats();

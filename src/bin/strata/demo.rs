@@ -131,7 +131,7 @@ fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Re
     for &layer in layers {
         let mut weight: &[u16] = &[];
         let mut bias: &[u16] = &[];
-        ctx.acquire(layer, 2, |i, view| {
+        ctx.acquire(layer, 0, 2, |i, view| {
             // SAFETY: on the CPU device a view's bytes are host memory, valid and unchanged until
             // the release below; bf16 data is 2-byte aligned (strata aligns every tensor to 64).
             let values = unsafe {
@@ -155,7 +155,7 @@ fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Re
                     + bf16(b)
             })
             .collect();
-        ctx.release(layer)?;
+        ctx.release(layer, 0)?;
         let norm = (y.iter().map(|v| v * v).sum::<f32>() / width as f32)
             .sqrt()
             .max(1e-6);
@@ -182,6 +182,7 @@ pub fn streaming_context(
         host_limit,
         prefetch_depth,
         strict_budget: false,
+        vram_headroom: 0,
         log: None,
         progress: Default::default(),
     })?;

@@ -1,0 +1,794 @@
+//! An NVIDIA GPU as the compute device, through the CUDA driver API (cudarc, loaded at run time).
+//!
+//! - Memory: raw device buffers, handed back to a pool when a layer leaves and reused for the next
+//!   buffer of the same size, so a repeating pass stops calling cuMemAlloc once warm. The pool
+//!   never holds more than `vram_limit` together with what is live.
+//! - Ordering: one non-blocking copy stream. Every write into a buffer (upload, conversion) is
+//!   enqueued there and followed by the buffer's `ready` event; an acquire makes the caller's
+//!   stream wait on it, a release records an event on the caller's stream, and a buffer is
+//!   written again only after the copy stream has waited on those events. The host never waits
+//!   for the caller's work, except to give memory back to the driver.
+//! - Host side: host copies are pinned in place (uploads from them are direct DMA); everything
+//!   else goes through a small ring of pinned staging buffers, so the next read overlaps the
+//!   previous copy. Where memory cannot be pinned, the ring is pageable and a log line says so.
+//! - Conversions run on the device, on the copy stream, with the PTX kernels in `kernels/`.
+
+mod driver;
+
+use super::{slot_contents, Backend, DeviceMemory, TensorSlot};
+use crate::convert::TensorBytes;
+use crate::dtype::DType;
+use crate::error::{Error, Result, STRATA_ERR_OUT_OF_MEMORY};
+use crate::host::{CountedBuffer, HostBuffer, MemoryCounter};
+use crate::log::{Level, Logger};
+use crate::tiers::Device;
+use driver::{Event, Function, Module, PinnedBuffer, PrimaryContext, Stream};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The conversion kernels, generated from `kernels/convert.cu` by `scripts/gen-ptx.sh`.
+const PTX: &str = concat!(include_str!("../../../kernels/convert.ptx"), "\0");
+
+/// Staging buffers in the ring: enough that a read, a copy in flight and the next read never
+/// wait on each other.
+const RING_SLOTS: usize = 4;
+/// The largest staging buffer; a small `host_limit` gets smaller ones.
+const RING_SLOT_BYTES: usize = 4 << 20;
+const MIN_RING_SLOT_BYTES: usize = 64 << 10;
+/// Host copies smaller than this are staged: pinning costs a system call and locked pages.
+const MIN_PINNED_BYTES: usize = 1 << 20;
+/// The most host memory one registration pins: some systems refuse larger ranges.
+const PIN_CHUNK_BYTES: usize = 1 << 30;
+
+pub struct CudaBackend {
+    shared: Arc<Shared>,
+    ordinal: i32,
+}
+
+/// What the backend, its buffers and its pinned host copies share: all of it lives until the last
+/// of them is gone.
+struct Shared {
+    resources: ManuallyDrop<Resources>,
+    /// Dropped after the resources, which need it current to be freed.
+    context: PrimaryContext,
+}
+
+struct Resources {
+    stream: Stream,
+    /// Indexed by (source dtype, destination dtype).
+    kernels: HashMap<(DType, DType), Function>,
+    _module: Module,
+    pool: Mutex<Pool>,
+    ring: Mutex<Option<Ring>>,
+    spare_events: Mutex<Vec<Event>>,
+    /// Host ranges pinned in place, start → end.
+    pinned: Mutex<BTreeMap<usize, usize>>,
+    cap: AtomicU64,
+    headroom: u64,
+    host: Arc<MemoryCounter>,
+    logger: Arc<Logger>,
+    warned_unpinned: AtomicBool,
+}
+
+/// Device buffers no layer uses, kept for reuse, and the accounting of what is held.
+#[derive(Default)]
+struct Pool {
+    free: Vec<Pooled>,
+    live: u64,
+    /// The most `live` has been since the cap was last set.
+    live_peak: u64,
+    pooled: u64,
+    allocations: u64,
+}
+
+struct Pooled {
+    pointer: u64,
+    len: usize,
+    ready: Event,
+    /// Events on the callers' streams after their last use: written again only after these.
+    uses: Vec<(usize, Event)>,
+}
+
+/// One device buffer a layer holds; goes back to the pool when dropped.
+struct Buffer {
+    pointer: u64,
+    len: usize,
+    /// Recorded on the copy stream after each write into the buffer.
+    ready: Option<Event>,
+    /// One event per caller stream that used the buffer, recorded at its release.
+    uses: Mutex<Vec<(usize, Event)>>,
+    shared: Arc<Shared>,
+}
+
+struct Ring {
+    slots: Vec<RingSlot>,
+    slot_bytes: usize,
+    next: usize,
+    _charge: CountedCharge,
+}
+
+struct RingSlot {
+    memory: Staging,
+    /// Recorded after the copy out of this slot; the slot is refilled only once it completes.
+    copied: Event,
+}
+
+enum Staging {
+    Pinned(PinnedBuffer),
+    Pageable(HostBuffer),
+}
+
+impl Staging {
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Staging::Pinned(buffer) => buffer.as_mut_slice(),
+            Staging::Pageable(buffer) => buffer.as_mut_slice(),
+        }
+    }
+}
+
+/// Host bytes charged to the context's host counter while this lives.
+struct CountedCharge {
+    bytes: u64,
+    host: Arc<MemoryCounter>,
+}
+
+impl Drop for CountedCharge {
+    fn drop(&mut self) {
+        self.host.uncharge(self.bytes);
+    }
+}
+
+/// A host copy pinned in place; unpinned when dropped (before its memory is freed).
+struct PinnedHost {
+    start: usize,
+    chunks: Vec<*const u8>,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the pointers only name registered ranges for cuMemHostUnregister.
+unsafe impl Send for PinnedHost {}
+// SAFETY: as above; nothing reads through them.
+unsafe impl Sync for PinnedHost {}
+
+fn kernel_dtype_name(dtype: DType) -> Option<&'static str> {
+    Some(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F8E4M3 => "f8e4m3",
+        DType::F8E5M2 => "f8e5m2",
+        _ => return None,
+    })
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` (the driver is loaded and initialised, and the ordinal exists).
+    /// `headroom` bytes are kept free on the device beside the budget, as cuMemGetInfo reads.
+    pub fn open(
+        ordinal: i32,
+        headroom: u64,
+        host: Arc<MemoryCounter>,
+        logger: Arc<Logger>,
+    ) -> Result<CudaBackend> {
+        let context = PrimaryContext::retain(ordinal)?;
+        let resources = {
+            let _bound = context.bind()?;
+            let ptx = std::ffi::CStr::from_bytes_with_nul(PTX.as_bytes())
+                .expect("the PTX text has no NUL inside");
+            let module = Module::load(ptx)?;
+            let mut kernels = HashMap::new();
+            for &src in DType::floats() {
+                for &dst in &[DType::F32, DType::F16, DType::BF16] {
+                    let (Some(from), Some(to)) = (kernel_dtype_name(src), kernel_dtype_name(dst))
+                    else {
+                        continue;
+                    };
+                    if src != dst {
+                        let name = format!("strata_convert_{from}_to_{to}");
+                        kernels.insert((src, dst), module.function(&name)?);
+                    }
+                }
+            }
+            Resources {
+                stream: Stream::new()?,
+                kernels,
+                _module: module,
+                pool: Mutex::default(),
+                ring: Mutex::new(None),
+                spare_events: Mutex::default(),
+                pinned: Mutex::default(),
+                cap: AtomicU64::new(u64::MAX),
+                headroom,
+                host,
+                logger,
+                warned_unpinned: AtomicBool::new(false),
+            }
+        };
+        Ok(CudaBackend {
+            shared: Arc::new(Shared {
+                resources: ManuallyDrop::new(resources),
+                context,
+            }),
+            ordinal,
+        })
+    }
+
+    fn buffer<'a>(&self, memory: &'a DeviceMemory) -> Result<&'a Buffer> {
+        memory
+            ._owner
+            .downcast_ref::<Buffer>()
+            .ok_or_else(|| Error::invalid("device memory from another backend"))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn res(&self) -> &Resources {
+        &self.resources
+    }
+
+    fn event(&self) -> Result<Event> {
+        match lock(&self.res().spare_events).pop() {
+            Some(event) => Ok(event),
+            None => Event::new(),
+        }
+    }
+
+    fn recycle(&self, events: impl IntoIterator<Item = Event>) {
+        lock(&self.res().spare_events).extend(events);
+    }
+
+    /// Hands device memory back to the driver, once nothing in flight can touch it.
+    fn release(&self, pool: &mut Pool, buffers: Vec<Pooled>) -> Result<()> {
+        if buffers.is_empty() {
+            return Ok(());
+        }
+        // A conversion on the copy stream may still read a buffer that left.
+        self.res().stream.synchronize()?;
+        for buffer in buffers {
+            for (_, event) in &buffer.uses {
+                event.synchronize()?;
+            }
+            pool.pooled -= buffer.len as u64;
+            driver::free(buffer.pointer)?;
+            self.recycle(std::iter::once(buffer.ready).chain(buffer.uses.into_iter().map(|u| u.1)));
+        }
+        Ok(())
+    }
+
+    /// Frees pooled buffers, oldest first, until `bytes` more fit under the cap: the budget's
+    /// limit, or the most the budget has held live since the limit was set (budget 0 holds the
+    /// streaming window, and the pool may keep that much for reuse).
+    fn trim(&self, pool: &mut Pool, bytes: u64) -> Result<()> {
+        let cap = self.res().cap.load(Ordering::Relaxed).max(pool.live_peak);
+        let mut held = pool.live + pool.pooled;
+        let mut freed = Vec::new();
+        while !pool.free.is_empty() && held + bytes > cap {
+            let oldest = pool.free.remove(0);
+            held -= oldest.len as u64;
+            freed.push(oldest);
+        }
+        self.release(pool, freed)
+    }
+
+    fn release_all(&self, pool: &mut Pool) -> Result<()> {
+        let all = std::mem::take(&mut pool.free);
+        self.release(pool, all)
+    }
+
+    /// New device memory: within the headroom, and after giving pooled buffers back to the
+    /// driver when it is out of memory (another user of the GPU may have taken some).
+    fn fresh(&self, pool: &mut Pool, bytes: usize) -> Result<u64> {
+        let headroom = self.res().headroom;
+        loop {
+            let retry = !pool.free.is_empty();
+            if headroom > 0 {
+                let (free, _) = self.context.memory_info()?;
+                if (free as u64) < bytes as u64 + headroom {
+                    if retry {
+                        self.release_all(pool)?;
+                        continue;
+                    }
+                    return Err(Error::out_of_memory(format!(
+                        "{bytes} more bytes of device memory would leave less than the {headroom} bytes of headroom \
+                         asked for ({free} bytes are free on the device)"
+                    )));
+                }
+            }
+            match driver::allocate(bytes) {
+                Ok(pointer) => {
+                    pool.allocations += 1;
+                    return Ok(pointer);
+                }
+                Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY && retry => {
+                    self.release_all(pool)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Copies host bytes to `dst` on the copy stream: directly from pinned host copies, else
+    /// through the staging ring.
+    fn push(&self, host: &[u8], dst: u64) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        let stream = self.res().stream.0;
+        if self.is_pinned(host) {
+            return driver::copy_to_device(dst, host, stream);
+        }
+        let mut ring = lock(&self.res().ring);
+        if ring.is_none() {
+            *ring = Some(self.make_ring()?);
+        }
+        let ring = ring.as_mut().expect("made above");
+        for (i, chunk) in host.chunks(ring.slot_bytes).enumerate() {
+            let index = ring.next;
+            ring.next = (index + 1) % ring.slots.len();
+            let slot = &mut ring.slots[index];
+            slot.copied.synchronize()?;
+            let staged = &mut slot.memory.as_mut_slice()[..chunk.len()];
+            staged.copy_from_slice(chunk);
+            driver::copy_to_device(dst + (i * ring.slot_bytes) as u64, staged, stream)?;
+            slot.copied.record(stream)?;
+        }
+        Ok(())
+    }
+
+    fn is_pinned(&self, host: &[u8]) -> bool {
+        let start = host.as_ptr() as usize;
+        let end = start + host.len();
+        lock(&self.res().pinned)
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, &pinned_end)| end <= pinned_end)
+    }
+
+    fn make_ring(&self) -> Result<Ring> {
+        let res = self.res();
+        let slot_bytes = ring_slot_bytes(res.host.limit());
+        let bytes = (slot_bytes * RING_SLOTS) as u64;
+        res.host.try_charge(bytes)?;
+        let charge = CountedCharge {
+            bytes,
+            host: res.host.clone(),
+        };
+        let mut slots = Vec::with_capacity(RING_SLOTS);
+        for _ in 0..RING_SLOTS {
+            let memory = match PinnedBuffer::new(slot_bytes) {
+                Ok(pinned) => Staging::Pinned(pinned),
+                Err(e) => {
+                    self.warn_unpinned(&e);
+                    Staging::Pageable(HostBuffer::new(slot_bytes)?)
+                }
+            };
+            slots.push(RingSlot {
+                memory,
+                copied: self.event()?,
+            });
+        }
+        Ok(Ring {
+            slots,
+            slot_bytes,
+            next: 0,
+            _charge: charge,
+        })
+    }
+
+    fn warn_unpinned(&self, error: &Error) {
+        if !self.res().warned_unpinned.swap(true, Ordering::Relaxed) {
+            self.res().logger.log(Level::Warn, || {
+                format!(
+                    "{}; copies go through pageable memory instead (slower, and they cannot overlap \
+                     compute as well: check the memlock limit, `ulimit -l`)",
+                    error.message
+                )
+            });
+        }
+    }
+
+    /// Host bytes the same size as `slot`'s data and scales, converted from `src` on the host:
+    /// for the few conversions the kernels do not make (into fp8).
+    fn converted_on_host(&self, src: TensorBytes<'_>, slot: &TensorSlot) -> Result<CountedBuffer> {
+        let data = slot.data_bytes();
+        let mut out = CountedBuffer::new(data + slot.scale_count() * 4, &self.res().host)?;
+        let (bytes, scale_bytes) = out.buffer.as_mut_slice().split_at_mut(data);
+        let scales =
+            crate::convert::convert(src, slot.rows, bytes, slot.repr.dtype, slot.repr.quant)?;
+        for (out, scale) in scale_bytes.chunks_exact_mut(4).zip(scales) {
+            out.copy_from_slice(&scale.to_ne_bytes());
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Without a context nothing can be freed properly; the driver reclaims it at exit.
+        if let Ok(_bound) = self.context.bind() {
+            let _ = self.res().stream.synchronize();
+            let mut pool = std::mem::take(&mut *lock(&self.res().pool));
+            let _ = self.release_all(&mut pool);
+            lock(&self.res().ring).take();
+            // SAFETY: dropped exactly once, here, with the context current; nothing uses the
+            // resources afterwards (every Buffer and PinnedHost holding this Shared is gone).
+            unsafe { ManuallyDrop::drop(&mut self.resources) };
+        }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let Some(ready) = self.ready.take() else {
+            return;
+        };
+        let uses = std::mem::take(&mut *lock(&self.uses));
+        let mut pool = lock(&self.shared.res().pool);
+        pool.live -= self.len as u64;
+        if self.len == 0 {
+            self.shared
+                .recycle(std::iter::once(ready).chain(uses.into_iter().map(|u| u.1)));
+            return;
+        }
+        pool.pooled += self.len as u64;
+        // What was live is now pooled: the total held stays where it was, within the cap.
+        pool.free.push(Pooled {
+            pointer: self.pointer,
+            len: self.len,
+            ready,
+            uses,
+        });
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        if let Ok(_bound) = self.shared.context.bind() {
+            // A copy from this memory may still be in flight.
+            let _ = self.shared.res().stream.synchronize();
+            lock(&self.shared.res().pinned).remove(&self.start);
+            for &chunk in &self.chunks {
+                driver::unregister_host(chunk);
+            }
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    fn device_index(&self) -> i32 {
+        self.ordinal
+    }
+
+    fn reads_host_memory(&self) -> bool {
+        false
+    }
+
+    fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {
+        let shared = &self.shared;
+        let _bound = shared.context.bind()?;
+        let stream = shared.res().stream.0;
+        let mut pool = lock(&shared.res().pool);
+        let (pointer, ready) = if bytes == 0 {
+            (0, shared.event()?)
+        } else if let Some(i) = pool.free.iter().position(|b| b.len == bytes) {
+            let reused = pool.free.swap_remove(i);
+            pool.pooled -= bytes as u64;
+            // The callers' last reads finish before the copy stream writes the buffer again.
+            let waited: Result<()> = reused
+                .uses
+                .iter()
+                .try_for_each(|(_, e)| e.make_wait(stream));
+            if let Err(e) = waited {
+                pool.pooled += bytes as u64;
+                pool.free.push(reused);
+                return Err(e);
+            }
+            shared.recycle(reused.uses.into_iter().map(|u| u.1));
+            (reused.pointer, reused.ready)
+        } else {
+            shared.trim(&mut pool, bytes as u64)?;
+            let ready = shared.event()?;
+            (shared.fresh(&mut pool, bytes)?, ready)
+        };
+        pool.live += bytes as u64;
+        pool.live_peak = pool.live_peak.max(pool.live);
+        Ok(DeviceMemory {
+            addr: pointer,
+            len: bytes,
+            _owner: Box::new(Buffer {
+                pointer,
+                len: bytes,
+                ready: Some(ready),
+                uses: Mutex::default(),
+                shared: shared.clone(),
+            }),
+        })
+    }
+
+    fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()> {
+        let buffer = self.buffer(dst)?;
+        check_slot(slot, dst)?;
+        let shared = &self.shared;
+        let _bound = shared.context.bind()?;
+        // Bytes cross in the form they come in; only a change the kernels do not make (into
+        // fp8) is converted on the host first.
+        if src.dtype == slot.repr.dtype && src.scales.len() == slot.scale_count() {
+            if src.bytes.len() != slot.data_bytes() {
+                return Err(Error::invalid("tensor bytes do not fill their slot"));
+            }
+            shared.push(src.bytes, dst.addr + slot.offset as u64)?;
+            let scales: Vec<u8> = src.scales.iter().flat_map(|s| s.to_ne_bytes()).collect();
+            shared.push(&scales, dst.addr + slot.scales_offset as u64)?;
+        } else {
+            let converted = shared.converted_on_host(src, slot)?;
+            let (data, scales) = converted.buffer.as_slice().split_at(slot.data_bytes());
+            shared.push(data, dst.addr + slot.offset as u64)?;
+            shared.push(scales, dst.addr + slot.scales_offset as u64)?;
+        }
+        buffer.written()
+    }
+
+    fn upload_part(
+        &self,
+        src: TensorBytes<'_>,
+        dst: &DeviceMemory,
+        slot: &TensorSlot,
+        first_element: usize,
+    ) -> Result<()> {
+        let buffer = self.buffer(dst)?;
+        check_slot(slot, dst)?;
+        if slot.scale_count() != 0 || !src.scales.is_empty() {
+            return Err(Error::invalid(
+                "a scaled tensor converts whole, not in parts",
+            ));
+        }
+        let count = src.bytes.len() / src.dtype.size();
+        if first_element + count > slot.numel {
+            return Err(Error::invalid("tensor part lies outside its slot"));
+        }
+        let shared = &self.shared;
+        let _bound = shared.context.bind()?;
+        let at = dst.addr + (slot.offset + first_element * slot.repr.dtype.size()) as u64;
+        if src.dtype == slot.repr.dtype {
+            shared.push(src.bytes, at)?;
+        } else {
+            let part = TensorSlot {
+                offset: 0,
+                numel: count,
+                rows: 1,
+                scales_offset: count * slot.repr.dtype.size(),
+                ..*slot
+            };
+            let converted = shared.converted_on_host(src, &part)?;
+            shared.push(converted.buffer.as_slice(), at)?;
+        }
+        buffer.written()
+    }
+
+    fn host_writable<'a>(&self, _dst: &'a DeviceMemory) -> Option<&'a mut [u8]> {
+        None
+    }
+
+    fn convert(
+        &self,
+        src: &DeviceMemory,
+        src_slot: &TensorSlot,
+        dst: &DeviceMemory,
+        dst_slot: &TensorSlot,
+    ) -> Result<()> {
+        let buffer = self.buffer(dst)?;
+        check_slot(src_slot, src)?;
+        check_slot(dst_slot, dst)?;
+        if src_slot.numel != dst_slot.numel || src_slot.rows != dst_slot.rows {
+            return Err(Error::invalid(
+                "conversion between slots of different shapes",
+            ));
+        }
+        let shared = &self.shared;
+        let _bound = shared.context.bind()?;
+        let stream = shared.res().stream.0;
+        let (from, to) = (src_slot.repr.dtype, dst_slot.repr.dtype);
+        let scale_count = src_slot.scale_count();
+        if from == to && scale_count == dst_slot.scale_count() {
+            driver::copy_on_device(
+                dst.addr + dst_slot.offset as u64,
+                src.addr + src_slot.offset as u64,
+                src_slot.data_bytes(),
+                stream,
+            )?;
+            if scale_count > 0 {
+                driver::copy_on_device(
+                    dst.addr + dst_slot.scales_offset as u64,
+                    src.addr + src_slot.scales_offset as u64,
+                    scale_count * 4,
+                    stream,
+                )?;
+            }
+        } else if let Some(&kernel) = shared.res().kernels.get(&(from, to)) {
+            if dst_slot.scale_count() != 0 {
+                return Err(Error::invalid("a kernel target is never scaled"));
+            }
+            let numel = src_slot.numel as u64;
+            if numel > 0 {
+                let scales = match scale_count {
+                    0 => 0,
+                    _ => src.addr + src_slot.scales_offset as u64,
+                };
+                let row_len = numel / scale_count.max(1) as u64;
+                let mut params = [
+                    src.addr + src_slot.offset as u64,
+                    dst.addr + dst_slot.offset as u64,
+                    scales,
+                    numel,
+                    row_len,
+                ];
+                driver::launch(kernel, numel, stream, &mut params)?;
+            }
+        } else {
+            // Into fp8 (a quantization): rare enough to take the host path, after the copies
+            // that filled the source have landed.
+            shared.res().stream.synchronize()?;
+            let mut host = vec![0u8; src_slot.scales_offset + scale_count * 4];
+            let (data, scales) = host.split_at_mut(src_slot.scales_offset);
+            let data_end = src_slot.offset + src_slot.data_bytes();
+            driver::copy_to_host(
+                &mut data[src_slot.offset..data_end],
+                src.addr + src_slot.offset as u64,
+            )?;
+            driver::copy_to_host(scales, src.addr + src_slot.scales_offset as u64)?;
+            let (data, scales) = slot_contents(src_slot, &host)?;
+            let source = TensorBytes {
+                bytes: data,
+                dtype: from,
+                scales: &scales,
+            };
+            let converted = shared.converted_on_host(source, dst_slot)?;
+            let (data, scales) = converted.buffer.as_slice().split_at(dst_slot.data_bytes());
+            shared.push(data, dst.addr + dst_slot.offset as u64)?;
+            shared.push(scales, dst.addr + dst_slot.scales_offset as u64)?;
+        }
+        buffer.written()
+    }
+
+    fn check_stream(&self, stream: usize) -> Result<()> {
+        let _bound = self.shared.context.bind()?;
+        let owner = driver::stream_context(stream as cudarc::driver::sys::CUstream)?;
+        if owner != self.shared.context.raw {
+            return Err(Error::invalid(format!(
+                "the stream belongs to another CUDA context; strata works in the primary context of \
+                 device {} (the one the CUDA runtime and PyTorch use)",
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+
+    fn ready_for(&self, memory: &DeviceMemory, stream: usize) -> Result<()> {
+        let buffer = self.buffer(memory)?;
+        let _bound = self.shared.context.bind()?;
+        buffer
+            .ready()
+            .make_wait(stream as cudarc::driver::sys::CUstream)
+    }
+
+    fn used_until(&self, memory: &DeviceMemory, stream: usize) -> Result<()> {
+        let buffer = self.buffer(memory)?;
+        let _bound = self.shared.context.bind()?;
+        let mut uses = lock(&buffer.uses);
+        let raw = stream as cudarc::driver::sys::CUstream;
+        // A later use on the same stream covers an earlier one: keep one event per stream.
+        if let Some((_, event)) = uses.iter().find(|(s, _)| *s == stream) {
+            return event.record(raw);
+        }
+        let event = self.shared.event()?;
+        event.record(raw)?;
+        uses.push((stream, event));
+        Ok(())
+    }
+
+    fn pin_host(&self, bytes: &[u8]) -> Option<Box<dyn Any + Send + Sync>> {
+        if bytes.len() < MIN_PINNED_BYTES {
+            return None;
+        }
+        let shared = &self.shared;
+        let bound = match shared.context.bind() {
+            Ok(bound) => bound,
+            Err(e) => {
+                shared.warn_unpinned(&e);
+                return None;
+            }
+        };
+        let start = bytes.as_ptr();
+        let page = page_size();
+        let len = bytes.len().div_ceil(page) * page;
+        let mut chunks = Vec::new();
+        for offset in (0..len).step_by(PIN_CHUNK_BYTES) {
+            // SAFETY: `offset` < `len`, within the page-rounded allocation (host copies this
+            // large are whole-page mappings).
+            let chunk = unsafe { start.add(offset) };
+            if let Err(e) = driver::register_host(chunk, (len - offset).min(PIN_CHUNK_BYTES)) {
+                for &done in &chunks {
+                    driver::unregister_host(done);
+                }
+                shared.warn_unpinned(&e);
+                return None;
+            }
+            chunks.push(chunk);
+        }
+        drop(bound);
+        lock(&shared.res().pinned).insert(start as usize, start as usize + bytes.len());
+        Some(Box::new(PinnedHost {
+            start: start as usize,
+            chunks,
+            shared: shared.clone(),
+        }))
+    }
+
+    fn staging_host_bytes(&self, host_limit: u64) -> u64 {
+        let made = lock(&self.shared.res().ring)
+            .as_ref()
+            .map(|ring| ring.slot_bytes);
+        (made.unwrap_or_else(|| ring_slot_bytes(host_limit)) * RING_SLOTS) as u64
+    }
+
+    fn set_memory_cap(&self, bytes: u64) -> Result<()> {
+        let shared = &self.shared;
+        shared.res().cap.store(bytes, Ordering::Relaxed);
+        let _bound = shared.context.bind()?;
+        let mut pool = lock(&shared.res().pool);
+        pool.live_peak = pool.live;
+        shared.trim(&mut pool, 0)
+    }
+
+    fn allocations(&self) -> u64 {
+        lock(&self.shared.res().pool).allocations
+    }
+}
+
+impl Buffer {
+    fn ready(&self) -> &Event {
+        self.ready.as_ref().expect("live buffers have their event")
+    }
+
+    /// Records that everything enqueued on the copy stream so far is part of this buffer's fill.
+    fn written(&self) -> Result<()> {
+        self.ready().record(self.shared.res().stream.0)
+    }
+}
+
+/// Refuses a slot that does not lie inside its buffer before any copy or kernel touches it.
+fn check_slot(slot: &TensorSlot, memory: &DeviceMemory) -> Result<()> {
+    let data_end = slot.offset + slot.data_bytes();
+    let scales_end = slot.scales_offset + slot.scale_count() * 4;
+    let overlap = slot.scale_count() > 0 && data_end > slot.scales_offset;
+    if overlap || data_end > memory.len || scales_end > memory.len {
+        return Err(Error::invalid("tensor slot lies outside its buffer"));
+    }
+    Ok(())
+}
+
+/// The staging ring's buffers take a quarter of `host_limit` at most, within bounds that keep
+/// copies large enough to run at full speed.
+fn ring_slot_bytes(host_limit: u64) -> usize {
+    usize::try_from(host_limit / (4 * RING_SLOTS as u64))
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_RING_SLOT_BYTES, RING_SLOT_BYTES)
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system setting.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096).max(1)
+}
