@@ -1,0 +1,755 @@
+//! The CUDA backend on a real GPU, through the C ABI. Every test skips, saying so, where no CUDA
+//! driver or device exists (CI); `scripts/gpu-checks.sh` runs them on a machine with a GPU.
+//!
+//! The reference for every byte is the CPU device running the same tiers: the host conversions
+//! are exact and tested on their own, so the GPU must reproduce them bit for bit.
+
+mod common;
+
+use common::*;
+use cudarc::driver::{result, sys};
+use std::ffi::c_void;
+use std::ptr;
+use std::sync::Arc;
+
+/// The tests' own kernel (see tests/gpu/checksum.cu), launched on the caller's stream.
+const CHECKSUM_PTX: &str = concat!(include_str!("gpu/checksum.ptx"), "\0");
+
+struct Gpu {
+    context: Arc<cudarc::driver::CudaContext>,
+    checksum: sys::CUfunction,
+    _module: sys::CUmodule,
+}
+
+/// The GPU, or None (and a visible SKIPPED line) where there is none.
+fn gpu(test: &str) -> Option<Gpu> {
+    // SAFETY: only tries to open the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        eprintln!("SKIPPED {test}: no CUDA driver (libcuda could not be loaded)");
+        return None;
+    }
+    if result::init().is_err() || result::device::get_count().unwrap_or(0) == 0 {
+        eprintln!("SKIPPED {test}: the CUDA driver found no device");
+        return None;
+    }
+    let context = cudarc::driver::CudaContext::new(0).expect("device 0's primary context");
+    context.bind_to_thread().unwrap();
+    // SAFETY: NUL-terminated PTX text that outlives the call.
+    let module = unsafe { result::module::load_data(CHECKSUM_PTX.as_ptr() as *const c_void) }
+        .expect("the checksum kernel loads");
+    // SAFETY: a live module.
+    let checksum = unsafe { result::module::get_function(module, cstr("strata_test_checksum")) }
+        .expect("the checksum kernel is there");
+    Some(Gpu {
+        context,
+        checksum,
+        _module: module,
+    })
+}
+
+/// A non-blocking stream of the primary context, destroyed on drop.
+struct Stream(sys::CUstream);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: created by `Gpu::stream`, destroyed once.
+        unsafe { result::stream::destroy(self.0) }.unwrap();
+    }
+}
+
+/// Device memory the test allocated, freed on drop.
+struct DeviceBytes(sys::CUdeviceptr);
+
+impl Drop for DeviceBytes {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Gpu::zeroed`, freed once.
+        unsafe { result::free_sync(self.0) }.unwrap();
+    }
+}
+
+impl Gpu {
+    fn bind(&self) {
+        self.context.bind_to_thread().unwrap();
+    }
+
+    fn stream(&self) -> Stream {
+        self.bind();
+        Stream(result::stream::create(result::stream::StreamKind::NonBlocking).unwrap())
+    }
+
+    fn synchronize(&self, stream: &Stream) {
+        self.bind();
+        // SAFETY: a live stream.
+        unsafe { result::stream::synchronize(stream.0) }.unwrap();
+    }
+
+    /// Device bytes, read after everything on the legacy default stream (which acquires with a
+    /// NULL stream made wait for the fill).
+    fn read(&self, pointer: *mut c_void, len: usize) -> Vec<u8> {
+        self.bind();
+        let mut out = vec![0u8; len];
+        if len > 0 {
+            // SAFETY: `pointer` is a view of an acquired layer with at least `len` bytes.
+            unsafe { result::memcpy_dtoh_sync(&mut out, pointer as sys::CUdeviceptr) }.unwrap();
+        }
+        out
+    }
+
+    fn free_memory(&self) -> usize {
+        self.bind();
+        result::mem_get_info().unwrap().0
+    }
+
+    fn zeroed(&self, bytes: usize) -> DeviceBytes {
+        self.bind();
+        // SAFETY: fresh memory, zeroed before use, freed by DeviceBytes.
+        unsafe {
+            let pointer = result::malloc_sync(bytes).unwrap();
+            result::memset_d8_sync(pointer, 0, bytes).unwrap();
+            DeviceBytes(pointer)
+        }
+    }
+
+    /// Enqueues the checksum of `words` 32-bit words at `data` into the u32 at `out`.
+    fn checksum(&self, stream: &Stream, data: *mut c_void, words: u64, out: sys::CUdeviceptr) {
+        self.bind();
+        let mut data = data as u64;
+        let mut words = words;
+        let mut out = out;
+        let mut params = [
+            &mut data as *mut u64 as *mut c_void,
+            &mut words as *mut u64 as *mut c_void,
+            &mut out as *mut u64 as *mut c_void,
+        ];
+        let blocks = words.div_ceil(256).clamp(1, 1024) as u32;
+        // SAFETY: the kernel takes (u32*, u64, u32*); the pointers are live device memory.
+        unsafe {
+            result::launch_kernel(
+                self.checksum,
+                (blocks, 1, 1),
+                (256, 1, 1),
+                0,
+                stream.0,
+                &mut params,
+            )
+        }
+        .unwrap();
+    }
+}
+
+/// What the checksum kernel computes, on the host.
+fn expected_checksum(bytes: &[u8]) -> u32 {
+    bytes.chunks_exact(4).enumerate().fold(0u32, |sum, (i, w)| {
+        let word = u32::from_le_bytes(w.try_into().unwrap());
+        sum.wrapping_add(word.wrapping_mul((2 * i as u32).wrapping_add(1)))
+    })
+}
+
+fn cuda_context(edit: impl FnOnce(&mut strata_options)) -> Ctx {
+    Ctx::with(|o| {
+        o.compute_device = STRATA_DEVICE_CUDA;
+        o.device_index = 0;
+        edit(o);
+    })
+}
+
+/// Acquires on `stream` and returns the views (the layer stays acquired).
+fn acquire_on(ctx: &Ctx, layer: u64, stream: sys::CUstream) -> Vec<strata_tensor_view> {
+    let mut views = vec![empty_view(); 16];
+    let mut count = 0;
+    ok(strata_acquire_for_compute(
+        ctx.0,
+        layer,
+        stream as *mut c_void,
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    ));
+    views.truncate(count);
+    views
+}
+
+/// Every tensor's bytes of a layer acquired on the legacy default stream, then released.
+fn gpu_bytes(gpu: &Gpu, ctx: &Ctx, layer: u64) -> Vec<Vec<u8>> {
+    let views = acquire_on(ctx, layer, ptr::null_mut());
+    let bytes = views
+        .iter()
+        .map(|v| {
+            assert_eq!(v.device, STRATA_DEVICE_CUDA);
+            gpu.read(v.data, v.nbytes as usize)
+        })
+        .collect();
+    ctx.release(layer);
+    bytes
+}
+
+/// The same layer's bytes from the CPU device.
+fn cpu_bytes(ctx: &Ctx, layer: u64) -> Vec<Vec<u8>> {
+    let bytes = ctx.acquire(layer).into_iter().map(|(_, b)| b).collect();
+    ctx.release(layer);
+    bytes
+}
+
+/// One layer's tensors: a weight of `rows` x `cols` and a bias, as f32 values.
+fn layer_tensors(seed: u64, rows: usize, cols: usize) -> Vec<(String, Vec<i64>, Vec<f32>)> {
+    let mut weight = weights(rows * cols, seed, 0.05);
+    // Values every conversion must get right: zeros, signs, huge, tiny, subnormal, inf, NaN.
+    let specials = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        1e30,
+        -1e-30,
+        1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7F80_0001),
+        0.333_333_34,
+        1.0 + f32::EPSILON,
+    ];
+    weight[..specials.len()].copy_from_slice(&specials);
+    vec![
+        ("weight".to_string(), vec![rows as i64, cols as i64], weight),
+        (
+            "bias".to_string(),
+            vec![rows as i64],
+            weights(rows, seed + 1, 1.0),
+        ),
+    ]
+}
+
+fn register_f32(
+    ctx: &Ctx,
+    group: u32,
+    name: &str,
+    tensors: &[(String, Vec<i64>, Vec<f32>)],
+) -> u64 {
+    let raw: Vec<(&str, u32, Vec<i64>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, shape, values)| {
+            (
+                n.as_str(),
+                STRATA_DTYPE_F32,
+                shape.clone(),
+                f32_bytes(values),
+            )
+        })
+        .collect();
+    ctx.register(group, name, &raw)
+}
+
+#[test]
+fn every_path_gives_the_bytes_of_the_host_conversion() {
+    let Some(gpu) = gpu("every_path_gives_the_bytes_of_the_host_conversion") else {
+        return;
+    };
+    let storages = [
+        (STRATA_DTYPE_F32, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_F16, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_BF16, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_F8_E4M3FN, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_F8_E4M3FN, STRATA_QUANT_PER_TENSOR),
+        (STRATA_DTYPE_F8_E4M3FN, STRATA_QUANT_PER_CHANNEL),
+        (STRATA_DTYPE_F8_E5M2, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_F8_E5M2, STRATA_QUANT_PER_CHANNEL),
+    ];
+    let computations = [STRATA_DTYPE_F32, STRATA_DTYPE_F16, STRATA_DTYPE_BF16];
+    // Small tensors are staged through the pinned ring; large ones (>= 1 MiB host copies) are
+    // pinned in place and copied directly.
+    let sizes = [("staged", 64, 96), ("pinned", 1024, 1536)];
+    let mut checked = 0;
+    for &(storage, quant) in &storages {
+        for &computation in &computations {
+            // Converted on the device (preparing keeps the stored dtype), or on the host before
+            // the copy (preparing already in the computation dtype).
+            for preparing in [STRATA_DTYPE_SOURCE, computation] {
+                for &(path, rows, cols) in &sizes {
+                    let t = tiers(|t| {
+                        t.offload = place(STRATA_DEVICE_CPU, storage);
+                        t.preparing.dtype = preparing;
+                        t.computation.dtype = computation;
+                        t.quantization = quant;
+                    });
+                    let tensors = layer_tensors(checked as u64, rows, cols);
+                    let cpu = Ctx::new(STRATA_UNLIMITED);
+                    let cpu_layer = register_f32(&cpu, cpu.group(&t), "l", &tensors);
+                    let cuda = cuda_context(|o| o.vram_limit = 0);
+                    let cuda_layer = register_f32(&cuda, cuda.group(&t), "l", &tensors);
+                    let expected = cpu_bytes(&cpu, cpu_layer);
+                    // Twice: the second fill reuses the pooled buffer of the first.
+                    for pass in 0..2 {
+                        assert_eq!(
+                            gpu_bytes(&gpu, &cuda, cuda_layer),
+                            expected,
+                            "storage {storage} quant {quant} preparing {preparing} computation \
+                             {computation} ({path}, pass {pass})"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("every_path_gives_the_bytes_of_the_host_conversion: {checked} host paths");
+}
+
+#[test]
+fn disk_layers_stream_through_the_staging_ring_exactly() {
+    let Some(gpu) = gpu("disk_layers_stream_through_the_staging_ring_exactly") else {
+        return;
+    };
+    let dir = TempDir::new("cuda-disk");
+    let path = dir.path("model.safetensors");
+    // 3 MiB of f16 per weight: more than one staging buffer, so it crosses in pieces.
+    let (rows, cols) = (1024, 1536);
+    let mut file = Vec::new();
+    for layer in 0..3 {
+        let values = weights(rows * cols, layer, 0.05);
+        let f16: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        file.push((
+            format!("blocks.{layer}.weight"),
+            safetensors::Dtype::F16,
+            vec![rows, cols],
+            f16,
+        ));
+    }
+    write_safetensors(&path, &file);
+    for computation in [STRATA_DTYPE_F16, STRATA_DTYPE_F32, STRATA_DTYPE_BF16] {
+        for host_limit in [STRATA_UNLIMITED, 1 << 20] {
+            let t = tiers(|t| {
+                t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+                t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+                t.computation.dtype = computation;
+            });
+            let cpu = Ctx::new(STRATA_UNLIMITED);
+            cpu.register_prefix(cpu.group(&t), &path, "blocks.", 2);
+            let cuda = cuda_context(|o| {
+                o.vram_limit = 0;
+                o.host_limit = host_limit;
+            });
+            cuda.register_prefix(cuda.group(&t), &path, "blocks.", 2);
+            for layer in 0..3 {
+                let name = format!("blocks.{layer}");
+                assert_eq!(
+                    gpu_bytes(&gpu, &cuda, cuda.find(&name)),
+                    cpu_bytes(&cpu, cpu.find(&name)),
+                    "{name} computation {computation} host_limit {host_limit}"
+                );
+            }
+            let stats = cuda.stats();
+            assert!(stats.host_peak <= host_limit, "{stats:?}");
+        }
+    }
+}
+
+/// The race the ComfyUI fp8 path had: a kernel the caller launches right after acquire, on its
+/// own stream, must see the converted bytes, while strata keeps reusing a tiny budget's buffers
+/// for the next layers. The host never waits between layers, so it runs far ahead of the GPU.
+#[test]
+fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
+    let Some(gpu) = gpu("a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes")
+    else {
+        return;
+    };
+    let layers = 24;
+    let (rows, cols) = (256, 1024);
+    let t = tiers(|t| {
+        t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E4M3FN);
+        t.computation.dtype = STRATA_DTYPE_BF16;
+        t.quantization = STRATA_QUANT_PER_CHANNEL;
+    });
+    let cpu = Ctx::new(STRATA_UNLIMITED);
+    let cpu_group = cpu.group(&t);
+    for prefetch_depth in [0, 2] {
+        for vram_limit in [0u64, 3 * (rows * cols * 3) as u64] {
+            let cuda = cuda_context(|o| {
+                o.vram_limit = vram_limit;
+                o.prefetch_depth = prefetch_depth;
+            });
+            let group = cuda.group(&t);
+            let mut ids = Vec::new();
+            let mut expected = Vec::new();
+            for i in 0..layers {
+                let tensors = layer_tensors(100 + i as u64, rows, cols);
+                let name = format!("l{i}");
+                ids.push(register_f32(&cuda, group, &name, &tensors));
+                let reference = if prefetch_depth == 0 && vram_limit == 0 {
+                    let id = register_f32(&cpu, cpu_group, &name, &tensors);
+                    cpu_bytes(&cpu, id)
+                } else {
+                    cpu_bytes(&cpu, cpu.find(&name))
+                };
+                expected.push(reference);
+            }
+            let stream = gpu.stream();
+            let passes = 8;
+            let sums = gpu.zeroed(passes * layers * 2 * 4);
+            for pass in 0..passes {
+                for (i, &id) in ids.iter().enumerate() {
+                    let views = acquire_on(&cuda, id, stream.0);
+                    for (t, view) in views.iter().enumerate() {
+                        let slot = ((pass * layers + i) * 2 + t) as u64 * 4;
+                        gpu.checksum(&stream, view.data, view.nbytes / 4, sums.0 + slot);
+                    }
+                    ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
+                }
+            }
+            gpu.synchronize(&stream);
+            let got = gpu.read(sums.0 as *mut c_void, passes * layers * 2 * 4);
+            for (slot, sum) in got.chunks_exact(4).enumerate() {
+                let (pass, i, t) = (slot / (2 * layers), (slot / 2) % layers, slot % 2);
+                assert_eq!(
+                    u32::from_le_bytes(sum.try_into().unwrap()),
+                    expected_checksum(&expected[i][t]),
+                    "pass {pass} layer {i} tensor {t}: prefetch {prefetch_depth}, vram_limit \
+                     {vram_limit}"
+                );
+            }
+            // A layer is its fp8 copy and its bf16 conversion (plus scales and the bias): budget 0
+            // holds the one in use and the prefetched ones.
+            let layer_bytes = (rows * cols * 3 + rows * 16) as u64;
+            let stats = cuda.stats();
+            assert!(
+                stats.vram_peak <= vram_limit.max(layer_bytes * (1 + prefetch_depth as u64)),
+                "{stats:?}"
+            );
+        }
+    }
+}
+
+/// Streams `layers` layers of `layer_bytes` through a context `passes` times, checking after
+/// every acquire that the device's own free memory never dropped by more than `limit`.
+fn stream_checking_free_memory(gpu: &Gpu, ctx: &Ctx, ids: &[u64], passes: usize, limit: u64) {
+    let baseline = gpu.free_memory() as i64;
+    let mut worst = 0i64;
+    for _ in 0..passes {
+        for &id in ids {
+            let views = acquire_on(ctx, id, ptr::null_mut());
+            assert!(!views.is_empty());
+            let taken = baseline - gpu.free_memory() as i64;
+            worst = worst.max(taken);
+            // The driver maps in 2 MiB pages: allow one page per live buffer beyond the budget.
+            assert!(
+                taken <= limit as i64 + (8 << 21),
+                "the device lost {taken} bytes while vram_limit is {limit}"
+            );
+            ctx.release(id);
+        }
+    }
+    eprintln!("device memory taken at most {worst} bytes under vram_limit {limit}");
+}
+
+fn plain_layers(ctx: &Ctx, group: u32, count: usize, numel: usize) -> Vec<u64> {
+    (0..count)
+        .map(|i| {
+            let values = weights(numel, i as u64, 0.05);
+            ctx.register(
+                group,
+                &format!("l{i}"),
+                &[(
+                    "w",
+                    STRATA_DTYPE_BF16,
+                    vec![numel as i64],
+                    bf16_bytes(&values),
+                )],
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_budget_holds_against_the_drivers_free_memory_and_nothing_leaks() {
+    let Some(gpu) = gpu("the_budget_holds_against_the_drivers_free_memory_and_nothing_leaks")
+    else {
+        return;
+    };
+    let before = gpu.free_memory();
+    let layer_bytes = 8usize << 20;
+    for vram_limit in [0u64, 32 << 20, 96 << 20] {
+        let ctx = cuda_context(|o| {
+            o.vram_limit = vram_limit;
+            o.prefetch_depth = 2;
+        });
+        let group = ctx.group(&tiers(|_| {}));
+        let ids = plain_layers(&ctx, group, 24, layer_bytes / 2);
+        // Budget 0 holds the layer in use and the two prefetched after it.
+        let limit = if vram_limit == 0 {
+            3 * layer_bytes as u64
+        } else {
+            vram_limit
+        };
+        stream_checking_free_memory(&gpu, &ctx, &ids, 3, limit);
+        let stats = ctx.stats();
+        assert!(stats.vram_peak <= limit, "{stats:?}");
+        // After the first pass every buffer is reused: no new device allocations.
+        let warm = stats.device_allocations;
+        for &id in &ids {
+            acquire_on(&ctx, id, ptr::null_mut());
+            ctx.release(id);
+        }
+        assert_eq!(
+            ctx.stats().device_allocations,
+            warm,
+            "cuMemAlloc on a warm pass"
+        );
+    }
+    let after = gpu.free_memory();
+    assert!(
+        after + (2 << 20) >= before,
+        "device memory was not given back: {before} free before, {after} after"
+    );
+}
+
+/// Takes device memory as another program would, until less than `leave` bytes are free.
+fn hog(gpu: &Gpu, leave: usize) -> Vec<sys::CUdeviceptr> {
+    gpu.bind();
+    let mut taken = Vec::new();
+    for chunk in [256usize << 20, 8 << 20, 1 << 20] {
+        while gpu.free_memory() > leave + chunk / 2 {
+            // SAFETY: fresh memory, freed by `unhog`.
+            match unsafe { result::malloc_sync(chunk) } {
+                Ok(pointer) => taken.push(pointer),
+                Err(_) => break,
+            }
+        }
+    }
+    taken
+}
+
+fn unhog(gpu: &Gpu, taken: Vec<sys::CUdeviceptr>) {
+    gpu.bind();
+    for pointer in taken {
+        // SAFETY: allocated by `hog`, freed once.
+        unsafe { result::free_sync(pointer) }.unwrap();
+    }
+}
+
+fn try_acquire_on(ctx: &Ctx, layer: u64) -> strata_status {
+    let mut views = vec![empty_view(); 4];
+    let mut count = 0;
+    strata_acquire_for_compute(
+        ctx.0,
+        layer,
+        ptr::null_mut(),
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    )
+}
+
+#[test]
+fn device_out_of_memory_evicts_then_fails_cleanly_and_the_context_recovers() {
+    let Some(gpu) = gpu("device_out_of_memory_evicts_then_fails_cleanly_and_the_context_recovers")
+    else {
+        return;
+    };
+    let layer_bytes = 64usize << 20;
+    let ctx = cuda_context(|o| o.prefetch_depth = 0);
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 10, layer_bytes / 2);
+    // Unlimited budget: the first 8 layers stay resident.
+    for &id in &ids[..8] {
+        acquire_on(&ctx, id, ptr::null_mut());
+        ctx.release(id);
+    }
+    // Another program takes nearly all the rest: the next layer does not fit, so the context
+    // evicts one of its own unused layers and retries.
+    let taken = hog(&gpu, layer_bytes / 2);
+    let evictions = ctx.stats().evictions;
+    acquire_on(&ctx, ids[8], ptr::null_mut());
+    ctx.release(ids[8]);
+    assert!(ctx.stats().evictions > evictions, "{:?}", ctx.stats());
+    // A context with nothing to evict gets a clean error, and keeps working.
+    let mut taken = taken;
+    taken.extend(hog(&gpu, layer_bytes / 2));
+    let other = cuda_context(|o| o.prefetch_depth = 0);
+    let other_group = other.group(&tiers(|_| {}));
+    let other_ids = plain_layers(&other, other_group, 2, layer_bytes / 2);
+    expect(
+        try_acquire_on(&other, other_ids[0]),
+        STRATA_ERR_OUT_OF_MEMORY,
+    );
+    assert!(last_error().contains("out of memory"), "{}", last_error());
+    assert_eq!(other.stats().vram_in_use, 0);
+    unhog(&gpu, taken);
+    for &id in &other_ids {
+        acquire_on(&other, id, ptr::null_mut());
+        other.release(id);
+    }
+    for &id in &ids {
+        acquire_on(&ctx, id, ptr::null_mut());
+        ctx.release(id);
+    }
+}
+
+#[test]
+fn headroom_keeps_device_memory_free_beside_the_budget() {
+    let Some(gpu) = gpu("headroom_keeps_device_memory_free_beside_the_budget") else {
+        return;
+    };
+    let layer_bytes = 64usize << 20;
+    let free = gpu.free_memory() as u64;
+    // Room for about three layers above the headroom.
+    let headroom = free - 3 * layer_bytes as u64 - (layer_bytes as u64 / 2);
+    let ctx = cuda_context(|o| {
+        o.prefetch_depth = 0;
+        o.vram_headroom = headroom;
+    });
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 8, layer_bytes / 2);
+    for _ in 0..2 {
+        for &id in &ids {
+            acquire_on(&ctx, id, ptr::null_mut());
+            assert!(
+                gpu.free_memory() as u64 + (2 << 20) >= headroom,
+                "free memory fell below the headroom"
+            );
+            ctx.release(id);
+        }
+    }
+    assert!(
+        ctx.stats().evictions > 0,
+        "the headroom made room by eviction"
+    );
+}
+
+#[test]
+fn a_stream_of_another_context_is_refused() {
+    let Some(gpu) = gpu("a_stream_of_another_context_is_refused") else {
+        return;
+    };
+    let ctx = cuda_context(|_| {});
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 1, 1024);
+    // A context of its own (not the primary one), with a stream in it.
+    let mut foreign = ptr::null_mut();
+    let device = result::device::get(0).unwrap();
+    // SAFETY: creates a context, destroyed below.
+    unsafe { sys::cuCtxCreate_v2(&mut foreign, 0, device) }
+        .result()
+        .unwrap();
+    let stream = result::stream::create(result::stream::StreamKind::NonBlocking).unwrap();
+    let mut views = vec![empty_view(); 4];
+    let mut count = 0;
+    let status = strata_acquire_for_compute(
+        ctx.0,
+        ids[0],
+        stream as *mut c_void,
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    );
+    expect(status, STRATA_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("another CUDA context"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: the stream and context created above, destroyed once.
+    unsafe {
+        result::stream::destroy(stream).unwrap();
+        sys::cuCtxDestroy_v2(foreign).result().unwrap();
+    }
+    gpu.bind();
+    // Nothing was acquired: a release is a state error, and a good stream works.
+    expect(
+        strata_release(ctx.0, ids[0], ptr::null_mut()),
+        STRATA_ERR_STATE,
+    );
+    acquire_on(&ctx, ids[0], ptr::null_mut());
+    ctx.release(ids[0]);
+}
+
+/// Runs `passes` over its own layers in its own context on its own stream, checking every
+/// tensor's checksum; used by the multi-context and per-thread tests.
+fn checked_passes(gpu: &Gpu, seed: u64, passes: usize) {
+    let t = tiers(|t| {
+        t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E5M2);
+        t.computation.dtype = STRATA_DTYPE_F16;
+        t.quantization = STRATA_QUANT_PER_TENSOR;
+    });
+    let cpu = Ctx::new(STRATA_UNLIMITED);
+    let cpu_group = cpu.group(&t);
+    let cuda = cuda_context(|o| o.vram_limit = 0);
+    let group = cuda.group(&t);
+    let mut ids = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..8 {
+        let tensors = layer_tensors(seed * 100 + i, 128, 512);
+        ids.push(register_f32(&cuda, group, &format!("l{i}"), &tensors));
+        let id = register_f32(&cpu, cpu_group, &format!("l{i}"), &tensors);
+        expected.push(cpu_bytes(&cpu, id));
+    }
+    let stream = gpu.stream();
+    let sums = gpu.zeroed(passes * ids.len() * 2 * 4);
+    for pass in 0..passes {
+        for (i, &id) in ids.iter().enumerate() {
+            let views = acquire_on(&cuda, id, stream.0);
+            for (t, view) in views.iter().enumerate() {
+                let slot = ((pass * ids.len() + i) * 2 + t) as u64 * 4;
+                gpu.checksum(&stream, view.data, view.nbytes / 4, sums.0 + slot);
+            }
+            ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
+        }
+    }
+    gpu.synchronize(&stream);
+    let got = gpu.read(sums.0 as *mut c_void, passes * ids.len() * 2 * 4);
+    for (slot, sum) in got.chunks_exact(4).enumerate() {
+        let (i, t) = ((slot / 2) % ids.len(), slot % 2);
+        assert_eq!(
+            u32::from_le_bytes(sum.try_into().unwrap()),
+            expected_checksum(&expected[i][t]),
+            "seed {seed}: slot {slot}"
+        );
+    }
+}
+
+#[test]
+fn several_contexts_share_one_device() {
+    let Some(gpu) = gpu("several_contexts_share_one_device") else {
+        return;
+    };
+    let first = cuda_context(|o| o.vram_limit = 0);
+    let second = cuda_context(|o| o.vram_limit = 0);
+    let group_a = first.group(&tiers(|_| {}));
+    let group_b = second.group(&tiers(|_| {}));
+    let a = plain_layers(&first, group_a, 4, 1 << 16);
+    let b = plain_layers(&second, group_b, 4, 1 << 16);
+    for round in 0..3 {
+        for (&x, &y) in a.iter().zip(&b) {
+            let bytes_a = gpu_bytes(&gpu, &first, x);
+            let bytes_b = gpu_bytes(&gpu, &second, y);
+            // Same registration order and seeds: the same bytes from two contexts.
+            assert_eq!(bytes_a, bytes_b, "round {round}");
+        }
+    }
+    checked_passes(&gpu, 1, 2);
+}
+
+#[test]
+fn a_context_per_thread() {
+    let Some(gpu) = gpu("a_context_per_thread") else {
+        return;
+    };
+    let gpu = Arc::new(gpu);
+    let threads: Vec<_> = (0..4)
+        .map(|seed| {
+            let gpu = gpu.clone();
+            std::thread::spawn(move || checked_passes(&gpu, seed + 2, 4))
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("a thread's passes");
+    }
+}
+
+// SAFETY (for the Arc above): the driver's handles are thread-safe; the test's kernel handle is
+// only passed to launches.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
