@@ -12,7 +12,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do
-      case " abi budget " in *" $name "*) cp "$exe" ".gpu/bin/$name" ;; esac
+      case " abi budget cuda " in *" $name "*) cp "$exe" ".gpu/bin/$name" ;; esac
     done
 # The CUDA streaming bench (benches/cuda.rs), as .gpu/bin/bench-cuda: the test binary is "cuda".
 cargo bench --bench cuda --no-run --message-format=json 2>/dev/null \

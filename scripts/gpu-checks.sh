@@ -15,6 +15,10 @@ check() { # name, command...
 
 # The CUDA request paths through the C ABI: a real driver, an existing and a missing ordinal.
 check "cuda requests (abi)" .gpu/bin/abi cuda --nocapture
+# The CUDA backend (tests/cuda.rs): exact bytes on every path, the caller-stream race, the budget
+# against the driver's free memory, leaks, out-of-memory, headroom, several contexts, a context
+# per thread. One test at a time: some take the GPU's memory on purpose.
+check "cuda backend" .gpu/bin/cuda --test-threads=1 --nocapture
 # The whole ABI and budget suites also run there, on the CPU device, beside a live driver.
 check "abi suite" .gpu/bin/abi
 check "budget suite" .gpu/bin/budget
