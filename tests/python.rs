@@ -94,3 +94,18 @@ fn python_benchmark_small_on_cpu() {
         check("torch_offload_bench.py", output, "torch_offload_bench: OK");
     }
 }
+
+/// The CUDA Linear-stack benchmark's CPU mode: the same stack under every budget, each pass bit
+/// for bit the unmanaged one.
+#[test]
+fn python_linear_stack_small_on_cpu() {
+    let args = [
+        "benchmarks/cuda_linear_stack.py",
+        "--device",
+        "cpu",
+        "--small",
+    ];
+    if let Some(output) = python(&args, &repo().join("python")) {
+        check("cuda_linear_stack.py", output, "cuda_linear_stack: OK");
+    }
+}
