@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Every check that needs an NVIDIA GPU, in one call, on a machine with CUDA but no Rust: it runs
 # the prebuilt binaries that scripts/gpu-bundle.sh put in .gpu/. Prints a table last.
+# Arguments, if any, pick the checks whose names contain one of them (a device call is limited in
+# time): `bash scripts/gpu-checks.sh backend bench` runs "cuda backend" and the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="$PWD/.gpu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
 
 results=()
+picks=("$@")
+wanted() { # name: picked by the arguments, or no arguments
+  [ ${#picks[@]} -eq 0 ] && return 0
+  local pick; for pick in "${picks[@]}"; do [[ $1 == *"$pick"* ]] && return 0; done
+  return 1
+}
 check() { # name, command...
   local name=$1; shift
+  wanted "$name" || return 0
   echo "=== $name"
   if "$@"; then results+=("$name|pass"); else results+=("$name|FAIL"); fi
 }
