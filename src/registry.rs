@@ -7,11 +7,11 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
 use crate::tiers::{Tier, Tiers};
+use crate::trace::Stamp;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::sync::Arc;
 use std::thread::ThreadId;
-use std::time::Instant;
 
 /// Slots with a generation each; an id is (context tag, generation, index), so an id from another
 /// context, a removed object or thin air does not resolve.
@@ -239,6 +239,9 @@ pub struct Forms {
     pub onload: Layout,
     pub preparing: Layout,
     pub computation: Layout,
+    /// Per tier, whether its layout is the computation tier's: fixed at registration, so compared
+    /// once here rather than slot by slot on every acquire.
+    same_as_computation: [bool; 4],
 }
 
 impl Forms {
@@ -251,12 +254,27 @@ impl Forms {
             );
             Layout { slots, size }
         };
+        let [offload, onload, preparing, computation] = [
+            Tier::Offload,
+            Tier::Onload,
+            Tier::Preparing,
+            Tier::Computation,
+        ]
+        .map(of);
+        let same_as_computation = [&offload, &onload, &preparing, &computation]
+            .map(|layout| layout.slots == computation.slots);
         Forms {
-            offload: of(Tier::Offload),
-            onload: of(Tier::Onload),
-            preparing: of(Tier::Preparing),
-            computation: of(Tier::Computation),
+            offload,
+            onload,
+            preparing,
+            computation,
+            same_as_computation,
         }
+    }
+
+    /// Whether `tier` holds the layer in its computation form, byte for byte.
+    pub fn same_as_computation(&self, tier: Tier) -> bool {
+        self.same_as_computation[tier as usize]
     }
 
     pub fn get(&self, tier: Tier) -> &Layout {
@@ -303,7 +321,7 @@ pub struct Layer {
     /// A thread is moving this layer's bytes without the context lock; others wait for it.
     pub busy: bool,
     /// When the first of the current acquires returned, for the trace's compute span.
-    pub acquired_at: Option<Instant>,
+    pub acquired_at: Option<Stamp>,
 }
 
 impl Layer {
@@ -315,7 +333,7 @@ impl Layer {
     /// Whether the computation form differs from the preparing one, so using the layer needs a
     /// converted copy beside the resident one.
     pub fn needs_conversion(&self) -> bool {
-        self.forms.preparing.slots != self.forms.computation.slots
+        !self.forms.same_as_computation(Tier::Preparing)
     }
 
     /// Frees the copies on the compute device that are not in use (resident and staged); returns

@@ -11,10 +11,9 @@ use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
-use crate::trace::{Span, Track};
+use crate::trace::{Span, Stamp, Track};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Where a layer's bytes come from: a host copy, or the user's checkpoint.
 #[derive(Clone)]
@@ -117,7 +116,7 @@ impl Context {
         };
         let mut staging: Option<CountedBuffer> = None;
         for (i, (meta, info)) in tensors.iter().zip(infos.iter()).enumerate() {
-            let started = Instant::now();
+            let started = Stamp::now();
             let slot = *sink.slot(i);
             let unscaled = slot.scale_count() == 0;
             let result = if unscaled && slot.repr.dtype == meta.dtype && sink.raw(i).is_some() {
@@ -174,7 +173,7 @@ impl Context {
                 name: info.name.as_str().into(),
                 what: "read",
                 start: started,
-                end: Instant::now(),
+                end: Stamp::now(),
                 bytes: info.nbytes,
             });
         }
@@ -241,7 +240,7 @@ impl Context {
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
         let memory = self.allocate_device(size)?;
-        let started = Instant::now();
+        let started = Stamp::now();
         let mut sink = DeviceSink {
             backend: &*self.backend,
             memory: &memory,
@@ -253,7 +252,7 @@ impl Context {
             name: layer_name.clone(),
             what: "upload",
             start: started,
-            end: Instant::now(),
+            end: Stamp::now(),
             bytes: size as u64,
         });
         Ok(DeviceCopy {
@@ -272,7 +271,7 @@ impl Context {
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
         let memory = self.allocate_device(size)?;
-        let started = Instant::now();
+        let started = Stamp::now();
         for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
             self.backend
                 .convert(&prepared.memory, src_slot, &memory, dst_slot)?;
@@ -282,7 +281,7 @@ impl Context {
             name: layer_name.clone(),
             what: "convert",
             start: started,
-            end: Instant::now(),
+            end: Stamp::now(),
             bytes: size as u64,
         });
         Ok(DeviceCopy {

@@ -22,7 +22,7 @@ use crate::registry::{
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
-use crate::trace::{Span, Trace, Track};
+use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
 use load::Source;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -785,7 +785,7 @@ impl Context {
                 st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
                 continue;
             }
-            if let Some(copy) = self.in_place_copy(layer) {
+            if let Some(copy) = self.in_place_copy(layer).cloned() {
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 layer.computation = Some(Computation::Host(copy));
                 self.mark_acquired(layer, me);
@@ -863,15 +863,13 @@ impl Context {
     /// The host copy a layer is handed out from in place, when the device reads host memory and
     /// no tier in between changes the bytes (an fp8 preparing tier must round through fp8 on the
     /// CPU exactly as it would on a GPU).
-    fn in_place_copy(&self, layer: &Layer) -> Option<Arc<HostCopy>> {
-        let Source::Host(copy) = nearest_source(layer, true) else {
-            return None;
-        };
+    fn in_place_copy<'a>(&self, layer: &'a Layer) -> Option<&'a Arc<HostCopy>> {
+        let (copy, tier) = nearest_host_copy(layer, true)?;
         let forms = &layer.forms;
         (self.backend.reads_host_memory()
-            && copy.slots == forms.computation.slots
-            && forms.preparing.slots == forms.computation.slots)
-            .then_some(copy)
+            && forms.same_as_computation(tier)
+            && forms.same_as_computation(Tier::Preparing))
+        .then_some(copy)
     }
 
     /// Whether the copy engine has work to do ahead for a layer predicted `distance` acquires
@@ -1017,7 +1015,7 @@ impl Context {
     fn mark_acquired(&self, layer: &mut Layer, me: ThreadId) {
         layer.in_use = 1;
         layer.holders.push(me);
-        layer.acquired_at = Some(Instant::now());
+        layer.acquired_at = Some(Stamp::now());
     }
 
     /// Fills a layer the caller marked busy (and paid for) without holding the lock: takes its
@@ -1243,7 +1241,7 @@ impl Context {
                 name: layer.name.clone(),
                 what: "compute",
                 start,
-                end: Instant::now(),
+                end: Stamp::now(),
                 bytes: 0,
             });
         }
@@ -1306,15 +1304,22 @@ fn computation_memory(layer: &Layer) -> Option<&crate::backend::DeviceMemory> {
     }
 }
 
+/// The nearest host copy of a layer, and the tier whose form it holds: its onload copy (when
+/// `onload_first`), else its offload copy.
+fn nearest_host_copy(layer: &Layer, onload_first: bool) -> Option<(&Arc<HostCopy>, Tier)> {
+    let onload = layer.onload_copy.as_ref().filter(|_| onload_first);
+    onload.map(|copy| (copy, Tier::Onload)).or_else(|| {
+        layer
+            .offload_copy
+            .as_ref()
+            .map(|copy| (copy, Tier::Offload))
+    })
+}
+
 /// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.
 fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
-    let host = if onload_first {
-        layer.onload_copy.as_ref().or(layer.offload_copy.as_ref())
-    } else {
-        layer.offload_copy.as_ref()
-    };
-    match (host, &layer.checkpoint) {
-        (Some(copy), _) => Source::Host(copy.clone()),
+    match (nearest_host_copy(layer, onload_first), &layer.checkpoint) {
+        (Some((copy, _)), _) => Source::Host(copy.clone()),
         (None, Some(infos)) => Source::Disk(infos.clone()),
         (None, None) => unreachable!("host layers always keep their offload copy"),
     }
