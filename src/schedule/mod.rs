@@ -30,6 +30,8 @@ struct Entry {
     generation: u32,
     last_use: u64,
     successors: [Option<Successor>; CANDIDATES],
+    /// The most likely successor, kept by `learn`: predictions read it several times per acquire.
+    successor: Option<Key>,
 }
 
 impl Entry {
@@ -44,9 +46,23 @@ impl Entry {
                 candidate.confidence = candidate.confidence.saturating_sub(1);
             }
         }
-        if found {
+        if !found {
+            self.add_candidate(next, now);
+        }
+        // The observed successor only gained and the others only lost: if it led, it still does.
+        if self.successor == Some(next) {
             return;
         }
+        self.successor = self
+            .successors
+            .iter()
+            .flatten()
+            .max_by_key(|c| (c.confidence, c.seen))
+            .map(|c| c.key);
+    }
+
+    /// Puts `next` in place of the weakest candidate (an empty slot first).
+    fn add_candidate(&mut self, next: Key, now: u64) {
         let fresh = Successor {
             key: next,
             confidence: 1,
@@ -61,11 +77,7 @@ impl Entry {
     }
 
     fn successor(&self) -> Option<Key> {
-        self.successors
-            .iter()
-            .flatten()
-            .max_by_key(|c| (c.confidence, c.seen))
-            .map(|c| c.key)
+        self.successor
     }
 }
 
@@ -88,9 +100,21 @@ pub struct Upcoming<'a> {
     schedule: &'a Schedule,
     start: Option<Key>,
     at: Option<Key>,
-    seen: [Option<Key>; STRATA_MAX_PREFETCH_DEPTH],
     count: usize,
     depth: usize,
+}
+
+impl Upcoming<'_> {
+    /// Whether `key` was yielded already: the path walked again from the start, at most
+    /// `STRATA_MAX_PREFETCH_DEPTH` steps of one lookup each, which is cheaper than carrying a
+    /// list of them in every iterator.
+    fn yielded(&self, key: Key) -> bool {
+        let mut at = self.start;
+        (0..self.count).any(|_| {
+            at = at.and_then(|k| self.schedule.successor(k));
+            at == Some(key)
+        })
+    }
 }
 
 impl Iterator for Upcoming<'_> {
@@ -100,12 +124,11 @@ impl Iterator for Upcoming<'_> {
         if self.count >= self.depth {
             return None;
         }
-        let next = self.schedule.entry(self.at?).and_then(Entry::successor)?;
-        if Some(next) == self.start || self.seen[..self.count].contains(&Some(next)) {
+        let next = self.schedule.successor(self.at?)?;
+        if Some(next) == self.start || self.yielded(next) {
             self.count = self.depth;
             return None;
         }
-        self.seen[self.count] = Some(next);
         self.count += 1;
         self.at = Some(next);
         Some(next)
@@ -126,6 +149,10 @@ impl Schedule {
         self.entries
             .get(key.index as usize)
             .filter(|e| e.generation == key.generation)
+    }
+
+    fn successor(&self, key: Key) -> Option<Key> {
+        self.entry(key).and_then(Entry::successor)
     }
 
     fn entry_mut(&mut self, key: Key) -> &mut Entry {
@@ -181,7 +208,6 @@ impl Schedule {
             schedule: self,
             start: self.current,
             at: self.current,
-            seen: [None; STRATA_MAX_PREFETCH_DEPTH],
             count: 0,
             depth: depth.min(STRATA_MAX_PREFETCH_DEPTH),
         }
@@ -198,7 +224,7 @@ impl Schedule {
         map.insert(start, 0);
         let mut at = start;
         let mut distance = 0;
-        while let Some(next) = self.entry(at).and_then(Entry::successor) {
+        while let Some(next) = self.successor(at) {
             if map.contains_key(&next) {
                 // Back on the path already walked: the rest repeats.
                 break;
