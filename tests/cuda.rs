@@ -13,13 +13,19 @@ use std::io::Write as _;
 use std::ptr;
 use std::sync::Arc;
 
-/// The tests' own kernel (see tests/gpu/checksum.cu), launched on the caller's stream.
+/// The tests' own kernels (see tests/gpu/checksum.cu), launched on the caller's stream.
 const CHECKSUM_PTX: &str = concat!(include_str!("gpu/checksum.ptx"), "\0");
+
+/// One GPU test at a time, whatever --test-threads says: several take the device's memory on
+/// purpose, and the budget and leak checks read the driver's free memory.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Gpu {
     context: Arc<cudarc::driver::CudaContext>,
     checksum: sys::CUfunction,
+    spin: sys::CUfunction,
     _module: sys::CUmodule,
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
 
 /// Written past the test harness's capture, so that a passing run shows what did not run.
@@ -38,6 +44,7 @@ fn gpu(test: &str) -> Option<Gpu> {
         skipped(test, "the CUDA driver found no device");
         return None;
     }
+    let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let context = cudarc::driver::CudaContext::new(0).expect("device 0's primary context");
     context.bind_to_thread().unwrap();
     // SAFETY: NUL-terminated PTX text that outlives the call.
@@ -46,10 +53,15 @@ fn gpu(test: &str) -> Option<Gpu> {
     // SAFETY: a live module.
     let checksum = unsafe { result::module::get_function(module, cstr("strata_test_checksum")) }
         .expect("the checksum kernel is there");
+    // SAFETY: a live module.
+    let spin = unsafe { result::module::get_function(module, cstr("strata_test_spin")) }
+        .expect("the spin kernel is there");
     Some(Gpu {
         context,
         checksum,
+        spin,
         _module: module,
+        _alone: alone,
     })
 }
 
@@ -114,6 +126,16 @@ impl Gpu {
             result::memset_d8_sync(pointer, 0, bytes).unwrap();
             DeviceBytes(pointer)
         }
+    }
+
+    /// Enqueues a kernel that keeps `stream` busy for about `cycles` GPU clock cycles.
+    fn spin(&self, stream: &Stream, cycles: u64) {
+        self.bind();
+        let mut cycles = cycles;
+        let mut params = [&mut cycles as *mut u64 as *mut c_void];
+        // SAFETY: the kernel takes (u64).
+        unsafe { result::launch_kernel(self.spin, (1, 1, 1), (1, 1, 1), 0, stream.0, &mut params) }
+            .unwrap();
     }
 
     /// Enqueues the checksum of `words` 32-bit words at `data` into the u32 at `out`.
@@ -358,6 +380,47 @@ fn disk_layers_stream_through_the_staging_ring_exactly() {
 /// own stream, must see the converted bytes, while strata keeps reusing a tiny budget's buffers
 /// for the next layers. The host never waits between layers, so it runs far ahead of the GPU.
 #[test]
+fn host_copies_that_fill_host_limit_leave_no_ring_and_upload_exactly_without_it() {
+    let Some(gpu) =
+        gpu("host_copies_that_fill_host_limit_leave_no_ring_and_upload_exactly_without_it")
+    else {
+        return;
+    };
+    let host_limit = 1u64 << 20;
+    let cuda = cuda_context(|o| o.host_limit = host_limit);
+    let cpu = Ctx::new(STRATA_UNLIMITED);
+    let (group, cpu_group) = (cuda.group(&tiers(|_| {})), cpu.group(&tiers(|_| {})));
+    // 64 KiB host copies (below the size that is pinned in place) until host_limit is full: what
+    // is left is less than the smallest staging ring (4 x 64 KiB), so uploads go from pageable
+    // memory straight to the driver.
+    let mut layers = Vec::new();
+    for i in 0.. {
+        let tensors = layer_tensors(300 + i, 64, 256);
+        let raw: Vec<(&str, u32, Vec<i64>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, shape, v)| (n.as_str(), STRATA_DTYPE_F32, shape.clone(), f32_bytes(v)))
+            .collect();
+        let mut id = 0;
+        let status = cuda.try_register(group, &format!("l{i}"), &raw, &mut id);
+        if status == STRATA_ERR_BUDGET {
+            break;
+        }
+        ok(status);
+        layers.push((
+            id,
+            register_f32(&cpu, cpu_group, &format!("l{i}"), &tensors),
+        ));
+    }
+    assert!(layers.len() >= 8, "{} layers fit", layers.len());
+    for _pass in 0..2 {
+        for &(id, cpu_id) in &layers {
+            assert_eq!(gpu_bytes(&gpu, &cuda, id), cpu_bytes(&cpu, cpu_id));
+        }
+    }
+    assert!(cuda.stats().host_peak <= host_limit, "{:?}", cuda.stats());
+}
+
+#[test]
 fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
     let Some(gpu) = gpu("a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes")
     else {
@@ -399,6 +462,13 @@ fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
             for pass in 0..passes {
                 for (i, &id) in ids.iter().enumerate() {
                     let views = acquire_on(&cuda, id, stream.0);
+                    if pass % 2 == 1 {
+                        // The stream lags (~0.3 ms per layer) and the host runs passes ahead:
+                        // memory reused before these kernels ran would show in their sums. On
+                        // the other passes the kernels run as soon as the fill allows, which is
+                        // what would show a missing wait for the fill.
+                        gpu.spin(&stream, 500_000);
+                    }
                     for (t, view) in views.iter().enumerate() {
                         let slot = ((pass * layers + i) * 2 + t) as u64 * 4;
                         gpu.checksum(&stream, view.data, view.nbytes / 4, sums.0 + slot);
@@ -657,6 +727,16 @@ fn a_stream_of_another_context_is_refused() {
         "{}",
         last_error()
     );
+    // NULL names the default stream of the context current on the thread: the foreign one here.
+    let status = strata_acquire_for_compute(
+        ctx.0,
+        ids[0],
+        ptr::null_mut(),
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    );
+    expect(status, STRATA_ERR_INVALID_ARGUMENT);
     // SAFETY: the stream and context created above, destroyed once.
     unsafe {
         result::stream::destroy(stream).unwrap();
@@ -670,6 +750,70 @@ fn a_stream_of_another_context_is_refused() {
     );
     acquire_on(&ctx, ids[0], ptr::null_mut());
     ctx.release(ids[0]);
+    // A thread with no context current at all (a C program that never touched CUDA) may pass
+    // NULL: strata's own context's default stream.
+    let (id, context) = (ids[0], ctx.0 as usize);
+    std::thread::spawn(move || {
+        let context = context as *mut strata_context;
+        let mut views = vec![empty_view(); 4];
+        let mut count = 0;
+        let status = strata_acquire_for_compute(
+            context,
+            id,
+            ptr::null_mut(),
+            views.as_mut_ptr(),
+            views.len(),
+            &mut count,
+        );
+        expect(status, STRATA_OK);
+        expect(strata_release(context, id, ptr::null_mut()), STRATA_OK);
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
+    let Some(gpu) = gpu("a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives")
+    else {
+        return;
+    };
+    let ctx = cuda_context(|_| {});
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 1, 1024);
+    let stream = gpu.stream();
+    // SAFETY: a live stream; the capture ends below.
+    unsafe {
+        sys::cuStreamBeginCapture_v2(
+            stream.0,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )
+    }
+    .result()
+    .unwrap();
+    let mut views = vec![empty_view(); 4];
+    let mut count = 0;
+    let status = strata_acquire_for_compute(
+        ctx.0,
+        ids[0],
+        stream.0 as *mut c_void,
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    );
+    expect(status, STRATA_ERR_UNSUPPORTED);
+    assert!(last_error().contains("captured"), "{}", last_error());
+    gpu.bind();
+    let mut graph = ptr::null_mut();
+    // SAFETY: ends the capture begun above; an invalidated capture would be an error here.
+    unsafe { sys::cuStreamEndCapture(stream.0, &mut graph) }
+        .result()
+        .expect("strata's refusal left the capture valid");
+    // SAFETY: the graph the capture made, destroyed once.
+    unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
+    // Outside the capture the same stream works.
+    acquire_on(&ctx, ids[0], stream.0);
+    ok(strata_release(ctx.0, ids[0], stream.0 as *mut c_void));
 }
 
 /// Runs `passes` over its own layers in its own context on its own stream, checking every

@@ -19,3 +19,11 @@ extern "C" __global__ void strata_test_checksum(const unsigned int *data, unsign
   }
   __atomic_fetch_add(out, sum, __ATOMIC_RELAXED);
 }
+
+// Keeps the caller's stream busy for about `cycles` clock cycles, so the host runs far ahead of
+// the GPU: a buffer strata reused before the kernels after this one ran would show in their sums.
+extern "C" __global__ void strata_test_spin(unsigned long long cycles) {
+  unsigned long long start = __nvvm_read_ptx_sreg_clock64();
+  while (__nvvm_read_ptx_sreg_clock64() - start < cycles) {
+  }
+}

@@ -196,6 +196,28 @@ pub(super) fn stream_context(stream: sys::CUstream) -> Result<sys::CUcontext> {
     Ok(context)
 }
 
+/// The context current on the calling thread (null when there is none).
+pub(super) fn current_context() -> Result<sys::CUcontext> {
+    let mut context = std::ptr::null_mut();
+    // SAFETY: writes one handle into `context`.
+    check(
+        unsafe { sys::cuCtxGetCurrent(&mut context) }.result(),
+        "reading the calling thread's CUDA context",
+    )?;
+    Ok(context)
+}
+
+/// Whether work on `stream` is being captured into a CUDA graph. Call with the context bound.
+pub(super) fn is_capturing(stream: sys::CUstream) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: writes one status into `status`; the driver checks the stream handle.
+    check(
+        unsafe { sys::cuStreamIsCapturing(stream, &mut status) }.result(),
+        "checking whether the caller's stream is being captured",
+    )?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
 /// Device memory from cuMemAlloc. Call with the context bound.
 pub(super) fn allocate(bytes: usize) -> Result<sys::CUdeviceptr> {
     // SAFETY: allocates fresh memory; the caller frees it with `free` exactly once.

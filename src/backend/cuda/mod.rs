@@ -18,7 +18,7 @@ mod driver;
 use super::{slot_contents, Backend, DeviceMemory, TensorSlot};
 use crate::convert::TensorBytes;
 use crate::dtype::DType;
-use crate::error::{Error, Result, STRATA_ERR_OUT_OF_MEMORY};
+use crate::error::{Error, Result, STRATA_ERR_BUDGET, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::{CountedBuffer, HostBuffer, MemoryCounter};
 use crate::log::{Level, Logger};
 use crate::tiers::Device;
@@ -70,7 +70,7 @@ struct Resources {
     headroom: u64,
     host: Arc<MemoryCounter>,
     logger: Arc<Logger>,
-    warned_unpinned: AtomicBool,
+    warned_pageable: AtomicBool,
 }
 
 /// Device buffers no layer uses, kept for reuse, and the accounting of what is held.
@@ -106,7 +106,10 @@ struct Buffer {
 struct Ring {
     slots: Vec<RingSlot>,
     slot_bytes: usize,
-    next: usize,
+    /// The slot being filled, and how far: small copies share a slot, so a layer's biases and
+    /// scales do not each take one and make the host wait for the copy stream.
+    current: usize,
+    filled: usize,
     _charge: CountedCharge,
 }
 
@@ -205,7 +208,7 @@ impl CudaBackend {
                 headroom,
                 host,
                 logger,
-                warned_unpinned: AtomicBool::new(false),
+                warned_pageable: AtomicBool::new(false),
             }
         };
         Ok(CudaBackend {
@@ -251,16 +254,20 @@ impl Shared {
             return Ok(());
         }
         // A conversion on the copy stream may still read a buffer that left.
-        self.res().stream.synchronize()?;
+        let mut outcome = self.res().stream.synchronize();
         for buffer in buffers {
-            for (_, event) in &buffer.uses {
-                event.synchronize()?;
-            }
             pool.pooled -= buffer.len as u64;
-            driver::free(buffer.pointer)?;
+            let done = buffer
+                .uses
+                .iter()
+                .try_for_each(|(_, event)| event.synchronize());
+            // A buffer whose last use cannot be confirmed finished is left to the driver (it
+            // frees it with the context) rather than freed under a running kernel.
+            let freed = done.and_then(|()| driver::free(buffer.pointer));
+            outcome = outcome.and(freed);
             self.recycle(std::iter::once(buffer.ready).chain(buffer.uses.into_iter().map(|u| u.1)));
         }
-        Ok(())
+        outcome
     }
 
     /// Frees pooled buffers, oldest first, until `bytes` more fit under the cap: the budget's
@@ -291,7 +298,7 @@ impl Shared {
             let retry = !pool.free.is_empty();
             if headroom > 0 {
                 let (free, _) = self.context.memory_info()?;
-                if (free as u64) < bytes as u64 + headroom {
+                if (free as u64) < (bytes as u64).saturating_add(headroom) {
                     if retry {
                         self.release_all(pool)?;
                         continue;
@@ -322,34 +329,63 @@ impl Shared {
             return Ok(());
         }
         let stream = self.res().stream.0;
-        if self.is_pinned(host) {
-            return driver::copy_to_device(dst, host, stream);
+        if let Some(pinned_start) = self.pinned_start(host) {
+            // One copy per registered piece: a copy spanning two registrations may be taken as
+            // pageable, and run synchronously.
+            let mut done = 0;
+            while done < host.len() {
+                let at = host.as_ptr() as usize + done;
+                let piece_end =
+                    pinned_start + ((at - pinned_start) / PIN_CHUNK_BYTES + 1) * PIN_CHUNK_BYTES;
+                let n = (piece_end - at).min(host.len() - done);
+                driver::copy_to_device(dst + done as u64, &host[done..done + n], stream)?;
+                done += n;
+            }
+            return Ok(());
         }
         let mut ring = lock(&self.res().ring);
         if ring.is_none() {
-            *ring = Some(self.make_ring()?);
+            match self.make_ring() {
+                Ok(made) => *ring = Some(made),
+                Err(e) if e.status == STRATA_ERR_BUDGET => {
+                    // host_limit leaves no room for staging: the driver stages pageable memory
+                    // itself, and has read it when the call returns.
+                    self.warn_pageable(&e.message);
+                    return driver::copy_to_device(dst, host, stream);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let ring = ring.as_mut().expect("made above");
-        for (i, chunk) in host.chunks(ring.slot_bytes).enumerate() {
-            let index = ring.next;
-            ring.next = (index + 1) % ring.slots.len();
-            let slot = &mut ring.slots[index];
-            slot.copied.synchronize()?;
-            let staged = &mut slot.memory.as_mut_slice()[..chunk.len()];
-            staged.copy_from_slice(chunk);
-            driver::copy_to_device(dst + (i * ring.slot_bytes) as u64, staged, stream)?;
+        let mut done = 0;
+        while done < host.len() {
+            if ring.filled == ring.slot_bytes {
+                ring.current = (ring.current + 1) % ring.slots.len();
+                ring.filled = 0;
+                // Refilled only once the copies out of it, a round ago, are done.
+                ring.slots[ring.current].copied.synchronize()?;
+            }
+            let n = (ring.slot_bytes - ring.filled).min(host.len() - done);
+            let slot = &mut ring.slots[ring.current];
+            let staged = &mut slot.memory.as_mut_slice()[ring.filled..ring.filled + n];
+            staged.copy_from_slice(&host[done..done + n]);
+            driver::copy_to_device(dst + done as u64, staged, stream)?;
             slot.copied.record(stream)?;
+            ring.filled += n;
+            done += n;
         }
         Ok(())
     }
 
-    fn is_pinned(&self, host: &[u8]) -> bool {
+    /// Where the pinned host copy holding all of `host` starts, if one does.
+    fn pinned_start(&self, host: &[u8]) -> Option<usize> {
         let start = host.as_ptr() as usize;
         let end = start + host.len();
         lock(&self.res().pinned)
             .range(..=start)
             .next_back()
-            .is_some_and(|(_, &pinned_end)| end <= pinned_end)
+            .filter(|(_, &pinned_end)| end <= pinned_end)
+            .map(|(&pinned_start, _)| pinned_start)
     }
 
     fn make_ring(&self) -> Result<Ring> {
@@ -378,25 +414,33 @@ impl Shared {
         Ok(Ring {
             slots,
             slot_bytes,
-            next: 0,
+            current: 0,
+            filled: 0,
             _charge: charge,
         })
     }
 
-    fn warn_unpinned(&self, error: &Error) {
-        if !self.res().warned_unpinned.swap(true, Ordering::Relaxed) {
+    /// Says once per context why copies go through pageable memory.
+    fn warn_pageable(&self, why: &str) {
+        if !self.res().warned_pageable.swap(true, Ordering::Relaxed) {
             self.res().logger.log(Level::Warn, || {
                 format!(
-                    "{}; copies go through pageable memory instead (slower, and they cannot overlap \
-                     compute as well: check the memlock limit, `ulimit -l`)",
-                    error.message
+                    "{why}; copies go through pageable memory instead (slower, and they cannot \
+                     overlap compute as well)"
                 )
             });
         }
     }
 
+    fn warn_unpinned(&self, error: &Error) {
+        self.warn_pageable(&format!(
+            "{} (check the memlock limit, `ulimit -l`)",
+            error.message
+        ));
+    }
+
     /// Host bytes the same size as `slot`'s data and scales, converted from `src` on the host:
-    /// for the few conversions the kernels do not make (into fp8).
+    /// for uploads into another dtype, and the conversions the kernels do not make (into fp8).
     fn converted_on_host(&self, src: TensorBytes<'_>, slot: &TensorSlot) -> Result<CountedBuffer> {
         let data = slot.data_bytes();
         let mut out = CountedBuffer::new(data + slot.scale_count() * 4, &self.res().host)?;
@@ -451,10 +495,12 @@ impl Drop for Buffer {
 
 impl Drop for PinnedHost {
     fn drop(&mut self) {
+        // Forgotten first, whatever happens next: memory mapped later at the same address is not
+        // pinned.
+        lock(&self.shared.res().pinned).remove(&self.start);
         if let Ok(_bound) = self.shared.context.bind() {
             // A copy from this memory may still be in flight.
             let _ = self.shared.res().stream.synchronize();
-            lock(&self.shared.res().pinned).remove(&self.start);
             for &chunk in &self.chunks {
                 driver::unregister_host(chunk);
             }
@@ -522,8 +568,9 @@ impl Backend for CudaBackend {
         check_slot(slot, dst)?;
         let shared = &self.shared;
         let _bound = shared.context.bind()?;
-        // Bytes cross in the form they come in; only a change the kernels do not make (into
-        // fp8) is converted on the host first.
+        // Bytes cross in the preparing tier's form: a host form that differs from it (the user
+        // asked for a preparing dtype other than the stored one) is converted on the host
+        // first, which needs no device memory beside the slot.
         if src.dtype == slot.repr.dtype && src.scales.len() == slot.scale_count() {
             if src.bytes.len() != slot.data_bytes() {
                 return Err(Error::invalid("tensor bytes do not fill their slot"));
@@ -663,14 +710,32 @@ impl Backend for CudaBackend {
     }
 
     fn check_stream(&self, stream: usize) -> Result<()> {
-        let _bound = self.shared.context.bind()?;
-        let owner = driver::stream_context(stream as cudarc::driver::sys::CUstream)?;
-        if owner != self.shared.context.raw {
+        let raw = stream as cudarc::driver::sys::CUstream;
+        let ours = self.shared.context.raw;
+        // NULL, CU_STREAM_LEGACY (1) and CU_STREAM_PER_THREAD (2) name a default stream of the
+        // context current on the calling thread: that context must be ours (or there is none,
+        // and the caller enqueued nothing anywhere). Read it before binding ours.
+        let owner = if stream <= 2 {
+            Some(driver::current_context()?).filter(|c| !c.is_null())
+        } else {
+            let _bound = self.shared.context.bind()?;
+            Some(driver::stream_context(raw)?)
+        };
+        if owner.is_some_and(|owner| owner != ours) {
             return Err(Error::invalid(format!(
                 "the stream belongs to another CUDA context; strata works in the primary context of \
                  device {} (the one the CUDA runtime and PyTorch use)",
                 self.ordinal
             )));
+        }
+        let _bound = self.shared.context.bind()?;
+        // The events strata records and waits on cannot join a graph being captured, and
+        // waiting on them from outside the capture would invalidate it.
+        if driver::is_capturing(raw)? {
+            return Err(Error::unsupported(
+                "the stream is being captured into a CUDA graph: acquire and release outside the \
+                 capture (strata's copies and events cannot be part of a graph)",
+            ));
         }
         Ok(())
     }
