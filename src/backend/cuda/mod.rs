@@ -687,15 +687,18 @@ impl Backend for CudaBackend {
             // Into fp8 (a quantization): rare enough to take the host path, after the copies
             // that filled the source have landed.
             shared.res().stream.synchronize()?;
-            let mut host = vec![0u8; src_slot.scales_offset + scale_count * 4];
-            let (data, scales) = host.split_at_mut(src_slot.scales_offset);
-            let data_end = src_slot.offset + src_slot.data_bytes();
-            driver::copy_to_host(
-                &mut data[src_slot.offset..data_end],
-                src.addr + src_slot.offset as u64,
-            )?;
+            // The tensor alone on the host, its scales right after it, counted in host_limit.
+            let local = TensorSlot {
+                offset: 0,
+                scales_offset: src_slot.data_bytes(),
+                ..*src_slot
+            };
+            let mut host =
+                CountedBuffer::new(local.scales_offset + scale_count * 4, &shared.res().host)?;
+            let (data, scales) = host.buffer.as_mut_slice().split_at_mut(local.scales_offset);
+            driver::copy_to_host(data, src.addr + src_slot.offset as u64)?;
             driver::copy_to_host(scales, src.addr + src_slot.scales_offset as u64)?;
-            let (data, scales) = slot_contents(src_slot, &host)?;
+            let (data, scales) = slot_contents(&local, host.buffer.as_slice())?;
             let source = TensorBytes {
                 bytes: data,
                 dtype: from,
