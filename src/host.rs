@@ -22,7 +22,7 @@ pub fn align_up(n: usize) -> usize {
 /// by 20-30 ms in `strata bench`; the CPU device reuses its buffers instead (`backend::cpu`).
 /// Unmapping gives the memory back to the system at once, so what the
 /// process holds follows what `MemoryCounter` counts.
-const MAP_THRESHOLD: usize = 1 << 20;
+pub(crate) const MAP_THRESHOLD: usize = 1 << 20;
 
 /// A zero-initialised, `ALIGN`-aligned byte buffer whose allocation failure is an error, not an abort.
 pub struct HostBuffer {

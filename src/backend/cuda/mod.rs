@@ -38,8 +38,10 @@ const RING_SLOTS: usize = 4;
 /// The largest staging buffer; a small `host_limit` gets smaller ones.
 const RING_SLOT_BYTES: usize = 4 << 20;
 const MIN_RING_SLOT_BYTES: usize = 64 << 10;
-/// Host copies smaller than this are staged: pinning costs a system call and locked pages.
-const MIN_PINNED_BYTES: usize = 1 << 20;
+/// Host copies smaller than this are staged: pinning costs a system call and locked pages. The
+/// larger ones are mappings of their own (`host::MAP_THRESHOLD`), whole pages no other buffer
+/// shares, which is what the driver pins.
+const MIN_PINNED_BYTES: usize = crate::host::MAP_THRESHOLD;
 /// The most host memory one registration pins: some systems refuse larger ranges.
 const PIN_CHUNK_BYTES: usize = 1 << 30;
 
