@@ -97,8 +97,8 @@ fn bench_measures_a_generated_model_against_its_limits() {
         let text = std::fs::read_to_string(out_dir.join(file)).unwrap();
         assert!(text.contains("blocks.0"), "{file} names the layers");
     }
-    let (code, _, err) = strata(&["bench", "--passes", "1"]);
-    assert_eq!((code, err.contains("at least 2")), (2, true), "{err}");
+    let (code, _, err) = strata(&["bench", "--passes", "2"]);
+    assert_eq!((code, err.contains("at least 3")), (2, true), "{err}");
 }
 
 #[test]
