@@ -4,7 +4,7 @@
 //! resident layers, where the learned order predicts the next ones and the copy engine is asked
 //! about them on every acquire, as in a real forward pass.
 //!
-//! Run: cargo bench --bench acquire
+//! Run: cargo bench --bench acquire [-- ITERATIONS]
 
 use std::ffi::{c_void, CString};
 use std::hint::black_box;
@@ -27,18 +27,20 @@ fn main() {
     for (label, computation, layer_count) in [
         ("in place (host copy is the computation form)", 0, 1),
         (
-            "resident on the device (prepared copy)",
+            "resident on the device (a prepared bf16 copy)",
             STRATA_DTYPE_BF16,
             1,
         ),
         (
-            "a pass over 16 resident layers (prepared copies)",
+            "a pass over 16 resident layers (prepared bf16 copies)",
             STRATA_DTYPE_BF16,
             16,
         ),
     ] {
         let mut tiers = strata_tiers_default();
-        tiers.offload.dtype = computation;
+        // The host tiers keep the source (f32): a bf16 preparing tier makes a device copy, which
+        // stays resident, as on a GPU.
+        tiers.preparing.dtype = computation;
         tiers.computation.dtype = computation;
         let mut group = 0;
         let name = CString::new(label).unwrap();
@@ -104,7 +106,10 @@ fn main() {
         for _ in 0..10_000 {
             cycle();
         }
-        let iterations = 1_000_000;
+        // An argument lowers the count, e.g. to count instructions under callgrind.
+        let iterations = std::env::args()
+            .find_map(|n| n.parse().ok())
+            .unwrap_or(1_000_000);
         let best = (0..5)
             .map(|_| {
                 let started = Instant::now();
