@@ -132,7 +132,16 @@ impl Logger {
 
     /// Hands queued messages to the callback. Call only where no strata lock is held: the
     /// callback may call back into strata (and log more, which a nested flush delivers).
+    #[inline]
     pub fn flush(&self) {
+        // Every C call ends here, and nearly always with nothing queued: a plain load decides.
+        if self.pending.load(Ordering::Acquire) {
+            self.deliver();
+        }
+    }
+
+    #[cold]
+    fn deliver(&self) {
         let Sink::Callback(callback, queue) = &self.sink else {
             return;
         };

@@ -118,15 +118,16 @@ impl Context {
             let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
             self.drop_stale_prefetches(st, &upcoming);
         }
-        let wanted: Vec<Key> = (1..)
-            .zip(st.schedule.upcoming(depth))
-            .filter(|&(distance, key)| {
-                st.registry.layers.get(key).is_some_and(|l| {
-                    l.in_use == 0 && !l.busy && self.needs_device_work(st, l, distance)
-                })
-            })
-            .map(|(_, key)| key)
-            .collect();
+        // A plain loop: this runs on every acquire, and over resident layers finds nothing.
+        let mut wanted = Vec::new();
+        for (distance, key) in (1..).zip(st.schedule.upcoming(depth)) {
+            let Some(layer) = st.registry.layers.get(key) else {
+                continue;
+            };
+            if layer.in_use == 0 && !layer.busy && self.needs_device_work(st, layer, distance) {
+                wanted.push(key);
+            }
+        }
         if !wanted.is_empty() {
             self.engine.submit(&self.self_ref, &wanted);
         }

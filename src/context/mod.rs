@@ -791,11 +791,9 @@ impl Context {
                 self.mark_acquired(layer, me);
                 return self.finish_hit(st, key, (me, stream), false, started, &mut view);
             }
-            let plan = device_plan(layer);
-            let bytes = plan.bytes();
-            // Not `bytes == 0`: a layer whose tensors are all empty plans copies of 0 bytes,
-            // which must still be made before views can point into them.
-            if plan.prepared.is_none() && plan.converted.is_none() {
+            // Decided on the copies, not on bytes: a layer whose tensors are all empty has copies
+            // of 0 bytes, which must still be made before views can point into them.
+            if layer.prepared.is_some() && (layer.staged.is_some() || !layer.needs_conversion()) {
                 // Resident, and converted ahead when the forms differ: a hit, nothing moves.
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 let prefetched = std::mem::take(&mut layer.prefetched);
@@ -806,6 +804,8 @@ impl Context {
                 self.mark_acquired(layer, me);
                 return self.finish_hit(st, key, (me, stream), prefetched, started, &mut view);
             }
+            let plan = device_plan(layer);
+            let bytes = plan.bytes();
             let source = nearest_source(layer, true);
             let was_resident = layer.prepared.is_some();
             let payload = layer.forms.preparing_payload();
@@ -875,17 +875,19 @@ impl Context {
     /// Whether the copy engine has work to do ahead for a layer predicted `distance` acquires
     /// away: bytes to move, or (for the next layer only) a conversion to make.
     fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
+        // First what answers for a resident layer, which every acquire of a pass asks about.
+        let missing = layer.prepared.is_none()
+            || (distance <= 1 && layer.needs_conversion() && layer.staged.is_none());
+        if !missing {
+            return false;
+        }
         let Some(group) = st.registry.groups.get(layer.group) else {
             return false;
         };
         // A host offload tier is read from the file once, by the acquire that needs it; the
         // engine does not read around it.
         let host_ready = group.tiers.offload.device != Device::Cpu || layer.offload_copy.is_some();
-        group.onloaded
-            && host_ready
-            && self.in_place_copy(layer).is_none()
-            && (layer.prepared.is_none()
-                || (distance <= 1 && layer.needs_conversion() && layer.staged.is_none()))
+        group.onloaded && host_ready && self.in_place_copy(layer).is_none()
     }
 
     /// Counts a hit, asks the engine for what comes next, and hands out the views.
@@ -930,7 +932,7 @@ impl Context {
             self.end_use(st, key, me);
             return Err(e);
         }
-        Ok(self.emit_views(st, key, view))
+        Ok(self.emit_views(layer, view))
     }
 
     /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
@@ -1163,8 +1165,7 @@ impl Context {
         }
     }
 
-    fn emit_views(&self, st: &State, key: Key, mut view: impl FnMut(usize, View<'_>)) -> usize {
-        let layer = st.registry.layers.get(key).expect("checked");
+    fn emit_views(&self, layer: &Layer, mut view: impl FnMut(usize, View<'_>)) -> usize {
         let (base, slots, device) = match layer.computation.as_ref().expect("layer is in use") {
             Computation::Host(copy) => {
                 (copy.buffer.buffer.as_ptr() as u64, &copy.slots, Device::Cpu)
@@ -1178,6 +1179,7 @@ impl Context {
             }
             Computation::Converted(copy) => (copy.memory.addr, &copy.slots, self.backend.device()),
         };
+        let device_index = self.backend.device_index();
         for (i, (meta, slot)) in layer.tensors.iter().zip(slots).enumerate() {
             view(
                 i,
@@ -1186,7 +1188,7 @@ impl Context {
                     addr: base + slot.offset as u64,
                     dtype: slot.repr.dtype,
                     device,
-                    device_index: self.backend.device_index(),
+                    device_index,
                     shape: &meta.shape,
                     nbytes: slot.data_bytes() as u64,
                 },

@@ -42,8 +42,10 @@ pub extern "C" fn strata_acquire_for_compute(
             return Err(Error::null("views"));
         }
         let count = ctx.acquire(layer, stream as usize, capacity, |i, view| {
-            let mut shape = [0i64; STRATA_MAX_DIMS];
-            shape[..view.shape.len()].copy_from_slice(view.shape);
+            // Element by element over the fixed length, which compiles to a few moves where a
+            // copy of the slice's own length calls memcpy.
+            let shape: [i64; STRATA_MAX_DIMS] =
+                std::array::from_fn(|d| view.shape.get(d).copied().unwrap_or(0));
             let out = strata_tensor_view {
                 name: view.name.as_ptr(),
                 data: view.addr as *mut c_void,
