@@ -147,6 +147,9 @@ struct Run {
     allocations: u64,
     peak: u64,
     host_peak: u64,
+    /// The most device memory one acquire added, in the first pass: the largest layer's footprint
+    /// where nothing is fetched ahead.
+    largest_acquire: u64,
 }
 
 impl Run {
@@ -202,11 +205,16 @@ fn run(
     let mut compute_seconds = 0.0;
     let mut warm = ctx.stats();
     let mut held = std::collections::VecDeque::new();
+    let mut largest_acquire = 0;
     for pass in 0..config.passes {
         let started = Instant::now();
         let mut computing = Duration::ZERO;
         for &id in &ids {
+            let before = (pass == 0).then(|| ctx.stats().vram_in_use);
             ctx.acquire(id, 0, usize::MAX, |_, _| {})?;
+            if let Some(before) = before {
+                largest_acquire = largest_acquire.max(ctx.stats().vram_in_use - before);
+            }
             let t = Instant::now();
             synthetic_compute(compute);
             computing += t.elapsed();
@@ -237,6 +245,7 @@ fn run(
         allocations: stats.device_allocations - warm.device_allocations,
         peak: stats.vram_peak,
         host_peak: stats.host_peak,
+        largest_acquire,
         ctx,
     })
 }
@@ -302,8 +311,8 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
     )?;
     let transfer_seconds = transfer.pass_time();
     let model_bytes = transfer.bytes_per_pass;
-    // With nothing resident and nothing ahead, the peak is the largest layer in use.
-    let largest_layer = transfer.peak;
+    // With nothing resident and nothing ahead, an acquire adds exactly its own layer.
+    let largest_layer = transfer.largest_acquire;
     let n = layer_names.len();
     let compute = config
         .compute
