@@ -10,7 +10,6 @@
 //! predicted future; a layer not on that path has no predicted use and is evicted first.
 
 use crate::registry::Key;
-use std::collections::HashMap;
 
 /// Candidate successors remembered per layer.
 const CANDIDATES: usize = 4;
@@ -136,11 +135,24 @@ impl Iterator for Upcoming<'_> {
 }
 
 /// How far away each layer's next use is predicted to be, in acquires, from the layer in use.
-pub struct Distances(HashMap<Key, u32>);
+/// Indexed like the schedule's entries: the copy engine builds one per fill, and a dense table
+/// costs a memset where a map hashed every layer of the path.
+pub struct Distances(Vec<Option<(Key, u32)>>);
 
 impl Distances {
     pub fn of(&self, key: Key) -> Option<u32> {
-        self.0.get(&key).copied()
+        match self.0.get(key.index as usize) {
+            Some(&Some((k, distance))) if k == key => Some(distance),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, key: Key, distance: u32) {
+        let index = key.index as usize;
+        if index >= self.0.len() {
+            self.0.resize(index + 1, None);
+        }
+        self.0[index] = Some((key, distance));
     }
 }
 
@@ -215,25 +227,25 @@ impl Schedule {
 
     /// The predicted distance to every layer on the learned path ahead of the current one.
     pub fn distances(&self) -> Distances {
-        let mut map = HashMap::new();
         let Some(start) = self.current else {
-            return Distances(map);
+            return Distances(Vec::new());
         };
+        let mut distances = Distances(vec![None; self.entries.len()]);
         // The current layer is needed now: an acquire records it before it may have to wait for
         // it, and the engine must not evict it from under that acquire.
-        map.insert(start, 0);
+        distances.insert(start, 0);
         let mut at = start;
         let mut distance = 0;
         while let Some(next) = self.successor(at) {
-            if map.contains_key(&next) {
+            if distances.of(next).is_some() {
                 // Back on the path already walked: the rest repeats.
                 break;
             }
             distance += 1;
-            map.insert(next, distance);
+            distances.insert(next, distance);
             at = next;
         }
-        Distances(map)
+        distances
     }
 
     /// Larger means evict sooner: layers off the predicted path first, most recently used first
