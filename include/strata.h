@@ -340,7 +340,8 @@ typedef struct strata_stats {
    */
   uint64_t misses;
   /**
-   * Nanoseconds acquires waited for bytes.
+   * Nanoseconds acquires blocked the calling thread waiting for bytes. On CUDA an acquire
+   * returns at once and the caller's stream waits instead: that wait is not counted here.
    */
   uint64_t stall_ns;
   /**

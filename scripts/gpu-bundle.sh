@@ -26,4 +26,14 @@ test -x .gpu/bin/bench-cuda
 cp target/release/libstrata.so .gpu/
 # Debug info is most of their size, and the device machine takes at most 64 MiB.
 strip .gpu/bin/* .gpu/libstrata.so
+git rev-parse HEAD > .gpu/REV
+git diff --quiet HEAD || echo "(with uncommitted changes)" >> .gpu/REV
+# The torch bench's diffusers baseline. The GPU machine (Python 3.12, torch, accelerate,
+# huggingface_hub, pillow, regex, safetensors installed; no network) lacks only these two, both
+# pure Python; gpu-checks.sh installs them there. A failed download leaves that baseline out.
+mkdir -p .gpu/wheels
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 -d .gpu/wheels \
+  "diffusers==${DIFFUSERS_VERSION:-0.42.1}" importlib_metadata \
+  || echo "no diffusers wheel: the torch bench will run without its diffusers baseline"
 ls -la .gpu .gpu/bin

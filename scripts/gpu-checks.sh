@@ -7,6 +7,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH="$PWD/.gpu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+echo "bundle built from $(tr '\n' ' ' < .gpu/REV 2>/dev/null || echo '(no .gpu/REV: run scripts/gpu-bundle.sh)')"
+# Baselines the machine lacks travel as wheels (gpu-bundle.sh); installed beside, not into, its
+# environment.
+if ls .gpu/wheels/*.whl >/dev/null 2>&1 && ! python3 -c 'import diffusers' 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/strata-site .gpu/wheels/*.whl \
+    && export PYTHONPATH="/tmp/strata-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 results=()
 picks=("$@")

@@ -18,7 +18,8 @@ What is measured, all in one run, every pass on one torch stream the script crea
   --warmup passes (strata learns the order in the first). bytes moved per pass = the
   bytes_to_device delta over the timed passes / passes; sum(transfer) = that / the pinned
   bandwidth. Printed per budget: the median pass time, its ratio to max(sum(compute),
-  sum(transfer)) (aim <= 1.05) and to the all-resident pass, the stall, and whether the output
+  sum(transfer)) (aim <= 1.05) and to the all-resident pass, the host stall (time acquire blocked
+  the Python thread; on a GPU the wait is the stream's), and whether the output
   is bit-identical to the unmanaged one (it must be: the computation dtype is the stored one).
 
 Pass times come from CUDA events recorded on the stream between back-to-back passes (no host
@@ -156,7 +157,7 @@ def allocations(row):
 
 COLUMNS = [("config", 26), ("vram_limit", 11), ("pass ms", 9), ("moved/pass", 11),
            ("transfer ms", 11), ("bound ms", 9), ("/bound", 7), ("/resident", 9),
-           ("stall ms", 9), ("prefetch", 8), ("misses", 7), ("allocs", 9), ("identical", 9)]
+           ("host stall", 10), ("prefetch", 8), ("misses", 7), ("allocs", 9), ("identical", 9)]
 
 
 def format_row(row):

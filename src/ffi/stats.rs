@@ -26,7 +26,8 @@ pub struct strata_stats {
     pub prefetch_hits: u64,
     /// Acquires that had to bring the layer in.
     pub misses: u64,
-    /// Nanoseconds acquires waited for bytes.
+    /// Nanoseconds acquires blocked the calling thread waiting for bytes. On CUDA an acquire
+    /// returns at once and the caller's stream waits instead: that wait is not counted here.
     pub stall_ns: u64,
     /// The most bytes held above vram_limit (a single layer larger than the budget).
     pub overcommit_peak: u64,

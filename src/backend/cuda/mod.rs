@@ -91,7 +91,7 @@ struct Pooled {
     len: usize,
     ready: Event,
     /// Events on the callers' streams after their last use: written again only after these.
-    uses: Vec<(usize, Event)>,
+    uses: Vec<(CallerStream, Event)>,
 }
 
 /// One device buffer a layer holds; goes back to the pool when dropped.
@@ -101,8 +101,29 @@ struct Buffer {
     /// Recorded on the copy stream after each write into the buffer.
     ready: Option<Event>,
     /// One event per caller stream that used the buffer, recorded at its release.
-    uses: Mutex<Vec<(usize, Event)>>,
+    uses: Mutex<Vec<(CallerStream, Event)>>,
     shared: Arc<Shared>,
+}
+
+/// cuda.h's CU_STREAM_PER_THREAD, which cudarc does not define.
+const CU_STREAM_PER_THREAD: usize = 2;
+
+/// A caller's stream as strata tells them apart: CU_STREAM_PER_THREAD is one handle for a
+/// different stream on each thread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CallerStream {
+    handle: usize,
+    thread: Option<std::thread::ThreadId>,
+}
+
+impl CallerStream {
+    fn of(handle: usize) -> CallerStream {
+        let per_thread = handle == CU_STREAM_PER_THREAD;
+        CallerStream {
+            handle,
+            thread: per_thread.then(|| std::thread::current().id()),
+        }
+    }
 }
 
 struct Ring {
@@ -720,7 +741,7 @@ impl Backend for CudaBackend {
         // NULL, CU_STREAM_LEGACY (1) and CU_STREAM_PER_THREAD (2) name a default stream of the
         // context current on the calling thread: that context must be ours (or there is none,
         // and the caller enqueued nothing anywhere). Read it before binding ours.
-        let owner = if stream <= 2 {
+        let owner = if stream <= CU_STREAM_PER_THREAD {
             Some(driver::current_context()?).filter(|c| !c.is_null())
         } else {
             let _bound = self.shared.context.bind()?;
@@ -758,13 +779,14 @@ impl Backend for CudaBackend {
         let _bound = self.shared.context.bind()?;
         let mut uses = lock(&buffer.uses);
         let raw = stream as cudarc::driver::sys::CUstream;
+        let caller = CallerStream::of(stream);
         // A later use on the same stream covers an earlier one: keep one event per stream.
-        if let Some((_, event)) = uses.iter().find(|(s, _)| *s == stream) {
+        if let Some((_, event)) = uses.iter().find(|(s, _)| *s == caller) {
             return event.record(raw);
         }
         let event = self.shared.event()?;
         event.record(raw)?;
-        uses.push((stream, event));
+        uses.push((caller, event));
         Ok(())
     }
 
