@@ -132,17 +132,23 @@ impl Gpu {
     }
 
     /// Enqueues a kernel that keeps `stream` busy for about `cycles` GPU clock cycles.
-    fn spin(&self, stream: &Stream, cycles: u64) {
+    fn spin(&self, stream: sys::CUstream, cycles: u64) {
         self.bind();
         let mut cycles = cycles;
         let mut params = [&mut cycles as *mut u64 as *mut c_void];
         // SAFETY: the kernel takes (u64).
-        unsafe { result::launch_kernel(self.spin, (1, 1, 1), (1, 1, 1), 0, stream.0, &mut params) }
+        unsafe { result::launch_kernel(self.spin, (1, 1, 1), (1, 1, 1), 0, stream, &mut params) }
             .unwrap();
     }
 
     /// Enqueues the checksum of `words` 32-bit words at `data` into the u32 at `out`.
-    fn checksum(&self, stream: &Stream, data: *mut c_void, words: u64, out: sys::CUdeviceptr) {
+    fn checksum(
+        &self,
+        stream: sys::CUstream,
+        data: *mut c_void,
+        words: u64,
+        out: sys::CUdeviceptr,
+    ) {
         self.bind();
         let mut data = data as u64;
         let mut words = words;
@@ -160,7 +166,7 @@ impl Gpu {
                 (blocks, 1, 1),
                 (256, 1, 1),
                 0,
-                stream.0,
+                stream,
                 &mut params,
             )
         }
@@ -470,11 +476,11 @@ fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
                         // memory reused before these kernels ran would show in their sums. On
                         // the other passes the kernels run as soon as the fill allows, which is
                         // what would show a missing wait for the fill.
-                        gpu.spin(&stream, 500_000);
+                        gpu.spin(stream.0, 500_000);
                     }
                     for (t, view) in views.iter().enumerate() {
                         let slot = ((pass * layers + i) * 2 + t) as u64 * 4;
-                        gpu.checksum(&stream, view.data, view.nbytes / 4, sums.0 + slot);
+                        gpu.checksum(stream.0, view.data, view.nbytes / 4, sums.0 + slot);
                     }
                     ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
                 }
@@ -852,7 +858,7 @@ fn checked_passes(gpu: &Gpu, seed: u64, passes: usize) {
             let views = acquire_on(&cuda, id, stream.0);
             for (t, view) in views.iter().enumerate() {
                 let slot = ((pass * ids.len() + i) * 2 + t) as u64 * 4;
-                gpu.checksum(&stream, view.data, view.nbytes / 4, sums.0 + slot);
+                gpu.checksum(stream.0, view.data, view.nbytes / 4, sums.0 + slot);
             }
             ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
         }
@@ -906,6 +912,74 @@ fn a_context_per_thread() {
     for thread in threads {
         thread.join().expect("a thread's passes");
     }
+}
+
+/// cuda.h's CU_STREAM_PER_THREAD: one handle, a different stream on each thread.
+const PER_THREAD: sys::CUstream = 2 as sys::CUstream;
+
+#[test]
+fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
+    let Some(gpu) =
+        gpu("per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran")
+    else {
+        return;
+    };
+    // Room for one layer: bringing in the second takes the first one's buffer.
+    let numel = 256 << 10;
+    let layer_bytes = numel as u64 * 2;
+    let ctx = cuda_context(|o| {
+        o.vram_limit = layer_bytes * 3 / 2;
+        o.prefetch_depth = 0;
+    });
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 2, numel);
+    let expected = expected_checksum(&bf16_bytes(&weights(numel, 0, 0.05)));
+    // Channels, not barriers: a thread that panics drops its sender and the other one stops too.
+    let (released, first_released) = std::sync::mpsc::channel();
+    let (done, second_done) = std::sync::mpsc::channel::<()>();
+    let (gpu, ctx, ids) = (&gpu, &ctx, &ids);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            // Reads layer 0 on this thread's stream behind a long kernel (tens of ms).
+            let sum = gpu.zeroed(4);
+            let views = acquire_on(ctx, ids[0], PER_THREAD);
+            gpu.spin(PER_THREAD, 50_000_000);
+            gpu.checksum(PER_THREAD, views[0].data, views[0].nbytes / 4, sum.0);
+            ok(strata_release(ctx.0, ids[0], PER_THREAD as *mut c_void));
+            released.send(()).unwrap();
+            // Err only when the other thread panicked, which the scope reports.
+            let _ = second_done.recv();
+            gpu.bind();
+            // SAFETY: the calling thread's own default stream.
+            unsafe { result::stream::synchronize(PER_THREAD) }.unwrap();
+            let got = gpu.read(sum.0 as *mut c_void, 4);
+            assert_eq!(
+                u32::from_le_bytes(got.try_into().unwrap()),
+                expected,
+                "layer 0's buffer was rewritten before the kernel of the thread that released it first ran"
+            );
+        });
+        scope.spawn(move || {
+            first_released
+                .recv()
+                .expect("the first thread released layer 0");
+            // The same handle on another thread is another, idle stream: its release event
+            // completes at once and must not stand in for the first thread's.
+            gpu.bind();
+            acquire_on(ctx, ids[0], PER_THREAD);
+            ok(strata_release(ctx.0, ids[0], PER_THREAD as *mut c_void));
+            acquire_on(ctx, ids[1], PER_THREAD);
+            ok(strata_release(ctx.0, ids[1], PER_THREAD as *mut c_void));
+            gpu.bind();
+            // SAFETY: the calling thread's own default stream.
+            unsafe { result::stream::synchronize(PER_THREAD) }.unwrap();
+            done.send(()).unwrap();
+        });
+    });
+    assert!(
+        ctx.stats().evictions > 0,
+        "the second layer never took the first one's room"
+    );
 }
 
 // SAFETY (for the Arc above): the driver's handles are thread-safe; the test's kernel handle is
