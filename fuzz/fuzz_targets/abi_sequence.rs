@@ -643,6 +643,12 @@ impl World {
 
 fn check_context(c: &CtxModel) {
     let s = stats(c.ptr);
+    trace(|| {
+        format!(
+            "stats: vram {} of limit {} (peak {}, overcommit peak {}), held {:?}, depth {}",
+            s.vram_in_use, c.limit, s.vram_peak, s.overcommit_peak, c.held, c.depth
+        )
+    });
     assert_eq!(s.acquires, c.acquires, "acquires counted");
     assert_eq!(
         s.acquires,
@@ -689,7 +695,14 @@ fn check_context(c: &CtxModel) {
                     "strict mode over the cap: {} > {cap}",
                     s.vram_in_use
                 );
-                assert_eq!(held.len(), 1, "over the cap with several layers in use");
+                // One layer alone may pass the cap; others in use beside it (say, integer
+                // tensors viewed in place) may not add device bytes to the excess.
+                let largest = held.iter().map(footprint).max().unwrap_or(0);
+                assert!(
+                    s.vram_in_use <= largest,
+                    "{} bytes over the cap {cap}, more than the largest layer in use ({largest})",
+                    s.vram_in_use
+                );
                 assert!(s.overcommit_peak >= s.vram_in_use - cap, "{s:?}");
             }
         }
@@ -1070,6 +1083,13 @@ fn acquire(world: &mut World, input: &mut Input, t: Target, layer: u64) -> bool 
         ),
         "strata_acquire_for_compute",
     );
+    trace(|| {
+        let name = match (&t, index) {
+            (Target::Live(i), Some(l)) => world.live[*i].layers[l].name.clone(),
+            _ => "(no live layer)".into(),
+        };
+        format!("acquired layer {layer} {name:?}")
+    });
     let (Target::Live(i), Some(l)) = (&t, index) else {
         if let Some(dead) = t.dead_status() {
             if null == 0 {
@@ -1270,6 +1290,12 @@ fn set_limit(world: &mut World, input: &mut Input, t: Target, host: bool) {
         strata_context_set_vram_limit(ptr, bytes)
     };
     check_status(status, "set limit");
+    trace(|| {
+        format!(
+            "{} limit set to {bytes}",
+            if host { "host" } else { "vram" }
+        )
+    });
     let Target::Live(i) = t else {
         assert_eq!(Some(status), t.dead_status());
         return;
