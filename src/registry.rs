@@ -336,6 +336,11 @@ impl Layer {
         !self.forms.same_as_computation(Tier::Preparing)
     }
 
+    /// Whether that converted copy is still to be made before the layer can be used.
+    pub fn conversion_missing(&self) -> bool {
+        self.needs_conversion() && self.staged.is_none()
+    }
+
     /// Frees the copies on the compute device that are not in use (resident and staged); returns
     /// their bytes for the budget to refund.
     pub fn drop_device_copies(&mut self) -> u64 {

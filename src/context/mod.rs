@@ -793,7 +793,7 @@ impl Context {
             }
             // Decided on the copies, not on bytes: a layer whose tensors are all empty has copies
             // of 0 bytes, which must still be made before views can point into them.
-            if layer.prepared.is_some() && (layer.staged.is_some() || !layer.needs_conversion()) {
+            if layer.prepared.is_some() && !layer.conversion_missing() {
                 // Resident, and converted ahead when the forms differ: a hit, nothing moves.
                 let layer = st.registry.layers.get_mut(key).expect("checked");
                 let prefetched = std::mem::take(&mut layer.prefetched);
@@ -876,8 +876,7 @@ impl Context {
     /// away: bytes to move, or (for the next layer only) a conversion to make.
     fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
         // First what answers for a resident layer, which every acquire of a pass asks about.
-        let missing = layer.prepared.is_none()
-            || (distance <= 1 && layer.needs_conversion() && layer.staged.is_none());
+        let missing = layer.prepared.is_none() || (distance <= 1 && layer.conversion_missing());
         if !missing {
             return false;
         }
@@ -1335,8 +1334,9 @@ type Filled = std::result::Result<(DeviceCopy, Option<DeviceCopy>), (Option<Devi
 /// copy when the computation form differs from the preparing one and none was staged ahead.
 fn device_plan(layer: &Layer) -> DevicePlan {
     let forms = &layer.forms;
-    let converted =
-        (layer.needs_conversion() && layer.staged.is_none()).then(|| forms.computation.clone());
+    let converted = layer
+        .conversion_missing()
+        .then(|| forms.computation.clone());
     DevicePlan {
         prepared: layer.prepared.is_none().then(|| forms.preparing.clone()),
         converted,
