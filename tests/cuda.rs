@@ -95,10 +95,10 @@ impl Gpu {
         Stream(result::stream::create(result::stream::StreamKind::NonBlocking).unwrap())
     }
 
-    fn synchronize(&self, stream: &Stream) {
+    fn synchronize(&self, stream: sys::CUstream) {
         self.bind();
-        // SAFETY: a live stream.
-        unsafe { result::stream::synchronize(stream.0) }.unwrap();
+        // SAFETY: a live stream, or a default-stream handle of the calling thread.
+        unsafe { result::stream::synchronize(stream) }.unwrap();
     }
 
     /// Device bytes, read after everything on the legacy default stream (which acquires with a
@@ -485,7 +485,7 @@ fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
                     ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
                 }
             }
-            gpu.synchronize(&stream);
+            gpu.synchronize(stream.0);
             let got = gpu.read(sums.0 as *mut c_void, passes * layers * 2 * 4);
             for (slot, sum) in got.chunks_exact(4).enumerate() {
                 let (pass, i, t) = (slot / (2 * layers), (slot / 2) % layers, slot % 2);
@@ -863,7 +863,7 @@ fn checked_passes(gpu: &Gpu, seed: u64, passes: usize) {
             ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
         }
     }
-    gpu.synchronize(&stream);
+    gpu.synchronize(stream.0);
     let got = gpu.read(sums.0 as *mut c_void, passes * ids.len() * 2 * 4);
     for (slot, sum) in got.chunks_exact(4).enumerate() {
         let (i, t) = ((slot / 2) % ids.len(), slot % 2);
@@ -949,9 +949,7 @@ fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
             released.send(()).unwrap();
             // Err only when the other thread panicked, which the scope reports.
             let _ = second_done.recv();
-            gpu.bind();
-            // SAFETY: the calling thread's own default stream.
-            unsafe { result::stream::synchronize(PER_THREAD) }.unwrap();
+            gpu.synchronize(PER_THREAD);
             let got = gpu.read(sum.0 as *mut c_void, 4);
             assert_eq!(
                 u32::from_le_bytes(got.try_into().unwrap()),
@@ -970,9 +968,7 @@ fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
             ok(strata_release(ctx.0, ids[0], PER_THREAD as *mut c_void));
             acquire_on(ctx, ids[1], PER_THREAD);
             ok(strata_release(ctx.0, ids[1], PER_THREAD as *mut c_void));
-            gpu.bind();
-            // SAFETY: the calling thread's own default stream.
-            unsafe { result::stream::synchronize(PER_THREAD) }.unwrap();
+            gpu.synchronize(PER_THREAD);
             done.send(()).unwrap();
         });
     });

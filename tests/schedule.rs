@@ -275,6 +275,7 @@ fn a_pipeline_moves_within_five_percent_of_the_offline_optimum() {
         per_prompt(&|trace| lru(trace, &sizes, budget)),
         per_prompt(&|trace| greedy_first_fill(trace, &sizes, budget)),
     );
+    let unwindowed = per_prompt(&|trace| belady(trace, &sizes, budget, 0));
     for depth in [0u32, 1, 2] {
         let model = Model::new(budget, depth, &rows);
         let compute = Duration::from_micros(300 * depth.min(1) as u64);
@@ -286,7 +287,6 @@ fn a_pipeline_moves_within_five_percent_of_the_offline_optimum() {
         moved /= prompts as u64 - 1;
         // The optimum for the same window: the layer in use and the next `depth` are resident.
         let optimum = per_prompt(&|trace| belady(trace, &sizes, budget, depth as usize));
-        let unwindowed = per_prompt(&|trace| belady(trace, &sizes, budget, 0));
         println!(
             "depth {depth}: strata {moved} bytes per prompt, offline optimum with the same window {optimum} ({:.3}x), with no window {unwindowed} ({:.3}x)",
             moved as f64 / optimum as f64,
