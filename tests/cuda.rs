@@ -1,11 +1,17 @@
 //! The CUDA backend on a real GPU, through the C ABI. Every test skips, saying so, where no CUDA
 //! driver or device exists (CI); `scripts/gpu-checks.sh` runs them on a machine with a GPU.
 //!
+//! Everywhere, `every_gpu_test_passes_on_the_emulated_driver` also runs them all in a child
+//! process against tests/gpu/emulated_driver.cpp, a libcuda.so that runs streams, events and
+//! strata's kernels on the host and is strict about ordering and memory: the backend's own code
+//! then runs in CI, though only a GPU can say it is fast or that the real driver agrees.
+//!
 //! The reference for every byte is the CPU device running the same tiers: the host conversions
 //! are exact and tested on their own, so the GPU must reproduce them bit for bit.
 
 mod common;
 
+use common::programs;
 use common::*;
 use cudarc::driver::{result, sys};
 use std::ffi::c_void;
@@ -15,6 +21,9 @@ use std::sync::Arc;
 
 /// The tests' own kernels (see tests/gpu/checksum.cu), launched on the caller's stream.
 const CHECKSUM_PTX: &str = concat!(include_str!("gpu/checksum.ptx"), "\0");
+
+/// Set in the child process that runs these tests against the emulated driver.
+const EMULATED: &str = "STRATA_TEST_EMULATED_CUDA";
 
 /// One GPU test at a time, whatever --test-threads says: several take the device's memory on
 /// purpose, and the budget and leak checks read the driver's free memory.
@@ -46,6 +55,14 @@ fn gpu(test: &str) -> Option<Gpu> {
     }
     let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let context = cudarc::driver::CudaContext::new(0).expect("device 0's primary context");
+    if std::env::var_os(EMULATED).is_some() {
+        let device = result::device::get(0).unwrap();
+        let name = result::device::get_name(device).unwrap();
+        assert!(
+            name.contains("emulated"),
+            "LD_LIBRARY_PATH did not make the emulated driver load: device {name}"
+        );
+    }
     context.bind_to_thread().unwrap();
     // SAFETY: NUL-terminated PTX text that outlives the call.
     let module = unsafe { result::module::load_data(CHECKSUM_PTX.as_ptr() as *const c_void) }
@@ -71,7 +88,11 @@ struct Stream(sys::CUstream);
 impl Drop for Stream {
     fn drop(&mut self) {
         // SAFETY: created by `Gpu::stream`, destroyed once.
-        unsafe { result::stream::destroy(self.0) }.unwrap();
+        let destroyed = unsafe { result::stream::destroy(self.0) };
+        // A test already failing may have left the driver failing every call.
+        if !std::thread::panicking() {
+            destroyed.unwrap();
+        }
     }
 }
 
@@ -81,7 +102,10 @@ struct DeviceBytes(sys::CUdeviceptr);
 impl Drop for DeviceBytes {
     fn drop(&mut self) {
         // SAFETY: allocated by `Gpu::zeroed`, freed once.
-        unsafe { result::free_sync(self.0) }.unwrap();
+        let freed = unsafe { result::free_sync(self.0) };
+        if !std::thread::panicking() {
+            freed.unwrap();
+        }
     }
 }
 
@@ -788,6 +812,54 @@ fn a_stream_of_another_context_is_refused() {
 }
 
 #[test]
+fn a_destroyed_stream_gets_a_clear_status_and_the_context_keeps_working() {
+    let Some(gpu) = gpu("a_destroyed_stream_gets_a_clear_status_and_the_context_keeps_working")
+    else {
+        return;
+    };
+    let ctx = cuda_context(|_| {});
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 2, 1024);
+    let dead = gpu.stream();
+    let dead_handle = dead.0;
+    drop(dead);
+    let mut views = vec![empty_view(); 4];
+    let mut count = 0;
+    let status = strata_acquire_for_compute(
+        ctx.0,
+        ids[0],
+        dead_handle as *mut c_void,
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    );
+    expect(status, STRATA_ERR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("not a live CUDA stream"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(ctx.stats().vram_in_use, 0, "{:?}", ctx.stats());
+    // Released with the dead handle, a layer stays acquired: the caller can release it right.
+    let live = gpu.stream();
+    acquire_on(&ctx, ids[1], live.0);
+    expect(
+        strata_release(ctx.0, ids[1], dead_handle as *mut c_void),
+        STRATA_ERR_INVALID_ARGUMENT,
+    );
+    ok(strata_release(ctx.0, ids[1], live.0 as *mut c_void));
+    for (seed, &id) in ids.iter().enumerate() {
+        let views = acquire_on(&ctx, id, live.0);
+        gpu.synchronize(live.0);
+        assert_eq!(
+            gpu.read(views[0].data, views[0].nbytes as usize),
+            bf16_bytes(&weights(1024, seed as u64, 0.05))
+        );
+        ok(strata_release(ctx.0, id, live.0 as *mut c_void));
+    }
+}
+
+#[test]
 fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
     let Some(gpu) = gpu("a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives")
     else {
@@ -982,3 +1054,62 @@ fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
 // only passed to launches.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
+
+/// Runs every other test of this file in a child process whose libcuda.so is the emulated
+/// driver (see the top of this file): once as built, and once with no host memory pinnable, so
+/// that every upload takes the pageable path. A test that skipped there counts as a failure.
+#[test]
+fn every_gpu_test_passes_on_the_emulated_driver() {
+    const THIS: &str = "every_gpu_test_passes_on_the_emulated_driver";
+    if std::env::var_os(EMULATED).is_some() {
+        return;
+    }
+    let Some(compiler) = programs::cxx_compiler() else {
+        skipped(THIS, "no C++ compiler (c++, g++ or clang++) on PATH");
+        return;
+    };
+    let dir = programs::BuildDir::new("emulated-cuda");
+    let mut cxx = std::process::Command::new(compiler);
+    cxx.args(programs::CXX_FLAGS)
+        .args(["-O2", "-fno-strict-aliasing", "-ffp-contract=off"])
+        .args(["-shared", "-fPIC", "-pthread", "-I"])
+        .arg(programs::manifest_dir().join("kernels"))
+        .arg(programs::manifest_dir().join("tests/gpu/emulated_driver.cpp"))
+        .arg("-o")
+        .arg(dir.path().join("libcuda.so"));
+    programs::compile(cxx, "tests/gpu/emulated_driver.cpp");
+    let tests = include_str!("cuda.rs")
+        .lines()
+        .filter(|line| line.trim() == "#[test]")
+        .count();
+    let others = tests - 1;
+    for (label, pinnable) in [("as built", None), ("with nothing pinnable", Some("0"))] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args(["--test-threads=1", "--exact", "--skip", THIS])
+            .env("LD_LIBRARY_PATH", dir.path())
+            .env(EMULATED, "1")
+            .env_remove("STRATA_EMULATED_CUDA_PINNABLE");
+        if let Some(bytes) = pinnable {
+            child.env("STRATA_EMULATED_CUDA_PINNABLE", bytes);
+        }
+        let output = child.output().unwrap();
+        let report = programs::describe(&output);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "on the emulated driver {label}:\n{report}"
+        );
+        assert!(
+            !stderr.contains("SKIPPED"),
+            "a test skipped on the emulated driver {label}:\n{report}"
+        );
+        let passed = format!("test result: ok. {others} passed");
+        assert!(
+            stdout.contains(&passed),
+            "expected `{passed}` on the emulated driver {label}:\n{report}"
+        );
+        eprintln!("emulated driver {label}: {others} tests passed");
+    }
+}

@@ -15,7 +15,7 @@
 //! skips its test with a "SKIPPED:" line. Regenerate the PTX with scripts/gen-ptx.sh.
 
 mod common;
-use common::programs::{assert_ok, compile, manifest_dir, run, BuildDir, CXX_FLAGS};
+use common::programs::{assert_ok, compile, cxx_compiler, manifest_dir, run, BuildDir, CXX_FLAGS};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Write as _;
@@ -526,16 +526,6 @@ fn jobs() -> Vec<Job> {
         }
     }
     jobs
-}
-
-/// The first C++ compiler on PATH that runs.
-fn cxx_compiler() -> Option<&'static str> {
-    ["c++", "g++", "clang++"].into_iter().find(|compiler| {
-        Command::new(compiler)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
 }
 
 /// Describes the differences between the kernels' output and the host's, for a failure message.

@@ -35,6 +35,16 @@ pub fn require_compiler(compiler: &str) {
     }
 }
 
+/// The first C++ compiler on PATH that runs.
+pub fn cxx_compiler() -> Option<&'static str> {
+    ["c++", "g++", "clang++"].into_iter().find(|compiler| {
+        Command::new(compiler)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
 /// A fresh directory under the system temp dir, removed when the test passes and kept (and
 /// printed) when it fails, so the binaries and files can be inspected.
 pub struct BuildDir(PathBuf);

@@ -185,15 +185,29 @@ impl Drop for Event {
     }
 }
 
-/// The context a stream belongs to (the current one for the legacy default stream, NULL).
+/// The context a stream belongs to (the current one for the legacy default stream, NULL). A
+/// handle the driver does not know (a destroyed stream, say) is the caller's error.
 pub(super) fn stream_context(stream: sys::CUstream) -> Result<sys::CUcontext> {
     let mut context = std::ptr::null_mut();
     // SAFETY: writes one handle into `context`; the driver checks the stream handle.
-    check(
-        unsafe { sys::cuStreamGetCtx(stream, &mut context) }.result(),
-        "checking the caller's stream",
-    )?;
-    Ok(context)
+    let found = unsafe { sys::cuStreamGetCtx(stream, &mut context) }.result();
+    match found {
+        Ok(()) => Ok(context),
+        Err(e)
+            if matches!(
+                e.0,
+                sys::CUresult::CUDA_ERROR_INVALID_HANDLE
+                    | sys::CUresult::CUDA_ERROR_CONTEXT_IS_DESTROYED
+            ) =>
+        {
+            let cause = driver_error(e, "checking the caller's stream");
+            Err(Error::invalid(format!(
+                "the stream is not a live CUDA stream (destroyed, or not a stream handle): {}",
+                cause.message
+            )))
+        }
+        Err(e) => Err(driver_error(e, "checking the caller's stream")),
+    }
 }
 
 /// The context current on the calling thread (null when there is none).

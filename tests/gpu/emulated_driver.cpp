@@ -1,0 +1,1109 @@
+// An emulated CUDA driver: the entry points of libcuda.so that strata and tests/cuda.rs call,
+// implemented on the host, so that the CUDA backend's own code runs where no GPU exists (CI).
+// tests/cuda.rs builds it as a libcuda.so and runs its GPU tests a second time against it.
+//
+// It stands in for a GPU where that can be done faithfully, and is strict where a real driver
+// would fail later or only sometimes:
+// - Streams run asynchronously, each on a thread of its own, in order; events and stream waits
+//   order them as on a GPU. Copies from pinned host memory read it when the stream gets to them;
+//   copies from pageable memory wait for the stream, then copy at once (the driver stages them).
+// - Device memory lives at addresses the host cannot dereference (a PROT_NONE reservation, never
+//   reused), backed elsewhere: host code that touches a device pointer faults, as it would.
+//   Allocations fail with CUDA_ERROR_OUT_OF_MEMORY beyond STRATA_EMULATED_CUDA_MEMORY bytes
+//   (1 GiB by default), and fresh memory holds garbage, not zeros. Pinning host memory
+//   (cuMemHostAlloc, cuMemHostRegister) fails beyond STRATA_EMULATED_CUDA_PINNABLE bytes, as a
+//   memlock limit makes it fail.
+// - A kernel or copy that reaches outside a live allocation, and memory (device, pinned or
+//   registered) freed while queued work still uses it, poison the driver as an illegal address
+//   does: every later call fails with CUDA_ERROR_ILLEGAL_ADDRESS, and stderr says what happened.
+// - Calls need a current context; a stream of another context is refused where CUDA refuses it;
+//   unknown stream, event and function handles get CUDA_ERROR_INVALID_HANDLE.
+// - Kernels: strata's conversion kernels are the ones in kernels/convert.cu compiled for the host
+//   (the PTX must name them), and the tests' checksum and spin kernels are written out below.
+//
+// It does not emulate the legacy default stream's implicit synchronisation with blocking
+// streams (strata's streams are non-blocking), and says nothing of speed.
+
+#include "convert.cu"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+namespace {
+
+enum : CUresult {
+  SUCCESS = 0,
+  INVALID_VALUE = 1,
+  OUT_OF_MEMORY = 2,
+  NOT_INITIALIZED = 3,
+  INVALID_DEVICE = 101,
+  INVALID_IMAGE = 200,
+  INVALID_CONTEXT = 201,
+  INVALID_HANDLE = 400,
+  NOT_FOUND = 500,
+  NOT_READY = 600,
+  ILLEGAL_ADDRESS = 700,
+  HOST_MEMORY_ALREADY_REGISTERED = 712,
+  HOST_MEMORY_NOT_REGISTERED = 713,
+  STREAM_CAPTURE_UNSUPPORTED = 900,
+  STREAM_CAPTURE_INVALIDATED = 901,
+  STREAM_CAPTURE_UNMATCHED = 903,
+};
+
+const char *error_name(CUresult code) {
+  switch (code) {
+  case SUCCESS: return "CUDA_SUCCESS";
+  case INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+  case OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+  case NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+  case INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+  case INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+  case INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+  case INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+  case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+  case NOT_READY: return "CUDA_ERROR_NOT_READY";
+  case ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+  case HOST_MEMORY_ALREADY_REGISTERED: return "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED";
+  case HOST_MEMORY_NOT_REGISTERED: return "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED";
+  case STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+  case STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+  case STREAM_CAPTURE_UNMATCHED: return "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED";
+  default: return nullptr;
+  }
+}
+
+const char *error_text(CUresult code) {
+  switch (code) {
+  case SUCCESS: return "no error";
+  case INVALID_VALUE: return "invalid argument";
+  case OUT_OF_MEMORY: return "out of memory";
+  case NOT_INITIALIZED: return "initialization error";
+  case INVALID_DEVICE: return "invalid device ordinal";
+  case INVALID_IMAGE: return "device kernel image is invalid";
+  case INVALID_CONTEXT: return "invalid device context";
+  case INVALID_HANDLE: return "invalid resource handle";
+  case NOT_FOUND: return "named symbol not found";
+  case NOT_READY: return "device not ready";
+  case ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
+  case HOST_MEMORY_ALREADY_REGISTERED: return "part or all of the requested memory range is "
+                                              "already mapped";
+  case HOST_MEMORY_NOT_REGISTERED: return "pointer does not correspond to a registered memory "
+                                          "region";
+  case STREAM_CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
+  case STREAM_CAPTURE_INVALIDATED: return "operation failed due to a previous error during "
+                                          "capture";
+  case STREAM_CAPTURE_UNMATCHED: return "capture was not initiated in this stream";
+  default: return nullptr;
+  }
+}
+
+// cuda.h's handles for the default streams.
+const uintptr_t STREAM_LEGACY = 1;
+const uintptr_t STREAM_PER_THREAD = 2;
+const unsigned EVENT_DISABLE_TIMING = 2;
+const int CAPTURE_NONE = 0, CAPTURE_ACTIVE = 1, CAPTURE_INVALIDATED = 2;
+const int ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
+
+struct Context;
+struct Event;
+
+// One piece of device memory an operation reads or writes, resolved to its backing storage just
+// before it runs.
+struct DeviceRange {
+  CUdeviceptr address;
+  size_t len;
+};
+
+struct Op {
+  const char *what;
+  std::vector<DeviceRange> device;
+  // Pinned host memory the op reads or writes when it runs.
+  uintptr_t host_start = 0, host_end = 0;
+  std::function<void(const std::vector<unsigned char *> &)> work;
+  std::shared_ptr<Event> waits_for;
+  uint64_t wait_generation = 0;
+  std::shared_ptr<Event> completes;
+  uint64_t completes_generation = 0;
+};
+
+struct Stream {
+  Context *context;
+  std::deque<Op> queue;
+  bool destroyed = false;
+  int capture = CAPTURE_NONE;
+  std::vector<Op> captured;
+};
+
+struct Event {
+  Context *context;
+  bool timing;
+  uint64_t recorded = 0, completed = 0;
+  std::chrono::steady_clock::time_point completed_at;
+};
+
+struct Context {
+  bool primary;
+  int retained = 0;
+  std::shared_ptr<Stream> legacy;
+};
+
+struct Allocation {
+  size_t len;
+  unsigned char *backing;
+  Context *context;
+};
+
+struct Module {
+  Context *context;
+  std::set<std::string> entries;
+};
+
+enum class KernelKind { Convert, Checksum, Spin };
+
+typedef void (*ConvertKernel)(const unsigned char *, unsigned char *, const float *,
+                              unsigned long long, unsigned long long);
+
+struct Function {
+  Module *module;
+  KernelKind kind;
+  ConvertKernel convert = nullptr;
+  size_t src_size = 0, dst_size = 0;
+  bool scaled_source = false;
+};
+
+struct Graph {
+  std::vector<Op> ops;
+};
+
+#define CONVERT(SRC, SRC_SIZE, DST, DST_SIZE, FP8)                                                  \
+  {"strata_convert_" #SRC "_to_" #DST, strata_convert_##SRC##_to_##DST, SRC_SIZE, DST_SIZE, FP8}
+
+struct ConvertEntry {
+  const char *name;
+  ConvertKernel kernel;
+  size_t src_size, dst_size;
+  bool fp8;
+};
+
+const ConvertEntry CONVERT_KERNELS[] = {
+    CONVERT(f16, 2, f32, 4, false),   CONVERT(bf16, 2, f32, 4, false),
+    CONVERT(f8e4m3, 1, f32, 4, true), CONVERT(f8e5m2, 1, f32, 4, true),
+    CONVERT(f32, 4, f16, 2, false),   CONVERT(bf16, 2, f16, 2, false),
+    CONVERT(f8e4m3, 1, f16, 2, true), CONVERT(f8e5m2, 1, f16, 2, true),
+    CONVERT(f32, 4, bf16, 2, false),  CONVERT(f16, 2, bf16, 2, false),
+    CONVERT(f8e4m3, 1, bf16, 2, true), CONVERT(f8e5m2, 1, bf16, 2, true),
+};
+
+// Everything below is guarded by `mu`; `changed` is signalled whenever work completes, an event
+// does, or a queue grows. Leaked on purpose: stream threads outlive static destructors.
+struct Driver {
+  std::mutex mu;
+  std::condition_variable changed;
+  bool initialized = false;
+  std::string poisoned;
+  size_t total = 0, used = 0;
+  uintptr_t address_space = 0, address_space_end = 0, next_address = 0;
+  std::map<uintptr_t, Allocation> allocations;
+  // Pinned host ranges, start -> end: cuMemHostAlloc's and cuMemHostRegister's.
+  std::map<uintptr_t, uintptr_t> host_allocations, registrations;
+  // Host memory pinned either way, and the most that may be (STRATA_EMULATED_CUDA_PINNABLE).
+  size_t pinned_bytes = 0, pinnable = SIZE_MAX;
+  Context primary_context{true, 0, nullptr};
+  std::set<Context *> contexts;
+  std::map<Stream *, std::shared_ptr<Stream>> streams;
+  std::map<Event *, std::shared_ptr<Event>> events;
+  std::set<Module *> modules;
+  std::set<Function *> functions;
+  std::set<Graph *> graphs;
+  // Each thread's per-thread default stream, per context.
+  std::map<std::pair<std::thread::id, Context *>, std::shared_ptr<Stream>> per_thread;
+  std::mutex kernels; // the host kernels share one emulated grid position
+};
+
+Driver &driver = *new Driver;
+thread_local std::vector<Context *> context_stack;
+
+size_t env_bytes(const char *name, size_t fallback) {
+  const char *value = std::getenv(name);
+  return value && *value ? (size_t)std::strtoull(value, nullptr, 10) : fallback;
+}
+
+void poison(std::unique_lock<std::mutex> &, const std::string &why) {
+  if (driver.poisoned.empty()) {
+    driver.poisoned = why;
+    std::fprintf(stderr, "emulated CUDA driver: illegal address: %s\n", why.c_str());
+  }
+}
+
+Context *current() { return context_stack.empty() ? nullptr : context_stack.back(); }
+
+// The common preconditions of a call made in the current context.
+CUresult ready_in_context() {
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!driver.poisoned.empty()) return ILLEGAL_ADDRESS;
+  Context *context = current();
+  if (context == nullptr || !driver.contexts.count(context)) return INVALID_CONTEXT;
+  return SUCCESS;
+}
+
+// Where [address, address + len) of device memory is backed on the host, or nullptr when it
+// does not lie inside one live allocation.
+unsigned char *backing_of(CUdeviceptr address, size_t len) {
+  auto it = driver.allocations.upper_bound((uintptr_t)address);
+  if (it == driver.allocations.begin()) return nullptr;
+  --it;
+  uintptr_t start = it->first;
+  if (address < start || address + len > start + it->second.len || address + len < address) {
+    return nullptr;
+  }
+  return it->second.backing + (address - start);
+}
+
+bool overlaps(uintptr_t a_start, uintptr_t a_end, uintptr_t b_start, uintptr_t b_end) {
+  return a_start < b_end && b_start < a_end;
+}
+
+// Whether [start, end) of device memory or (host) of pinned host memory is in queued or running
+// work on any stream.
+const char *in_flight(uintptr_t start, uintptr_t end, bool host) {
+  auto check = [&](const std::deque<Op> &queue) -> const char * {
+    for (const Op &op : queue) {
+      if (host && overlaps(start, end, op.host_start, op.host_end)) return op.what;
+      if (!host) {
+        for (const DeviceRange &r : op.device) {
+          if (r.len > 0 && overlaps(start, end, r.address, r.address + r.len)) return op.what;
+        }
+      }
+    }
+    return nullptr;
+  };
+  for (auto &entry : driver.streams) {
+    if (const char *what = check(entry.second->queue)) return what;
+  }
+  for (Context *context : driver.contexts) {
+    if (const char *what = check(context->legacy->queue)) return what;
+  }
+  for (auto &entry : driver.per_thread) {
+    if (const char *what = check(entry.second->queue)) return what;
+  }
+  return nullptr;
+}
+
+void run_stream(std::shared_ptr<Stream> stream) {
+  std::unique_lock<std::mutex> lock(driver.mu);
+  for (;;) {
+    driver.changed.wait(lock, [&] { return !stream->queue.empty() || stream->destroyed; });
+    if (stream->queue.empty()) return;
+    Op &op = stream->queue.front();
+    if (op.waits_for) {
+      driver.changed.wait(lock, [&] { return op.waits_for->completed >= op.wait_generation; });
+    }
+    std::vector<unsigned char *> resolved;
+    bool runnable = driver.poisoned.empty();
+    for (const DeviceRange &range : op.device) {
+      unsigned char *backing = range.len ? backing_of(range.address, range.len) : nullptr;
+      if (range.len && backing == nullptr) {
+        char why[160];
+        std::snprintf(why, sizeof why, "%s reached 0x%llx + %zu, outside live device memory",
+                      op.what, range.address, range.len);
+        poison(lock, why);
+        runnable = false;
+        break;
+      }
+      resolved.push_back(backing);
+    }
+    if (runnable && op.work) {
+      lock.unlock();
+      op.work(resolved);
+      lock.lock();
+    }
+    if (op.completes) {
+      op.completes->completed = std::max(op.completes->completed, op.completes_generation);
+      op.completes->completed_at = std::chrono::steady_clock::now();
+    }
+    stream->queue.pop_front();
+    driver.changed.notify_all();
+  }
+}
+
+std::shared_ptr<Stream> new_stream(Context *context) {
+  auto stream = std::make_shared<Stream>();
+  stream->context = context;
+  std::thread(run_stream, stream).detach();
+  return stream;
+}
+
+// The stream a handle names in the current context (the default-stream handles name one there).
+CUresult resolve(void *handle, std::shared_ptr<Stream> &out) {
+  uintptr_t raw = (uintptr_t)handle;
+  Context *context = current();
+  if (raw == 0 || raw == STREAM_LEGACY) {
+    out = context->legacy;
+    return SUCCESS;
+  }
+  if (raw == STREAM_PER_THREAD) {
+    auto key = std::make_pair(std::this_thread::get_id(), context);
+    auto &stream = driver.per_thread[key];
+    if (!stream) stream = new_stream(context);
+    out = stream;
+    return SUCCESS;
+  }
+  auto it = driver.streams.find((Stream *)handle);
+  if (it == driver.streams.end() || it->second->destroyed) return INVALID_HANDLE;
+  out = it->second;
+  return SUCCESS;
+}
+
+void enqueue(Stream &stream, Op op) {
+  if (stream.capture != CAPTURE_NONE) {
+    stream.captured.push_back(std::move(op));
+    return;
+  }
+  stream.queue.push_back(std::move(op));
+  driver.changed.notify_all();
+}
+
+void wait_idle(std::unique_lock<std::mutex> &lock, Stream &stream) {
+  driver.changed.wait(lock, [&] { return stream.queue.empty(); });
+}
+
+CUresult check_device_range(CUdeviceptr address, size_t len) {
+  return len == 0 || backing_of(address, len) ? SUCCESS : INVALID_VALUE;
+}
+
+// The pinned range holding [start, start + len) whole, if one does.
+bool pinned(uintptr_t start, size_t len) {
+  for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
+    auto it = ranges->upper_bound(start);
+    if (it != ranges->begin() && start + len <= (--it)->second) return true;
+  }
+  return false;
+}
+
+struct Locked {
+  std::unique_lock<std::mutex> lock{driver.mu};
+};
+
+void run_grid(const Function &f, unsigned grid, unsigned block,
+              const std::vector<unsigned char *> &p, unsigned long long numel,
+              unsigned long long row_len, bool scaled) {
+  std::lock_guard<std::mutex> alone(driver.kernels);
+  for (unsigned b = 0; b < grid; b++) {
+    for (unsigned t = 0; t < block; t++) {
+      strata_host_grid_now = strata_host_grid{b, block, grid, t};
+      f.convert(p[0], p[1], scaled ? (const float *)p[2] : nullptr, numel, row_len);
+    }
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+CUresult cuGetErrorName(CUresult error, const char **name) {
+  if (!name) return INVALID_VALUE;
+  *name = error_name(error);
+  return *name ? SUCCESS : INVALID_VALUE;
+}
+
+CUresult cuGetErrorString(CUresult error, const char **text) {
+  if (!text) return INVALID_VALUE;
+  *text = error_text(error);
+  return *text ? SUCCESS : INVALID_VALUE;
+}
+
+CUresult cuInit(unsigned flags) {
+  if (flags != 0) return INVALID_VALUE;
+  Locked l;
+  if (!driver.initialized) {
+    driver.total = env_bytes("STRATA_EMULATED_CUDA_MEMORY", (size_t)1 << 30);
+    driver.pinnable = env_bytes("STRATA_EMULATED_CUDA_PINNABLE", SIZE_MAX);
+    // Addresses for device memory that the host cannot touch, never handed out twice.
+    size_t span = (size_t)1 << 40;
+    void *space = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                       0);
+    if (space == MAP_FAILED) return OUT_OF_MEMORY;
+    driver.address_space = driver.next_address = (uintptr_t)space;
+    driver.address_space_end = (uintptr_t)space + span;
+    driver.primary_context.legacy = new_stream(&driver.primary_context);
+    driver.initialized = true;
+  }
+  return SUCCESS;
+}
+
+CUresult cuDriverGetVersion(int *version) {
+  if (!version) return INVALID_VALUE;
+  *version = 12080;
+  return SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int *count) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!count) return INVALID_VALUE;
+  *count = 1;
+  return SUCCESS;
+}
+
+CUresult cuDeviceGet(CUdevice *device, int ordinal) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!device) return INVALID_VALUE;
+  if (ordinal != 0) return INVALID_DEVICE;
+  *device = 0;
+  return SUCCESS;
+}
+
+CUresult cuDeviceGetName(char *name, int len, CUdevice device) {
+  if (device != 0) return INVALID_DEVICE;
+  if (!name || len <= 0) return INVALID_VALUE;
+  std::snprintf(name, (size_t)len, "%s", "strata emulated CUDA device");
+  return SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
+  if (device != 0) return INVALID_DEVICE;
+  if (!value) return INVALID_VALUE;
+  // Compute capability 9.0; everything else (memory pools included) reads as absent.
+  *value = attribute == ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? 9 : 0;
+  return SUCCESS;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice device) {
+  if (device != 0) return INVALID_DEVICE;
+  if (!bytes) return INVALID_VALUE;
+  Locked l;
+  *bytes = driver.total;
+  return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(Context **context, CUdevice device) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (device != 0) return INVALID_DEVICE;
+  if (!context) return INVALID_VALUE;
+  driver.primary_context.retained++;
+  driver.contexts.insert(&driver.primary_context);
+  *context = &driver.primary_context;
+  return SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (device != 0) return INVALID_DEVICE;
+  if (driver.primary_context.retained == 0) return INVALID_CONTEXT;
+  // The context stays usable at zero: strata and the tests release it last, and what the real
+  // driver would free with it is not what these tests look at.
+  driver.primary_context.retained--;
+  return SUCCESS;
+}
+
+CUresult cuCtxCreate_v2(Context **context, unsigned, CUdevice device) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (device != 0) return INVALID_DEVICE;
+  if (!context) return INVALID_VALUE;
+  Context *created = new Context{false, 0, nullptr};
+  created->legacy = new_stream(created);
+  driver.contexts.insert(created);
+  context_stack.push_back(created);
+  *context = created;
+  return SUCCESS;
+}
+
+CUresult cuCtxDestroy_v2(Context *context) {
+  Locked l;
+  if (!driver.contexts.count(context) || context->primary) return INVALID_CONTEXT;
+  wait_idle(l.lock, *context->legacy);
+  for (auto it = driver.allocations.begin(); it != driver.allocations.end();) {
+    if (it->second.context == context) {
+      driver.used -= it->second.len;
+      std::free(it->second.backing);
+      it = driver.allocations.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  context->legacy->destroyed = true;
+  driver.changed.notify_all();
+  driver.contexts.erase(context);
+  context_stack.erase(std::remove(context_stack.begin(), context_stack.end(), context),
+                      context_stack.end());
+  return SUCCESS;
+}
+
+CUresult cuCtxGetCurrent(Context **context) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!context) return INVALID_VALUE;
+  *context = current();
+  return SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(Context *context) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (context && !driver.contexts.count(context)) return INVALID_CONTEXT;
+  if (!context_stack.empty()) context_stack.pop_back();
+  if (context) context_stack.push_back(context);
+  return SUCCESS;
+}
+
+CUresult cuCtxPushCurrent_v2(Context *context) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!driver.contexts.count(context)) return INVALID_CONTEXT;
+  context_stack.push_back(context);
+  return SUCCESS;
+}
+
+CUresult cuCtxPopCurrent_v2(Context **context) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (context_stack.empty()) return INVALID_CONTEXT;
+  if (context) *context = context_stack.back();
+  context_stack.pop_back();
+  return SUCCESS;
+}
+
+CUresult cuCtxSynchronize() {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  Context *context = current();
+  driver.changed.wait(l.lock, [&] {
+    if (!context->legacy->queue.empty()) return false;
+    for (auto &entry : driver.streams) {
+      if (entry.second->context == context && !entry.second->queue.empty()) return false;
+    }
+    for (auto &entry : driver.per_thread) {
+      if (entry.second->context == context && !entry.second->queue.empty()) return false;
+    }
+    return true;
+  });
+  return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
+}
+
+CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!free || !total) return INVALID_VALUE;
+  *free = driver.total - driver.used;
+  *total = driver.total;
+  return SUCCESS;
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!pointer || bytes == 0) return INVALID_VALUE;
+  size_t charged = (bytes + 511) / 512 * 512;
+  if (charged > driver.total - driver.used) return OUT_OF_MEMORY;
+  if (charged > driver.address_space_end - driver.next_address) return OUT_OF_MEMORY;
+  unsigned char *backing = (unsigned char *)std::malloc(charged);
+  if (!backing) return OUT_OF_MEMORY;
+  // Fresh device memory is not zeroed; the huge allocations of the tests' memory hogs are left
+  // untouched, so they take no host memory.
+  if (charged <= ((size_t)128 << 20)) std::memset(backing, 0xCD, charged);
+  uintptr_t address = driver.next_address;
+  driver.next_address += charged;
+  driver.used += charged;
+  driver.allocations[address] = Allocation{charged, backing, current()};
+  *pointer = address;
+  return SUCCESS;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr pointer) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.allocations.find((uintptr_t)pointer);
+  if (it == driver.allocations.end()) return INVALID_VALUE;
+  if (const char *what = in_flight(it->first, it->first + it->second.len, false)) {
+    poison(l.lock, std::string("device memory freed while queued work still uses it: ") + what);
+    return ILLEGAL_ADDRESS;
+  }
+  driver.used -= it->second.len;
+  std::free(it->second.backing);
+  driver.allocations.erase(it);
+  return SUCCESS;
+}
+
+CUresult cuMemHostAlloc(void **pointer, size_t bytes, unsigned) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!pointer || bytes == 0) return INVALID_VALUE;
+  // As the memlock limit refuses it.
+  if (bytes > driver.pinnable - driver.pinned_bytes) return OUT_OF_MEMORY;
+  void *memory = std::malloc(bytes);
+  if (!memory) return OUT_OF_MEMORY;
+  driver.pinned_bytes += bytes;
+  driver.host_allocations[(uintptr_t)memory] = (uintptr_t)memory + bytes;
+  *pointer = memory;
+  return SUCCESS;
+}
+
+CUresult cuMemAllocHost_v2(void **pointer, size_t bytes) { return cuMemHostAlloc(pointer, bytes, 0); }
+
+CUresult cuMemFreeHost(void *pointer) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.host_allocations.find((uintptr_t)pointer);
+  if (it == driver.host_allocations.end()) return INVALID_VALUE;
+  if (const char *what = in_flight(it->first, it->second, true)) {
+    poison(l.lock, std::string("pinned host memory freed while queued work reads it: ") + what);
+    return ILLEGAL_ADDRESS;
+  }
+  driver.pinned_bytes -= it->second - it->first;
+  driver.host_allocations.erase(it);
+  std::free(pointer);
+  return SUCCESS;
+}
+
+CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!pointer || bytes == 0) return INVALID_VALUE;
+  uintptr_t start = (uintptr_t)pointer, end = start + bytes;
+  for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
+    for (auto &range : *ranges) {
+      if (overlaps(start, end, range.first, range.second)) return HOST_MEMORY_ALREADY_REGISTERED;
+    }
+  }
+  if (bytes > driver.pinnable - driver.pinned_bytes) return OUT_OF_MEMORY;
+  driver.pinned_bytes += bytes;
+  driver.registrations[start] = end;
+  return SUCCESS;
+}
+
+CUresult cuMemHostUnregister(void *pointer) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.registrations.find((uintptr_t)pointer);
+  if (it == driver.registrations.end()) return HOST_MEMORY_NOT_REGISTERED;
+  if (const char *what = in_flight(it->first, it->second, true)) {
+    poison(l.lock, std::string("host memory unregistered while queued work reads it: ") + what);
+    return ILLEGAL_ADDRESS;
+  }
+  driver.pinned_bytes -= it->second - it->first;
+  driver.registrations.erase(it);
+  return SUCCESS;
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, void *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if (bytes == 0) return SUCCESS;
+  if (!src) return INVALID_VALUE;
+  if (CUresult r = check_device_range(dst, bytes)) return r;
+  Op op;
+  op.what = "a host-to-device copy";
+  op.device = std::vector<DeviceRange>{{dst, bytes}};
+  if (pinned((uintptr_t)src, bytes)) {
+    op.host_start = (uintptr_t)src;
+    op.host_end = (uintptr_t)src + bytes;
+    op.work = [src, bytes](const std::vector<unsigned char *> &p) { std::memcpy(p[0], src, bytes); };
+  } else {
+    // Pageable memory: the driver waits for the stream, then has read the bytes on return.
+    if (stream->capture == CAPTURE_NONE) wait_idle(l.lock, *stream);
+    auto staged = std::make_shared<std::vector<unsigned char>>(
+        (const unsigned char *)src, (const unsigned char *)src + bytes);
+    op.work = [staged](const std::vector<unsigned char *> &p) {
+      std::memcpy(p[0], staged->data(), staged->size());
+    };
+  }
+  enqueue(*stream, std::move(op));
+  return SUCCESS;
+}
+
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, void *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if (CUresult r = check_device_range(dst, bytes)) return r;
+  if (CUresult r = check_device_range(src, bytes)) return r;
+  Op op;
+  op.what = "a device-to-device copy";
+  op.device = std::vector<DeviceRange>{{dst, bytes}, {src, bytes}};
+  op.work = [bytes](const std::vector<unsigned char *> &p) {
+    if (bytes) std::memmove(p[0], p[1], bytes);
+  };
+  enqueue(*stream, std::move(op));
+  return SUCCESS;
+}
+
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (bytes == 0) return SUCCESS;
+  if (!dst) return INVALID_VALUE;
+  if (CUresult r = check_device_range(src, bytes)) return r;
+  Stream &legacy = *current()->legacy;
+  Op op;
+  op.what = "a device-to-host copy";
+  op.device = std::vector<DeviceRange>{{src, bytes}};
+  op.host_start = (uintptr_t)dst;
+  op.host_end = (uintptr_t)dst + bytes;
+  op.work = [dst, bytes](const std::vector<unsigned char *> &p) { std::memcpy(dst, p[0], bytes); };
+  enqueue(legacy, std::move(op));
+  wait_idle(l.lock, legacy);
+  return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
+}
+
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = check_device_range(dst, bytes)) return r;
+  Op op;
+  op.what = "a memset";
+  op.device = std::vector<DeviceRange>{{dst, bytes}};
+  op.work = [value, bytes](const std::vector<unsigned char *> &p) {
+    if (bytes) std::memset(p[0], value, bytes);
+  };
+  // On device memory it may return before it is done, on the legacy stream.
+  enqueue(*current()->legacy, std::move(op));
+  return SUCCESS;
+}
+
+CUresult cuStreamCreate(Stream **handle, unsigned) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!handle) return INVALID_VALUE;
+  std::shared_ptr<Stream> stream = new_stream(current());
+  driver.streams[stream.get()] = stream;
+  *handle = stream.get();
+  return SUCCESS;
+}
+
+CUresult cuStreamDestroy_v2(Stream *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.streams.find(handle);
+  if (it == driver.streams.end()) return INVALID_HANDLE;
+  // Work already queued still runs; the stream's thread ends after it.
+  it->second->destroyed = true;
+  driver.changed.notify_all();
+  driver.streams.erase(it);
+  return SUCCESS;
+}
+
+CUresult cuStreamSynchronize(void *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if (stream->capture != CAPTURE_NONE) {
+    stream->capture = CAPTURE_INVALIDATED;
+    return STREAM_CAPTURE_UNSUPPORTED;
+  }
+  wait_idle(l.lock, *stream);
+  return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
+}
+
+CUresult cuStreamGetCtx(void *handle, Context **context) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!context) return INVALID_VALUE;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  *context = stream->context;
+  return SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(void *handle, int *status) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!status) return INVALID_VALUE;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  *status = stream->capture;
+  return SUCCESS;
+}
+
+CUresult cuStreamBeginCapture_v2(void *handle, int) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if ((uintptr_t)handle <= STREAM_LEGACY) return STREAM_CAPTURE_UNSUPPORTED;
+  if (stream->capture != CAPTURE_NONE) return STREAM_CAPTURE_UNSUPPORTED;
+  stream->capture = CAPTURE_ACTIVE;
+  stream->captured.clear();
+  return SUCCESS;
+}
+
+CUresult cuStreamEndCapture(void *handle, Graph **graph) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!graph) return INVALID_VALUE;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if (stream->capture == CAPTURE_NONE) return STREAM_CAPTURE_UNMATCHED;
+  bool invalidated = stream->capture == CAPTURE_INVALIDATED;
+  stream->capture = CAPTURE_NONE;
+  if (invalidated) {
+    stream->captured.clear();
+    *graph = nullptr;
+    return STREAM_CAPTURE_INVALIDATED;
+  }
+  Graph *made = new Graph{std::move(stream->captured)};
+  stream->captured.clear();
+  driver.graphs.insert(made);
+  *graph = made;
+  return SUCCESS;
+}
+
+CUresult cuGraphDestroy(Graph *graph) {
+  Locked l;
+  if (!driver.graphs.erase(graph)) return INVALID_VALUE;
+  delete graph;
+  return SUCCESS;
+}
+
+CUresult cuEventCreate(Event **handle, unsigned flags) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!handle) return INVALID_VALUE;
+  auto event = std::make_shared<Event>();
+  event->context = current();
+  event->timing = (flags & EVENT_DISABLE_TIMING) == 0;
+  driver.events[event.get()] = event;
+  *handle = event.get();
+  return SUCCESS;
+}
+
+CUresult cuEventDestroy_v2(Event *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  // Work that records or waits on it keeps it alive until that work has run.
+  return driver.events.erase(handle) ? SUCCESS : INVALID_HANDLE;
+}
+
+CUresult cuEventRecord(Event *handle, void *stream_handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.events.find(handle);
+  if (it == driver.events.end()) return INVALID_HANDLE;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(stream_handle, stream)) return r;
+  if (stream->context != it->second->context) return INVALID_HANDLE;
+  Op op;
+  op.what = "an event record";
+  if (stream->capture == CAPTURE_NONE) {
+    op.completes = it->second;
+    op.completes_generation = ++it->second->recorded;
+  }
+  enqueue(*stream, std::move(op));
+  return SUCCESS;
+}
+
+CUresult cuEventSynchronize(Event *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.events.find(handle);
+  if (it == driver.events.end()) return INVALID_HANDLE;
+  std::shared_ptr<Event> event = it->second;
+  uint64_t until = event->recorded;
+  driver.changed.wait(l.lock, [&] { return event->completed >= until; });
+  return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
+}
+
+CUresult cuEventQuery(Event *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  auto it = driver.events.find(handle);
+  if (it == driver.events.end()) return INVALID_HANDLE;
+  return it->second->completed >= it->second->recorded ? SUCCESS : NOT_READY;
+}
+
+CUresult cuEventElapsedTime(float *ms, Event *start, Event *end) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!ms) return INVALID_VALUE;
+  auto a = driver.events.find(start), b = driver.events.find(end);
+  if (a == driver.events.end() || b == driver.events.end()) return INVALID_HANDLE;
+  if (!a->second->timing || !b->second->timing) return INVALID_HANDLE;
+  if (a->second->recorded == 0 || b->second->recorded == 0) return INVALID_HANDLE;
+  if (a->second->completed < a->second->recorded || b->second->completed < b->second->recorded) {
+    return NOT_READY;
+  }
+  *ms = std::chrono::duration<float, std::milli>(b->second->completed_at -
+                                                 a->second->completed_at)
+            .count();
+  return SUCCESS;
+}
+
+CUresult cuStreamWaitEvent(void *stream_handle, Event *handle, unsigned flags) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (flags != 0) return INVALID_VALUE;
+  auto it = driver.events.find(handle);
+  if (it == driver.events.end()) return INVALID_HANDLE;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(stream_handle, stream)) return r;
+  Op op;
+  op.what = "a wait for an event";
+  op.waits_for = it->second;
+  op.wait_generation = it->second->recorded;
+  enqueue(*stream, std::move(op));
+  return SUCCESS;
+}
+
+CUresult cuModuleLoadData(Module **module, const void *image) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!module || !image) return INVALID_VALUE;
+  std::string ptx((const char *)image);
+  if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) {
+    return INVALID_IMAGE;
+  }
+  Module *loaded = new Module{current(), {}};
+  for (size_t at = ptx.find(".entry "); at != std::string::npos;
+       at = ptx.find(".entry ", at + 1)) {
+    size_t start = at + 7, end = ptx.find_first_of("( \t\n", start);
+    loaded->entries.insert(ptx.substr(start, end - start));
+  }
+  driver.modules.insert(loaded);
+  *module = loaded;
+  return SUCCESS;
+}
+
+CUresult cuModuleUnload(Module *module) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!driver.modules.erase(module)) return INVALID_HANDLE;
+  for (auto it = driver.functions.begin(); it != driver.functions.end();) {
+    if ((*it)->module == module) {
+      delete *it;
+      it = driver.functions.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  delete module;
+  return SUCCESS;
+}
+
+CUresult cuModuleGetFunction(Function **function, Module *module, const char *name) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!function || !name) return INVALID_VALUE;
+  if (!driver.modules.count(module)) return INVALID_HANDLE;
+  if (!module->entries.count(name)) return NOT_FOUND;
+  Function made{module, KernelKind::Convert};
+  std::string wanted(name);
+  if (wanted == "strata_test_checksum") {
+    made.kind = KernelKind::Checksum;
+  } else if (wanted == "strata_test_spin") {
+    made.kind = KernelKind::Spin;
+  } else {
+    const ConvertEntry *entry = nullptr;
+    for (const ConvertEntry &e : CONVERT_KERNELS) {
+      if (wanted == e.name) entry = &e;
+    }
+    if (!entry) return NOT_FOUND; // in the PTX, but not emulated
+    made.convert = entry->kernel;
+    made.src_size = entry->src_size;
+    made.dst_size = entry->dst_size;
+    made.scaled_source = entry->fp8;
+  }
+  Function *f = new Function(made);
+  driver.functions.insert(f);
+  *function = f;
+  return SUCCESS;
+}
+
+CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, unsigned grid_z,
+                        unsigned block_x, unsigned block_y, unsigned block_z, unsigned,
+                        void *stream_handle, void **params, void **extra) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!driver.functions.count(function)) return INVALID_HANDLE;
+  if (function->module->context != current()) return INVALID_HANDLE;
+  if (grid_x == 0 || grid_y != 1 || grid_z != 1 || block_x == 0 || block_x > 1024 ||
+      block_y != 1 || block_z != 1 || extra != nullptr || params == nullptr) {
+    return INVALID_VALUE;
+  }
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(stream_handle, stream)) return r;
+  auto param = [&](int i) { return *(const unsigned long long *)params[i]; };
+  Op op;
+  Function f = *function;
+  switch (f.kind) {
+  case KernelKind::Convert: {
+    unsigned long long src = param(0), dst = param(1), scales = param(2), numel = param(3),
+                       row_len = param(4);
+    bool scaled = f.scaled_source && scales != 0;
+    unsigned long long rows = scaled ? (row_len ? (numel + row_len - 1) / row_len : 1) : 0;
+    op.what = "a conversion kernel";
+    op.device = std::vector<DeviceRange>{{src, numel * f.src_size}, {dst, numel * f.dst_size}};
+    if (scaled) op.device.push_back({scales, rows * 4});
+    op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p) {
+      run_grid(f, grid_x, block_x, p, numel, row_len, scaled);
+    };
+    break;
+  }
+  case KernelKind::Checksum: {
+    unsigned long long data = param(0), words = param(1), out = param(2);
+    op.what = "the checksum kernel";
+    op.device = std::vector<DeviceRange>{{data, words * 4}, {out, 4}};
+    op.work = [words](const std::vector<unsigned char *> &p) {
+      unsigned sum = 0;
+      for (unsigned long long i = 0; i < words; i++) {
+        unsigned word;
+        std::memcpy(&word, p[0] + 4 * i, 4);
+        sum += word * (unsigned)(2 * i + 1);
+      }
+      unsigned total;
+      std::memcpy(&total, p[1], 4);
+      total += sum;
+      std::memcpy(p[1], &total, 4);
+    };
+    break;
+  }
+  case KernelKind::Spin: {
+    unsigned long long cycles = param(0);
+    op.what = "the spin kernel";
+    // At the 1 GHz this emulated device pretends to run.
+    op.work = [cycles](const std::vector<unsigned char *> &) {
+      std::this_thread::sleep_for(std::chrono::nanoseconds(cycles));
+    };
+    break;
+  }
+  }
+  for (const DeviceRange &range : op.device) {
+    if (range.len && !backing_of(range.address, range.len)) {
+      char why[160];
+      std::snprintf(why, sizeof why, "%s was launched on 0x%llx + %zu, outside live device memory",
+                    op.what, range.address, range.len);
+      poison(l.lock, why);
+      return SUCCESS; // a kernel's bad access shows at the next synchronising call
+    }
+  }
+  enqueue(*stream, std::move(op));
+  return SUCCESS;
+}
+
+} // extern "C"
