@@ -24,8 +24,11 @@
 //! stream following its last release; its throughput is the `bytes_to_device` delta (bytes that
 //! crossed PCIe into the preparing tier) over that time. Printed: best and median throughput, and
 //! their ratios to the pinned limit's best and median (aim >= 0.90), with the counters over the
-//! timed passes and `device_allocations` after the first pass, after warm-up and after each trial
-//! (it must stay flat once warm: the exit status is 1 if a timed pass allocated).
+//! timed passes and `device_allocations` after the first pass, after warm-up and after each trial.
+//! How full the prefetch window gets depends on timing, so a timed pass may be the first to need
+//! one more buffer; but buffers are reused, so the count never passes what the window holds
+//! ((prefetch_depth + 1) layers, two buffers each when converted on the GPU): the exit status is
+//! 1 if it does.
 //!
 //! Where there is no CUDA driver or no device it prints "SKIPPED: no CUDA driver" and exits 0.
 //! Bounded: a few seconds on an H100; host memory peaks near 1.1 GiB (strata's 1 GiB of host
@@ -122,11 +125,11 @@ fn main() {
             computation_bytes: 2,
         },
     ];
-    let mut flat = true;
+    let mut bounded = true;
     let mut summary = Vec::new();
     for case in &cases {
         let run = stream_case(case, &stream);
-        flat &= run.print(case, &pinned);
+        bounded &= run.print(case, &pinned);
         summary.push((case.label, run.rate.best / pinned.best));
     }
     println!();
@@ -136,8 +139,8 @@ fn main() {
     drop(stream);
     // SAFETY: balances the retain above; nothing of the bench's is left in the context.
     unsafe { result::primary_ctx::release(device) }.expect("releasing the primary context");
-    if !flat {
-        eprintln!("FAILED: device_allocations grew during the timed passes");
+    if !bounded {
+        eprintln!("FAILED: device_allocations grew past what the prefetch window holds");
         std::process::exit(1);
     }
 }
@@ -238,12 +241,16 @@ struct StreamRun {
 }
 
 impl StreamRun {
-    /// Prints the case; false when a timed pass allocated device memory.
+    /// Prints the case; false when device allocations outgrew the prefetch window.
     fn print(&self, case: &Case, pinned: &Rates) -> bool {
         let flat = self
             .allocations_trials
             .iter()
             .all(|&a| a == self.allocations_warm);
+        // The stored form and the computation form each take a buffer when they differ.
+        let buffers_per_layer = if case.stored == case.computation { 1 } else { 2 };
+        let window = (PREFETCH_DEPTH as u64 + 1) * buffers_per_layer;
+        let allocations = self.allocations_trials.last().copied().unwrap_or(0);
         let t = &self.timed;
         let passes = (TRIALS * PASSES) as f64;
         println!();
@@ -287,17 +294,17 @@ impl StreamRun {
         );
         println!(
             "  device_allocations: {} after the first pass, {} after warm-up ({WARMUP_PASSES} \
-             passes), {:?} after each trial: {}",
+             passes), {:?} after each trial: {}; the window holds at most {window} buffers",
             self.allocations_first,
             self.allocations_warm,
             self.allocations_trials,
             if flat {
                 "flat"
             } else {
-                "GREW during timed passes"
+                "grew during the timed passes"
             }
         );
-        flat
+        allocations <= window
     }
 }
 
