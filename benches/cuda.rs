@@ -248,7 +248,11 @@ impl StreamRun {
             .iter()
             .all(|&a| a == self.allocations_warm);
         // The stored form and the computation form each take a buffer when they differ.
-        let buffers_per_layer = if case.stored == case.computation { 1 } else { 2 };
+        let buffers_per_layer = if case.stored == case.computation {
+            1
+        } else {
+            2
+        };
         let window = (PREFETCH_DEPTH as u64 + 1) * buffers_per_layer;
         let allocations = self.allocations_trials.last().copied().unwrap_or(0);
         let t = &self.timed;

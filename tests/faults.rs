@@ -320,7 +320,8 @@ fn every_fault_gives_a_clear_status_and_leaves_the_context_usable_and_empty_afte
         println!("| {} | {} | {} |", o.fault, name(o.status), o.message);
     }
     println!(
-        "| CUDA out of memory, invalid stream | - | need the CUDA backend (issue 5): not run here |"
+        "| CUDA out of memory, destroyed stream | STRATA_ERR_OUT_OF_MEMORY, STRATA_ERR_INVALID_ARGUMENT | tests/cuda.rs: \
+         on a GPU, and in CI on the emulated driver |"
     );
 }
 
