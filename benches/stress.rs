@@ -71,6 +71,7 @@ fn usage(problem: &str) -> ! {
 fn main() {
     let args = parse();
     let threads = run_threads(&ThreadsConfig {
+        device: HOST,
         threads: args.threads,
         duration: Duration::from_secs(args.seconds),
         layers_of_budget: 2.5,

@@ -41,8 +41,10 @@ check() { # name, command...
 # The CUDA request paths through the C ABI: a real driver, an existing and a missing ordinal.
 check "cuda requests (abi)" .gpu/bin/abi cuda --nocapture
 # The CUDA backend (tests/cuda.rs): exact bytes on every path, the caller-stream race, the budget
-# against the driver's free memory, leaks, out-of-memory, headroom, several contexts, a context
-# per thread. One test at a time: some take the GPU's memory on purpose.
+# against the driver's free memory, leaks, out-of-memory, headroom, destroyed and foreign streams,
+# several contexts, a context per thread, per-thread default streams, 4 threads under a tiny
+# budget. One test at a time: some take the GPU's memory on purpose. The emulated-driver run of
+# the same tests needs the source tree, and is CI's.
 check "cuda backend" .gpu/bin/cuda --test-threads=1 --nocapture \
   --exact --skip every_gpu_test_passes_on_the_emulated_driver
 # The whole ABI and budget suites also run there, on the CPU device, beside a live driver.

@@ -595,16 +595,20 @@ fn the_budget_holds_against_the_drivers_free_memory_and_nothing_leaks() {
         stream_checking_free_memory(&gpu, &ctx, &ids, 3, limit);
         let stats = ctx.stats();
         assert!(stats.vram_peak <= limit, "{stats:?}");
-        // After the first pass every buffer is reused: no new device allocations.
-        let warm = stats.device_allocations;
+        // Buffers are reused: however many passes run, cuMemAlloc stops at the buffers the cap
+        // holds (at budget 0, the prefetch window). How soon the window first fills depends on
+        // timing, so a later pass may still add one.
+        let most = limit / layer_bytes as u64;
         for &id in &ids {
             acquire_on(&ctx, id, ptr::null_mut());
             ctx.release(id);
         }
-        assert_eq!(
-            ctx.stats().device_allocations,
-            warm,
-            "cuMemAlloc on a warm pass"
+        let allocations = ctx.stats().device_allocations;
+        assert!(
+            allocations <= most,
+            "{allocations} cuMemAlloc over 4 passes of {} layers: more buffers than the {most} \
+             that vram_limit {limit} holds",
+            ids.len()
         );
     };
     // One round first: what the driver keeps for good the first time (module code, event and
@@ -1054,6 +1058,54 @@ fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
 // only passed to launches.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
+
+/// The primary context, for the stress run's threads, which start with none current.
+static PRIMARY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Reads a view's device bytes on the legacy default stream, which the acquire (on NULL) made
+/// wait for them.
+fn read_device(view: &strata_tensor_view) -> std::borrow::Cow<'_, [u8]> {
+    if result::ctx::get_current().unwrap().is_none() {
+        let primary = *PRIMARY.get().expect("set before the threads start");
+        // SAFETY: the primary context, retained by the test's Gpu for the whole run.
+        unsafe { result::ctx::set_current(primary as sys::CUcontext) }.unwrap();
+    }
+    let mut bytes = vec![0u8; view.nbytes as usize];
+    if !bytes.is_empty() {
+        // SAFETY: the view is of an acquired layer, `nbytes` long.
+        unsafe { result::memcpy_dtoh_sync(&mut bytes, view.data as sys::CUdeviceptr) }.unwrap();
+    }
+    std::borrow::Cow::Owned(bytes)
+}
+
+#[test]
+fn threads_acquiring_random_layers_under_a_tiny_budget_see_exact_bytes() {
+    let Some(gpu) = gpu("threads_acquiring_random_layers_under_a_tiny_budget_see_exact_bytes")
+    else {
+        return;
+    };
+    PRIMARY.get_or_init(|| gpu.context.cu_ctx() as usize);
+    // Every path at once: fp8 per-channel converted by a kernel, f16 read from disk through the
+    // staging ring on every miss, f32 uploaded as it is; a budget of 2.5 layers, so threads
+    // evict each other's layers and reuse each other's buffers.
+    let report = stress::run_threads(&stress::ThreadsConfig {
+        device: stress::ViewDevice {
+            abi: STRATA_DEVICE_CUDA,
+            read: read_device,
+        },
+        threads: 4,
+        duration: std::time::Duration::from_secs(3),
+        layers_of_budget: 2.5,
+        seed: 7,
+    });
+    report.print();
+    assert!(report.verified > 100, "{report:?}");
+    assert!(report.peak_seen <= report.limit, "{report:?}");
+    assert!(
+        report.stats.evictions > 0 && report.stats.misses > 0,
+        "{report:?}"
+    );
+}
 
 /// Runs every other test of this file in a child process whose libcuda.so is the emulated
 /// driver (see the top of this file): once as built, and once with no host memory pinnable, so

@@ -19,6 +19,7 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
 fn eight_threads_under_a_budget_of_a_few_layers_see_exact_bytes() {
     let _alone = alone();
     let report = run_threads(&ThreadsConfig {
+        device: HOST,
         threads: 8,
         duration: Duration::from_secs(3),
         layers_of_budget: 2.5,
@@ -68,16 +69,16 @@ fn a_wrong_byte_or_shape_is_caught() {
         rows: 4,
         cols: 8,
     };
-    let mut model = Model::build(&spec, |o| o.vram_limit = STRATA_UNLIMITED);
+    let mut model = Model::build(&spec, HOST, |o| o.vram_limit = STRATA_UNLIMITED);
     for i in 0..model.layers.len() {
         let views = model.acquire(&model.layers[i]).unwrap();
-        verify(&views, &model.layers[i]).unwrap();
+        verify(HOST, &views, &model.layers[i]).unwrap();
         let layer = &mut model.layers[i];
         layer.tensors[0].bytes[5] ^= 1;
-        assert!(verify(&views, layer).unwrap_err().contains("byte 5"));
+        assert!(verify(HOST, &views, layer).unwrap_err().contains("byte 5"));
         layer.tensors[0].bytes[5] ^= 1;
         layer.tensors[1].shape[0] += 1;
-        assert!(verify(&views, layer).is_err());
+        assert!(verify(HOST, &views, layer).is_err());
         layer.tensors[1].shape[0] -= 1;
         let id = layer.id;
         model.ctx.release(id);

@@ -132,6 +132,11 @@ impl Backend for CpuBackend {
         convert_into_slot(src, dst_slot, bytes_mut(dst))
     }
 
+    fn release_idle(&self) -> Result<()> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
+    }
+
     fn allocations(&self) -> u64 {
         self.allocations.load(Ordering::Relaxed)
     }

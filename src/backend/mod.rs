@@ -191,6 +191,11 @@ pub trait Backend: Send + Sync {
     fn set_memory_cap(&self, _bytes: u64) -> Result<()> {
         Ok(())
     }
+    /// Gives back what the backend keeps for reuse beside the layers (pooled buffers, staging
+    /// memory): called once the last group is gone, so that nothing stays held for nothing.
+    fn release_idle(&self) -> Result<()> {
+        Ok(())
+    }
     /// Device allocations made from the system so far (cuMemAlloc on CUDA, new host buffers on
     /// the CPU): flat once a repeating pass is warm.
     fn allocations(&self) -> u64;

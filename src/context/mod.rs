@@ -14,7 +14,7 @@ use crate::convert::TensorBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
-use crate::log::{LogCallback, Logger, ProgressSink};
+use crate::log::{Level, LogCallback, Logger, ProgressSink};
 use crate::registry::{
     Computation, DeviceCopy, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry,
     TensorMeta,
@@ -305,6 +305,17 @@ impl Context {
             self.remove_layer(&mut st, layer);
         }
         st.registry.groups.remove(key);
+        if st.registry.groups.iter().next().is_none() {
+            // The group is gone either way: a failure to give memory back is only worth a word.
+            if let Err(e) = self.backend.release_idle() {
+                self.logger.log(Level::Warn, || {
+                    format!(
+                        "giving back pooled memory after the last group: {}",
+                        e.message
+                    )
+                });
+            }
+        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! those cannot agree with it.
 
 use super::*;
+use std::borrow::Cow;
 use std::ptr;
 use std::result::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +119,33 @@ impl ModelSpec {
     }
 }
 
+/// Where a model's views live, and how the checks read their bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct ViewDevice {
+    /// The compute device the context is created with, and the views must name.
+    pub abi: u32,
+    /// The bytes of an acquired view, read so as to see everything enqueued before the acquire
+    /// returned.
+    pub read: fn(&strata_tensor_view) -> Cow<'_, [u8]>,
+}
+
+/// The CPU device: views are host memory, read in place.
+pub const HOST: ViewDevice = ViewDevice {
+    abi: STRATA_DEVICE_CPU,
+    read: read_host,
+};
+
+fn read_host(view: &strata_tensor_view) -> Cow<'_, [u8]> {
+    if view.nbytes == 0 {
+        return Cow::Borrowed(&[]);
+    }
+    // SAFETY: the layer is acquired on the CPU device (checked before reading), so its views
+    // point at `nbytes` readable bytes of host memory until it is released.
+    Cow::Borrowed(unsafe {
+        std::slice::from_raw_parts(view.data as *const u8, view.nbytes as usize)
+    })
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Footprint {
     pub in_use: u64,
@@ -127,6 +155,7 @@ pub struct Footprint {
 /// A context with a model registered in it, and the bytes each layer must show.
 pub struct Model {
     pub ctx: Ctx,
+    pub device: ViewDevice,
     pub groups: Vec<u32>,
     pub layers: Vec<LayerRef>,
     /// The checkpoint the disk-tier layers read on every miss: removed only after `ctx` is gone.
@@ -202,10 +231,17 @@ fn safetensors_dtype(dtype: DType) -> safetensors::Dtype {
 }
 
 impl Model {
-    /// Builds the model in a fresh context with these options: one group per kind of tiers, host
-    /// layers registered from memory, the rest from one generated checkpoint.
-    pub fn build(spec: &ModelSpec, options: impl FnOnce(&mut strata_options)) -> Model {
-        let ctx = Ctx::with(options);
+    /// Builds the model in a fresh context on `device` with these options: one group per kind of
+    /// tiers, host layers registered from memory, the rest from one generated checkpoint.
+    pub fn build(
+        spec: &ModelSpec,
+        device: ViewDevice,
+        options: impl FnOnce(&mut strata_options),
+    ) -> Model {
+        let ctx = Ctx::with(|o| {
+            o.compute_device = device.abi;
+            options(o);
+        });
         let dir = TempDir::new("stress");
         let checkpoint = dir.path("model.safetensors");
         let fp8 = ctx.group(&tiers(|t| {
@@ -295,6 +331,7 @@ impl Model {
             .collect();
         Model {
             ctx,
+            device,
             groups: vec![fp8, f16, plain],
             layers,
             _dir: dir,
@@ -303,8 +340,8 @@ impl Model {
 
     /// Device bytes each layer occupies while in use and while resident between uses, found by
     /// using it alone in a context without a limit, where its bytes are checked too.
-    pub fn footprints(spec: &ModelSpec) -> Vec<Footprint> {
-        let model = Model::build(spec, |o| {
+    pub fn footprints(spec: &ModelSpec, device: ViewDevice) -> Vec<Footprint> {
+        let model = Model::build(spec, device, |o| {
             o.vram_limit = STRATA_UNLIMITED;
             o.prefetch_depth = 0;
         });
@@ -321,7 +358,7 @@ impl Model {
                         last_error()
                     )
                 });
-                if let Err(e) = verify(&views, layer) {
+                if let Err(e) = verify(model.device, &views, layer) {
                     panic!("the reference run disagrees with the expected bytes: {e}");
                 }
                 let in_use = model.ctx.stats().vram_in_use - before;
@@ -361,9 +398,13 @@ impl Model {
     }
 }
 
-/// Checks that an acquired layer's views are exactly what `layer` expects: names, dtypes, shapes,
-/// sizes and every byte.
-pub fn verify(views: &[strata_tensor_view], layer: &LayerRef) -> Result<(), String> {
+/// Checks that an acquired layer's views are exactly what `layer` expects: names, dtypes,
+/// devices, shapes, sizes and every byte.
+pub fn verify(
+    device: ViewDevice,
+    views: &[strata_tensor_view],
+    layer: &LayerRef,
+) -> Result<(), String> {
     if views.len() != layer.tensors.len() {
         return Err(format!(
             "{}: {} views, expected {}",
@@ -377,25 +418,23 @@ pub fn verify(views: &[strata_tensor_view], layer: &LayerRef) -> Result<(), Stri
         let shape = &view.shape[..(view.ndim as usize).min(view.shape.len())];
         if view_name(view) != expected.name
             || view.dtype != expected.dtype
-            || view.device != STRATA_DEVICE_CPU
+            || view.device != device.abi
             || shape != expected.shape.as_slice()
             || view.nbytes != expected.bytes.len() as u64
         {
             return Err(format!(
-                "{what}: got {:?} dtype {} device {} shape {shape:?} {} bytes, expected dtype {} shape {:?} {} bytes",
+                "{what}: got {:?} dtype {} device {} shape {shape:?} {} bytes, expected dtype {} device {} shape {:?} {} bytes",
                 view_name(view),
                 view.dtype,
                 view.device,
                 view.nbytes,
                 expected.dtype,
+                device.abi,
                 expected.shape,
                 expected.bytes.len()
             ));
         }
-        // SAFETY: the layer is acquired, so its views point at `nbytes` readable bytes of host
-        // memory (the CPU device, checked above) until it is released.
-        let got =
-            unsafe { std::slice::from_raw_parts(view.data as *const u8, view.nbytes as usize) };
+        let got = (device.read)(view);
         if let Some(i) = got.iter().zip(&expected.bytes).position(|(a, b)| a != b) {
             return Err(format!(
                 "{what}: byte {i} is {:#04x}, expected {:#04x}",
@@ -408,6 +447,7 @@ pub fn verify(views: &[strata_tensor_view], layer: &LayerRef) -> Result<(), Stri
 
 #[derive(Clone, Debug)]
 pub struct ThreadsConfig {
+    pub device: ViewDevice,
     pub threads: usize,
     pub duration: Duration,
     /// The budget, in multiples of the largest layer's in-use footprint.
@@ -440,14 +480,14 @@ pub struct ThreadsReport {
 /// status.
 pub fn run_threads(config: &ThreadsConfig) -> ThreadsReport {
     let spec = ModelSpec::mixed();
-    let largest = Model::footprints(&spec)
+    let largest = Model::footprints(&spec, config.device)
         .iter()
         .map(|f| f.in_use)
         .max()
         .unwrap();
     let limit = (largest as f64 * config.layers_of_budget) as u64;
     assert!(limit >= largest, "the budget must hold the largest layer");
-    let model = Arc::new(Model::build(&spec, |o| o.vram_limit = limit));
+    let model = Arc::new(Model::build(&spec, config.device, |o| o.vram_limit = limit));
     let verified = Arc::new(AtomicU64::new(0));
     let refusals = Arc::new(AtomicU64::new(0));
     let second_tries = Arc::new(AtomicU64::new(0));
@@ -489,7 +529,7 @@ pub fn run_threads(config: &ThreadsConfig) -> ThreadsReport {
                                 last_error()
                             )
                         });
-                        verify(&views, layer).unwrap_or_else(|e| panic!("thread {t}: {e}"));
+                        verify(model.device, &views, layer).unwrap_or_else(|e| panic!("thread {t}: {e}"));
                         check_budget(&layer.name);
                         held.push((first, views));
                         if rng.below(4) == 0 {
@@ -498,7 +538,7 @@ pub fn run_threads(config: &ThreadsConfig) -> ThreadsReport {
                             let layer = &model.layers[second];
                             match model.acquire(layer) {
                                 Ok(views) => {
-                                    verify(&views, layer)
+                                    verify(model.device, &views, layer)
                                         .unwrap_or_else(|e| panic!("thread {t}: {e}"));
                                     check_budget(&layer.name);
                                     held.push((second, views));
@@ -522,7 +562,7 @@ pub fn run_threads(config: &ThreadsConfig) -> ThreadsReport {
                         while !held.is_empty() {
                             let (i, views) = held.swap_remove(rng.below(held.len() as u64) as usize);
                             // Still the same bytes: nothing freed or refilled a layer in use.
-                            verify(&views, &model.layers[i])
+                            verify(model.device, &views, &model.layers[i])
                                 .unwrap_or_else(|e| panic!("thread {t} before release: {e}"));
                             verified.fetch_add(1, Ordering::Relaxed);
                             model.ctx.release(model.layers[i].id);
@@ -689,12 +729,12 @@ fn ring_fill_passes(layers: usize) -> usize {
 /// `passes` more, then destroys the groups.
 pub fn soak(config: &SoakConfig) -> SoakReport {
     let spec = ModelSpec::soak();
-    let footprints = Model::footprints(&spec);
+    let footprints = Model::footprints(&spec, HOST);
     let largest = footprints.iter().map(|f| f.in_use).max().unwrap();
     let resident: u64 = footprints.iter().map(|f| f.resident).sum();
     // Two layers in use (the current one and the next, prefetched) and half the model resident.
     let limit = 2 * largest + resident / 2;
-    let model = Model::build(&spec, |o| {
+    let model = Model::build(&spec, HOST, |o| {
         o.vram_limit = limit;
         o.prefetch_depth = 2;
     });
@@ -712,7 +752,7 @@ pub fn soak(config: &SoakConfig) -> SoakReport {
             let views = model.acquire(layer).unwrap_or_else(|s| {
                 panic!("pass {pass}: {}: {} {}", layer.name, name(s), last_error())
             });
-            verify(&views, layer).unwrap_or_else(|e| panic!("pass {pass}: {e}"));
+            verify(model.device, &views, layer).unwrap_or_else(|e| panic!("pass {pass}: {e}"));
             model.ctx.release(layer.id);
         }
     }

@@ -844,6 +844,16 @@ impl Backend for CudaBackend {
         shared.trim(&mut pool, 0)
     }
 
+    fn release_idle(&self) -> Result<()> {
+        let shared = &self.shared;
+        let _bound = shared.context.bind()?;
+        // The ring's last copies may still be reading it.
+        shared.res().stream.synchronize()?;
+        lock(&shared.res().ring).take();
+        let mut pool = lock(&shared.res().pool);
+        shared.release_all(&mut pool)
+    }
+
     fn allocations(&self) -> u64 {
         lock(&self.shared.res().pool).allocations
     }
