@@ -1116,20 +1116,11 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
     if std::env::var_os(EMULATED).is_some() {
         return;
     }
-    let Some(compiler) = programs::cxx_compiler() else {
+    let dir = programs::BuildDir::new("emulated-cuda");
+    if !programs::build_emulated_driver(dir.path()) {
         skipped(THIS, "no C++ compiler (c++, g++ or clang++) on PATH");
         return;
-    };
-    let dir = programs::BuildDir::new("emulated-cuda");
-    let mut cxx = std::process::Command::new(compiler);
-    cxx.args(programs::CXX_FLAGS)
-        .args(["-O2", "-fno-strict-aliasing", "-ffp-contract=off"])
-        .args(["-shared", "-fPIC", "-pthread", "-I"])
-        .arg(programs::manifest_dir().join("kernels"))
-        .arg(programs::manifest_dir().join("tests/gpu/emulated_driver.cpp"))
-        .arg("-o")
-        .arg(dir.path().join("libcuda.so"));
-    programs::compile(cxx, "tests/gpu/emulated_driver.cpp");
+    }
     let tests = include_str!("cuda.rs")
         .lines()
         .filter(|line| line.trim() == "#[test]")

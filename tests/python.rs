@@ -13,11 +13,17 @@ fn repo() -> PathBuf {
 
 /// Runs python3 with the package importable and STRATA_LIBRARY set; None without python3.
 fn python(args: &[&str], dir: &Path) -> Option<Output> {
+    python_with(args, dir, &[])
+}
+
+/// `python`, with more environment variables.
+fn python_with(args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Option<Output> {
     let output = Command::new("python3")
         .args(args)
         .current_dir(dir)
         .env("PYTHONPATH", repo().join("python"))
         .env("STRATA_LIBRARY", common::library_dir().join("libstrata.so"))
+        .envs(env.iter().copied())
         .output();
     match output {
         Ok(output) => Some(output),
@@ -63,6 +69,28 @@ fn python_unittests() {
     if let Some(output) = python(&["-m", "unittest", "discover", "-v"], &dir) {
         check("python unittests", output, "\nOK");
     }
+}
+
+/// The binding's CUDA tests (python/tests/test_cuda.py), which only skip where there is no GPU,
+/// against the emulated driver of tests/gpu/emulated_driver.cpp (see tests/cuda.rs).
+#[test]
+fn python_cuda_tests_on_the_emulated_driver() {
+    let driver = common::programs::BuildDir::new("python-emulated-cuda");
+    if !common::programs::build_emulated_driver(driver.path()) {
+        show("SKIPPED: the binding's CUDA tests on the emulated driver: no C++ compiler");
+        return;
+    }
+    let dir = repo().join("python/tests");
+    let env = [("LD_LIBRARY_PATH", driver.path())];
+    let Some(output) = python_with(&["-m", "unittest", "-v", "test_cuda"], &dir, &env) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.contains("\nOK") && !stderr.contains("SKIPPED"),
+        "the binding's CUDA tests on the emulated driver:\n{stdout}\n{stderr}"
+    );
 }
 
 #[test]

@@ -45,6 +45,24 @@ pub fn cxx_compiler() -> Option<&'static str> {
     })
 }
 
+/// Builds tests/gpu/emulated_driver.cpp as `dir`/libcuda.so, for a process started with
+/// LD_LIBRARY_PATH=`dir`; false where no C++ compiler runs.
+pub fn build_emulated_driver(dir: &Path) -> bool {
+    let Some(compiler) = cxx_compiler() else {
+        return false;
+    };
+    let mut cxx = Command::new(compiler);
+    cxx.args(CXX_FLAGS)
+        .args(["-O2", "-fno-strict-aliasing", "-ffp-contract=off"])
+        .args(["-shared", "-fPIC", "-pthread", "-I"])
+        .arg(manifest_dir().join("kernels"))
+        .arg(manifest_dir().join("tests/gpu/emulated_driver.cpp"))
+        .arg("-o")
+        .arg(dir.join("libcuda.so"));
+    compile(cxx, "tests/gpu/emulated_driver.cpp");
+    true
+}
+
 /// A fresh directory under the system temp dir, removed when the test passes and kept (and
 /// printed) when it fails, so the binaries and files can be inspected.
 pub struct BuildDir(PathBuf);
