@@ -50,6 +50,9 @@ check "cuda backend" .gpu/bin/cuda --test-threads=1 --nocapture \
 # The whole ABI and budget suites also run there, on the CPU device, beside a live driver.
 check "abi suite" .gpu/bin/abi
 check "budget suite" .gpu/bin/budget
+# The binding on the GPU (python/tests/test_cuda.py): device views, streams, DLPack's rules.
+check "python binding on cuda" env STRATA_LIBRARY=.gpu/libstrata.so PYTHONPATH=python \
+  python3 -m unittest discover -v -s python/tests -p test_cuda.py
 if python3 -c 'import torch' 2>/dev/null; then check "torch offload bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/torch_offload_bench.py; else echo "SKIPPED: torch offload bench (no torch)"; fi
 # Streaming throughput through the C ABI against the pinned H2D limit measured in the same run
 # (bf16 pure transfer, fp8 -> bf16 converted on the GPU), and a bf16 nn.Linear stack under
