@@ -1129,7 +1129,7 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
     for (label, pinnable) in [("as built", None), ("with nothing pinnable", Some("0"))] {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap());
         child
-            .args(["--test-threads=1", "--exact", "--skip", THIS])
+            .args(["--test-threads=1", "--show-output", "--exact", "--skip", THIS])
             .env("LD_LIBRARY_PATH", dir.path())
             .env(EMULATED, "1")
             .env_remove("STRATA_EMULATED_CUDA_PINNABLE");
@@ -1154,5 +1154,8 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
             "expected `{passed}` on the emulated driver {label}:\n{report}"
         );
         eprintln!("emulated driver {label}: {others} tests passed");
+        for line in stdout.lines().filter(|l| l.starts_with("threads:")) {
+            eprintln!("emulated driver {label}: {line}");
+        }
     }
 }
