@@ -21,6 +21,9 @@
 // - Kernels: strata's conversion kernels are the ones in kernels/convert.cu compiled for the host
 //   (the PTX must name them), and the tests' checksum and spin kernels are written out below.
 //
+// - Operations are delayed at random (see `jitter`), and pinned host memory that changes between
+//   a copy's enqueue and its run is reported as the race it is.
+//
 // It does not emulate the legacy default stream's implicit synchronisation with blocking
 // streams (strata's streams are non-blocking), and says nothing of speed.
 
@@ -40,6 +43,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <set>
 #include <string>
 #include <thread>
@@ -139,7 +143,7 @@ struct Op {
   std::vector<DeviceRange> device;
   // Pinned host memory the op reads or writes when it runs.
   uintptr_t host_start = 0, host_end = 0;
-  std::function<void(const std::vector<unsigned char *> &)> work;
+  std::function<void(const std::vector<unsigned char *> &, std::string &)> work;
   std::shared_ptr<Event> waits_for;
   uint64_t wait_generation = 0;
   std::shared_ptr<Event> completes;
@@ -309,6 +313,32 @@ const char *in_flight(uintptr_t start, uintptr_t end, bool host) {
   return nullptr;
 }
 
+// FNV-1a over the bytes, to tell whether they changed.
+uint64_t fingerprint(const void *data, size_t len) {
+  const unsigned char *bytes = (const unsigned char *)data;
+  uint64_t hash = 0xcbf29ce484222325ull;
+  size_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    uint64_t word;
+    std::memcpy(&word, bytes + i, 8);
+    hash = (hash ^ word) * 0x100000001b3ull;
+  }
+  for (; i < len; i++) hash = (hash ^ bytes[i]) * 0x100000001b3ull;
+  return hash;
+}
+
+// Delays a quarter of the operations by up to STRATA_EMULATED_CUDA_JITTER_US microseconds (50 by
+// default), so that streams drift against each other and against the host as a GPU's do, and an
+// ordering bug shows in more runs.
+void jitter() {
+  static const unsigned max_us = (unsigned)env_bytes("STRATA_EMULATED_CUDA_JITTER_US", 50);
+  thread_local std::minstd_rand random(
+      (unsigned)std::hash<std::thread::id>()(std::this_thread::get_id()));
+  if (max_us > 0 && random() % 4 == 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(random() % (max_us + 1)));
+  }
+}
+
 void run_stream(std::shared_ptr<Stream> stream) {
   std::unique_lock<std::mutex> lock(driver.mu);
   for (;;) {
@@ -334,8 +364,11 @@ void run_stream(std::shared_ptr<Stream> stream) {
     }
     if (runnable && op.work) {
       lock.unlock();
-      op.work(resolved);
+      jitter();
+      std::string failure;
+      op.work(resolved, failure);
       lock.lock();
+      if (!failure.empty()) poison(lock, failure);
     }
     if (op.completes) {
       op.completes->completed = std::max(op.completes->completed, op.completes_generation);
@@ -723,13 +756,21 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, vo
   if (pinned((uintptr_t)src, bytes)) {
     op.host_start = (uintptr_t)src;
     op.host_end = (uintptr_t)src + bytes;
-    op.work = [src, bytes](const std::vector<unsigned char *> &p) { std::memcpy(p[0], src, bytes); };
+    // The copy reads the host bytes when the stream gets to it: bytes changed before then are a
+    // race that a GPU loses only sometimes, so it is reported every time.
+    uint64_t enqueued = fingerprint(src, bytes);
+    op.work = [src, bytes, enqueued](const std::vector<unsigned char *> &p, std::string &failure) {
+      if (fingerprint(src, bytes) != enqueued) {
+        failure = "pinned host memory changed between a copy's enqueue and its run";
+      }
+      std::memcpy(p[0], src, bytes);
+    };
   } else {
     // Pageable memory: the driver waits for the stream, then has read the bytes on return.
     if (stream->capture == CAPTURE_NONE) wait_idle(l.lock, *stream);
     auto staged = std::make_shared<std::vector<unsigned char>>(
         (const unsigned char *)src, (const unsigned char *)src + bytes);
-    op.work = [staged](const std::vector<unsigned char *> &p) {
+    op.work = [staged](const std::vector<unsigned char *> &p, std::string &) {
       std::memcpy(p[0], staged->data(), staged->size());
     };
   }
@@ -747,7 +788,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, vo
   Op op;
   op.what = "a device-to-device copy";
   op.device = std::vector<DeviceRange>{{dst, bytes}, {src, bytes}};
-  op.work = [bytes](const std::vector<unsigned char *> &p) {
+  op.work = [bytes](const std::vector<unsigned char *> &p, std::string &) {
     if (bytes) std::memmove(p[0], p[1], bytes);
   };
   enqueue(*stream, std::move(op));
@@ -766,7 +807,7 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
   op.device = std::vector<DeviceRange>{{src, bytes}};
   op.host_start = (uintptr_t)dst;
   op.host_end = (uintptr_t)dst + bytes;
-  op.work = [dst, bytes](const std::vector<unsigned char *> &p) { std::memcpy(dst, p[0], bytes); };
+  op.work = [dst, bytes](const std::vector<unsigned char *> &p, std::string &) { std::memcpy(dst, p[0], bytes); };
   enqueue(legacy, std::move(op));
   wait_idle(l.lock, legacy);
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
@@ -779,7 +820,7 @@ CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
   Op op;
   op.what = "a memset";
   op.device = std::vector<DeviceRange>{{dst, bytes}};
-  op.work = [value, bytes](const std::vector<unsigned char *> &p) {
+  op.work = [value, bytes](const std::vector<unsigned char *> &p, std::string &) {
     if (bytes) std::memset(p[0], value, bytes);
   };
   // On device memory it may return before it is done, on the legacy stream.
@@ -1060,7 +1101,7 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
     op.what = "a conversion kernel";
     op.device = std::vector<DeviceRange>{{src, numel * f.src_size}, {dst, numel * f.dst_size}};
     if (scaled) op.device.push_back({scales, rows * 4});
-    op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p) {
+    op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p, std::string &) {
       run_grid(f, grid_x, block_x, p, numel, row_len, scaled);
     };
     break;
@@ -1069,7 +1110,7 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
     unsigned long long data = param(0), words = param(1), out = param(2);
     op.what = "the checksum kernel";
     op.device = std::vector<DeviceRange>{{data, words * 4}, {out, 4}};
-    op.work = [words](const std::vector<unsigned char *> &p) {
+    op.work = [words](const std::vector<unsigned char *> &p, std::string &) {
       unsigned sum = 0;
       for (unsigned long long i = 0; i < words; i++) {
         unsigned word;
@@ -1087,7 +1128,7 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
     unsigned long long cycles = param(0);
     op.what = "the spin kernel";
     // At the 1 GHz this emulated device pretends to run.
-    op.work = [cycles](const std::vector<unsigned char *> &) {
+    op.work = [cycles](const std::vector<unsigned char *> &, std::string &) {
       std::this_thread::sleep_for(std::chrono::nanoseconds(cycles));
     };
     break;
