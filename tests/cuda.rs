@@ -649,13 +649,13 @@ fn unhog(gpu: &Gpu, taken: Vec<sys::CUdeviceptr>) {
     }
 }
 
-fn try_acquire_on(ctx: &Ctx, layer: u64) -> strata_status {
+fn try_acquire_on(ctx: &Ctx, layer: u64, stream: sys::CUstream) -> strata_status {
     let mut views = vec![empty_view(); 4];
     let mut count = 0;
     strata_acquire_for_compute(
         ctx.0,
         layer,
-        ptr::null_mut(),
+        stream as *mut c_void,
         views.as_mut_ptr(),
         views.len(),
         &mut count,
@@ -691,7 +691,7 @@ fn device_out_of_memory_evicts_then_fails_cleanly_and_the_context_recovers() {
     let other_group = other.group(&tiers(|_| {}));
     let other_ids = plain_layers(&other, other_group, 2, layer_bytes / 2);
     expect(
-        try_acquire_on(&other, other_ids[0]),
+        try_acquire_on(&other, other_ids[0], ptr::null_mut()),
         STRATA_ERR_OUT_OF_MEMORY,
     );
     assert!(last_error().contains("out of memory"), "{}", last_error());
@@ -754,32 +754,20 @@ fn a_stream_of_another_context_is_refused() {
         .result()
         .unwrap();
     let stream = result::stream::create(result::stream::StreamKind::NonBlocking).unwrap();
-    let mut views = vec![empty_view(); 4];
-    let mut count = 0;
-    let status = strata_acquire_for_compute(
-        ctx.0,
-        ids[0],
-        stream as *mut c_void,
-        views.as_mut_ptr(),
-        views.len(),
-        &mut count,
+    expect(
+        try_acquire_on(&ctx, ids[0], stream),
+        STRATA_ERR_INVALID_ARGUMENT,
     );
-    expect(status, STRATA_ERR_INVALID_ARGUMENT);
     assert!(
         last_error().contains("another CUDA context"),
         "{}",
         last_error()
     );
     // NULL names the default stream of the context current on the thread: the foreign one here.
-    let status = strata_acquire_for_compute(
-        ctx.0,
-        ids[0],
-        ptr::null_mut(),
-        views.as_mut_ptr(),
-        views.len(),
-        &mut count,
+    expect(
+        try_acquire_on(&ctx, ids[0], ptr::null_mut()),
+        STRATA_ERR_INVALID_ARGUMENT,
     );
-    expect(status, STRATA_ERR_INVALID_ARGUMENT);
     // SAFETY: the stream and context created above, destroyed once.
     unsafe {
         result::stream::destroy(stream).unwrap();
@@ -827,17 +815,10 @@ fn a_destroyed_stream_gets_a_clear_status_and_the_context_keeps_working() {
     let dead = gpu.stream();
     let dead_handle = dead.0;
     drop(dead);
-    let mut views = vec![empty_view(); 4];
-    let mut count = 0;
-    let status = strata_acquire_for_compute(
-        ctx.0,
-        ids[0],
-        dead_handle as *mut c_void,
-        views.as_mut_ptr(),
-        views.len(),
-        &mut count,
+    expect(
+        try_acquire_on(&ctx, ids[0], dead_handle),
+        STRATA_ERR_INVALID_ARGUMENT,
     );
-    expect(status, STRATA_ERR_INVALID_ARGUMENT);
     assert!(
         last_error().contains("not a live CUDA stream"),
         "{}",
@@ -882,17 +863,10 @@ fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
     }
     .result()
     .unwrap();
-    let mut views = vec![empty_view(); 4];
-    let mut count = 0;
-    let status = strata_acquire_for_compute(
-        ctx.0,
-        ids[0],
-        stream.0 as *mut c_void,
-        views.as_mut_ptr(),
-        views.len(),
-        &mut count,
+    expect(
+        try_acquire_on(&ctx, ids[0], stream.0),
+        STRATA_ERR_UNSUPPORTED,
     );
-    expect(status, STRATA_ERR_UNSUPPORTED);
     assert!(last_error().contains("captured"), "{}", last_error());
     gpu.bind();
     let mut graph = ptr::null_mut();
@@ -1129,7 +1103,13 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
     for (label, pinnable) in [("as built", None), ("with nothing pinnable", Some("0"))] {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap());
         child
-            .args(["--test-threads=1", "--show-output", "--exact", "--skip", THIS])
+            .args([
+                "--test-threads=1",
+                "--show-output",
+                "--exact",
+                "--skip",
+                THIS,
+            ])
             .env("LD_LIBRARY_PATH", dir.path())
             .env(EMULATED, "1")
             .env_remove("STRATA_EMULATED_CUDA_PINNABLE");

@@ -313,6 +313,18 @@ const char *in_flight(uintptr_t start, uintptr_t end, bool host) {
   return nullptr;
 }
 
+// Forgets a pinned range (`what` happened to it), unless queued work still reads it.
+CUresult forget_pinned(std::unique_lock<std::mutex> &lock, std::map<uintptr_t, uintptr_t> &ranges,
+                       std::map<uintptr_t, uintptr_t>::iterator range, const char *what) {
+  if (const char *op = in_flight(range->first, range->second, true)) {
+    poison(lock, std::string(what) + " while queued work reads it: " + op);
+    return ILLEGAL_ADDRESS;
+  }
+  driver.pinned_bytes -= range->second - range->first;
+  ranges.erase(range);
+  return SUCCESS;
+}
+
 // FNV-1a over the bytes, to tell whether they changed.
 uint64_t fingerprint(const void *data, size_t len) {
   const unsigned char *bytes = (const unsigned char *)data;
@@ -405,6 +417,11 @@ CUresult resolve(void *handle, std::shared_ptr<Stream> &out) {
   if (it == driver.streams.end() || it->second->destroyed) return INVALID_HANDLE;
   out = it->second;
   return SUCCESS;
+}
+
+std::shared_ptr<Event> event_of(Event *handle) {
+  auto it = driver.events.find(handle);
+  return it == driver.events.end() ? nullptr : it->second;
 }
 
 void enqueue(Stream &stream, Op op) {
@@ -702,14 +719,9 @@ CUresult cuMemFreeHost(void *pointer) {
   if (CUresult r = ready_in_context()) return r;
   auto it = driver.host_allocations.find((uintptr_t)pointer);
   if (it == driver.host_allocations.end()) return INVALID_VALUE;
-  if (const char *what = in_flight(it->first, it->second, true)) {
-    poison(l.lock, std::string("pinned host memory freed while queued work reads it: ") + what);
-    return ILLEGAL_ADDRESS;
-  }
-  driver.pinned_bytes -= it->second - it->first;
-  driver.host_allocations.erase(it);
-  std::free(pointer);
-  return SUCCESS;
+  CUresult forgotten = forget_pinned(l.lock, driver.host_allocations, it, "pinned host memory freed");
+  if (forgotten == SUCCESS) std::free(pointer);
+  return forgotten;
 }
 
 CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
@@ -733,13 +745,7 @@ CUresult cuMemHostUnregister(void *pointer) {
   if (CUresult r = ready_in_context()) return r;
   auto it = driver.registrations.find((uintptr_t)pointer);
   if (it == driver.registrations.end()) return HOST_MEMORY_NOT_REGISTERED;
-  if (const char *what = in_flight(it->first, it->second, true)) {
-    poison(l.lock, std::string("host memory unregistered while queued work reads it: ") + what);
-    return ILLEGAL_ADDRESS;
-  }
-  driver.pinned_bytes -= it->second - it->first;
-  driver.registrations.erase(it);
-  return SUCCESS;
+  return forget_pinned(l.lock, driver.registrations, it, "host memory unregistered");
 }
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, void *handle) {
@@ -945,16 +951,16 @@ CUresult cuEventDestroy_v2(Event *handle) {
 CUresult cuEventRecord(Event *handle, void *stream_handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
-  auto it = driver.events.find(handle);
-  if (it == driver.events.end()) return INVALID_HANDLE;
+  std::shared_ptr<Event> event = event_of(handle);
+  if (!event) return INVALID_HANDLE;
   std::shared_ptr<Stream> stream;
   if (CUresult r = resolve(stream_handle, stream)) return r;
-  if (stream->context != it->second->context) return INVALID_HANDLE;
+  if (stream->context != event->context) return INVALID_HANDLE;
   Op op;
   op.what = "an event record";
   if (stream->capture == CAPTURE_NONE) {
-    op.completes = it->second;
-    op.completes_generation = ++it->second->recorded;
+    op.completes = event;
+    op.completes_generation = ++event->recorded;
   }
   enqueue(*stream, std::move(op));
   return SUCCESS;
@@ -963,9 +969,8 @@ CUresult cuEventRecord(Event *handle, void *stream_handle) {
 CUresult cuEventSynchronize(Event *handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
-  auto it = driver.events.find(handle);
-  if (it == driver.events.end()) return INVALID_HANDLE;
-  std::shared_ptr<Event> event = it->second;
+  std::shared_ptr<Event> event = event_of(handle);
+  if (!event) return INVALID_HANDLE;
   uint64_t until = event->recorded;
   driver.changed.wait(l.lock, [&] { return event->completed >= until; });
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
@@ -974,25 +979,21 @@ CUresult cuEventSynchronize(Event *handle) {
 CUresult cuEventQuery(Event *handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
-  auto it = driver.events.find(handle);
-  if (it == driver.events.end()) return INVALID_HANDLE;
-  return it->second->completed >= it->second->recorded ? SUCCESS : NOT_READY;
+  std::shared_ptr<Event> event = event_of(handle);
+  if (!event) return INVALID_HANDLE;
+  return event->completed >= event->recorded ? SUCCESS : NOT_READY;
 }
 
-CUresult cuEventElapsedTime(float *ms, Event *start, Event *end) {
+CUresult cuEventElapsedTime(float *ms, Event *start_handle, Event *end_handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (!ms) return INVALID_VALUE;
-  auto a = driver.events.find(start), b = driver.events.find(end);
-  if (a == driver.events.end() || b == driver.events.end()) return INVALID_HANDLE;
-  if (!a->second->timing || !b->second->timing) return INVALID_HANDLE;
-  if (a->second->recorded == 0 || b->second->recorded == 0) return INVALID_HANDLE;
-  if (a->second->completed < a->second->recorded || b->second->completed < b->second->recorded) {
-    return NOT_READY;
-  }
-  *ms = std::chrono::duration<float, std::milli>(b->second->completed_at -
-                                                 a->second->completed_at)
-            .count();
+  std::shared_ptr<Event> start = event_of(start_handle), end = event_of(end_handle);
+  if (!start || !end) return INVALID_HANDLE;
+  if (!start->timing || !end->timing) return INVALID_HANDLE;
+  if (start->recorded == 0 || end->recorded == 0) return INVALID_HANDLE;
+  if (start->completed < start->recorded || end->completed < end->recorded) return NOT_READY;
+  *ms = std::chrono::duration<float, std::milli>(end->completed_at - start->completed_at).count();
   return SUCCESS;
 }
 
@@ -1000,14 +1001,14 @@ CUresult cuStreamWaitEvent(void *stream_handle, Event *handle, unsigned flags) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (flags != 0) return INVALID_VALUE;
-  auto it = driver.events.find(handle);
-  if (it == driver.events.end()) return INVALID_HANDLE;
+  std::shared_ptr<Event> event = event_of(handle);
+  if (!event) return INVALID_HANDLE;
   std::shared_ptr<Stream> stream;
   if (CUresult r = resolve(stream_handle, stream)) return r;
   Op op;
   op.what = "a wait for an event";
-  op.waits_for = it->second;
-  op.wait_generation = it->second->recorded;
+  op.waits_for = event;
+  op.wait_generation = event->recorded;
   enqueue(*stream, std::move(op));
   return SUCCESS;
 }
