@@ -116,7 +116,7 @@ impl Context {
         }
         if st.budget.limit == crate::budget::Limit::Minimal && !st.prefetched.is_empty() {
             let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-            self.drop_stale_prefetches(st, &upcoming);
+            self.drop_stale_prefetches(st, &upcoming, true);
         }
         // A plain loop: this runs on every acquire, and over resident layers finds nothing.
         let mut wanted = Vec::new();
@@ -134,9 +134,15 @@ impl Context {
     }
 
     /// Frees what the engine filled ahead for layers no longer predicted next (budget 0 keeps
-    /// nothing else between uses). The current layer stays: an acquire may be waiting for it.
-    pub(super) fn drop_stale_prefetches(&self, st: &mut State, upcoming: &[Key]) {
-        let current = st.schedule.current();
+    /// nothing else between uses). With `keep_current`, the current layer stays: an acquire may
+    /// be waiting for the engine to fill it.
+    pub(super) fn drop_stale_prefetches(
+        &self,
+        st: &mut State,
+        upcoming: &[Key],
+        keep_current: bool,
+    ) {
+        let current = st.schedule.current().filter(|_| keep_current);
         let State {
             registry,
             budget,

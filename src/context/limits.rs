@@ -20,6 +20,14 @@ impl Context {
         while st.engine_filling.is_some() {
             st = self.wait(st);
         }
+        if st.budget.limit == Limit::Minimal {
+            // Under the old cap the engine may have filled layers ahead that budget 0 does not
+            // keep: only the next prefetch_depth may stay. An acquire waiting for one that goes
+            // fills it itself.
+            let depth = self.options.prefetch_depth as usize;
+            let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
+            self.drop_stale_prefetches(&mut st, &upcoming, false);
+        }
         let evicted = self.trim_to_cap(&mut st);
         self.backend.set_memory_cap(bytes)?;
         self.logger.log(Level::Info, || {

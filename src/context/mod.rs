@@ -964,7 +964,7 @@ impl Context {
             // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
             let depth = self.options.prefetch_depth as usize;
             let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-            self.drop_stale_prefetches(&mut st, &upcoming);
+            self.drop_stale_prefetches(&mut st, &upcoming, true);
             let wanted = upcoming.contains(&key) || st.schedule.current() == Some(key);
             if !wanted || st.prefetched.len() >= depth {
                 return true;
@@ -1011,7 +1011,7 @@ impl Context {
                 if st.budget.limit == Limit::Minimal {
                     let depth = self.options.prefetch_depth as usize;
                     let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-                    self.drop_stale_prefetches(&mut st, &upcoming);
+                    self.drop_stale_prefetches(&mut st, &upcoming, true);
                 }
                 true
             }
