@@ -24,8 +24,18 @@
 // - Operations are delayed at random (see `jitter`), and pinned host memory that changes between
 //   a copy's enqueue and its run is reported as the race it is.
 //
-// It does not emulate the legacy default stream's implicit synchronisation with blocking
-// streams (strata's streams are non-blocking), and says nothing of speed.
+// What it does not emulate, and so cannot catch:
+// - the legacy default stream's implicit synchronisation with blocking streams (strata's streams
+//   are non-blocking);
+// - stream capture's modes: capture is always relaxed, so a call that a global-mode capture on
+//   another thread would make fail succeeds here, and waiting on an event recorded during
+//   capture is not refused;
+// - pageable host-to-device copies returning before the stream reaches them (they wait here,
+//   which hides nothing from strata but makes the host run ahead less than on a GPU);
+// - cuCtxDestroy on the primary context, which it refuses outright;
+// - which handles a real driver reports as invalid once destroyed: here every destroyed handle
+//   is refused, where a GPU may reuse the address or fail differently;
+// - speed: per-thread default streams keep their worker thread for the life of the process.
 
 #include "convert.cu"
 
@@ -129,7 +139,14 @@ const int CAPTURE_NONE = 0, CAPTURE_ACTIVE = 1, CAPTURE_INVALIDATED = 2;
 const int ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 
 struct Context;
-struct Event;
+
+// One cuEventRecord: the event's latest record is what waits, queries and synchronizations look
+// at, and each record completes on its own, so a later record on a faster stream never stands in
+// for an earlier one that a wait was queued on.
+struct Record {
+  bool done = false;
+  std::chrono::steady_clock::time_point done_at;
+};
 
 // One piece of device memory an operation reads or writes, resolved to its backing storage just
 // before it runs.
@@ -144,10 +161,8 @@ struct Op {
   // Pinned host memory the op reads or writes when it runs.
   uintptr_t host_start = 0, host_end = 0;
   std::function<void(const std::vector<unsigned char *> &, std::string &)> work;
-  std::shared_ptr<Event> waits_for;
-  uint64_t wait_generation = 0;
-  std::shared_ptr<Event> completes;
-  uint64_t completes_generation = 0;
+  std::shared_ptr<Record> waits_for;
+  std::shared_ptr<Record> completes;
 };
 
 struct Stream {
@@ -161,8 +176,7 @@ struct Stream {
 struct Event {
   Context *context;
   bool timing;
-  uint64_t recorded = 0, completed = 0;
-  std::chrono::steady_clock::time_point completed_at;
+  std::shared_ptr<Record> latest; // none until first recorded: then it counts as complete
 };
 
 struct Context {
@@ -241,6 +255,8 @@ struct Driver {
   std::set<Graph *> graphs;
   // Each thread's per-thread default stream, per context.
   std::map<std::pair<std::thread::id, Context *>, std::shared_ptr<Stream>> per_thread;
+  // Streams destroyed with work still queued: that work runs, and still counts as in flight.
+  std::set<std::shared_ptr<Stream>> draining;
   std::mutex kernels; // the host kernels share one emulated grid position
 };
 
@@ -283,8 +299,22 @@ unsigned char *backing_of(CUdeviceptr address, size_t len) {
   return it->second.backing + (address - start);
 }
 
+// count elements of size bytes each, as the length of a range: one that overflows reaches past
+// every allocation, as such a kernel would.
+size_t bytes_of(unsigned long long count, size_t size) {
+  return count > SIZE_MAX / size ? SIZE_MAX : (size_t)(count * size);
+}
+
 bool overlaps(uintptr_t a_start, uintptr_t a_end, uintptr_t b_start, uintptr_t b_end) {
   return a_start < b_end && b_start < a_end;
+}
+
+// Every stream that may hold work: created, default, per-thread and destroyed-but-draining.
+template <typename Visit> void each_stream(Visit visit) {
+  for (auto &entry : driver.streams) visit(*entry.second);
+  for (Context *context : driver.contexts) visit(*context->legacy);
+  for (auto &entry : driver.per_thread) visit(*entry.second);
+  for (auto &stream : driver.draining) visit(*stream);
 }
 
 // Whether [start, end) of device memory or (host) of pinned host memory is in queued or running
@@ -301,16 +331,11 @@ const char *in_flight(uintptr_t start, uintptr_t end, bool host) {
     }
     return nullptr;
   };
-  for (auto &entry : driver.streams) {
-    if (const char *what = check(entry.second->queue)) return what;
-  }
-  for (Context *context : driver.contexts) {
-    if (const char *what = check(context->legacy->queue)) return what;
-  }
-  for (auto &entry : driver.per_thread) {
-    if (const char *what = check(entry.second->queue)) return what;
-  }
-  return nullptr;
+  const char *found = nullptr;
+  each_stream([&](const Stream &stream) {
+    if (!found) found = check(stream.queue);
+  });
+  return found;
 }
 
 // Forgets a pinned range (`what` happened to it), unless queued work still reads it.
@@ -355,10 +380,13 @@ void run_stream(std::shared_ptr<Stream> stream) {
   std::unique_lock<std::mutex> lock(driver.mu);
   for (;;) {
     driver.changed.wait(lock, [&] { return !stream->queue.empty() || stream->destroyed; });
-    if (stream->queue.empty()) return;
+    if (stream->queue.empty()) {
+      driver.draining.erase(stream);
+      return;
+    }
     Op &op = stream->queue.front();
     if (op.waits_for) {
-      driver.changed.wait(lock, [&] { return op.waits_for->completed >= op.wait_generation; });
+      driver.changed.wait(lock, [&] { return op.waits_for->done; });
     }
     std::vector<unsigned char *> resolved;
     bool runnable = driver.poisoned.empty();
@@ -383,8 +411,8 @@ void run_stream(std::shared_ptr<Stream> stream) {
       if (!failure.empty()) poison(lock, failure);
     }
     if (op.completes) {
-      op.completes->completed = std::max(op.completes->completed, op.completes_generation);
-      op.completes->completed_at = std::chrono::steady_clock::now();
+      op.completes->done = true;
+      op.completes->done_at = std::chrono::steady_clock::now();
     }
     stream->queue.pop_front();
     driver.changed.notify_all();
@@ -433,6 +461,17 @@ void enqueue(Stream &stream, Op op) {
   driver.changed.notify_all();
 }
 
+void forget_functions_of(Module *module) {
+  for (auto it = driver.functions.begin(); it != driver.functions.end();) {
+    if ((*it)->module == module) {
+      delete *it;
+      it = driver.functions.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 void wait_idle(std::unique_lock<std::mutex> &lock, Stream &stream) {
   driver.changed.wait(lock, [&] { return stream.queue.empty(); });
 }
@@ -445,7 +484,9 @@ CUresult check_device_range(CUdeviceptr address, size_t len) {
 bool pinned(uintptr_t start, size_t len) {
   for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
     auto it = ranges->upper_bound(start);
-    if (it != ranges->begin() && start + len <= (--it)->second) return true;
+    if (it != ranges->begin() && start + len >= start && start + len <= (--it)->second) {
+      return true;
+    }
   }
   return false;
 }
@@ -482,6 +523,57 @@ CUresult cuGetErrorString(CUresult error, const char **text) {
   return *text ? SUCCESS : INVALID_VALUE;
 }
 
+// Ends a context once its work has run: frees its memory and forgets the handles made in it.
+void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
+  driver.changed.wait(lock, [&] {
+    bool idle = true;
+    each_stream([&](const Stream &stream) {
+      if (stream.context == context && !stream.queue.empty()) idle = false;
+    });
+    return idle;
+  });
+  for (auto it = driver.allocations.begin(); it != driver.allocations.end();) {
+    if (it->second.context == context) {
+      driver.used -= it->second.len;
+      std::free(it->second.backing);
+      it = driver.allocations.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = driver.streams.begin(); it != driver.streams.end();) {
+    if (it->second->context == context) {
+      it->second->destroyed = true;
+      it = driver.streams.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = driver.per_thread.begin(); it != driver.per_thread.end();) {
+    if (it->first.second == context) {
+      it->second->destroyed = true;
+      it = driver.per_thread.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = driver.events.begin(); it != driver.events.end();) {
+    it = it->second->context == context ? driver.events.erase(it) : std::next(it);
+  }
+  for (auto it = driver.modules.begin(); it != driver.modules.end();) {
+    if ((*it)->context == context) {
+      forget_functions_of(*it);
+      delete *it;
+      it = driver.modules.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  context->legacy->destroyed = true;
+  driver.contexts.erase(context);
+  driver.changed.notify_all();
+}
+
 CUresult cuInit(unsigned flags) {
   if (flags != 0) return INVALID_VALUE;
   Locked l;
@@ -495,7 +587,6 @@ CUresult cuInit(unsigned flags) {
     if (space == MAP_FAILED) return OUT_OF_MEMORY;
     driver.address_space = driver.next_address = (uintptr_t)space;
     driver.address_space_end = (uintptr_t)space + span;
-    driver.primary_context.legacy = new_stream(&driver.primary_context);
     driver.initialized = true;
   }
   return SUCCESS;
@@ -552,8 +643,11 @@ CUresult cuDevicePrimaryCtxRetain(Context **context, CUdevice device) {
   if (!driver.initialized) return NOT_INITIALIZED;
   if (device != 0) return INVALID_DEVICE;
   if (!context) return INVALID_VALUE;
-  driver.primary_context.retained++;
-  driver.contexts.insert(&driver.primary_context);
+  // The first retain, and the first after the last release, makes it anew.
+  if (driver.primary_context.retained++ == 0) {
+    driver.primary_context.legacy = new_stream(&driver.primary_context);
+    driver.contexts.insert(&driver.primary_context);
+  }
   *context = &driver.primary_context;
   return SUCCESS;
 }
@@ -563,9 +657,9 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
   if (!driver.initialized) return NOT_INITIALIZED;
   if (device != 0) return INVALID_DEVICE;
   if (driver.primary_context.retained == 0) return INVALID_CONTEXT;
-  // The context stays usable at zero: strata and the tests release it last, and what the real
-  // driver would free with it is not what these tests look at.
-  driver.primary_context.retained--;
+  // At zero the real driver destroys it: its memory, streams, events and modules are gone, and a
+  // thread that still has it current can make no call until it is retained again.
+  if (--driver.primary_context.retained == 0) tear_down(l.lock, &driver.primary_context);
   return SUCCESS;
 }
 
@@ -585,19 +679,8 @@ CUresult cuCtxCreate_v2(Context **context, unsigned, CUdevice device) {
 CUresult cuCtxDestroy_v2(Context *context) {
   Locked l;
   if (!driver.contexts.count(context) || context->primary) return INVALID_CONTEXT;
-  wait_idle(l.lock, *context->legacy);
-  for (auto it = driver.allocations.begin(); it != driver.allocations.end();) {
-    if (it->second.context == context) {
-      driver.used -= it->second.len;
-      std::free(it->second.backing);
-      it = driver.allocations.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  context->legacy->destroyed = true;
-  driver.changed.notify_all();
-  driver.contexts.erase(context);
+  tear_down(l.lock, context);
+  context->legacy = nullptr;
   context_stack.erase(std::remove(context_stack.begin(), context_stack.end(), context),
                       context_stack.end());
   return SUCCESS;
@@ -642,14 +725,11 @@ CUresult cuCtxSynchronize() {
   if (CUresult r = ready_in_context()) return r;
   Context *context = current();
   driver.changed.wait(l.lock, [&] {
-    if (!context->legacy->queue.empty()) return false;
-    for (auto &entry : driver.streams) {
-      if (entry.second->context == context && !entry.second->queue.empty()) return false;
-    }
-    for (auto &entry : driver.per_thread) {
-      if (entry.second->context == context && !entry.second->queue.empty()) return false;
-    }
-    return true;
+    bool idle = true;
+    each_stream([&](const Stream &stream) {
+      if (stream.context == context && !stream.queue.empty()) idle = false;
+    });
+    return idle;
   });
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
@@ -729,6 +809,7 @@ CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
   if (CUresult r = ready_in_context()) return r;
   if (!pointer || bytes == 0) return INVALID_VALUE;
   uintptr_t start = (uintptr_t)pointer, end = start + bytes;
+  if (end < start) return INVALID_VALUE;
   for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
     for (auto &range : *ranges) {
       if (overlaps(start, end, range.first, range.second)) return HOST_MEMORY_ALREADY_REGISTERED;
@@ -851,6 +932,7 @@ CUresult cuStreamDestroy_v2(Stream *handle) {
   if (it == driver.streams.end()) return INVALID_HANDLE;
   // Work already queued still runs; the stream's thread ends after it.
   it->second->destroyed = true;
+  if (!it->second->queue.empty()) driver.draining.insert(it->second);
   driver.changed.notify_all();
   driver.streams.erase(it);
   return SUCCESS;
@@ -959,8 +1041,8 @@ CUresult cuEventRecord(Event *handle, void *stream_handle) {
   Op op;
   op.what = "an event record";
   if (stream->capture == CAPTURE_NONE) {
-    op.completes = event;
-    op.completes_generation = ++event->recorded;
+    event->latest = std::make_shared<Record>();
+    op.completes = event->latest;
   }
   enqueue(*stream, std::move(op));
   return SUCCESS;
@@ -971,8 +1053,8 @@ CUresult cuEventSynchronize(Event *handle) {
   if (CUresult r = ready_in_context()) return r;
   std::shared_ptr<Event> event = event_of(handle);
   if (!event) return INVALID_HANDLE;
-  uint64_t until = event->recorded;
-  driver.changed.wait(l.lock, [&] { return event->completed >= until; });
+  std::shared_ptr<Record> until = event->latest;
+  if (until) driver.changed.wait(l.lock, [&] { return until->done; });
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
 
@@ -981,7 +1063,7 @@ CUresult cuEventQuery(Event *handle) {
   if (CUresult r = ready_in_context()) return r;
   std::shared_ptr<Event> event = event_of(handle);
   if (!event) return INVALID_HANDLE;
-  return event->completed >= event->recorded ? SUCCESS : NOT_READY;
+  return !event->latest || event->latest->done ? SUCCESS : NOT_READY;
 }
 
 CUresult cuEventElapsedTime(float *ms, Event *start_handle, Event *end_handle) {
@@ -991,9 +1073,10 @@ CUresult cuEventElapsedTime(float *ms, Event *start_handle, Event *end_handle) {
   std::shared_ptr<Event> start = event_of(start_handle), end = event_of(end_handle);
   if (!start || !end) return INVALID_HANDLE;
   if (!start->timing || !end->timing) return INVALID_HANDLE;
-  if (start->recorded == 0 || end->recorded == 0) return INVALID_HANDLE;
-  if (start->completed < start->recorded || end->completed < end->recorded) return NOT_READY;
-  *ms = std::chrono::duration<float, std::milli>(end->completed_at - start->completed_at).count();
+  if (!start->latest || !end->latest) return INVALID_HANDLE;
+  if (!start->latest->done || !end->latest->done) return NOT_READY;
+  *ms = std::chrono::duration<float, std::milli>(end->latest->done_at - start->latest->done_at)
+            .count();
   return SUCCESS;
 }
 
@@ -1007,8 +1090,7 @@ CUresult cuStreamWaitEvent(void *stream_handle, Event *handle, unsigned flags) {
   if (CUresult r = resolve(stream_handle, stream)) return r;
   Op op;
   op.what = "a wait for an event";
-  op.waits_for = event;
-  op.wait_generation = event->recorded;
+  op.waits_for = event->latest;
   enqueue(*stream, std::move(op));
   return SUCCESS;
 }
@@ -1036,14 +1118,7 @@ CUresult cuModuleUnload(Module *module) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (!driver.modules.erase(module)) return INVALID_HANDLE;
-  for (auto it = driver.functions.begin(); it != driver.functions.end();) {
-    if ((*it)->module == module) {
-      delete *it;
-      it = driver.functions.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  forget_functions_of(module);
   delete module;
   return SUCCESS;
 }
@@ -1100,8 +1175,9 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
     bool scaled = f.scaled_source && scales != 0;
     unsigned long long rows = scaled ? (row_len ? (numel + row_len - 1) / row_len : 1) : 0;
     op.what = "a conversion kernel";
-    op.device = std::vector<DeviceRange>{{src, numel * f.src_size}, {dst, numel * f.dst_size}};
-    if (scaled) op.device.push_back({scales, rows * 4});
+    op.device = std::vector<DeviceRange>{{src, bytes_of(numel, f.src_size)},
+                                         {dst, bytes_of(numel, f.dst_size)}};
+    if (scaled) op.device.push_back({scales, bytes_of(rows, 4)});
     op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p, std::string &) {
       run_grid(f, grid_x, block_x, p, numel, row_len, scaled);
     };
@@ -1110,7 +1186,7 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
   case KernelKind::Checksum: {
     unsigned long long data = param(0), words = param(1), out = param(2);
     op.what = "the checksum kernel";
-    op.device = std::vector<DeviceRange>{{data, words * 4}, {out, 4}};
+    op.device = std::vector<DeviceRange>{{data, bytes_of(words, 4)}, {out, 4}};
     op.work = [words](const std::vector<unsigned char *> &p, std::string &) {
       unsigned sum = 0;
       for (unsigned long long i = 0; i < words; i++) {
