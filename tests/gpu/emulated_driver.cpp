@@ -6,7 +6,7 @@
 // would fail later or only sometimes:
 // - Streams run asynchronously, each on a thread of its own, in order; events and stream waits
 //   order them as on a GPU. Copies from pinned host memory read it when the stream gets to them;
-//   copies from pageable memory wait for the stream, then copy at once (the driver stages them).
+//   copies from pageable memory stage the bytes at once, after waiting for the stream or not.
 // - Device memory lives at addresses the host cannot dereference (a PROT_NONE reservation, never
 //   reused), backed elsewhere: host code that touches a device pointer faults, as it would.
 //   Allocations fail with CUDA_ERROR_OUT_OF_MEMORY beyond STRATA_EMULATED_CUDA_MEMORY bytes
@@ -20,7 +20,6 @@
 //   unknown stream, event and function handles get CUDA_ERROR_INVALID_HANDLE.
 // - Kernels: strata's conversion kernels are the ones in kernels/convert.cu compiled for the host
 //   (the PTX must name them), and the tests' checksum and spin kernels are written out below.
-//
 // - Operations are delayed at random (see `jitter`), and pinned host memory that changes between
 //   a copy's enqueue and its run is reported as the race it is.
 //
@@ -30,12 +29,11 @@
 // - stream capture's modes: capture is always relaxed, so a call that a global-mode capture on
 //   another thread would make fail succeeds here, and waiting on an event recorded during
 //   capture is not refused;
-// - pageable host-to-device copies returning before the stream reaches them (they wait here,
-//   which hides nothing from strata but makes the host run ahead less than on a GPU);
 // - cuCtxDestroy on the primary context, which it refuses outright;
 // - which handles a real driver reports as invalid once destroyed: here every destroyed handle
 //   is refused, where a GPU may reuse the address or fail differently;
-// - speed: per-thread default streams keep their worker thread for the life of the process.
+// - speed, of which it says nothing.
+// Per-thread default streams keep their worker thread for the life of the process.
 
 #include "convert.cu"
 
@@ -367,10 +365,15 @@ uint64_t fingerprint(const void *data, size_t len) {
 // Delays a quarter of the operations by up to STRATA_EMULATED_CUDA_JITTER_US microseconds (50 by
 // default), so that streams drift against each other and against the host as a GPU's do, and an
 // ordering bug shows in more runs.
-void jitter() {
-  static const unsigned max_us = (unsigned)env_bytes("STRATA_EMULATED_CUDA_JITTER_US", 50);
+std::minstd_rand &thread_random() {
   thread_local std::minstd_rand random(
       (unsigned)std::hash<std::thread::id>()(std::this_thread::get_id()));
+  return random;
+}
+
+void jitter() {
+  static const unsigned max_us = (unsigned)env_bytes("STRATA_EMULATED_CUDA_JITTER_US", 50);
+  std::minstd_rand &random = thread_random();
   if (max_us > 0 && random() % 4 == 0) {
     std::this_thread::sleep_for(std::chrono::microseconds(random() % (max_us + 1)));
   }
@@ -853,8 +856,9 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, vo
       std::memcpy(p[0], src, bytes);
     };
   } else {
-    // Pageable memory: the driver waits for the stream, then has read the bytes on return.
-    if (stream->capture == CAPTURE_NONE) wait_idle(l.lock, *stream);
+    // Pageable memory: the driver has read the bytes on return, and may or may not have waited
+    // for the stream first; each way is taken half the time, so code must be right under both.
+    if (stream->capture == CAPTURE_NONE && thread_random()() % 2 == 0) wait_idle(l.lock, *stream);
     auto staged = std::make_shared<std::vector<unsigned char>>(
         (const unsigned char *)src, (const unsigned char *)src + bytes);
     op.work = [staged](const std::vector<unsigned char *> &p, std::string &) {
