@@ -6,6 +6,7 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -18,13 +19,17 @@ fn python(args: &[&str], dir: &Path) -> Option<Output> {
 
 /// `python`, with more environment variables.
 fn python_with(args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Option<Output> {
-    let output = Command::new("python3")
-        .args(args)
-        .current_dir(dir)
-        .env("PYTHONPATH", repo().join("python"))
-        .env("STRATA_LIBRARY", common::library_dir().join("libstrata.so"))
-        .envs(env.iter().copied())
-        .output();
+    let files = common::programs::BuildDir::new("python-output");
+    let output = common::programs::output_within(
+        Command::new("python3")
+            .args(args)
+            .current_dir(dir)
+            .env("PYTHONPATH", repo().join("python"))
+            .env("STRATA_LIBRARY", common::library_dir().join("libstrata.so"))
+            .envs(env.iter().copied()),
+        files.path(),
+        Duration::from_secs(600),
+    );
     match output {
         Ok(output) => Some(output),
         Err(_) => {

@@ -116,40 +116,53 @@ pub fn compile(mut command: Command, what: &str) {
     );
 }
 
-/// Runs a program with its output going to files (no pipe can fill up), killing it after
-/// RUN_TIMEOUT, and returns what it printed.
+/// Runs a program in `dir` with its output going to files there, killing it after RUN_TIMEOUT,
+/// and returns what it printed.
 pub fn run(exe: &Path, args: &[&Path], dir: &Path) -> Output {
-    let stdout_path = dir.join("stdout.txt");
-    let stderr_path = dir.join("stderr.txt");
-    let mut child = Command::new(exe)
-        .args(args)
-        .current_dir(dir)
+    output_within(
+        Command::new(exe).args(args).current_dir(dir),
+        dir,
+        RUN_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("starting {}: {e}", exe.display()))
+}
+
+/// Runs `command` with its output going to files in `files_in` (no pipe can fill up), and returns
+/// what it printed; panics with the output so far if it runs longer than `timeout`, so that a
+/// hang fails the test instead of stalling the whole run. Err when it cannot be started.
+pub fn output_within(
+    command: &mut Command,
+    files_in: &Path,
+    timeout: Duration,
+) -> std::io::Result<Output> {
+    let stdout_path = files_in.join("stdout.txt");
+    let stderr_path = files_in.join("stderr.txt");
+    let mut child = command
         .stdin(Stdio::null())
-        .stdout(File::create(&stdout_path).unwrap())
-        .stderr(File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", exe.display()));
+        .stdout(File::create(&stdout_path)?)
+        .stderr(File::create(&stderr_path)?)
+        .spawn()?;
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait()? {
             break status;
         }
-        if started.elapsed() > RUN_TIMEOUT {
+        if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "{} ran longer than {RUN_TIMEOUT:?}; its output so far:\n{}",
-                exe.display(),
-                fs::read_to_string(&stdout_path).unwrap_or_default()
+                "{command:?} ran longer than {timeout:?}; its output so far:\n{}\n{}",
+                fs::read_to_string(&stdout_path).unwrap_or_default(),
+                fs::read_to_string(&stderr_path).unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    Output {
+    Ok(Output {
         status,
-        stdout: fs::read(&stdout_path).unwrap(),
-        stderr: fs::read(&stderr_path).unwrap(),
-    }
+        stdout: fs::read(&stdout_path)?,
+        stderr: fs::read(&stderr_path)?,
+    })
 }
 
 /// Asserts a clean exit and that the last line printed is "<name>: OK".
