@@ -812,6 +812,8 @@ fn a_destroyed_stream_gets_a_clear_status_and_the_context_keeps_working() {
     let ctx = cuda_context(|_| {});
     let group = ctx.group(&tiers(|_| {}));
     let ids = plain_layers(&ctx, group, 2, 1024);
+    // Made before the other one is destroyed, so the driver cannot give it the dead one's address.
+    let live = gpu.stream();
     let dead = gpu.stream();
     let dead_handle = dead.0;
     drop(dead);
@@ -826,7 +828,6 @@ fn a_destroyed_stream_gets_a_clear_status_and_the_context_keeps_working() {
     );
     assert_eq!(ctx.stats().vram_in_use, 0, "{:?}", ctx.stats());
     // Released with the dead handle, a layer stays acquired: the caller can release it right.
-    let live = gpu.stream();
     acquire_on(&ctx, ids[1], live.0);
     expect(
         strata_release(ctx.0, ids[1], dead_handle as *mut c_void),
@@ -881,47 +882,153 @@ fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
     ok(strata_release(ctx.0, ids[0], stream.0 as *mut c_void));
 }
 
+#[test]
+fn a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_by_it() {
+    let Some(gpu) =
+        gpu("a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_by_it")
+    else {
+        return;
+    };
+    // Everything that allocates is made first: in global mode the capture forbids every
+    // thread's allocations but strata's own, which is what this test is about.
+    let checked = CheckedPasses::prepare(&gpu, 9, 3);
+    let captured = gpu.stream();
+    let sum = gpu.zeroed(4);
+    let (began, capturing) = std::sync::mpsc::channel();
+    let (strata_done, done) = std::sync::mpsc::channel::<()>();
+    // Raw handles and addresses cross to the capturing thread as plain integers.
+    let (captured_handle, sum_address) = (captured.0 as usize, sum.0);
+    let gpu = &gpu;
+    std::thread::scope(|scope| {
+        // Dropped if this thread panics, which lets the capturing thread end its capture.
+        let strata_done = strata_done;
+        let capture = scope.spawn(move || {
+            let captured = captured_handle as sys::CUstream;
+            gpu.bind();
+            // SAFETY: a live stream; the capture ends below on this same thread.
+            unsafe {
+                sys::cuStreamBeginCapture_v2(
+                    captured,
+                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+                )
+            }
+            .result()
+            .unwrap();
+            gpu.checksum(captured, sum_address as *mut c_void, 1, sum_address);
+            began.send(()).unwrap();
+            let _ = done.recv();
+            let mut graph = ptr::null_mut();
+            // SAFETY: ends the capture begun above.
+            let ended = unsafe { sys::cuStreamEndCapture(captured, &mut graph) }.result();
+            if ended.is_ok() {
+                // SAFETY: the graph the capture made, destroyed once.
+                unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
+            }
+            ended
+        });
+        capturing.recv().unwrap();
+        // Strata allocates, pins and fills on this thread and on its copy thread meanwhile.
+        checked.run(gpu);
+        strata_done.send(()).unwrap();
+        capture
+            .join()
+            .unwrap()
+            .expect("strata's work on other threads left the global capture valid");
+    });
+    checked.verify(gpu);
+}
+
 /// Runs `passes` over its own layers in its own context on its own stream, checking every
 /// tensor's checksum; used by the multi-context and per-thread tests.
 fn checked_passes(gpu: &Gpu, seed: u64, passes: usize) {
-    let t = tiers(|t| {
-        t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E5M2);
-        t.computation.dtype = STRATA_DTYPE_F16;
-        t.quantization = STRATA_QUANT_PER_TENSOR;
-    });
-    let cpu = Ctx::new(STRATA_UNLIMITED);
-    let cpu_group = cpu.group(&t);
-    let cuda = cuda_context(|o| o.vram_limit = 0);
-    let group = cuda.group(&t);
-    let mut ids = Vec::new();
-    let mut expected = Vec::new();
-    for i in 0..8 {
-        let tensors = layer_tensors(seed * 100 + i, 128, 512);
-        ids.push(register_f32(&cuda, group, &format!("l{i}"), &tensors));
-        let id = register_f32(&cpu, cpu_group, &format!("l{i}"), &tensors);
-        expected.push(cpu_bytes(&cpu, id));
-    }
-    let stream = gpu.stream();
-    let sums = gpu.zeroed(passes * ids.len() * 2 * 4);
-    for pass in 0..passes {
-        for (i, &id) in ids.iter().enumerate() {
-            let views = acquire_on(&cuda, id, stream.0);
-            for (t, view) in views.iter().enumerate() {
-                let slot = ((pass * ids.len() + i) * 2 + t) as u64 * 4;
-                gpu.checksum(stream.0, view.data, view.nbytes / 4, sums.0 + slot);
-            }
-            ok(strata_release(cuda.0, id, stream.0 as *mut c_void));
+    let checked = CheckedPasses::prepare(gpu, seed, passes);
+    checked.run(gpu);
+    checked.verify(gpu);
+}
+
+/// Eight fp8 layers in a CUDA context of their own, their expected bytes from a CPU context, and
+/// a stream and device memory for the checksums of `passes` passes over them. Split in three so
+/// that a test can run the passes alone while something else goes on: `run` calls only strata,
+/// and enqueues only kernels.
+struct CheckedPasses {
+    seed: u64,
+    passes: usize,
+    cuda: Ctx,
+    ids: Vec<u64>,
+    expected: Vec<Vec<Vec<u8>>>,
+    stream: Stream,
+    sums: DeviceBytes,
+}
+
+impl CheckedPasses {
+    fn prepare(gpu: &Gpu, seed: u64, passes: usize) -> CheckedPasses {
+        let t = tiers(|t| {
+            t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E5M2);
+            t.computation.dtype = STRATA_DTYPE_F16;
+            t.quantization = STRATA_QUANT_PER_TENSOR;
+        });
+        let cpu = Ctx::new(STRATA_UNLIMITED);
+        let cpu_group = cpu.group(&t);
+        let cuda = cuda_context(|o| o.vram_limit = 0);
+        let group = cuda.group(&t);
+        let mut ids = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..8 {
+            let tensors = layer_tensors(seed * 100 + i, 128, 512);
+            ids.push(register_f32(&cuda, group, &format!("l{i}"), &tensors));
+            let id = register_f32(&cpu, cpu_group, &format!("l{i}"), &tensors);
+            expected.push(cpu_bytes(&cpu, id));
+        }
+        let stream = gpu.stream();
+        let sums = gpu.zeroed(passes * ids.len() * 2 * 4);
+        CheckedPasses {
+            seed,
+            passes,
+            cuda,
+            ids,
+            expected,
+            stream,
+            sums,
         }
     }
-    gpu.synchronize(stream.0);
-    let got = gpu.read(sums.0 as *mut c_void, passes * ids.len() * 2 * 4);
-    for (slot, sum) in got.chunks_exact(4).enumerate() {
-        let (i, t) = ((slot / 2) % ids.len(), slot % 2);
-        assert_eq!(
-            u32::from_le_bytes(sum.try_into().unwrap()),
-            expected_checksum(&expected[i][t]),
-            "seed {seed}: slot {slot}"
+
+    fn run(&self, gpu: &Gpu) {
+        for pass in 0..self.passes {
+            for (i, &id) in self.ids.iter().enumerate() {
+                let views = acquire_on(&self.cuda, id, self.stream.0);
+                for (t, view) in views.iter().enumerate() {
+                    let slot = ((pass * self.ids.len() + i) * 2 + t) as u64 * 4;
+                    gpu.checksum(
+                        self.stream.0,
+                        view.data,
+                        view.nbytes / 4,
+                        self.sums.0 + slot,
+                    );
+                }
+                ok(strata_release(
+                    self.cuda.0,
+                    id,
+                    self.stream.0 as *mut c_void,
+                ));
+            }
+        }
+    }
+
+    fn verify(&self, gpu: &Gpu) {
+        gpu.synchronize(self.stream.0);
+        let got = gpu.read(
+            self.sums.0 as *mut c_void,
+            self.passes * self.ids.len() * 2 * 4,
         );
+        for (slot, sum) in got.chunks_exact(4).enumerate() {
+            let (i, t) = ((slot / 2) % self.ids.len(), slot % 2);
+            assert_eq!(
+                u32::from_le_bytes(sum.try_into().unwrap()),
+                expected_checksum(&self.expected[i][t]),
+                "seed {}: slot {slot}",
+                self.seed
+            );
+        }
     }
 }
 
@@ -1116,7 +1223,9 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
         if let Some(bytes) = pinnable {
             child.env("STRATA_EMULATED_CUDA_PINNABLE", bytes);
         }
-        let output = child.output().unwrap();
+        let output =
+            programs::output_within(&mut child, dir.path(), std::time::Duration::from_secs(600))
+                .unwrap();
         let report = programs::describe(&output);
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -26,12 +26,13 @@
 // What it does not emulate, and so cannot catch:
 // - the legacy default stream's implicit synchronisation with blocking streams (strata's streams
 //   are non-blocking);
-// - stream capture's modes: capture is always relaxed, so a call that a global-mode capture on
-//   another thread would make fail succeeds here, and waiting on an event recorded during
-//   capture is not refused;
+// - stream capture beyond its modes' rule for the calls that may synchronise (allocating,
+//   freeing, pinning, synchronous copies and memsets, cuCtxSynchronize): other calls a capture
+//   forbids, such as waiting on an event recorded during capture, are not refused;
 // - cuCtxDestroy on the primary context, which it refuses outright;
-// - which handles a real driver reports as invalid once destroyed: here every destroyed handle
-//   is refused, where a GPU may reuse the address or fail differently;
+// - which handles a real driver reports as invalid once destroyed: here every destroyed stream
+//   and event handle is refused (their addresses are never reused), where a GPU may hand the
+//   address out again or fail differently;
 // - speed, of which it says nothing.
 // Per-thread default streams keep their worker thread for the life of the process.
 
@@ -134,6 +135,7 @@ const uintptr_t STREAM_LEGACY = 1;
 const uintptr_t STREAM_PER_THREAD = 2;
 const unsigned EVENT_DISABLE_TIMING = 2;
 const int CAPTURE_NONE = 0, CAPTURE_ACTIVE = 1, CAPTURE_INVALIDATED = 2;
+const int MODE_GLOBAL = 0, MODE_THREAD_LOCAL = 1, MODE_RELAXED = 2;
 const int ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 
 struct Context;
@@ -168,6 +170,8 @@ struct Stream {
   std::deque<Op> queue;
   bool destroyed = false;
   int capture = CAPTURE_NONE;
+  int capture_mode = MODE_GLOBAL;
+  std::thread::id capture_thread;
   std::vector<Op> captured;
 };
 
@@ -255,11 +259,15 @@ struct Driver {
   std::map<std::pair<std::thread::id, Context *>, std::shared_ptr<Stream>> per_thread;
   // Streams destroyed with work still queued: that work runs, and still counts as in flight.
   std::set<std::shared_ptr<Stream>> draining;
+  // Destroyed streams and events, kept so that no new handle takes a destroyed one's address:
+  // a stale handle is then always refused (a real driver may hand the address out again).
+  std::vector<std::shared_ptr<void>> retired;
   std::mutex kernels; // the host kernels share one emulated grid position
 };
 
 Driver &driver = *new Driver;
 thread_local std::vector<Context *> context_stack;
+thread_local int thread_capture_mode = MODE_GLOBAL; // cuThreadExchangeStreamCaptureMode's
 
 size_t env_bytes(const char *name, size_t fallback) {
   const char *value = std::getenv(name);
@@ -313,6 +321,25 @@ template <typename Visit> void each_stream(Visit visit) {
   for (Context *context : driver.contexts) visit(*context->legacy);
   for (auto &entry : driver.per_thread) visit(*entry.second);
   for (auto &stream : driver.draining) visit(*stream);
+}
+
+// Whether the calling thread may make a call that can synchronise (allocating, freeing or pinning
+// memory, cuCtxSynchronize) by the rules of capture modes: not while a capture of its own that is
+// not relaxed is under way, nor, unless its own mode is thread-local, while another thread's
+// global-mode capture is; unless its own mode is relaxed. A refused call invalidates the
+// captures that refused it, as on a GPU.
+CUresult capture_allows_unsafe_call() {
+  if (thread_capture_mode == MODE_RELAXED) return SUCCESS;
+  bool refused = false;
+  each_stream([&](Stream &stream) {
+    if (stream.capture != CAPTURE_ACTIVE || stream.capture_mode == MODE_RELAXED) return;
+    bool own = stream.capture_thread == std::this_thread::get_id();
+    if (own || (thread_capture_mode == MODE_GLOBAL && stream.capture_mode == MODE_GLOBAL)) {
+      stream.capture = CAPTURE_INVALIDATED;
+      refused = true;
+    }
+  });
+  return refused ? STREAM_CAPTURE_UNSUPPORTED : SUCCESS;
 }
 
 // Whether [start, end) of device memory or (host) of pinned host memory is in queued or running
@@ -547,6 +574,7 @@ void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
   for (auto it = driver.streams.begin(); it != driver.streams.end();) {
     if (it->second->context == context) {
       it->second->destroyed = true;
+      driver.retired.push_back(it->second);
       it = driver.streams.erase(it);
     } else {
       ++it;
@@ -561,7 +589,12 @@ void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
     }
   }
   for (auto it = driver.events.begin(); it != driver.events.end();) {
-    it = it->second->context == context ? driver.events.erase(it) : std::next(it);
+    if (it->second->context == context) {
+      driver.retired.push_back(it->second);
+      it = driver.events.erase(it);
+    } else {
+      ++it;
+    }
   }
   for (auto it = driver.modules.begin(); it != driver.modules.end();) {
     if ((*it)->context == context) {
@@ -726,6 +759,7 @@ CUresult cuCtxPopCurrent_v2(Context **context) {
 CUresult cuCtxSynchronize() {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   Context *context = current();
   driver.changed.wait(l.lock, [&] {
     bool idle = true;
@@ -749,6 +783,7 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
 CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!pointer || bytes == 0) return INVALID_VALUE;
   size_t charged = (bytes + 511) / 512 * 512;
   if (charged > driver.total - driver.used) return OUT_OF_MEMORY;
@@ -769,6 +804,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
 CUresult cuMemFree_v2(CUdeviceptr pointer) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   auto it = driver.allocations.find((uintptr_t)pointer);
   if (it == driver.allocations.end()) return INVALID_VALUE;
   if (const char *what = in_flight(it->first, it->first + it->second.len, false)) {
@@ -784,6 +820,7 @@ CUresult cuMemFree_v2(CUdeviceptr pointer) {
 CUresult cuMemHostAlloc(void **pointer, size_t bytes, unsigned) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!pointer || bytes == 0) return INVALID_VALUE;
   // As the memlock limit refuses it.
   if (bytes > driver.pinnable - driver.pinned_bytes) return OUT_OF_MEMORY;
@@ -800,6 +837,7 @@ CUresult cuMemAllocHost_v2(void **pointer, size_t bytes) { return cuMemHostAlloc
 CUresult cuMemFreeHost(void *pointer) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   auto it = driver.host_allocations.find((uintptr_t)pointer);
   if (it == driver.host_allocations.end()) return INVALID_VALUE;
   CUresult forgotten = forget_pinned(l.lock, driver.host_allocations, it, "pinned host memory freed");
@@ -810,6 +848,7 @@ CUresult cuMemFreeHost(void *pointer) {
 CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!pointer || bytes == 0) return INVALID_VALUE;
   uintptr_t start = (uintptr_t)pointer, end = start + bytes;
   if (end < start) return INVALID_VALUE;
@@ -827,6 +866,7 @@ CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
 CUresult cuMemHostUnregister(void *pointer) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   auto it = driver.registrations.find((uintptr_t)pointer);
   if (it == driver.registrations.end()) return HOST_MEMORY_NOT_REGISTERED;
   return forget_pinned(l.lock, driver.registrations, it, "host memory unregistered");
@@ -889,6 +929,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, vo
 CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (bytes == 0) return SUCCESS;
   if (!dst) return INVALID_VALUE;
   if (CUresult r = check_device_range(src, bytes)) return r;
@@ -907,6 +948,7 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (CUresult r = check_device_range(dst, bytes)) return r;
   Op op;
   op.what = "a memset";
@@ -937,6 +979,7 @@ CUresult cuStreamDestroy_v2(Stream *handle) {
   // Work already queued still runs; the stream's thread ends after it.
   it->second->destroyed = true;
   if (!it->second->queue.empty()) driver.draining.insert(it->second);
+  driver.retired.push_back(it->second);
   driver.changed.notify_all();
   driver.streams.erase(it);
   return SUCCESS;
@@ -975,15 +1018,24 @@ CUresult cuStreamIsCapturing(void *handle, int *status) {
   return SUCCESS;
 }
 
-CUresult cuStreamBeginCapture_v2(void *handle, int) {
+CUresult cuStreamBeginCapture_v2(void *handle, int mode) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   std::shared_ptr<Stream> stream;
   if (CUresult r = resolve(handle, stream)) return r;
   if ((uintptr_t)handle <= STREAM_LEGACY) return STREAM_CAPTURE_UNSUPPORTED;
   if (stream->capture != CAPTURE_NONE) return STREAM_CAPTURE_UNSUPPORTED;
+  if (mode < MODE_GLOBAL || mode > MODE_RELAXED) return INVALID_VALUE;
   stream->capture = CAPTURE_ACTIVE;
+  stream->capture_mode = mode;
+  stream->capture_thread = std::this_thread::get_id();
   stream->captured.clear();
+  return SUCCESS;
+}
+
+CUresult cuThreadExchangeStreamCaptureMode(int *mode) {
+  if (!mode || *mode < MODE_GLOBAL || *mode > MODE_RELAXED) return INVALID_VALUE;
+  std::swap(*mode, thread_capture_mode);
   return SUCCESS;
 }
 
@@ -1030,8 +1082,11 @@ CUresult cuEventCreate(Event **handle, unsigned flags) {
 CUresult cuEventDestroy_v2(Event *handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
-  // Work that records or waits on it keeps it alive until that work has run.
-  return driver.events.erase(handle) ? SUCCESS : INVALID_HANDLE;
+  std::shared_ptr<Event> event = event_of(handle);
+  if (!event) return INVALID_HANDLE;
+  driver.retired.push_back(event);
+  driver.events.erase(handle);
+  return SUCCESS;
 }
 
 CUresult cuEventRecord(Event *handle, void *stream_handle) {

@@ -59,13 +59,33 @@ impl PrimaryContext {
 
     /// Makes the context current on this thread until the guard drops, then restores whatever
     /// the calling thread had current before (the host may use its own contexts).
+    ///
+    /// While bound, the thread's stream-capture mode is relaxed. Strata's allocations, pinning
+    /// and synchronisations never belong in a graph, and a capture in global mode on any other
+    /// thread (PyTorch's `torch.cuda.graph` default) would otherwise refuse them and be
+    /// invalidated by them.
     pub(super) fn bind(&self) -> Result<Bound> {
         // SAFETY: `raw` is a retained, live context.
         check(
             unsafe { sys::cuCtxPushCurrent_v2(self.raw) }.result(),
             "making the device's context current",
         )?;
-        Ok(Bound(PhantomData))
+        let mut previous_mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: swaps this thread's mode through a valid pointer; Bound's drop swaps it back.
+        let relaxed = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut previous_mode) };
+        if let Err(e) = relaxed.result() {
+            let mut popped = std::ptr::null_mut();
+            // SAFETY: pops the context pushed above, on this same thread.
+            let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+            return Err(driver_error(
+                e,
+                "relaxing this thread's stream-capture mode",
+            ));
+        }
+        Ok(Bound {
+            previous_mode,
+            not_send: PhantomData,
+        })
     }
 
     pub(super) fn memory_info(&self) -> Result<(usize, usize)> {
@@ -81,12 +101,17 @@ impl Drop for PrimaryContext {
     }
 }
 
-/// Strata's context is current on this thread while this lives. Not `Send`: the binding is
-/// per thread.
-pub(super) struct Bound(PhantomData<*const ()>);
+/// Strata's context is current on this thread, with capture mode relaxed, while this lives. Not
+/// `Send`: both are per thread.
+pub(super) struct Bound {
+    previous_mode: sys::CUstreamCaptureMode,
+    not_send: PhantomData<*const ()>,
+}
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        // SAFETY: restores the mode `bind` swapped out, on this same thread.
+        let _ = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut self.previous_mode) };
         let mut popped = std::ptr::null_mut();
         // SAFETY: pops exactly the context `bind` pushed on this same thread.
         let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
