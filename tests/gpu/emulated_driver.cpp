@@ -27,14 +27,16 @@
 // - the legacy default stream's implicit synchronisation with blocking streams (strata's streams
 //   are non-blocking);
 // - stream capture beyond its modes' rule for the calls that may synchronise (allocating,
-//   freeing, pinning, synchronous copies and memsets, cuCtxSynchronize): other calls a capture
-//   forbids, such as waiting on an event recorded during capture, are not refused;
+//   freeing, pinning, synchronous copies and memsets, waiting on streams and events, loading
+//   modules) and cuCtxSynchronize's refusal during any capture: other uses a capture forbids,
+//   such as the legacy stream's while a blocking stream is captured, or waiting on an event
+//   recorded during capture, are not refused;
 // - cuCtxDestroy on the primary context, which it refuses outright;
 // - which handles a real driver reports as invalid once destroyed: here every destroyed stream
 //   and event handle is refused (their addresses are never reused), where a GPU may hand the
 //   address out again or fail differently;
 // - speed, of which it says nothing.
-// Per-thread default streams keep their worker thread for the life of the process.
+// Per-thread default streams keep their worker thread until their context ends.
 
 #include "convert.cu"
 
@@ -323,6 +325,14 @@ template <typename Visit> void each_stream(Visit visit) {
   for (auto &stream : driver.draining) visit(*stream);
 }
 
+bool context_idle(Context *context) {
+  bool idle = true;
+  each_stream([&](const Stream &stream) {
+    if (stream.context == context && !stream.queue.empty()) idle = false;
+  });
+  return idle;
+}
+
 // Whether the calling thread may make a call that can synchronise (allocating, freeing or pinning
 // memory, cuCtxSynchronize) by the rules of capture modes: not while a capture of its own that is
 // not relaxed is under way, nor, unless its own mode is thread-local, while another thread's
@@ -555,13 +565,9 @@ CUresult cuGetErrorString(CUresult error, const char **text) {
 
 // Ends a context once its work has run: frees its memory and forgets the handles made in it.
 void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
-  driver.changed.wait(lock, [&] {
-    bool idle = true;
-    each_stream([&](const Stream &stream) {
-      if (stream.context == context && !stream.queue.empty()) idle = false;
-    });
-    return idle;
-  });
+  driver.changed.wait(lock, [&] { return context_idle(context); });
+  // Retained again while its work drained: it lives on.
+  if (context->primary && context->retained > 0) return;
   for (auto it = driver.allocations.begin(); it != driver.allocations.end();) {
     if (it->second.context == context) {
       driver.used -= it->second.len;
@@ -679,10 +685,12 @@ CUresult cuDevicePrimaryCtxRetain(Context **context, CUdevice device) {
   if (!driver.initialized) return NOT_INITIALIZED;
   if (device != 0) return INVALID_DEVICE;
   if (!context) return INVALID_VALUE;
-  // The first retain, and the first after the last release, makes it anew.
-  if (driver.primary_context.retained++ == 0) {
-    driver.primary_context.legacy = new_stream(&driver.primary_context);
-    driver.contexts.insert(&driver.primary_context);
+  // The first retain, and the first after the last release, makes it anew (unless the release
+  // is still waiting for its work, which then keeps it).
+  Context &primary = driver.primary_context;
+  if (primary.retained++ == 0 && (!primary.legacy || primary.legacy->destroyed)) {
+    primary.legacy = new_stream(&primary);
+    driver.contexts.insert(&primary);
   }
   *context = &driver.primary_context;
   return SUCCESS;
@@ -759,15 +767,17 @@ CUresult cuCtxPopCurrent_v2(Context **context) {
 CUresult cuCtxSynchronize() {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
-  if (CUresult r = capture_allows_unsafe_call()) return r;
-  Context *context = current();
-  driver.changed.wait(l.lock, [&] {
-    bool idle = true;
-    each_stream([&](const Stream &stream) {
-      if (stream.context == context && !stream.queue.empty()) idle = false;
-    });
-    return idle;
+  // Invalid during any capture in the context, whatever the modes.
+  bool capturing = false;
+  each_stream([&](Stream &stream) {
+    if (stream.context == current() && stream.capture == CAPTURE_ACTIVE) {
+      stream.capture = CAPTURE_INVALIDATED;
+      capturing = true;
+    }
   });
+  if (capturing) return STREAM_CAPTURE_UNSUPPORTED;
+  Context *context = current();
+  driver.changed.wait(l.lock, [&] { return context_idle(context); });
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
 
@@ -945,6 +955,33 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
 
+// Into pinned memory it returns at once and the copy lands when the stream gets to it; into
+// pageable memory it returns once the bytes are there.
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, void *handle) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  std::shared_ptr<Stream> stream;
+  if (CUresult r = resolve(handle, stream)) return r;
+  if (bytes == 0) return SUCCESS;
+  if (!dst) return INVALID_VALUE;
+  if (CUresult r = check_device_range(src, bytes)) return r;
+  bool to_pinned = pinned((uintptr_t)dst, bytes);
+  if (!to_pinned) {
+    if (CUresult r = capture_allows_unsafe_call()) return r;
+  }
+  Op op;
+  op.what = "a device-to-host copy";
+  op.device = std::vector<DeviceRange>{{src, bytes}};
+  op.host_start = (uintptr_t)dst;
+  op.host_end = (uintptr_t)dst + bytes;
+  op.work = [dst, bytes](const std::vector<unsigned char *> &p, std::string &) {
+    std::memcpy(dst, p[0], bytes);
+  };
+  enqueue(*stream, std::move(op));
+  if (!to_pinned && stream->capture == CAPTURE_NONE) wait_idle(l.lock, *stream);
+  return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
+}
+
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
@@ -994,6 +1031,7 @@ CUresult cuStreamSynchronize(void *handle) {
     stream->capture = CAPTURE_INVALIDATED;
     return STREAM_CAPTURE_UNSUPPORTED;
   }
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   wait_idle(l.lock, *stream);
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
@@ -1110,6 +1148,7 @@ CUresult cuEventRecord(Event *handle, void *stream_handle) {
 CUresult cuEventSynchronize(Event *handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   std::shared_ptr<Event> event = event_of(handle);
   if (!event) return INVALID_HANDLE;
   std::shared_ptr<Record> until = event->latest;
@@ -1120,6 +1159,7 @@ CUresult cuEventSynchronize(Event *handle) {
 CUresult cuEventQuery(Event *handle) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   std::shared_ptr<Event> event = event_of(handle);
   if (!event) return INVALID_HANDLE;
   return !event->latest || event->latest->done ? SUCCESS : NOT_READY;
@@ -1157,6 +1197,7 @@ CUresult cuStreamWaitEvent(void *stream_handle, Event *handle, unsigned flags) {
 CUresult cuModuleLoadData(Module **module, const void *image) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!module || !image) return INVALID_VALUE;
   std::string ptx((const char *)image);
   if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) {
@@ -1176,6 +1217,7 @@ CUresult cuModuleLoadData(Module **module, const void *image) {
 CUresult cuModuleUnload(Module *module) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!driver.modules.erase(module)) return INVALID_HANDLE;
   forget_functions_of(module);
   delete module;

@@ -143,6 +143,19 @@ impl Stream {
             "waiting for the copy stream",
         )
     }
+
+    /// Copies device memory to the host after the work enqueued so far, and waits for it. On
+    /// this stream rather than the legacy one, which a graph captured on a blocking stream
+    /// would forbid.
+    pub(super) fn copy_to_host(&self, dst: &mut [u8], src: sys::CUdeviceptr) -> Result<()> {
+        // SAFETY: `dst` is writable for its length and outlives the copy (waited for below);
+        // `src` is live device memory at least as long.
+        check(
+            unsafe { result::memcpy_dtoh_async(dst, src, self.0) },
+            "copying from the device",
+        )?;
+        self.synchronize()
+    }
 }
 
 impl Drop for Stream {
@@ -300,15 +313,6 @@ pub(super) fn copy_on_device(
     check(
         unsafe { result::memcpy_dtod_async(dst, src, bytes, stream) },
         "copying on the device",
-    )
-}
-
-/// Copies device memory to the host and waits for it.
-pub(super) fn copy_to_host(dst: &mut [u8], src: sys::CUdeviceptr) -> Result<()> {
-    // SAFETY: `dst` is writable for its length; `src` is live device memory at least as long.
-    check(
-        unsafe { result::memcpy_dtoh_sync(dst, src) },
-        "copying from the device",
     )
 }
 

@@ -708,8 +708,8 @@ impl Backend for CudaBackend {
             }
         } else {
             // Into fp8 (a quantization): rare enough to take the host path, after the copies
-            // that filled the source have landed.
-            shared.res().stream.synchronize()?;
+            // that filled the source have landed (the copies out wait for them on the stream).
+            let stream = &shared.res().stream;
             // The tensor alone on the host, its scales right after it, counted in host_limit.
             let local = TensorSlot {
                 offset: 0,
@@ -719,8 +719,8 @@ impl Backend for CudaBackend {
             let mut host =
                 CountedBuffer::new(local.scales_offset + scale_count * 4, &shared.res().host)?;
             let (data, scales) = host.buffer.as_mut_slice().split_at_mut(local.scales_offset);
-            driver::copy_to_host(data, src.addr + src_slot.offset as u64)?;
-            driver::copy_to_host(scales, src.addr + src_slot.scales_offset as u64)?;
+            stream.copy_to_host(data, src.addr + src_slot.offset as u64)?;
+            stream.copy_to_host(scales, src.addr + src_slot.scales_offset as u64)?;
             let (data, scales) = slot_contents(&local, host.buffer.as_slice())?;
             let source = TensorBytes {
                 bytes: data,
