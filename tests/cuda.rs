@@ -889,9 +889,9 @@ fn a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_
     else {
         return;
     };
-    // Everything that allocates is made first: in global mode the capture forbids every
-    // thread's allocations but strata's own, which is what this test is about.
-    let checked = CheckedPasses::prepare(&gpu, 9, 3);
+    // Everything the test itself allocates is made first: in global mode the capture forbids
+    // every thread's allocations but strata's own, which are what this test is about.
+    let checked = CheckedPasses::prepare(&gpu, 9, 3, PINNED_IN_PLACE_COLS);
     let captured = gpu.stream();
     let sum = gpu.zeroed(4);
     let (began, capturing) = std::sync::mpsc::channel();
@@ -903,28 +903,10 @@ fn a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_
         // Dropped if this thread panics, which lets the capturing thread end its capture.
         let strata_done = strata_done;
         let capture = scope.spawn(move || {
-            let captured = captured_handle as sys::CUstream;
-            gpu.bind();
-            // SAFETY: a live stream; the capture ends below on this same thread.
-            unsafe {
-                sys::cuStreamBeginCapture_v2(
-                    captured,
-                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
-                )
-            }
-            .result()
-            .unwrap();
-            gpu.checksum(captured, sum_address as *mut c_void, 1, sum_address);
+            let capture = GlobalCapture::begin(gpu, captured_handle as sys::CUstream, sum_address);
             began.send(()).unwrap();
             let _ = done.recv();
-            let mut graph = ptr::null_mut();
-            // SAFETY: ends the capture begun above.
-            let ended = unsafe { sys::cuStreamEndCapture(captured, &mut graph) }.result();
-            if ended.is_ok() {
-                // SAFETY: the graph the capture made, destroyed once.
-                unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
-            }
-            ended
+            capture.end()
         });
         capturing.recv().unwrap();
         // Strata allocates, pins and fills on this thread and on its copy thread meanwhile.
@@ -938,18 +920,88 @@ fn a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_
     checked.verify(gpu);
 }
 
+#[test]
+fn a_global_capture_on_the_calling_thread_neither_refuses_strata_nor_is_invalidated_by_it() {
+    let Some(gpu) = gpu(
+        "a_global_capture_on_the_calling_thread_neither_refuses_strata_nor_is_invalidated_by_it",
+    ) else {
+        return;
+    };
+    let checked = CheckedPasses::prepare(&gpu, 10, 3, PINNED_IN_PLACE_COLS);
+    let captured = gpu.stream();
+    let sum = gpu.zeroed(4);
+    // The thread captures one stream and has strata work on another.
+    let capture = GlobalCapture::begin(&gpu, captured.0, sum.0);
+    checked.run(&gpu);
+    capture
+        .end()
+        .expect("strata's work on the capturing thread left its capture valid");
+    checked.verify(&gpu);
+}
+
+/// Layers of 128 x this many fp8 weights are 1 MiB on the host, the size strata pins in place
+/// rather than staging.
+const PINNED_IN_PLACE_COLS: usize = 8192;
+
+/// A global-mode capture of `stream` on the calling thread, with one kernel in it; ended on drop
+/// if `end` was not called, so that a failing test leaves no capture open behind it.
+struct GlobalCapture(Option<sys::CUstream>);
+
+impl GlobalCapture {
+    fn begin(gpu: &Gpu, stream: sys::CUstream, sum: sys::CUdeviceptr) -> GlobalCapture {
+        gpu.bind();
+        // SAFETY: a live stream; the capture ends in `end` or on drop, on this same thread.
+        unsafe {
+            sys::cuStreamBeginCapture_v2(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+            )
+        }
+        .result()
+        .unwrap();
+        let capture = GlobalCapture(Some(stream));
+        gpu.checksum(stream, sum as *mut c_void, 1, sum);
+        capture
+    }
+
+    /// Ends the capture: an error if something invalidated it.
+    fn end(mut self) -> std::result::Result<(), cudarc::driver::DriverError> {
+        let stream = self.0.take().unwrap();
+        let mut graph = ptr::null_mut();
+        // SAFETY: ends the capture `begin` started on this thread.
+        unsafe { sys::cuStreamEndCapture(stream, &mut graph) }.result()?;
+        // SAFETY: the graph the capture made, destroyed once.
+        unsafe { sys::cuGraphDestroy(graph) }.result()
+    }
+}
+
+impl Drop for GlobalCapture {
+    fn drop(&mut self) {
+        if let Some(stream) = self.0.take() {
+            let mut graph = ptr::null_mut();
+            // SAFETY: ends the capture `begin` started on this thread; the graph, if one was
+            // made, is destroyed once.
+            unsafe {
+                if sys::cuStreamEndCapture(stream, &mut graph).result().is_ok() {
+                    let _ = sys::cuGraphDestroy(graph);
+                }
+            }
+        }
+    }
+}
+
 /// Runs `passes` over its own layers in its own context on its own stream, checking every
 /// tensor's checksum; used by the multi-context and per-thread tests.
 fn checked_passes(gpu: &Gpu, seed: u64, passes: usize) {
-    let checked = CheckedPasses::prepare(gpu, seed, passes);
+    let checked = CheckedPasses::prepare(gpu, seed, passes, 512);
     checked.run(gpu);
     checked.verify(gpu);
 }
 
-/// Eight fp8 layers in a CUDA context of their own, their expected bytes from a CPU context, and
-/// a stream and device memory for the checksums of `passes` passes over them. Split in three so
-/// that a test can run the passes alone while something else goes on: `run` calls only strata,
-/// and enqueues only kernels.
+/// Eight fp8 layers of 128 x `cols` in a CUDA context of their own, their expected bytes from a
+/// CPU context, and a stream and device memory for the checksums of `passes` passes over them.
+/// Split in three so that a test can run the passes alone while something else goes on: `run`
+/// calls only strata, and enqueues only kernels.
 struct CheckedPasses {
     seed: u64,
     passes: usize,
@@ -961,7 +1013,7 @@ struct CheckedPasses {
 }
 
 impl CheckedPasses {
-    fn prepare(gpu: &Gpu, seed: u64, passes: usize) -> CheckedPasses {
+    fn prepare(gpu: &Gpu, seed: u64, passes: usize, cols: usize) -> CheckedPasses {
         let t = tiers(|t| {
             t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E5M2);
             t.computation.dtype = STRATA_DTYPE_F16;
@@ -974,7 +1026,7 @@ impl CheckedPasses {
         let mut ids = Vec::new();
         let mut expected = Vec::new();
         for i in 0..8 {
-            let tensors = layer_tensors(seed * 100 + i, 128, 512);
+            let tensors = layer_tensors(seed * 100 + i, 128, cols);
             ids.push(register_f32(&cuda, group, &format!("l{i}"), &tensors));
             let id = register_f32(&cpu, cpu_group, &format!("l{i}"), &tensors);
             expected.push(cpu_bytes(&cpu, id));
@@ -1224,8 +1276,7 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
             child.env("STRATA_EMULATED_CUDA_PINNABLE", bytes);
         }
         let output =
-            programs::output_within(&mut child, dir.path(), std::time::Duration::from_secs(600))
-                .unwrap();
+            programs::output_within(&mut child, dir.path(), programs::SUITE_TIMEOUT).unwrap();
         let report = programs::describe(&output);
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);

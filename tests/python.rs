@@ -6,7 +6,6 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -28,14 +27,15 @@ fn python_with(args: &[&str], dir: &Path, env: &[(&str, &Path)]) -> Option<Outpu
             .env("STRATA_LIBRARY", common::library_dir().join("libstrata.so"))
             .envs(env.iter().copied()),
         files.path(),
-        Duration::from_secs(600),
+        common::programs::SUITE_TIMEOUT,
     );
     match output {
         Ok(output) => Some(output),
-        Err(_) => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             show("SKIPPED: no python3 on this machine");
             None
         }
+        Err(e) => panic!("running python3: {e}"),
     }
 }
 

@@ -10,6 +10,8 @@ pub const C_FLAGS: &[&str] = &["-std=c11", "-Wall", "-Wextra", "-Werror", "-peda
 pub const CXX_FLAGS: &[&str] = &["-std=c++17", "-Wall", "-Wextra", "-Werror", "-pedantic"];
 /// The longest an example may run before it counts as hung.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a whole test suite run as a child (python's, the emulated-driver runs) may take.
+pub const SUITE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,11 +71,14 @@ pub struct BuildDir(PathBuf);
 
 impl BuildDir {
     pub fn new(label: &str) -> BuildDir {
+        // Tests of one process make these from several threads at once.
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!(
-            "strata-build-{label}-{}-{nanos}",
+            "strata-build-{label}-{}-{made}-{nanos}",
             std::process::id()
         ));
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
