@@ -966,28 +966,25 @@ impl GlobalCapture {
 
     /// Ends the capture: an error if something invalidated it.
     fn end(mut self) -> std::result::Result<(), cudarc::driver::DriverError> {
-        let stream = self.0.take().unwrap();
-        let mut graph = ptr::null_mut();
-        // SAFETY: ends the capture `begin` started on this thread.
-        unsafe { sys::cuStreamEndCapture(stream, &mut graph) }.result()?;
-        // SAFETY: the graph the capture made, destroyed once.
-        unsafe { sys::cuGraphDestroy(graph) }.result()
+        end_capture(self.0.take().unwrap())
     }
 }
 
 impl Drop for GlobalCapture {
     fn drop(&mut self) {
         if let Some(stream) = self.0.take() {
-            let mut graph = ptr::null_mut();
-            // SAFETY: ends the capture `begin` started on this thread; the graph, if one was
-            // made, is destroyed once.
-            unsafe {
-                if sys::cuStreamEndCapture(stream, &mut graph).result().is_ok() {
-                    let _ = sys::cuGraphDestroy(graph);
-                }
-            }
+            let _ = end_capture(stream);
         }
     }
+}
+
+/// Ends the capture `GlobalCapture::begin` started on this thread and destroys its graph.
+fn end_capture(stream: sys::CUstream) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let mut graph = ptr::null_mut();
+    // SAFETY: a stream being captured on this thread.
+    unsafe { sys::cuStreamEndCapture(stream, &mut graph) }.result()?;
+    // SAFETY: the graph the capture made, destroyed once.
+    unsafe { sys::cuGraphDestroy(graph) }.result()
 }
 
 /// Runs `passes` over its own layers in its own context on its own stream, checking every

@@ -334,7 +334,8 @@ bool context_idle(Context *context) {
 }
 
 // Whether the calling thread may make a call that can synchronise (allocating, freeing or pinning
-// memory, cuCtxSynchronize) by the rules of capture modes: not while a capture of its own that is
+// memory, synchronous copies, waiting on streams or events, loading modules) by the rules of
+// capture modes: not while a capture of its own that is
 // not relaxed is under way, nor, unless its own mode is thread-local, while another thread's
 // global-mode capture is; unless its own mode is relaxed. A refused call invalidates the
 // captures that refused it, as on a GPU.
@@ -501,6 +502,15 @@ void enqueue(Stream &stream, Op op) {
   driver.changed.notify_all();
 }
 
+// Ends a stream: queued work still runs (and counts as in flight until it has), and its handle
+// is never given out again.
+void retire(const std::shared_ptr<Stream> &stream) {
+  stream->destroyed = true;
+  if (!stream->queue.empty()) driver.draining.insert(stream);
+  driver.retired.push_back(stream);
+  driver.changed.notify_all();
+}
+
 void forget_functions_of(Module *module) {
   for (auto it = driver.functions.begin(); it != driver.functions.end();) {
     if ((*it)->module == module) {
@@ -579,8 +589,7 @@ void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
   }
   for (auto it = driver.streams.begin(); it != driver.streams.end();) {
     if (it->second->context == context) {
-      it->second->destroyed = true;
-      driver.retired.push_back(it->second);
+      retire(it->second);
       it = driver.streams.erase(it);
     } else {
       ++it;
@@ -767,16 +776,16 @@ CUresult cuCtxPopCurrent_v2(Context **context) {
 CUresult cuCtxSynchronize() {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
+  Context *context = current();
   // Invalid during any capture in the context, whatever the modes.
   bool capturing = false;
   each_stream([&](Stream &stream) {
-    if (stream.context == current() && stream.capture == CAPTURE_ACTIVE) {
+    if (stream.context == context && stream.capture == CAPTURE_ACTIVE) {
       stream.capture = CAPTURE_INVALIDATED;
       capturing = true;
     }
   });
   if (capturing) return STREAM_CAPTURE_UNSUPPORTED;
-  Context *context = current();
   driver.changed.wait(l.lock, [&] { return context_idle(context); });
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
@@ -936,6 +945,19 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, vo
   return SUCCESS;
 }
 
+// A copy of device memory at `src` into host memory at `dst`, for any stream.
+Op copy_to_host(void *dst, CUdeviceptr src, size_t bytes) {
+  Op op;
+  op.what = "a device-to-host copy";
+  op.device = std::vector<DeviceRange>{{src, bytes}};
+  op.host_start = (uintptr_t)dst;
+  op.host_end = (uintptr_t)dst + bytes;
+  op.work = [dst, bytes](const std::vector<unsigned char *> &p, std::string &) {
+    std::memcpy(dst, p[0], bytes);
+  };
+  return op;
+}
+
 CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
@@ -944,13 +966,7 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
   if (!dst) return INVALID_VALUE;
   if (CUresult r = check_device_range(src, bytes)) return r;
   Stream &legacy = *current()->legacy;
-  Op op;
-  op.what = "a device-to-host copy";
-  op.device = std::vector<DeviceRange>{{src, bytes}};
-  op.host_start = (uintptr_t)dst;
-  op.host_end = (uintptr_t)dst + bytes;
-  op.work = [dst, bytes](const std::vector<unsigned char *> &p, std::string &) { std::memcpy(dst, p[0], bytes); };
-  enqueue(legacy, std::move(op));
+  enqueue(legacy, copy_to_host(dst, src, bytes));
   wait_idle(l.lock, legacy);
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
@@ -969,15 +985,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, void *ha
   if (!to_pinned) {
     if (CUresult r = capture_allows_unsafe_call()) return r;
   }
-  Op op;
-  op.what = "a device-to-host copy";
-  op.device = std::vector<DeviceRange>{{src, bytes}};
-  op.host_start = (uintptr_t)dst;
-  op.host_end = (uintptr_t)dst + bytes;
-  op.work = [dst, bytes](const std::vector<unsigned char *> &p, std::string &) {
-    std::memcpy(dst, p[0], bytes);
-  };
-  enqueue(*stream, std::move(op));
+  enqueue(*stream, copy_to_host(dst, src, bytes));
   if (!to_pinned && stream->capture == CAPTURE_NONE) wait_idle(l.lock, *stream);
   return driver.poisoned.empty() ? SUCCESS : ILLEGAL_ADDRESS;
 }
@@ -1013,11 +1021,7 @@ CUresult cuStreamDestroy_v2(Stream *handle) {
   if (CUresult r = ready_in_context()) return r;
   auto it = driver.streams.find(handle);
   if (it == driver.streams.end()) return INVALID_HANDLE;
-  // Work already queued still runs; the stream's thread ends after it.
-  it->second->destroyed = true;
-  if (!it->second->queue.empty()) driver.draining.insert(it->second);
-  driver.retired.push_back(it->second);
-  driver.changed.notify_all();
+  retire(it->second);
   driver.streams.erase(it);
   return SUCCESS;
 }

@@ -74,9 +74,7 @@ impl PrimaryContext {
         // SAFETY: swaps this thread's mode through a valid pointer; Bound's drop swaps it back.
         let relaxed = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut previous_mode) };
         if let Err(e) = relaxed.result() {
-            let mut popped = std::ptr::null_mut();
-            // SAFETY: pops the context pushed above, on this same thread.
-            let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+            pop_current();
             return Err(driver_error(
                 e,
                 "relaxing this thread's stream-capture mode",
@@ -112,10 +110,15 @@ impl Drop for Bound {
     fn drop(&mut self) {
         // SAFETY: restores the mode `bind` swapped out, on this same thread.
         let _ = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut self.previous_mode) };
-        let mut popped = std::ptr::null_mut();
-        // SAFETY: pops exactly the context `bind` pushed on this same thread.
-        let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+        pop_current();
     }
+}
+
+/// Pops the context `bind` pushed; call on the thread that pushed it.
+fn pop_current() {
+    let mut popped = std::ptr::null_mut();
+    // SAFETY: pops exactly the context `bind` pushed on this same thread.
+    let _ = unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
 }
 
 /// A stream strata created, destroyed with it. Non-blocking: work the caller puts on the legacy
