@@ -153,7 +153,7 @@ static inline STRATA_HD strata_u16 strata_f32_bits_to_f16(strata_u32 bits) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// fp8 (src/convert/fp8.rs): decoding only; the kernels never encode fp8
+// fp8 (src/convert/fp8.rs)
 // ---------------------------------------------------------------------------------------------
 
 // Fp8Format::decode_to_f32_bits: the exact f32 of `code`; NaN codes give the quiet NaN
@@ -211,6 +211,75 @@ static inline STRATA_HD strata_u32 strata_scale_f32_bits(strata_u32 bits, float 
     return bits;
   }
   return strata_f32_to_bits(strata_mul_f32(strata_f32_from_bits(bits), scale));
+}
+
+// Fp8Format::encode_f32: round to nearest even, saturating at ±max (infinities too); NaN gives
+// `nan_code` with the sign kept. Saturation is an integer min on the magnitude's bits, which
+// orders every non-NaN magnitude as the float compare does and sends NaN (and infinity) to the
+// max, as the host's float compare does; the NaN is replaced at the end.
+static inline STRATA_HD strata_u8 strata_f32_bits_to_fp8(strata_u32 bits, strata_u32 man_bits,
+                                                         int bias, strata_u32 max_code,
+                                                         strata_u32 nan_code, bool has_inf) {
+  strata_u32 sign = (bits >> 24) & 0x80u;
+  strata_u32 max_bits = strata_fp8_to_f32_bits((strata_u8)max_code, man_bits, bias, max_code,
+                                               has_inf);
+  strata_u32 abs = bits & 0x7FFFFFFFu;
+  abs = abs < max_bits ? abs : max_bits;
+  // Below the smallest normal fp8 the step is fixed: adding a power of two whose f32 ulp is that
+  // step makes the FPU round to nearest even, and the sum's low bits are the code.
+  float magic = strata_f32_from_bits((strata_u32)(127 + 23 + 1 - bias - (int)man_bits) << 23);
+  strata_u32 subnormal =
+      strata_f32_to_bits(strata_add_f32(strata_f32_from_bits(abs), magic)) -
+      strata_f32_to_bits(magic);
+  // Normal: rebias, and round the dropped bits to nearest even; a carry moves into the exponent.
+  strata_u32 shift = 23 - man_bits;
+  strata_u32 odd = (abs >> shift) & 1u;
+  strata_u32 rebased = abs - ((strata_u32)(127 - bias) << 23);
+  strata_u32 normal = (rebased + ((1u << (shift - 1)) - 1u + odd)) >> shift;
+  strata_u32 smallest_normal = (strata_u32)(127 + 1 - bias) << 23;
+  strata_u32 code = abs < smallest_normal ? subnormal : normal;
+  code = (bits & 0x7FFFFFFFu) > 0x7F800000u ? nan_code : code;
+  return (strata_u8)(sign | (code & 0xFFu));
+}
+
+static inline STRATA_HD strata_u8 strata_f32_bits_to_f8e4m3(strata_u32 bits) {
+  return strata_f32_bits_to_fp8(bits, 3, 7, 0x7E, 0x7F, false);
+}
+
+static inline STRATA_HD strata_u8 strata_f32_bits_to_f8e5m2(strata_u32 bits) {
+  return strata_f32_bits_to_fp8(bits, 2, 15, 0x7B, 0x7E, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Absmax quantization (src/convert/mod.rs, `quantize`)
+// ---------------------------------------------------------------------------------------------
+
+// An f32 division, rounded to nearest even (PTX div.rn.f32, which handles subnormals exactly).
+static inline STRATA_HD float strata_div_f32(float a, float b) { return a / b; }
+
+// What a value adds to its group's absmax, as bits: its magnitude when finite, else 0. Finite
+// magnitudes order like their bit patterns, so the group's absmax is the largest of these
+// (finite_absmax).
+static inline STRATA_HD strata_u32 strata_finite_magnitude_bits(strata_u32 bits) {
+  strata_u32 magnitude = bits & 0x7FFFFFFFu;
+  return magnitude < 0x7F800000u ? magnitude : 0u;
+}
+
+// A group's scale from its absmax: absmax / FP8_MAX in f32, and 1.0 when that is 0 (all zeros,
+// no finite value, or an absmax so small that the division underflows).
+static inline STRATA_HD strata_u32 strata_scale_of_absmax(strata_u32 absmax_bits,
+                                                          strata_u32 max_bits) {
+  float scale = strata_div_f32(strata_f32_from_bits(absmax_bits), strata_f32_from_bits(max_bits));
+  return strata_f32_to_bits(scale) != 0u ? strata_f32_to_bits(scale) : 0x3F800000u;
+}
+
+// The value quantization encodes: x / scale with one f32 division. A NaN stays as it is (x86
+// keeps the operand's sign, a GPU would give 0x7FFFFFFF); only its sign and NaN-ness are used.
+static inline STRATA_HD strata_u32 strata_unscale_f32_bits(strata_u32 bits, float scale) {
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
+    return bits;
+  }
+  return strata_f32_to_bits(strata_div_f32(strata_f32_from_bits(bits), scale));
 }
 
 #endif // STRATA_CONVERT_ELEM_CUH

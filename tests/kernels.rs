@@ -2,14 +2,20 @@
 //! GPU:
 //! - kernels/convert.ptx, the PTX the library ships, was generated from the current sources (it
 //!   records their sha256), loads on the drivers strata supports (PTX ISA ≤ 7.8, sm_70), has every
-//!   entry point with the five 64-bit parameters the CUDA backend passes, and keeps f32 arithmetic
-//!   exact (no fma, no flushing of subnormals);
+//!   entry point with the 64-bit parameters the CUDA backend passes, and keeps f32 arithmetic
+//!   exact (no fma, no approximate division, no flushing of subnormals);
 //! - the same kernels compiled as host C++ (tests/kernel_host_check.cpp calls each entry point
 //!   once per thread of an emulated grid, so the grid-stride loop and the element → scale mapping
 //!   run too) write, byte for byte, what `strata::convert::convert` writes: over every f16, bf16
 //!   and fp8 code (unscaled, and scaled per tensor and per channel by tiny, subnormal, huge and
 //!   negative scales) and about 4.5 million f32 patterns (every rounding tie of f16 and bf16 and
-//!   its neighbours, zeros, subnormals, overflow, infinities, NaNs with assorted payloads, random).
+//!   its neighbours, zeros, subnormals, overflow, infinities, NaNs with assorted payloads, random);
+//! - the plain casts into fp8 over the same inputs (with every fp8 tie and its neighbours), and
+//!   the absmax quantization (clear, absmax, scales, quantize, as the backend launches them) into
+//!   both fp8 formats, per tensor and per row, data and scales byte for byte: every bf16 and f16
+//!   code in rows of 256, 16 and 1 elements, f32 rows built on fp8 ties under exact power-of-two
+//!   scales, random rows, rows of zeros, rows with a NaN, rows of only NaNs and infinities, rows
+//!   of subnormals whose scale underflows, and fp8 sources unscaled and scaled, requantized.
 //!
 //! Needs `sha256sum` (or `shasum`) and a C++ compiler (`c++`, `g++` or `clang++`); a missing tool
 //! skips its test with a "SKIPPED:" line. Regenerate the PTX with scripts/gen-ptx.sh.
@@ -35,7 +41,14 @@ const SOURCES: [DType; 5] = [
     DType::F8E4M3,
     DType::F8E5M2,
 ];
-const DESTINATIONS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const DESTINATIONS: [DType; 5] = [
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
+const FP8: [DType; 2] = [DType::F8E4M3, DType::F8E5M2];
 
 /// The launcher's block size (src/backend/cuda/driver.rs).
 const BLOCK: u64 = 256;
@@ -64,17 +77,30 @@ fn kernel_name(src: DType, dst: DType) -> String {
     )
 }
 
-/// Every kernel the CUDA backend looks up: each source to each other destination.
-fn kernel_names() -> Vec<String> {
-    SOURCES
-        .iter()
-        .flat_map(|&src| {
-            DESTINATIONS
-                .iter()
-                .filter(move |&&dst| dst != src)
-                .map(move |&dst| kernel_name(src, dst))
-        })
-        .collect()
+/// Whether a plain conversion kernel converts `src` into `dst`: each source into each other
+/// dtype, and fp8 into the same fp8 (a scaled source cast without its scales).
+fn converts(src: DType, dst: DType) -> bool {
+    src != dst || dst.is_fp8()
+}
+
+/// Every kernel the CUDA backend looks up, with how many 64-bit parameters each takes.
+fn kernels() -> Vec<(String, usize)> {
+    let mut kernels = vec![("strata_absmax_clear".to_string(), 2)];
+    for src in SOURCES {
+        for dst in DESTINATIONS.into_iter().filter(|&d| converts(src, d)) {
+            kernels.push((kernel_name(src, dst), 5));
+        }
+        kernels.push((format!("strata_absmax_{}", kernel_dtype_name(src)), 6));
+        for dst in FP8 {
+            let (from, to) = (kernel_dtype_name(src), kernel_dtype_name(dst));
+            kernels.push((format!("strata_quantize_{from}_to_{to}"), 7));
+        }
+    }
+    for dst in FP8 {
+        kernels.push((format!("strata_scales_{}", kernel_dtype_name(dst)), 2));
+    }
+    kernels.sort();
+    kernels
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,21 +228,23 @@ fn ptx_loads_on_supported_drivers_and_has_every_kernel() {
             .collect();
         entries.push((name, params));
     }
-    let mut found: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
-    found.sort_unstable();
-    let mut expected = kernel_names();
-    expected.sort_unstable();
+    let mut found: Vec<(String, usize)> = entries
+        .iter()
+        .map(|(n, params)| (n.clone(), params.len()))
+        .collect();
+    found.sort();
     assert_eq!(
-        found, expected,
-        "{PTX}: the kernels the CUDA backend launches"
+        found,
+        kernels(),
+        "{PTX}: the kernels the CUDA backend launches, and their parameter counts"
     );
     for (name, params) in &entries {
-        let expected: Vec<String> = (0..5)
+        let expected: Vec<String> = (0..params.len())
             .map(|i| format!(".param .u64 {name}_param_{i}"))
             .collect();
         assert_eq!(
             params, &expected,
-            "{PTX}: {name} must take five 64-bit parameters (src, dst, scales, numel, row_len)"
+            "{PTX}: {name} must take only 64-bit parameters (pointers and counts)"
         );
     }
 
@@ -228,14 +256,14 @@ fn ptx_loads_on_supported_drivers_and_has_every_kernel() {
             !instruction.contains(".ftz") && !instruction.starts_with("fma."),
             "{PTX}: `{line}` flushes subnormals or fuses a multiply-add"
         );
-        let float_op = ["add.", "sub.", "mul.", "mad."]
+        let float_op = ["add.", "sub.", "mul.", "mad.", "div."]
             .iter()
             .any(|op| instruction.starts_with(op))
             && (instruction.ends_with(".f32") || instruction.ends_with(".f64"));
         assert!(
             !float_op || instruction.contains(".rn"),
-            "{PTX}: `{line}` has no explicit rounding, so ptxas may fuse it (build with \
-             -ffp-contract=off)"
+            "{PTX}: `{line}` has no explicit rounding, so ptxas may fuse it or divide \
+             approximately (build with -ffp-contract=off, without fast-math)"
         );
     }
 }
@@ -269,6 +297,8 @@ struct Job {
     bytes: Vec<u8>,
     scales: Vec<f32>,
     rows: usize,
+    /// Quant::None: a plain conversion kernel. Else the absmax quantization's four launches.
+    quant: Quant,
     blocks: u64,
     threads: u64,
 }
@@ -276,6 +306,14 @@ struct Job {
 impl Job {
     fn numel(&self) -> usize {
         self.bytes.len() / self.src.size()
+    }
+
+    /// The quantization's groups: one per tensor, or one per row.
+    fn groups(&self) -> usize {
+        match self.quant {
+            Quant::PerChannel => self.rows,
+            _ => 1,
+        }
     }
 
     /// The row_len the CUDA backend passes: numel / scale count.
@@ -358,6 +396,28 @@ fn f32_patterns() -> Vec<u32> {
         let bits = 0x7F80_0000 | payload.max(1);
         patterns.extend([bits, bits | 0x8000_0000]);
     }
+    // Every fp8 value of both formats, every midpoint between neighbours (ties) and one ulp
+    // either side, and values beyond the largest finite one (which saturate).
+    for format in FP8 {
+        for code in 0..0x7Fu8 {
+            let low = strata::convert::fp8_to_f32(code, format);
+            let high = strata::convert::fp8_to_f32(code + 1, format);
+            if !low.is_finite() || !high.is_finite() {
+                patterns.extend([low.to_bits(), (low * 1.25).to_bits(), (low * 1.5).to_bits()]);
+                continue;
+            }
+            let mid = (f64::from(low) + f64::from(high)) / 2.0;
+            let mid = mid as f32; // exact: fp8 has far fewer bits than f32
+            for bits in [
+                low.to_bits(),
+                mid.to_bits() - 1,
+                mid.to_bits(),
+                mid.to_bits() + 1,
+            ] {
+                patterns.extend([bits, bits | 0x8000_0000]);
+            }
+        }
+    }
     // Random: all of f32, and f32 near the f16 range (exponents 100..=144).
     for _ in 0..2_000_000 {
         patterns.push(rng.next_u32());
@@ -434,7 +494,11 @@ fn jobs() -> Vec<Job> {
             } else {
                 grids.push(SMALL_GRIDS[0]);
             }
-            for dst in DESTINATIONS.into_iter().filter(|&d| d != src) {
+            // The same fp8 dtype only from a scaled source (else the host copies the bytes).
+            let targets = DESTINATIONS
+                .into_iter()
+                .filter(|&d| d != src || !scales.is_empty());
+            for dst in targets {
                 for &(blocks, threads) in &grids {
                     jobs.push(Job {
                         label: format!("{label} -> {dst:?}, grid {blocks}x{threads}"),
@@ -443,6 +507,7 @@ fn jobs() -> Vec<Job> {
                         bytes: bytes.to_vec(),
                         scales: scales.to_vec(),
                         rows,
+                        quant: Quant::None,
                         blocks,
                         threads,
                     });
@@ -525,7 +590,199 @@ fn jobs() -> Vec<Job> {
             );
         }
     }
+    add_quant_jobs(&mut jobs);
     jobs
+}
+
+/// f32 rows to quantize, for `format`: rows whose absmax is the format's max times a power of
+/// two (so the scale is exact and every fp8 tie and its neighbours, scaled, land on ties of
+/// x / scale), random rows over all of f32 and over narrow ranges, and the rows that decide the
+/// scale's special cases: zeros, a NaN among values, only NaNs and infinities, only subnormals
+/// (an absmax whose scale underflows to 0, replaced by 1.0).
+fn f32_quant_rows(format: DType, rng: &mut Rng, row_len: usize) -> Vec<Vec<u32>> {
+    let max =
+        strata::convert::fp8_to_f32(if format == DType::F8E4M3 { 0x7E } else { 0x7B }, format);
+    let mut ties = Vec::new();
+    for code in 0..0x7Bu8 {
+        let low = strata::convert::fp8_to_f32(code, format);
+        let high = strata::convert::fp8_to_f32(code + 1, format);
+        let mid = ((f64::from(low) + f64::from(high)) / 2.0) as f32;
+        ties.extend([
+            low.to_bits(),
+            mid.to_bits() - 1,
+            mid.to_bits(),
+            mid.to_bits() + 1,
+        ]);
+    }
+    let mut rows = Vec::new();
+    for k in [
+        -149i32, -140, -127, -126, -100, -20, -9, -1, 0, 1, 7, 60, 100, 112,
+    ] {
+        let factor = 2f64.powi(k);
+        let scaled = |bits: u32| (f64::from(f32::from_bits(bits)) * factor) as f32;
+        let mut row: Vec<u32> = vec![scaled(max.to_bits()).to_bits()];
+        let mut i = 0;
+        while row.len() < row_len {
+            let bits = scaled(ties[i % ties.len()]).to_bits();
+            row.push(if i % 2 == 1 { bits | 0x8000_0000 } else { bits });
+            i += 1;
+        }
+        rows.push(row);
+    }
+    for _ in 0..48 {
+        rows.push((0..row_len).map(|_| rng.next_u32()).collect());
+    }
+    for _ in 0..48 {
+        let exponent = 1 + rng.next_u32() % 250;
+        rows.push(
+            (0..row_len)
+                .map(|_| {
+                    let bits = rng.next_u32();
+                    let e = (exponent + (bits >> 23 & 0xFF) % 5).min(254);
+                    (bits & 0x807F_FFFF) | e << 23
+                })
+                .collect(),
+        );
+    }
+    let specials: [&[u32]; 7] = [
+        &[0, 0x8000_0000],
+        &[0x7FC0_0000, 0x3F80_0000, 0xC2F6_E979, 0x0000_0001],
+        &[0xFFC0_0001, 0x7F80_0001, 0x7F80_0000, 0xFF80_0000],
+        &[0x0000_0001, 0x8000_0001, 0, 0x0000_0002],
+        &[0x007F_FFFF, 0x0000_0400, 0x8040_0000],
+        &[0x7F80_0000, 0xFF80_0000, 0x7F7F_FFFF],
+        &[0x7FBF_FFFF, 0x4000_0000, 0xBFC0_0000, 0x3F00_0001],
+    ];
+    for special in specials {
+        rows.push((0..row_len).map(|i| special[i % special.len()]).collect());
+    }
+    rows
+}
+
+/// The quantization jobs: each source into each fp8 format, per tensor and per row.
+fn add_quant_jobs(jobs: &mut Vec<Job>) {
+    let mut push = |label: &str,
+                    src: DType,
+                    dst: DType,
+                    bytes: &[u8],
+                    scales: &[f32],
+                    rows: usize,
+                    all_grids: bool| {
+        let numel = bytes.len() / src.size();
+        let mut grids = vec![launcher_grid(numel), SMALL_GRIDS[0]];
+        if all_grids {
+            grids.extend(&SMALL_GRIDS[1..]);
+        }
+        for quant in [Quant::PerTensor, Quant::PerChannel] {
+            let src_quant = match scales.len() {
+                0 => Quant::None,
+                1 => Quant::PerTensor,
+                _ => Quant::PerChannel,
+            };
+            let copied =
+                src == dst && (src_quant == quant || (rows == 1 && src_quant != Quant::None));
+            if copied {
+                continue; // the same dtype and granularity: a byte copy, no kernel
+            }
+            for &(blocks, threads) in &grids {
+                jobs.push(Job {
+                    label: format!("{label} -> {dst:?} {quant:?}, grid {blocks}x{threads}"),
+                    src,
+                    dst,
+                    bytes: bytes.to_vec(),
+                    scales: scales.to_vec(),
+                    rows,
+                    quant,
+                    blocks,
+                    threads,
+                });
+            }
+        }
+    };
+    let mut rng = Rng(0x0A85_3A40);
+    for dst in FP8 {
+        for (src, name) in [(DType::BF16, "bf16"), (DType::F16, "f16")] {
+            let every = u16_bytes(0..=u16::MAX);
+            // Rows of 256 consecutive codes (one exponent range each, NaNs and infinities in
+            // their own rows), of 16, and of 1 (every value its own group).
+            for rows in [256, 4096, 65536] {
+                let all_grids = rows == 256;
+                push(
+                    &format!("every {name} code, {rows} rows"),
+                    src,
+                    dst,
+                    &every,
+                    &[],
+                    rows,
+                    all_grids,
+                );
+            }
+        }
+        for row_len in [1, 7, 256, 1000] {
+            let rows = f32_quant_rows(dst, &mut rng, row_len);
+            let count = rows.len();
+            let bytes = f32_bytes(rows.into_iter().flatten());
+            push(
+                &format!("f32 rows of {row_len}"),
+                DType::F32,
+                dst,
+                &bytes,
+                &[],
+                count,
+                row_len <= 7,
+            );
+        }
+        // The ties alone, per tensor: one scale, a power of two, for all of them.
+        let ties = f32_quant_rows(dst, &mut rng, 512);
+        push(
+            "f32 fp8 ties, row 0",
+            DType::F32,
+            dst,
+            &f32_bytes(ties[8].iter().copied()),
+            &[],
+            1,
+            true,
+        );
+        // fp8 sources: unscaled, scaled per tensor and per channel, requantized.
+        let scales = scales();
+        let every_code: Vec<u8> = (0..=255).collect();
+        for src in FP8 {
+            push("every fp8 code", src, dst, &every_code, &[], 1, true);
+            let bytes: Vec<u8> = (0..scales.len())
+                .flat_map(|_| every_code.iter().copied())
+                .collect();
+            push(
+                "every fp8 code, rows",
+                src,
+                dst,
+                &bytes,
+                &[],
+                scales.len(),
+                false,
+            );
+            let positive: Vec<f32> = scales.iter().map(|s| s.abs()).collect();
+            push(
+                "every fp8 code, per-channel scales",
+                src,
+                dst,
+                &bytes,
+                &positive,
+                scales.len(),
+                true,
+            );
+            for &scale in &positive[..8] {
+                push(
+                    &format!("every fp8 code, per-tensor scale {scale:e}"),
+                    src,
+                    dst,
+                    &bytes,
+                    &[scale],
+                    scales.len(),
+                    false,
+                );
+            }
+        }
+    }
 }
 
 /// Describes the differences between the kernels' output and the host's, for a failure message.
@@ -595,15 +852,27 @@ fn kernels_match_the_host_conversions_bit_for_bit() {
             fs::write(dir.path().join(format!("{n}.scales")), bytes).unwrap();
             format!("{n}.scales")
         };
-        let _ = writeln!(
-            lines,
-            "{} {} {} {} {} {n}.src {scales} {n}.dst",
-            kernel_name(job.src, job.dst),
-            job.numel(),
-            job.row_len(),
-            job.blocks,
-            job.threads,
-        );
+        let _ = match job.quant {
+            Quant::None => writeln!(
+                lines,
+                "convert {} {} {} {} {} {n}.src {scales} {n}.dst",
+                kernel_name(job.src, job.dst),
+                job.numel(),
+                job.row_len(),
+                job.blocks,
+                job.threads,
+            ),
+            _ => writeln!(
+                lines,
+                "quantize {} {} {} {} {} {} {n}.src {scales} {n}.dst {n}.dst_scales",
+                kernel_dtype_name(job.src),
+                kernel_dtype_name(job.dst),
+                job.numel(),
+                job.groups(),
+                job.blocks,
+                job.threads,
+            ),
+        };
     }
     fs::write(dir.path().join("jobs.txt"), lines).unwrap();
     let output = run(&exe, &[std::path::Path::new("jobs.txt")], dir.path());
@@ -611,6 +880,7 @@ fn kernels_match_the_host_conversions_bit_for_bit() {
 
     let mut failures = String::new();
     let mut elements = 0;
+    let mut quantized = 0;
     for (n, job) in jobs.iter().enumerate() {
         let mut expected = vec![0u8; job.numel() * job.dst.size()];
         let source = TensorBytes {
@@ -618,10 +888,34 @@ fn kernels_match_the_host_conversions_bit_for_bit() {
             dtype: job.src,
             scales: &job.scales,
         };
-        convert(source, job.rows, &mut expected, job.dst, Quant::None)
+        let expected_scales = convert(source, job.rows, &mut expected, job.dst, job.quant)
             .unwrap_or_else(|e| panic!("{}: the host conversion failed: {e:?}", job.label));
         let got = fs::read(dir.path().join(format!("{n}.dst"))).unwrap();
         assert_eq!(got.len(), expected.len(), "{}: output size", job.label);
+        if job.quant != Quant::None {
+            quantized += job.numel();
+            let got_scales: Vec<u32> = fs::read(dir.path().join(format!("{n}.dst_scales")))
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let expected_scales: Vec<u32> = expected_scales.iter().map(|s| s.to_bits()).collect();
+            if got_scales != expected_scales {
+                let first = (0..expected_scales.len())
+                    .find(|&g| got_scales.get(g) != Some(&expected_scales[g]))
+                    .unwrap_or(expected_scales.len());
+                let _ = writeln!(
+                    failures,
+                    "{}: scales differ ({} from the kernels, {} from the host); first at group \
+                     {first}: host 0x{:08x}, kernel {:?}",
+                    job.label,
+                    got_scales.len(),
+                    expected_scales.len(),
+                    expected_scales.get(first).copied().unwrap_or(0),
+                    got_scales.get(first).map(|b| format!("0x{b:08x}")),
+                );
+            }
+        }
         if let Some(text) = describe_mismatches(job, &expected, &got) {
             failures.push_str(&text);
         }
@@ -629,7 +923,8 @@ fn kernels_match_the_host_conversions_bit_for_bit() {
     }
     assert!(failures.is_empty(), "{failures}");
     println!(
-        "{} launches, {elements} elements: the kernels match the host conversions",
+        "{} jobs, {elements} elements ({quantized} quantized by absmax): the kernels match the \
+         host conversions",
         jobs.len()
     );
 }
