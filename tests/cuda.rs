@@ -357,6 +357,197 @@ fn every_path_gives_the_bytes_of_the_host_conversion() {
     eprintln!("every_path_gives_the_bytes_of_the_host_conversion: {checked} host paths");
 }
 
+/// A weight whose rows decide every case of absmax scaling, and a bias: row 0 the specials of
+/// `layer_tensors` (NaN, infinities, subnormals), row 1 zeros, row 2 values with one NaN, row 3
+/// subnormals only (a scale that underflows, replaced by 1.0), row 4 only NaNs and infinities,
+/// the rest random; one value far larger than the others, so that per tensor differs.
+fn quantization_tensors(seed: u64, rows: usize, cols: usize) -> Vec<(String, Vec<i64>, Vec<f32>)> {
+    let mut tensors = layer_tensors(seed, rows, cols);
+    let weight = &mut tensors[0].2;
+    weight[cols..2 * cols].fill(0.0);
+    weight[2 * cols + cols / 2] = f32::NAN;
+    for (i, value) in weight[3 * cols..4 * cols].iter_mut().enumerate() {
+        *value = f32::from_bits(1 + i as u32 % 5);
+    }
+    for (i, value) in weight[4 * cols..5 * cols].iter_mut().enumerate() {
+        *value = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][i % 3];
+    }
+    weight[6 * cols + 1] = 3e4;
+    tensors
+}
+
+/// Writes `tensors` as `layer.<name>` of a safetensors file at `path`, in `dtype` (f32, f16,
+/// bf16), and registers the layer from it.
+fn register_from_disk(
+    ctx: &Ctx,
+    group: u32,
+    path: &std::path::Path,
+    dtype: u32,
+    tensors: &[(String, Vec<i64>, Vec<f32>)],
+) -> u64 {
+    let (st_dtype, encode): (safetensors::Dtype, fn(f32) -> Vec<u8>) = match dtype {
+        STRATA_DTYPE_F32 => (safetensors::Dtype::F32, |v| v.to_le_bytes().to_vec()),
+        STRATA_DTYPE_F16 => (safetensors::Dtype::F16, |v| {
+            half::f16::from_f32(v).to_le_bytes().to_vec()
+        }),
+        _ => (safetensors::Dtype::BF16, |v| {
+            half::bf16::from_f32(v).to_le_bytes().to_vec()
+        }),
+    };
+    let file: Vec<_> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let shape = shape.iter().map(|&d| d as usize).collect();
+            let bytes = values.iter().flat_map(|&v| encode(v)).collect();
+            (format!("layer.{name}"), st_dtype, shape, bytes)
+        })
+        .collect();
+    if !path.exists() {
+        write_safetensors(path, &file);
+    }
+    ctx.register_prefix(group, path, "layer.", 1);
+    ctx.find("layer")
+}
+
+/// A tensor on the host (a host copy, or a checkpoint on disk) that the preparing tier wants in
+/// scaled fp8 crosses in its own dtype and is quantized by the kernels when the budget leaves
+/// device memory for it (unlimited here: the scratch is one more device allocation), and is
+/// quantized by host threads when it does not (budget 0: the layer in use is all there is).
+/// Both give the CPU device's bytes, dequantized to f32 and converted to bf16.
+#[test]
+fn host_tensors_quantize_on_the_device_or_the_host_to_the_same_bytes() {
+    let Some(gpu) = gpu("host_tensors_quantize_on_the_device_or_the_host_to_the_same_bytes") else {
+        return;
+    };
+    let dir = TempDir::new("cuda-quantize");
+    let sources = [
+        (STRATA_DEVICE_CPU, STRATA_DTYPE_F32),
+        (STRATA_DEVICE_CPU, STRATA_DTYPE_F16),
+        (STRATA_DEVICE_CPU, STRATA_DTYPE_BF16),
+        // Stored as scaled e4m3 on the host (the group's quantization), requantized.
+        (STRATA_DEVICE_CPU, STRATA_DTYPE_F8_E4M3FN),
+        (STRATA_DEVICE_DISK, STRATA_DTYPE_BF16),
+        (STRATA_DEVICE_DISK, STRATA_DTYPE_F32),
+    ];
+    let mut checked = 0;
+    for &(device, stored) in &sources {
+        for preparing in [STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_F8_E5M2] {
+            if stored == preparing {
+                continue; // the same form: a copy, no quantization
+            }
+            for quant in [STRATA_QUANT_PER_TENSOR, STRATA_QUANT_PER_CHANNEL] {
+                // Small layers go through the staging ring; a bf16 host copy of 1 MiB and more
+                // is pinned in place and copied directly.
+                let pinned = device == STRATA_DEVICE_CPU && stored == STRATA_DTYPE_BF16;
+                let sizes: &[(usize, usize)] = if pinned {
+                    &[(64, 96), (512, 1024)]
+                } else {
+                    &[(64, 96)]
+                };
+                for &(rows, cols) in sizes {
+                    let t = tiers(|t| {
+                        if device == STRATA_DEVICE_DISK {
+                            t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+                            t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+                        } else {
+                            t.offload = place(STRATA_DEVICE_CPU, stored);
+                        }
+                        t.preparing.dtype = preparing;
+                        t.quantization = quant;
+                    });
+                    let tensors = quantization_tensors(checked as u64, rows, cols);
+                    let path = dir.path(&format!("{stored}-{rows}x{cols}-{checked}.safetensors"));
+                    let mut allocations = Vec::new();
+                    for computation in [STRATA_DTYPE_F32, STRATA_DTYPE_BF16] {
+                        let mut t = t;
+                        t.computation.dtype = computation;
+                        let register = |ctx: &Ctx| {
+                            let group = ctx.group(&t);
+                            if device == STRATA_DEVICE_DISK {
+                                register_from_disk(ctx, group, &path, stored, &tensors)
+                            } else {
+                                register_f32(ctx, group, "layer", &tensors)
+                            }
+                        };
+                        let cpu = Ctx::new(STRATA_UNLIMITED);
+                        let cpu_layer = register(&cpu);
+                        let expected = cpu_bytes(&cpu, cpu_layer);
+                        for (budget, on) in [(STRATA_UNLIMITED, "device"), (0, "host")] {
+                            let cuda = cuda_context(|o| o.vram_limit = budget);
+                            let layer = register(&cuda);
+                            for pass in 0..2 {
+                                assert_eq!(
+                                    gpu_bytes(&gpu, &cuda, layer),
+                                    expected,
+                                    "stored {stored} on {device}, preparing {preparing} quant \
+                                     {quant}, computation {computation}, {rows}x{cols}, \
+                                     quantized on the {on} (pass {pass})"
+                                );
+                            }
+                            allocations.push(cuda.stats().device_allocations);
+                        }
+                    }
+                    // Per computation: the device path allocated the prepared and computed
+                    // copies and the scratch; the host path only the two copies.
+                    for pair in allocations.chunks(2) {
+                        assert_eq!(
+                            pair[0],
+                            pair[1] + 1,
+                            "device allocations quantizing on the device, then on the host \
+                             (stored {stored} on {device}, preparing {preparing}, quant {quant})"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("host_tensors_quantize_on_the_device_or_the_host_to_the_same_bytes: {checked} cases");
+}
+
+/// A computation tier in fp8 (a plain cast, unscaled) is made on the device by the kernels from
+/// every prepared form: f32, bf16, and fp8 scaled per tensor and per channel. No round trip
+/// through the host remains: the bytes are the CPU device's.
+#[test]
+fn an_fp8_computation_tier_is_cast_on_the_device_exactly() {
+    let Some(gpu) = gpu("an_fp8_computation_tier_is_cast_on_the_device_exactly") else {
+        return;
+    };
+    let preparings = [
+        (STRATA_DTYPE_SOURCE, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_BF16, STRATA_QUANT_NONE),
+        (STRATA_DTYPE_F8_E4M3FN, STRATA_QUANT_PER_CHANNEL),
+        (STRATA_DTYPE_F8_E5M2, STRATA_QUANT_PER_TENSOR),
+        (STRATA_DTYPE_F8_E4M3FN, STRATA_QUANT_NONE),
+    ];
+    let mut checked = 0;
+    for &(preparing, quant) in &preparings {
+        for computation in [STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_F8_E5M2] {
+            if preparing == computation && quant == STRATA_QUANT_NONE {
+                continue; // already the computation form
+            }
+            let t = tiers(|t| {
+                t.offload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_SOURCE);
+                t.preparing.dtype = preparing;
+                t.computation.dtype = computation;
+                t.quantization = quant;
+            });
+            let tensors = quantization_tensors(checked, 64, 96);
+            let cpu = Ctx::new(STRATA_UNLIMITED);
+            let cpu_layer = register_f32(&cpu, cpu.group(&t), "l", &tensors);
+            let cuda = cuda_context(|o| o.vram_limit = STRATA_UNLIMITED);
+            let cuda_layer = register_f32(&cuda, cuda.group(&t), "l", &tensors);
+            assert_eq!(
+                gpu_bytes(&gpu, &cuda, cuda_layer),
+                cpu_bytes(&cpu, cpu_layer),
+                "preparing {preparing} quant {quant} computation {computation}"
+            );
+            checked += 1;
+        }
+    }
+    eprintln!("an_fp8_computation_tier_is_cast_on_the_device_exactly: {checked} cases");
+}
+
 #[test]
 fn disk_layers_stream_through_the_staging_ring_exactly() {
     let Some(gpu) = gpu("disk_layers_stream_through_the_staging_ring_exactly") else {

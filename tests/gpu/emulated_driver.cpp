@@ -18,8 +18,9 @@
 //   does: every later call fails with CUDA_ERROR_ILLEGAL_ADDRESS, and stderr says what happened.
 // - Calls need a current context; a stream of another context is refused where CUDA refuses it;
 //   unknown stream, event and function handles get CUDA_ERROR_INVALID_HANDLE.
-// - Kernels: strata's conversion kernels are the ones in kernels/convert.cu compiled for the host
-//   (the PTX must name them), and the tests' checksum and spin kernels are written out below.
+// - Kernels: strata's conversion and quantization kernels are the ones in kernels/convert.cu
+//   compiled for the host (the PTX must name them), and the tests' checksum and spin kernels are
+//   written out below.
 // - Operations are delayed at random (see `jitter`), and pinned host memory that changes between
 //   a copy's enqueue and its run is reported as the race it is.
 //
@@ -200,15 +201,24 @@ struct Module {
   std::set<std::string> entries;
 };
 
-enum class KernelKind { Convert, Checksum, Spin };
+enum class KernelKind { Convert, AbsmaxClear, Absmax, Scales, Quantize, Checksum, Spin };
 
 typedef void (*ConvertKernel)(const unsigned char *, unsigned char *, const float *,
                               unsigned long long, unsigned long long);
+typedef void (*ClearKernel)(strata_u32 *, unsigned long long);
+typedef void (*AbsmaxKernel)(const unsigned char *, const float *, strata_u32 *,
+                             unsigned long long, unsigned long long, unsigned long long);
+typedef void (*QuantizeKernel)(const unsigned char *, const float *, unsigned char *,
+                               const float *, unsigned long long, unsigned long long,
+                               unsigned long long);
 
 struct Function {
   Module *module;
   KernelKind kind;
   ConvertKernel convert = nullptr;
+  ClearKernel groups_kernel = nullptr; // strata_absmax_clear and strata_scales_*
+  AbsmaxKernel absmax = nullptr;
+  QuantizeKernel quantize = nullptr;
   size_t src_size = 0, dst_size = 0;
   bool scaled_source = false;
 };
@@ -217,23 +227,55 @@ struct Graph {
   std::vector<Op> ops;
 };
 
-#define CONVERT(SRC, SRC_SIZE, DST, DST_SIZE, FP8)                                                  \
-  {"strata_convert_" #SRC "_to_" #DST, strata_convert_##SRC##_to_##DST, SRC_SIZE, DST_SIZE, FP8}
-
-struct ConvertEntry {
+// strata's kernels by name: what each one is, its element sizes, and whether its source may
+// carry fp8 scales.
+struct KernelEntry {
   const char *name;
-  ConvertKernel kernel;
+  KernelKind kind;
+  ConvertKernel convert;
+  ClearKernel groups_kernel;
+  AbsmaxKernel absmax;
+  QuantizeKernel quantize;
   size_t src_size, dst_size;
   bool fp8;
 };
 
-const ConvertEntry CONVERT_KERNELS[] = {
-    CONVERT(f16, 2, f32, 4, false),   CONVERT(bf16, 2, f32, 4, false),
-    CONVERT(f8e4m3, 1, f32, 4, true), CONVERT(f8e5m2, 1, f32, 4, true),
-    CONVERT(f32, 4, f16, 2, false),   CONVERT(bf16, 2, f16, 2, false),
-    CONVERT(f8e4m3, 1, f16, 2, true), CONVERT(f8e5m2, 1, f16, 2, true),
-    CONVERT(f32, 4, bf16, 2, false),  CONVERT(f16, 2, bf16, 2, false),
-    CONVERT(f8e4m3, 1, bf16, 2, true), CONVERT(f8e5m2, 1, bf16, 2, true),
+#define CONVERT(SRC, SRC_SIZE, DST, DST_SIZE, FP8)                                                  \
+  {"strata_convert_" #SRC "_to_" #DST, KernelKind::Convert, strata_convert_##SRC##_to_##DST,      \
+   nullptr, nullptr, nullptr, SRC_SIZE, DST_SIZE, FP8}
+#define ABSMAX(SRC, SRC_SIZE, FP8)                                                                 \
+  {"strata_absmax_" #SRC, KernelKind::Absmax, nullptr, nullptr, strata_absmax_##SRC, nullptr,     \
+   SRC_SIZE, 4, FP8}
+#define SCALES(FMT)                                                                                \
+  {"strata_scales_" #FMT, KernelKind::Scales, nullptr, strata_scales_##FMT, nullptr, nullptr, 4, 4, \
+   false}
+#define QUANTIZE(SRC, SRC_SIZE, DST, FP8)                                                          \
+  {"strata_quantize_" #SRC "_to_" #DST, KernelKind::Quantize, nullptr, nullptr, nullptr,          \
+   strata_quantize_##SRC##_to_##DST, SRC_SIZE, 1, FP8}
+
+const KernelEntry KERNELS[] = {
+    CONVERT(f16, 2, f32, 4, false),      CONVERT(bf16, 2, f32, 4, false),
+    CONVERT(f8e4m3, 1, f32, 4, true),    CONVERT(f8e5m2, 1, f32, 4, true),
+    CONVERT(f32, 4, f16, 2, false),      CONVERT(bf16, 2, f16, 2, false),
+    CONVERT(f8e4m3, 1, f16, 2, true),    CONVERT(f8e5m2, 1, f16, 2, true),
+    CONVERT(f32, 4, bf16, 2, false),     CONVERT(f16, 2, bf16, 2, false),
+    CONVERT(f8e4m3, 1, bf16, 2, true),   CONVERT(f8e5m2, 1, bf16, 2, true),
+    CONVERT(f32, 4, f8e4m3, 1, false),   CONVERT(f16, 2, f8e4m3, 1, false),
+    CONVERT(bf16, 2, f8e4m3, 1, false),  CONVERT(f8e4m3, 1, f8e4m3, 1, true),
+    CONVERT(f8e5m2, 1, f8e4m3, 1, true), CONVERT(f32, 4, f8e5m2, 1, false),
+    CONVERT(f16, 2, f8e5m2, 1, false),   CONVERT(bf16, 2, f8e5m2, 1, false),
+    CONVERT(f8e4m3, 1, f8e5m2, 1, true), CONVERT(f8e5m2, 1, f8e5m2, 1, true),
+    {"strata_absmax_clear", KernelKind::AbsmaxClear, nullptr, strata_absmax_clear, nullptr,
+     nullptr, 4, 4, false},
+    ABSMAX(f32, 4, false),               ABSMAX(f16, 2, false),
+    ABSMAX(bf16, 2, false),              ABSMAX(f8e4m3, 1, true),
+    ABSMAX(f8e5m2, 1, true),             SCALES(f8e4m3),
+    SCALES(f8e5m2),                      QUANTIZE(f32, 4, f8e4m3, false),
+    QUANTIZE(f16, 2, f8e4m3, false),     QUANTIZE(bf16, 2, f8e4m3, false),
+    QUANTIZE(f8e4m3, 1, f8e4m3, true),   QUANTIZE(f8e5m2, 1, f8e4m3, true),
+    QUANTIZE(f32, 4, f8e5m2, false),     QUANTIZE(f16, 2, f8e5m2, false),
+    QUANTIZE(bf16, 2, f8e5m2, false),    QUANTIZE(f8e4m3, 1, f8e5m2, true),
+    QUANTIZE(f8e5m2, 1, f8e5m2, true),
 };
 
 // Everything below is guarded by `mu`; `changed` is signalled whenever work completes, an event
@@ -545,16 +587,20 @@ struct Locked {
   std::unique_lock<std::mutex> lock{driver.mu};
 };
 
-void run_grid(const Function &f, unsigned grid, unsigned block,
-              const std::vector<unsigned char *> &p, unsigned long long numel,
-              unsigned long long row_len, bool scaled) {
+// Runs `thread` once per thread of the grid, the emulated grid position set for each call.
+template <typename Thread> void run_grid(unsigned grid, unsigned block, Thread thread) {
   std::lock_guard<std::mutex> alone(driver.kernels);
   for (unsigned b = 0; b < grid; b++) {
     for (unsigned t = 0; t < block; t++) {
       strata_host_grid_now = strata_host_grid{b, block, grid, t};
-      f.convert(p[0], p[1], scaled ? (const float *)p[2] : nullptr, numel, row_len);
+      thread();
     }
   }
+}
+
+// The groups of `numel` elements in rows of `row_len` (0: one group, as the kernels read it).
+unsigned long long groups_of(unsigned long long numel, unsigned long long row_len) {
+  return row_len ? (numel + row_len - 1) / row_len : 1;
 }
 
 } // namespace
@@ -1241,12 +1287,16 @@ CUresult cuModuleGetFunction(Function **function, Module *module, const char *na
   } else if (wanted == "strata_test_spin") {
     made.kind = KernelKind::Spin;
   } else {
-    const ConvertEntry *entry = nullptr;
-    for (const ConvertEntry &e : CONVERT_KERNELS) {
+    const KernelEntry *entry = nullptr;
+    for (const KernelEntry &e : KERNELS) {
       if (wanted == e.name) entry = &e;
     }
     if (!entry) return NOT_FOUND; // in the PTX, but not emulated
-    made.convert = entry->kernel;
+    made.kind = entry->kind;
+    made.convert = entry->convert;
+    made.groups_kernel = entry->groups_kernel;
+    made.absmax = entry->absmax;
+    made.quantize = entry->quantize;
     made.src_size = entry->src_size;
     made.dst_size = entry->dst_size;
     made.scaled_source = entry->fp8;
@@ -1278,13 +1328,53 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
     unsigned long long src = param(0), dst = param(1), scales = param(2), numel = param(3),
                        row_len = param(4);
     bool scaled = f.scaled_source && scales != 0;
-    unsigned long long rows = scaled ? (row_len ? (numel + row_len - 1) / row_len : 1) : 0;
     op.what = "a conversion kernel";
     op.device = std::vector<DeviceRange>{{src, bytes_of(numel, f.src_size)},
                                          {dst, bytes_of(numel, f.dst_size)}};
-    if (scaled) op.device.push_back({scales, bytes_of(rows, 4)});
-    op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p, std::string &) {
-      run_grid(f, grid_x, block_x, p, numel, row_len, scaled);
+    if (scaled) op.device.push_back({scales, bytes_of(groups_of(numel, row_len), 4)});
+    op.work = [f, grid_x, block_x, numel, row_len, scaled](const std::vector<unsigned char *> &p,
+                                                          std::string &) {
+      const float *scales = scaled ? (const float *)p[2] : nullptr;
+      run_grid(grid_x, block_x, [&] { f.convert(p[0], p[1], scales, numel, row_len); });
+    };
+    break;
+  }
+  case KernelKind::AbsmaxClear:
+  case KernelKind::Scales: {
+    unsigned long long words = param(0), groups = param(1);
+    op.what = f.kind == KernelKind::Scales ? "a scales kernel" : "an absmax clearing kernel";
+    op.device = std::vector<DeviceRange>{{words, bytes_of(groups, 4)}};
+    op.work = [f, grid_x, block_x, groups](const std::vector<unsigned char *> &p, std::string &) {
+      run_grid(grid_x, block_x, [&] { f.groups_kernel((strata_u32 *)p[0], groups); });
+    };
+    break;
+  }
+  case KernelKind::Absmax:
+  case KernelKind::Quantize: {
+    // absmax: (src, src_scales, absmax, numel, src_row_len, row_len);
+    // quantize: (src, src_scales, dst, scales, numel, src_row_len, row_len).
+    bool quantize = f.kind == KernelKind::Quantize;
+    int at = quantize ? 4 : 3;
+    unsigned long long src = param(0), src_scales = param(1), out = param(2),
+                       numel = param(at), src_row_len = param(at + 1), row_len = param(at + 2);
+    unsigned long long scales = quantize ? param(3) : 0;
+    bool scaled = f.scaled_source && src_scales != 0;
+    op.what = quantize ? "a quantization kernel" : "an absmax kernel";
+    op.device = std::vector<DeviceRange>{{src, bytes_of(numel, f.src_size)}};
+    unsigned long long groups = groups_of(numel, row_len);
+    op.device.push_back({out, quantize ? bytes_of(numel, 1) : bytes_of(groups, 4)});
+    if (quantize) op.device.push_back({scales, bytes_of(groups, 4)});
+    if (scaled) op.device.push_back({src_scales, bytes_of(groups_of(numel, src_row_len), 4)});
+    op.work = [f, grid_x, block_x, numel, src_row_len, row_len, scaled,
+               quantize](const std::vector<unsigned char *> &p, std::string &) {
+      const float *src_scales = scaled ? (const float *)p[quantize ? 3 : 2] : nullptr;
+      run_grid(grid_x, block_x, [&] {
+        if (quantize) {
+          f.quantize(p[0], src_scales, p[1], (const float *)p[2], numel, src_row_len, row_len);
+        } else {
+          f.absmax(p[0], src_scales, (strata_u32 *)p[1], numel, src_row_len, row_len);
+        }
+      });
     };
     break;
   }

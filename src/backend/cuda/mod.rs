@@ -11,7 +11,9 @@
 //! - Host side: host copies are pinned in place (uploads from them are direct DMA); everything
 //!   else goes through a small ring of pinned staging buffers, so the next read overlaps the
 //!   previous copy. Where memory cannot be pinned, the ring is pageable and a log line says so.
-//! - Conversions run on the device, on the copy stream, with the PTX kernels in `kernels/`.
+//! - Conversions run on the device, on the copy stream, with the PTX kernels in `kernels/`:
+//!   casts, and absmax quantization into fp8 (bit for bit what the host makes). A quantization
+//!   of a host tensor runs on the device or on the host by the rule at [`QuantizeOn`].
 
 mod driver;
 
@@ -60,9 +62,9 @@ struct Shared {
 
 struct Resources {
     stream: Stream,
-    /// Indexed by (source dtype, destination dtype).
-    kernels: HashMap<(DType, DType), Function>,
+    kernels: Kernels,
     _module: Module,
+    quantize_uploads: QuantizeOn,
     pool: Mutex<Pool>,
     ring: Mutex<Option<Ring>>,
     spare_events: Mutex<Vec<Event>>,
@@ -180,6 +182,110 @@ unsafe impl Send for PinnedHost {}
 // SAFETY: as above; nothing reads through them.
 unsafe impl Sync for PinnedHost {}
 
+/// The kernels of `kernels/convert.cu`, by the dtypes they read and write.
+struct Kernels {
+    /// Plain conversions, by (source, destination): into f32/f16/bf16, and casts into fp8.
+    convert: HashMap<(DType, DType), Function>,
+    /// The absmax quantization's steps: `absmax` by source, `scales` by fp8 format, `quantize`
+    /// by (source, fp8 format).
+    clear: Function,
+    absmax: HashMap<DType, Function>,
+    scales: HashMap<DType, Function>,
+    quantize: HashMap<(DType, DType), Function>,
+}
+
+impl Kernels {
+    fn load(module: &Module) -> Result<Kernels> {
+        let mut kernels = Kernels {
+            convert: HashMap::new(),
+            clear: module.function("strata_absmax_clear")?,
+            absmax: HashMap::new(),
+            scales: HashMap::new(),
+            quantize: HashMap::new(),
+        };
+        let sources = DType::floats()
+            .iter()
+            .filter_map(|&d| Some((d, kernel_dtype_name(d)?)));
+        let targets = [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::F8E4M3,
+            DType::F8E5M2,
+        ];
+        for (src, from) in sources {
+            for dst in targets {
+                let to = kernel_dtype_name(dst).expect("a kernel dtype");
+                // fp8 into itself is a cast of scaled data to plain.
+                if src != dst || dst.is_fp8() {
+                    let name = format!("strata_convert_{from}_to_{to}");
+                    kernels.convert.insert((src, dst), module.function(&name)?);
+                }
+                if dst.is_fp8() {
+                    let name = format!("strata_quantize_{from}_to_{to}");
+                    kernels.quantize.insert((src, dst), module.function(&name)?);
+                }
+            }
+            let absmax = module.function(&format!("strata_absmax_{from}"))?;
+            kernels.absmax.insert(src, absmax);
+            if src.is_fp8() {
+                let scales = module.function(&format!("strata_scales_{from}"))?;
+                kernels.scales.insert(src, scales);
+            }
+        }
+        Ok(kernels)
+    }
+}
+
+/// Where a tensor on the host that needs absmax quantization into fp8 is quantized: the one
+/// choice of the upload path (every other conversion of a host tensor, a plain cast, costs the
+/// host about a copy and crosses already converted).
+///
+/// The rule: **on the device whenever it can be**, that is when a kernel reads the source dtype
+/// (f32, f16, bf16, fp8; not f64) and the budget leaves device memory unused for the source's
+/// bytes beside what is live and pooled (or a pooled buffer of that size is free): the source
+/// then crosses in its own dtype into that scratch memory, and the kernels quantize it into the
+/// slot. Otherwise host threads quantize it and fp8 crosses. `STRATA_CUDA_QUANTIZE=host` makes
+/// every such upload quantize on the host.
+///
+/// Why: on the host, quantization costs CPU time for every byte (two passes, a division per
+/// element: 0.44 GB/s on one core before vectorising, issue 20), while the GPU quantizes at
+/// memory speed; on the device it costs bus bytes: a bf16 source crosses as 2 bytes per
+/// parameter instead of 1. With the bus at B bytes/s and the host quantizing H parameters/s,
+/// the host path moves min(H, B) parameters/s and the device path B / 2 (B / 4 from f32): the
+/// device path is slower only when the host quantizes faster than B / 2, 12.5 G parameters/s
+/// on PCIe Gen4, which no host reaches on the cores a framework leaves free; and it leaves those
+/// cores alone. The host path remains where device memory is what is short: the scratch never
+/// takes budget the layers need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QuantizeOn {
+    /// On the device where a kernel and device memory allow it (the default).
+    Device,
+    /// Always on the host (`STRATA_CUDA_QUANTIZE=host`).
+    Host,
+}
+
+impl QuantizeOn {
+    /// The rule as `STRATA_CUDA_QUANTIZE` sets it: "host" or "device" (the default when unset);
+    /// Err with the value otherwise.
+    fn from_setting(setting: Option<&str>) -> std::result::Result<QuantizeOn, String> {
+        match setting.map(str::trim) {
+            None | Some("") | Some("device") => Ok(QuantizeOn::Device),
+            Some("host") => Ok(QuantizeOn::Host),
+            Some(other) => Err(other.to_string()),
+        }
+    }
+}
+
+/// A tensor's data (and fp8 scales, 0 when unscaled) in device memory.
+struct DeviceTensor {
+    data: u64,
+    dtype: DType,
+    numel: usize,
+    scales: u64,
+    scale_count: usize,
+}
+
 fn kernel_dtype_name(dtype: DType) -> Option<&'static str> {
     Some(match dtype {
         DType::F32 => "f32",
@@ -206,23 +312,22 @@ impl CudaBackend {
             let ptx = std::ffi::CStr::from_bytes_with_nul(PTX.as_bytes())
                 .expect("the PTX text has no NUL inside");
             let module = Module::load(ptx)?;
-            let mut kernels = HashMap::new();
-            for &src in DType::floats() {
-                for &dst in &[DType::F32, DType::F16, DType::BF16] {
-                    let (Some(from), Some(to)) = (kernel_dtype_name(src), kernel_dtype_name(dst))
-                    else {
-                        continue;
-                    };
-                    if src != dst {
-                        let name = format!("strata_convert_{from}_to_{to}");
-                        kernels.insert((src, dst), module.function(&name)?);
-                    }
-                }
-            }
+            let setting = std::env::var("STRATA_CUDA_QUANTIZE").ok();
+            let quantize_uploads =
+                QuantizeOn::from_setting(setting.as_deref()).unwrap_or_else(|value| {
+                    logger.log(Level::Warn, || {
+                        format!(
+                            "STRATA_CUDA_QUANTIZE={value:?} is neither \"host\" nor \"device\": \
+                         quantizing on the device where it can be"
+                        )
+                    });
+                    QuantizeOn::Device
+                });
             Resources {
                 stream: Stream::new()?,
-                kernels,
+                kernels: Kernels::load(&module)?,
                 _module: module,
+                quantize_uploads,
                 pool: Mutex::default(),
                 ring: Mutex::new(None),
                 spare_events: Mutex::default(),
@@ -306,6 +411,184 @@ impl Shared {
             freed.push(oldest);
         }
         self.release(pool, freed)
+    }
+
+    /// A pooled buffer of exactly `bytes`, once the copy stream waits for the callers' last
+    /// reads of it; None when the pool has none.
+    fn reuse(&self, pool: &mut Pool, bytes: usize) -> Result<Option<(u64, Event)>> {
+        let Some(i) = pool.free.iter().position(|b| b.len == bytes) else {
+            return Ok(None);
+        };
+        let reused = pool.free.swap_remove(i);
+        pool.pooled -= bytes as u64;
+        let stream = self.res().stream.0;
+        let waited: Result<()> = reused
+            .uses
+            .iter()
+            .try_for_each(|(_, e)| e.make_wait(stream));
+        if let Err(e) = waited {
+            pool.pooled += bytes as u64;
+            pool.free.push(reused);
+            return Err(e);
+        }
+        self.recycle(reused.uses.into_iter().map(|u| u.1));
+        Ok(Some((reused.pointer, reused.ready)))
+    }
+
+    fn live_buffer(self: &Arc<Self>, pointer: u64, len: usize, ready: Event) -> Buffer {
+        Buffer {
+            pointer,
+            len,
+            ready: Some(ready),
+            uses: Mutex::default(),
+            shared: self.clone(),
+        }
+    }
+
+    /// Device memory for the source of a quantization, held only while the copy stream fills
+    /// and reads it (it goes back to the pool when dropped, and only the copy stream, in order,
+    /// uses pooled memory): a pooled buffer of that size, or new memory where the cap leaves
+    /// room beside what is live and pooled. None otherwise, without trimming the pool: the
+    /// layers' memory and its reuse come first, and the host can quantize instead.
+    fn scratch(self: &Arc<Self>, bytes: usize) -> Result<Option<Buffer>> {
+        let mut pool = lock(&self.res().pool);
+        let pointer_and_ready = match self.reuse(&mut pool, bytes)? {
+            Some(reused) => reused,
+            None => {
+                let cap = self.res().cap.load(Ordering::Relaxed).max(pool.live_peak);
+                let held = pool.live + pool.pooled;
+                if held.saturating_add(bytes as u64) > cap {
+                    return Ok(None);
+                }
+                let ready = self.event()?;
+                match self.fresh(&mut pool, bytes) {
+                    Ok(pointer) => (pointer, ready),
+                    Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
+                        self.recycle([ready]);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        pool.live += bytes as u64;
+        let (pointer, ready) = pointer_and_ready;
+        Ok(Some(self.live_buffer(pointer, bytes, ready)))
+    }
+
+    /// Enqueues the absmax quantization of `src` (device memory) into `dst`, fp8 `dst_dtype`,
+    /// with one scale per `groups` equal groups written at `dst_scales`: what
+    /// `crate::convert::convert` makes on the host, bit for bit (see kernels/convert.cu). Call
+    /// with the context bound and a kernel for `src.dtype` (see `quantizes`).
+    fn quantize(
+        &self,
+        src: &DeviceTensor,
+        dst: u64,
+        dst_scales: u64,
+        dst_dtype: DType,
+        groups: usize,
+    ) -> Result<()> {
+        let kernels = &self.res().kernels;
+        let missing = || {
+            Error::invalid(format!(
+                "no kernel quantizes {:?} into {dst_dtype:?}",
+                src.dtype
+            ))
+        };
+        let absmax = *kernels.absmax.get(&src.dtype).ok_or_else(missing)?;
+        let scales = *kernels.scales.get(&dst_dtype).ok_or_else(missing)?;
+        let quantize = *kernels
+            .quantize
+            .get(&(src.dtype, dst_dtype))
+            .ok_or_else(missing)?;
+        if groups == 0 {
+            return Ok(());
+        }
+        let stream = self.res().stream.0;
+        let numel = src.numel as u64;
+        let row_len = numel / groups as u64;
+        let src_row_len = numel.checked_div(src.scale_count as u64).unwrap_or(0);
+        let groups = groups as u64;
+        driver::launch(kernels.clear, groups, stream, &mut [dst_scales, groups])?;
+        if numel > 0 {
+            let mut params = [
+                src.data,
+                src.scales,
+                dst_scales,
+                numel,
+                src_row_len,
+                row_len,
+            ];
+            driver::launch(absmax, numel, stream, &mut params)?;
+        }
+        driver::launch(scales, groups, stream, &mut [dst_scales, groups])?;
+        if numel > 0 {
+            let mut params = [
+                src.data,
+                src.scales,
+                dst,
+                dst_scales,
+                numel,
+                src_row_len,
+                row_len,
+            ];
+            driver::launch(quantize, numel, stream, &mut params)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernels quantize `dtype` (every float dtype but f64).
+    fn quantizes(&self, dtype: DType) -> bool {
+        self.res().kernels.absmax.contains_key(&dtype)
+    }
+
+    /// Uploads host `src` into `slot` (scaled fp8) and quantizes it there, when the rule at
+    /// [`QuantizeOn`] says so; false when the host is to quantize it instead.
+    fn quantized_on_device(
+        self: &Arc<Self>,
+        src: TensorBytes<'_>,
+        dst: u64,
+        slot: &TensorSlot,
+    ) -> Result<bool> {
+        let groups = slot.scale_count();
+        let numel = slot.numel;
+        // Anything the host conversion would refuse goes there, for its message.
+        let well_formed = src.bytes.len() == numel * src.dtype.size()
+            && numel % groups.max(1) == 0
+            && match src.scales.len() {
+                0 => true,
+                n => src.dtype.is_fp8() && (n == 1 || n == slot.rows),
+            };
+        if self.res().quantize_uploads == QuantizeOn::Host
+            || groups == 0
+            || numel == 0
+            || !well_formed
+            || !self.quantizes(src.dtype)
+        {
+            return Ok(false);
+        }
+        let scales_at = crate::host::align_up(src.bytes.len());
+        let Some(scratch) = self.scratch(scales_at + src.scales.len() * 4)? else {
+            return Ok(false);
+        };
+        self.push(src.bytes, scratch.pointer)?;
+        let scale_bytes: Vec<u8> = src.scales.iter().flat_map(|s| s.to_ne_bytes()).collect();
+        self.push(&scale_bytes, scratch.pointer + scales_at as u64)?;
+        let tensor = DeviceTensor {
+            data: scratch.pointer,
+            dtype: src.dtype,
+            numel,
+            scales: match src.scales.len() {
+                0 => 0,
+                _ => scratch.pointer + scales_at as u64,
+            },
+            scale_count: src.scales.len(),
+        };
+        let (data, scales) = (dst + slot.offset as u64, dst + slot.scales_offset as u64);
+        self.quantize(&tensor, data, scales, slot.repr.dtype, groups)?;
+        // The scratch goes back to the pool; only the copy stream, after these kernels, uses it.
+        drop(scratch);
+        Ok(true)
     }
 
     fn release_all(&self, pool: &mut Pool) -> Result<()> {
@@ -463,7 +746,8 @@ impl Shared {
     }
 
     /// Host bytes the same size as `slot`'s data and scales, converted from `src` on the host:
-    /// for uploads into another dtype, and the conversions the kernels do not make (into fp8).
+    /// for uploads into another dtype (see `QuantizeOn`), and the conversions no kernel makes
+    /// (from f64).
     fn converted_on_host(&self, src: TensorBytes<'_>, slot: &TensorSlot) -> Result<CountedBuffer> {
         let data = slot.data_bytes();
         let mut out = CountedBuffer::new(data + slot.scale_count() * 4, &self.res().host)?;
@@ -547,25 +831,11 @@ impl Backend for CudaBackend {
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {
         let shared = &self.shared;
         let _bound = shared.context.bind()?;
-        let stream = shared.res().stream.0;
         let mut pool = lock(&shared.res().pool);
         let (pointer, ready) = if bytes == 0 {
             (0, shared.event()?)
-        } else if let Some(i) = pool.free.iter().position(|b| b.len == bytes) {
-            let reused = pool.free.swap_remove(i);
-            pool.pooled -= bytes as u64;
-            // The callers' last reads finish before the copy stream writes the buffer again.
-            let waited: Result<()> = reused
-                .uses
-                .iter()
-                .try_for_each(|(_, e)| e.make_wait(stream));
-            if let Err(e) = waited {
-                pool.pooled += bytes as u64;
-                pool.free.push(reused);
-                return Err(e);
-            }
-            shared.recycle(reused.uses.into_iter().map(|u| u.1));
-            (reused.pointer, reused.ready)
+        } else if let Some(reused) = shared.reuse(&mut pool, bytes)? {
+            reused
         } else {
             shared.trim(&mut pool, bytes as u64)?;
             let ready = shared.event()?;
@@ -573,16 +843,11 @@ impl Backend for CudaBackend {
         };
         pool.live += bytes as u64;
         pool.live_peak = pool.live_peak.max(pool.live);
+        let buffer = shared.live_buffer(pointer, bytes, ready);
         Ok(DeviceMemory {
             addr: pointer,
             len: bytes,
-            _owner: Box::new(Buffer {
-                pointer,
-                len: bytes,
-                ready: Some(ready),
-                uses: Mutex::default(),
-                shared: shared.clone(),
-            }),
+            _owner: Box::new(buffer),
         })
     }
 
@@ -591,9 +856,10 @@ impl Backend for CudaBackend {
         check_slot(slot, dst)?;
         let shared = &self.shared;
         let _bound = shared.context.bind()?;
-        // Bytes cross in the preparing tier's form: a host form that differs from it (the user
-        // asked for a preparing dtype other than the stored one) is converted on the host
-        // first, which needs no device memory beside the slot.
+        // Bytes cross in the preparing tier's form, converted on the host first when the host
+        // form differs (a preparing dtype other than the stored one), which needs no device
+        // memory beside the slot; except an absmax quantization, which crosses in the source
+        // dtype and runs on the device where the rule at `QuantizeOn` says so.
         if src.dtype == slot.repr.dtype && src.scales.len() == slot.scale_count() {
             if src.bytes.len() != slot.data_bytes() {
                 return Err(Error::invalid("tensor bytes do not fill their slot"));
@@ -601,7 +867,7 @@ impl Backend for CudaBackend {
             shared.push(src.bytes, dst.addr + slot.offset as u64)?;
             let scales: Vec<u8> = src.scales.iter().flat_map(|s| s.to_ne_bytes()).collect();
             shared.push(&scales, dst.addr + slot.scales_offset as u64)?;
-        } else {
+        } else if !shared.quantized_on_device(src, dst.addr, slot)? {
             let converted = shared.converted_on_host(src, slot)?;
             let (data, scales) = converted.buffer.as_slice().split_at(slot.data_bytes());
             shared.push(data, dst.addr + slot.offset as u64)?;
@@ -686,7 +952,23 @@ impl Backend for CudaBackend {
                     stream,
                 )?;
             }
-        } else if let Some(&kernel) = shared.res().kernels.get(&(from, to)) {
+        } else if dst_slot.scale_count() > 0 && shared.quantizes(from) {
+            let source = DeviceTensor {
+                data: src.addr + src_slot.offset as u64,
+                dtype: from,
+                numel: src_slot.numel,
+                scales: match scale_count {
+                    0 => 0,
+                    _ => src.addr + src_slot.scales_offset as u64,
+                },
+                scale_count,
+            };
+            let (data, scales) = (
+                dst.addr + dst_slot.offset as u64,
+                dst.addr + dst_slot.scales_offset as u64,
+            );
+            shared.quantize(&source, data, scales, to, dst_slot.scale_count())?;
+        } else if let Some(&kernel) = shared.res().kernels.convert.get(&(from, to)) {
             if dst_slot.scale_count() != 0 {
                 return Err(Error::invalid("a kernel target is never scaled"));
             }
@@ -707,8 +989,8 @@ impl Backend for CudaBackend {
                 driver::launch(kernel, numel, stream, &mut params)?;
             }
         } else {
-            // Into fp8 (a quantization): rare enough to take the host path, after the copies
-            // that filled the source have landed (the copies out wait for them on the stream).
+            // A dtype no kernel reads (f64): through the host, after the copies that filled the
+            // source have landed (the copies out wait for them on the stream).
             let stream = &shared.res().stream;
             // The tensor alone on the host, its scales right after it, counted in host_limit.
             let local = TensorSlot {
@@ -893,4 +1175,27 @@ fn page_size() -> usize {
     // SAFETY: sysconf only reads a system setting.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(size).unwrap_or(4096).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QuantizeOn;
+
+    #[test]
+    fn strata_cuda_quantize_chooses_where_uploads_quantize() {
+        assert_eq!(QuantizeOn::from_setting(None), Ok(QuantizeOn::Device));
+        assert_eq!(QuantizeOn::from_setting(Some("")), Ok(QuantizeOn::Device));
+        assert_eq!(
+            QuantizeOn::from_setting(Some("device")),
+            Ok(QuantizeOn::Device)
+        );
+        assert_eq!(
+            QuantizeOn::from_setting(Some(" host\n")),
+            Ok(QuantizeOn::Host)
+        );
+        assert_eq!(
+            QuantizeOn::from_setting(Some("gpu")),
+            Err("gpu".to_string())
+        );
+    }
 }
