@@ -112,6 +112,16 @@ static void write_file(const char *path, const unsigned char *bytes, size_t len)
   }
 }
 
+// The NUMEL elements of `size` bytes in `path`.
+static unsigned char *read_source(const char *path, unsigned long long numel, size_t size) {
+  size_t len = 0;
+  unsigned char *src = read_file(path, &len);
+  if (len != numel * size) {
+    fail("source size does not match numel", path);
+  }
+  return src;
+}
+
 // Calls `launch` once per thread of a blocks x threads grid, with the grid position set.
 template <class Launch> static void run_grid(unsigned blocks, unsigned threads, Launch launch) {
   for (unsigned block = 0; block < blocks; block++) {
@@ -181,11 +191,7 @@ static void run_quantize(const char *src_dtype, const char *dst_dtype, unsigned 
   if (!e4m3 && std::strcmp(dst_dtype, "f8e5m2") != 0) {
     fail("no quantization into", dst_dtype);
   }
-  size_t src_len = 0;
-  unsigned char *src = read_file(src_path, &src_len);
-  if (src_len != numel * source->size) {
-    fail("source size does not match numel", src_path);
-  }
+  unsigned char *src = read_source(src_path, numel, source->size);
   size_t src_scale_count = 0;
   float *src_scales = read_scales(src_scales_path, &src_scale_count);
   unsigned long long src_row_len = src_scale_count ? numel / src_scale_count : 0;
@@ -233,11 +239,7 @@ static void run_job(const char *name, unsigned long long numel, unsigned long lo
   if (!entry) {
     fail("no such kernel", name);
   }
-  size_t src_len = 0;
-  unsigned char *src = read_file(src_path, &src_len);
-  if (src_len != numel * entry->src_size) {
-    fail("source size does not match numel", src_path);
-  }
+  unsigned char *src = read_source(src_path, numel, entry->src_size);
   size_t scale_count = 0;
   float *scales = read_scales(scales_path, &scale_count);
   size_t dst_len = numel * entry->dst_size;

@@ -34,6 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// The conversion kernels, generated from `kernels/convert.cu` by `scripts/gen-ptx.sh`.
 const PTX: &str = concat!(include_str!("../../../kernels/convert.ptx"), "\0");
 
+/// The most threads an absmax launch runs (1024 blocks). Each thread merges its maximum into
+/// its group's word with one atomic per group it touches, and per tensor all of them hit one
+/// word: a few hundred thousand atomics cost little, one per element would not.
+const ABSMAX_THREADS: u64 = 1024 * 256;
+
 /// Staging buffers in the ring: enough that a read, a copy in flight and the next read never
 /// wait on each other.
 const RING_SLOTS: usize = 4;
@@ -519,7 +524,7 @@ impl Shared {
                 src_row_len,
                 row_len,
             ];
-            driver::launch(absmax, numel, stream, &mut params)?;
+            driver::launch(absmax, numel.min(ABSMAX_THREADS), stream, &mut params)?;
         }
         driver::launch(scales, groups, stream, &mut [dst_scales, groups])?;
         if numel > 0 {
