@@ -25,6 +25,7 @@ use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
 use load::Source;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
@@ -301,6 +302,11 @@ impl Context {
                 )));
             }
         }
+        // Emptied first, so that removing each layer does not search the group's list for it:
+        // destroying a group of N layers stays linear.
+        if let Some(group) = st.registry.groups.get_mut(key) {
+            group.layers.clear();
+        }
         for layer in layers {
             self.remove_layer(&mut st, layer);
         }
@@ -541,13 +547,12 @@ impl Context {
         if tensors.is_empty() {
             return Err(Error::invalid(format!("layer {name:?} has no tensors")));
         }
-        for (i, t) in tensors.iter().enumerate() {
-            if tensors[..i].iter().any(|u| u.name == t.name) {
-                return Err(Error::invalid(format!(
-                    "layer {name:?} lists tensor {:?} twice",
-                    t.name
-                )));
-            }
+        let mut seen = HashSet::with_capacity(tensors.len());
+        if let Some(twice) = tensors.iter().find(|t| !seen.insert(&t.name)) {
+            return Err(Error::invalid(format!(
+                "layer {name:?} lists tensor {:?} twice",
+                twice.name
+            )));
         }
         Ok(Layer {
             name: name.into(),
@@ -642,13 +647,19 @@ impl Context {
         prefix: &str,
         keep_components: u32,
     ) -> Result<usize> {
+        // Layers in the order their first tensor comes; found by name through `position`, so a
+        // checkpoint of many layers takes linear time, not a scan of the layers per tensor.
         let mut layers: Vec<(String, Vec<&str>)> = Vec::new();
+        let mut position: HashMap<String, usize> = HashMap::new();
         for info in checkpoint.tensors() {
             if info.name.starts_with(prefix) {
                 let layer = layer_name_of(&info.name, keep_components);
-                match layers.iter_mut().find(|(name, _)| *name == layer) {
-                    Some((_, names)) => names.push(&info.name),
-                    None => layers.push((layer, vec![&info.name])),
+                match position.get(&layer) {
+                    Some(&at) => layers[at].1.push(&info.name),
+                    None => {
+                        position.insert(layer.clone(), layers.len());
+                        layers.push((layer, vec![&info.name]));
+                    }
                 }
             }
         }
