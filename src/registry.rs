@@ -148,7 +148,9 @@ pub struct TensorMeta {
     pub dtype: DType,
     pub shape: Vec<i64>,
     pub numel: usize,
-    /// Size of dimension 0 for tensors of two or more dimensions, else 1.
+    /// Size of dimension 0 for tensors of two or more dimensions, else 1; 0 for an empty tensor,
+    /// which has no row to scale: per-channel scales are one per row, so a [2^24, 0] tensor must
+    /// not claim 2^24 of them (64 MiB for no data). Every scale count derives from this.
     pub rows: usize,
 }
 
@@ -176,7 +178,9 @@ impl TensorMeta {
                 })
                 .ok_or_else(|| Error::invalid(format!("tensor {name:?} is too large")))?;
         }
-        let rows = if shape.len() >= 2 {
+        let rows = if numel == 0 {
+            0
+        } else if shape.len() >= 2 {
             shape[0] as usize
         } else {
             1

@@ -830,3 +830,335 @@ fn a_read_fault_is_retried_once_and_two_fail_the_acquire_naming_file_and_offset(
     ctx.release(layer);
     assert_eq!(ctx.stats().acquires, 2, "the failed acquire is not counted");
 }
+
+/// Opens `path` through the C ABI on a thread of its own and waits at most 10 s for it: the
+/// status and the message it left. A call that never returns fails the test instead of hanging it.
+fn open_in_bounded_time(path: &std::path::Path) -> (strata_status, String) {
+    let (done, result) = std::sync::mpsc::channel();
+    let owned = path.to_owned();
+    std::thread::spawn(move || {
+        let ctx = Ctx::new(STRATA_UNLIMITED);
+        let mut ckpt = ptr::null_mut();
+        let path = cstr(owned.to_str().unwrap());
+        let status = strata_checkpoint_open(ctx.0, path.as_ptr(), &mut ckpt);
+        let message = if status == STRATA_OK {
+            strata_checkpoint_close(ckpt);
+            String::new()
+        } else {
+            last_error()
+        };
+        let _ = done.send((status, message));
+    });
+    result
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("opening {} did not return within 10 s", path.display()))
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let path = cstr(path.to_str().unwrap());
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+#[test]
+fn files_that_are_not_regular_are_refused_at_once_wherever_they_are_named() {
+    let dir = TempDir::new("not regular");
+    let subdir = |name: &str| {
+        let path = dir.path(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    };
+    // (what to open, what the message must name, what kind it must say)
+    let mut cases = Vec::new();
+
+    let fifo_shard = dir.path("pipe.safetensors");
+    mkfifo(&fifo_shard);
+    cases.push((fifo_shard, "pipe.safetensors", "a FIFO"));
+
+    let zero_shard = dir.path("zero.safetensors");
+    std::os::unix::fs::symlink("/dev/zero", &zero_shard).unwrap();
+    cases.push((zero_shard, "zero.safetensors", "a character device"));
+
+    let socket_shard = dir.path("socket.safetensors");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket_shard).unwrap();
+    cases.push((socket_shard, "socket.safetensors", "a socket"));
+
+    // An index that is a FIFO, given directly and found in its directory.
+    let fifo_model = subdir("fifo model");
+    let fifo_index = fifo_model.join("model.safetensors.index.json");
+    mkfifo(&fifo_index);
+    cases.push((fifo_index, "model.safetensors.index.json", "a FIFO"));
+    cases.push((fifo_model, "model.safetensors.index.json", "a FIFO"));
+
+    // An index that never ends: a link to /dev/zero, given directly and found in its directory.
+    let zero_model = subdir("zero model");
+    let zero_index = zero_model.join("model.safetensors.index.json");
+    std::os::unix::fs::symlink("/dev/zero", &zero_index).unwrap();
+    cases.push((
+        zero_index,
+        "model.safetensors.index.json",
+        "a character device",
+    ));
+    cases.push((
+        zero_model,
+        "model.safetensors.index.json",
+        "a character device",
+    ));
+
+    // A directory where the index should be.
+    let dir_model = subdir("dir model");
+    std::fs::create_dir(dir_model.join("model.safetensors.index.json")).unwrap();
+    cases.push((dir_model, "model.safetensors.index.json", "a directory"));
+
+    // An index larger than a safetensors header may be (sparse: no disk space used).
+    let big_model = subdir("big model");
+    let big_index = big_model.join("model.safetensors.index.json");
+    std::fs::File::create(&big_index)
+        .unwrap()
+        .set_len(100_000_001)
+        .unwrap();
+    cases.push((big_index, "model.safetensors.index.json", "byte limit"));
+
+    // An index whose shard is a FIFO.
+    let piped_model = subdir("piped model");
+    mkfifo(&piped_model.join("pipe.safetensors"));
+    let piped_index = piped_model.join("model.safetensors.index.json");
+    write_index(&piped_index, 4, &[("a", "pipe.safetensors")]);
+    cases.push((piped_index, "pipe.safetensors", "a FIFO"));
+
+    for (path, names, kind) in cases {
+        let (status, message) = open_in_bounded_time(&path);
+        expect(status, STRATA_ERR_FORMAT);
+        assert!(
+            message.contains(names) && message.contains(kind),
+            "opening {}: {message}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn an_index_may_name_only_shards_under_its_own_directory() {
+    let dir = TempDir::new("escape");
+    let model = dir.path("model");
+    std::fs::create_dir_all(model.join("sub")).unwrap();
+    let tensor = || dit_tensors(&[("a.weight", St::F32, vec![4])]);
+    let outside = dir.path("outside.safetensors");
+    write_safetensors(&outside, &tensor());
+    write_safetensors(&model.join("sub/inside.safetensors"), &tensor());
+    let index = model.join("model.safetensors.index.json");
+    let absolute = outside.to_str().unwrap();
+    for escape in [
+        "../outside.safetensors",
+        absolute,
+        "sub/../../outside.safetensors",
+    ] {
+        write_index(&index, 16, &[("a.weight", escape)]);
+        for open in [&index, &model] {
+            let (status, message) = open_in_bounded_time(open);
+            expect(status, STRATA_ERR_FORMAT);
+            assert!(
+                message.contains(&format!("{escape:?}"))
+                    && message.contains("outside the index's directory"),
+                "{escape}: {message}"
+            );
+        }
+    }
+    // Below the index's directory is fine.
+    write_index(&index, 16, &[("a.weight", "./sub/inside.safetensors")]);
+    expect(open_in_bounded_time(&index).0, STRATA_OK);
+}
+
+#[test]
+fn a_file_changed_in_place_is_caught_whatever_the_rewrite_restores() {
+    use std::io::{Seek, Write};
+    let dir = TempDir::new("changed");
+    let ctx = Ctx::new(0);
+    let group = ctx.group(&tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, 0);
+        t.onload = place(STRATA_DEVICE_DISK, 0);
+    }));
+    let original = [1.0f32, 2.0, 3.0, 4.0];
+    // (how the file is changed, what the message must say differs, what it must not)
+    type Change = fn(&mut std::fs::File);
+    let changes: [(&str, Change, &[&str], &[&str]); 3] = [
+        (
+            "same size, other bytes, mtime put back (cp -p, rsync -t --inplace)",
+            |file| {
+                file.seek(std::io::SeekFrom::End(-4)).unwrap();
+                file.write_all(&f32_bytes(&[9.0])).unwrap();
+            },
+            &["change time"],
+            &["size", "modification time"],
+        ),
+        (
+            "bytes appended, mtime put back",
+            |file| {
+                file.seek(std::io::SeekFrom::End(0)).unwrap();
+                file.write_all(b"more").unwrap();
+            },
+            &["size", "change time"],
+            &["modification time"],
+        ),
+        (
+            "only the mtime moved (touch)",
+            |file| {
+                let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+                file.set_modified(later).unwrap();
+            },
+            &["modification time", "change time"],
+            &["size"],
+        ),
+    ];
+    for (i, (change, apply, differ, same)) in changes.into_iter().enumerate() {
+        let path = dir.path(&format!("changed {i}.safetensors"));
+        write_safetensors(
+            &path,
+            &[("w".into(), St::F32, vec![4], f32_bytes(&original))],
+        );
+        let layer = ctx.register_tensors(group, &path, &format!("layer {i}"), &["w"]);
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Past the file system's timestamp granularity, so the change is seen.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        apply(&mut file);
+        if i < 2 {
+            file.set_modified(mtime).unwrap();
+            let restored = std::fs::metadata(&path).unwrap().modified().unwrap();
+            assert_eq!(restored, mtime, "{change}: the mtime was put back exactly");
+        }
+        drop(file);
+        expect(ctx.try_acquire(layer), STRATA_ERR_FORMAT);
+        let message = last_error();
+        assert!(
+            message.contains("changed since it was opened")
+                && message.contains(&format!("changed {i}.safetensors")),
+            "{change}: {message}"
+        );
+        for what in differ {
+            assert!(
+                message.contains(what),
+                "{change}: {what:?} not in {message}"
+            );
+        }
+        for what in same {
+            assert!(!message.contains(what), "{change}: {what:?} in {message}");
+        }
+    }
+}
+
+#[test]
+fn an_empty_tensor_quantized_per_channel_costs_no_scales() {
+    let dir = TempDir::new("empty scales");
+    let path = dir.path("empty.safetensors");
+    let rows = 1usize << 24;
+    write_safetensors(
+        &path,
+        &[
+            ("e.empty".into(), St::F32, vec![rows, 0], Vec::new()),
+            (
+                "e.w".into(),
+                St::F32,
+                vec![2, 2],
+                f32_bytes(&[1.0, -2.0, 3.0, -4.0]),
+            ),
+        ],
+    );
+    // 2^24 scales would be 64 MiB: far over both limits, which a strict budget enforces.
+    let limit = 1 << 20;
+    let ctx = Ctx::with(|o| {
+        o.vram_limit = limit;
+        o.host_limit = limit;
+        o.flags = STRATA_FLAG_STRICT_BUDGET;
+        o.prefetch_depth = 0;
+    });
+    let group = ctx.group(&tiers(|t| {
+        t.offload.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.computation.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.quantization = STRATA_QUANT_PER_CHANNEL;
+    }));
+    assert_eq!(ctx.register_prefix(group, &path, "e.", 1), 1);
+    let layer = ctx.find("e");
+    let views = ctx.acquire(layer);
+    let empty = views
+        .iter()
+        .find(|(v, _)| view_name(v) == "e.empty")
+        .expect("the empty tensor has a view");
+    assert_eq!(empty.0.nbytes, 0);
+    assert_eq!(&empty.0.shape[..2], &[rows as i64, 0]);
+    let stats = ctx.stats();
+    assert!(
+        stats.host_peak < 4096 && stats.vram_peak < 4096,
+        "an empty tensor cost {} host and {} device bytes",
+        stats.host_peak,
+        stats.vram_peak
+    );
+    ctx.release(layer);
+}
+
+/// Registers the checkpoint of `count` empty tensors at `path` as `count` one-tensor layers and
+/// as one layer of `count` tensors (opening it each time), finds every layer, destroys the
+/// groups; returns the CPU seconds this thread spent on it, which other processes on a busy
+/// machine do not inflate as they do wall time.
+fn seconds_to_register(path: &std::path::Path, count: usize) -> f64 {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let started = thread_cpu_seconds();
+    let mut groups = Vec::new();
+    for (keep, layers) in [(2, count), (1, 1)] {
+        let group = ctx.group(&strata_tiers_default());
+        assert_eq!(ctx.register_prefix(group, path, "blocks.", keep), layers);
+        groups.push(group);
+    }
+    for i in 0..count {
+        ctx.find(&format!("blocks.{i}"));
+    }
+    for group in groups {
+        ok(strata_group_destroy(ctx.0, group));
+    }
+    thread_cpu_seconds() - started
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(status, 0, "clock_gettime");
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
+}
+
+#[test]
+fn registering_eight_times_the_tensors_takes_about_eight_times_as_long() {
+    let dir = TempDir::new("linear");
+    let counts = [4_000, 32_000];
+    let paths = counts.map(|count| {
+        let path = dir.path(&format!("{count}.safetensors"));
+        let tensors: Vec<_> = (0..count)
+            .map(|i| (format!("blocks.{i}.weight"), St::F32, vec![0], Vec::new()))
+            .collect();
+        write_safetensors(&path, &tensors);
+        path
+    });
+    // The best of three rounds, the sizes interleaved so that a busy spell hits both alike.
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..3 {
+        for ((path, count), best) in paths.iter().zip(counts).zip(&mut best) {
+            *best = best.min(seconds_to_register(path, count));
+        }
+    }
+    // Linear is 8; the quadratic registration this guards against made it 65. Measured linear
+    // code gives 11 to 16 (caches and allocators do not scale perfectly); the bound leaves room
+    // for a noisy machine on both sides.
+    let ratio = best[1] / best[0];
+    assert!(
+        ratio < 30.0,
+        "{} tensors took {:.4} s, {} took {:.4} s: {ratio:.1} times as long",
+        counts[0],
+        best[0],
+        counts[1],
+        best[1]
+    );
+}

@@ -182,6 +182,26 @@ fn rewritten() -> Outcome {
     )
 }
 
+/// `cp -p`, `rsync -t --inplace`, tar over the file: new bytes, same size, the old mtime put
+/// back. Only the ctime tells.
+fn rewritten_with_its_mtime_put_back() -> Outcome {
+    file_fault(
+        "file rewritten in place, mtime put back",
+        |path| {
+            use std::io::Write;
+            let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+            let mut bytes = std::fs::read(path).unwrap();
+            let end = bytes.len();
+            bytes[end - 4..].copy_from_slice(&f32_bytes(&[9.0]));
+            let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            file.write_all(&bytes).unwrap();
+            file.set_modified(mtime).unwrap();
+        },
+        STRATA_ERR_FORMAT,
+        false,
+    )
+}
+
 fn deleted() -> Outcome {
     file_fault(
         "file deleted after open",
@@ -309,6 +329,7 @@ fn every_fault_gives_a_clear_status_and_leaves_the_context_usable_and_empty_afte
         read_error(),
         truncated(),
         rewritten(),
+        rewritten_with_its_mtime_put_back(),
         deleted(),
         replaced(),
         host_limit_below_a_layer(),

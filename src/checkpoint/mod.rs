@@ -7,6 +7,7 @@
 //! flight (`ShardFile::read_at`). Files are never mapped: a mapping touched after the file was
 //! truncated kills the process with SIGBUS, where a read returns an error.
 
+mod file;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -21,7 +22,7 @@ use shard::HeaderTensor;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 const INDEX_SUFFIX: &[u8] = b".safetensors.index.json";
@@ -181,12 +182,13 @@ impl Checkpoint {
         }
         shards.sort();
         let mut checkpoint = Checkpoint::empty();
+        let mut seen = HashSet::new();
         let total = shards.len() as u64;
         for (done, path) in shards.into_iter().enumerate() {
             progress(done as u64, total);
             let file = ShardFile::open(&path)?;
             // Two names for one file (a symlink into a blob store) are one shard, not duplicates.
-            if checkpoint.files.iter().any(|seen| seen.is_same_file(&file)) {
+            if !seen.insert(file.file_id()) {
                 continue;
             }
             let tensors = file.read_header()?;
@@ -197,9 +199,10 @@ impl Checkpoint {
     }
 
     /// Takes exactly the tensors the index's `weight_map` names, each from the shard it names;
-    /// a shard's other tensors are ignored, as loaders ignore them.
+    /// a shard's other tensors are ignored, as loaders ignore them. The index is held to the size
+    /// limit of a safetensors header, and its shards to its own directory (see `shard_path`).
     fn open_index(index: &Path, progress: &dyn Fn(u64, u64)) -> Result<Checkpoint> {
-        let text = std::fs::read(index).map_err(|e| Error::from_io(&e, "reading", index))?;
+        let text = file::read_bounded(index, shard::MAX_HEADER_LEN)?;
         let json: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| Error::format(format!("{} is not valid JSON: {e}", index.display())))?;
         let weight_map = json
@@ -226,16 +229,18 @@ impl Checkpoint {
             )));
         }
 
-        // Shard names are relative to the index's directory; a bare file name has an empty parent.
-        let dir = index.parent().unwrap_or(Path::new(""));
         let mut shards: Vec<(ShardFile, BTreeSet<&str>)> = Vec::new();
+        let mut position: HashMap<(u64, u64), usize> = HashMap::new();
         for (shard, tensors) in wanted_by_shard {
-            let file = ShardFile::open(&dir.join(shard))
+            let file = ShardFile::open(&shard_path(index, shard)?)
                 .map_err(|e| e.context(format!("shard of {}", index.display())))?;
             // "a.safetensors" and "./a.safetensors" are one file, opened once.
-            match shards.iter_mut().find(|(seen, _)| seen.is_same_file(&file)) {
-                Some((_, wanted)) => wanted.extend(tensors),
-                None => shards.push((file, tensors.into_iter().collect())),
+            match position.get(&file.file_id()) {
+                Some(&at) => shards[at].1.extend(tensors),
+                None => {
+                    position.insert(file.file_id(), shards.len());
+                    shards.push((file, tensors.into_iter().collect()));
+                }
             }
         }
 
@@ -293,4 +298,24 @@ impl Checkpoint {
         self.files.push(file);
         Ok(())
     }
+}
+
+/// Where the shard an index names lies: `shard` relative to the index's directory. A name that
+/// leaves that directory (an absolute path, or one with a `..` part) is `FORMAT` naming it: an
+/// index is a list of its own directory's files, and one that points elsewhere would make strata
+/// read whatever file its writer chose. Symbolic links are followed wherever they lead, since a
+/// model cache's snapshot directory holds links into its blob store beside it.
+fn shard_path(index: &Path, shard: &str) -> Result<PathBuf> {
+    let inside = Path::new(shard)
+        .components()
+        .all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
+    if !inside {
+        return Err(Error::format(format!(
+            "{} names shard {shard:?}, which lies outside the index's directory; an index may \
+             name only files under its own directory",
+            index.display()
+        )));
+    }
+    // A bare file name has an empty parent.
+    Ok(index.parent().unwrap_or(Path::new("")).join(shard))
 }

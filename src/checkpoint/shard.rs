@@ -1,5 +1,6 @@
 //! One open safetensors file: its header, validated at open, and positioned reads of its data.
 
+use super::file::open_regular;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use once_cell::sync::Lazy;
@@ -10,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-/// The safetensors format's own limit; a longer header is garbage, not a checkpoint.
-const MAX_HEADER_LEN: u64 = 100_000_000;
+/// The safetensors format's own limit; a longer header is garbage, not a checkpoint. An index is
+/// held to it too: it lists no more than the headers it points at.
+pub(super) const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// The little-endian header length that starts every safetensors file.
 const HEADER_LEN_BYTES: u64 = 8;
@@ -30,8 +32,9 @@ const READS_IN_FLIGHT: usize = 4;
 ///
 /// Every read goes through the descriptor opened at `open`. A file deleted or replaced by rename
 /// afterwards therefore keeps reading the bytes that were validated (the old inode stays alive),
-/// which is correct. A file changed in place is refused: `read_at` compares its size and mtime
-/// with those seen at open. Nothing is mapped, so a truncation is an error, never a SIGBUS.
+/// which is correct. A file changed in place is refused: `read_at` compares what `fstat` says with
+/// what it said at open (see `Identity`). Nothing is mapped, so a truncation is an error, never a
+/// SIGBUS.
 #[derive(Debug)]
 pub struct ShardFile {
     path: PathBuf,
@@ -39,14 +42,32 @@ pub struct ShardFile {
     identity: Identity,
 }
 
-/// What `fstat` said at open.
+/// Everything `fstat` gives that a change to the file changes: compared before and after every
+/// read with what it was at open.
+///
+/// The size and mtime alone miss a rewrite that keeps the size and puts the mtime back (`cp -p`,
+/// `rsync -t --inplace`, tar over an existing file): the ctime catches it, since every write and
+/// every `utimensat` sets it to the current time and no call sets it to anything else. Device and
+/// inode name the file; through one open descriptor they stay the same on a local file system,
+/// but a network one that reports another file behind it has not kept the file validated.
+///
+/// Adding or removing a name of the file (deleted, replaced by a rename, hard-linked) sets the
+/// ctime too but leaves the bytes alone, and the open descriptor keeps reading them: a ctime
+/// that moved along with the link count is therefore not a change. Any other change of metadata
+/// (chmod, chown, extended attributes) is, since it cannot be told from a rewrite.
+///
+/// What is left undetected: a change within the file system's timestamp granularity (a clock
+/// tick, a few milliseconds on Linux) of the change before the open, with the size kept; and a
+/// rewrite with the mtime put back through a descriptor opened before the file lost or gained a
+/// name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Identity {
-    device: u64,
-    inode: u64,
-    len: u64,
-    modified_s: i64,
-    modified_ns: i64,
+pub(super) struct Identity {
+    pub device: u64,
+    pub inode: u64,
+    pub len: u64,
+    pub modified: (i64, i64),
+    pub changed: (i64, i64),
+    pub links: u64,
 }
 
 impl Identity {
@@ -55,9 +76,44 @@ impl Identity {
             device: metadata.dev(),
             inode: metadata.ino(),
             len: metadata.len(),
-            modified_s: metadata.mtime(),
-            modified_ns: metadata.mtime_nsec(),
+            modified: (metadata.mtime(), metadata.mtime_nsec()),
+            changed: (metadata.ctime(), metadata.ctime_nsec()),
+            links: metadata.nlink(),
         }
+    }
+
+    /// Compares `now` with what the file was at open: `IO` when it is shorter (truncated: its
+    /// bytes are gone), `FORMAT` naming what differs when it is otherwise changed.
+    pub(super) fn check(&self, now: &Identity, path: &Path) -> Result<()> {
+        if now.len < self.len {
+            return Err(Error::io(format!(
+                "{} was truncated since it was opened ({} bytes, now {})",
+                path.display(),
+                self.len,
+                now.len
+            )));
+        }
+        let differences: Vec<&str> = [
+            (self.device != now.device, "device"),
+            (self.inode != now.inode, "inode"),
+            (self.len != now.len, "size"),
+            (self.modified != now.modified, "modification time"),
+            (
+                self.changed != now.changed && self.links == now.links,
+                "change time",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(differs, what)| differs.then_some(what))
+        .collect();
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(Error::format(format!(
+            "{} changed since it was opened (its {} moved); reopen the checkpoint",
+            path.display(),
+            differences.join(", ")
+        )))
     }
 }
 
@@ -73,19 +129,7 @@ pub(super) struct HeaderTensor {
 
 impl ShardFile {
     pub(super) fn open(path: &Path) -> Result<ShardFile> {
-        // Checked before opening because opening a FIFO would block until someone writes to it.
-        let metadata = std::fs::metadata(path).map_err(|e| Error::from_io(&e, "opening", path))?;
-        if !metadata.is_file() {
-            return Err(not_a_regular_file(path));
-        }
-        let file = File::open(path).map_err(|e| Error::from_io(&e, "opening", path))?;
-        let metadata = file
-            .metadata()
-            .map_err(|e| Error::from_io(&e, "reading the metadata of", path))?;
-        // The path may have been swapped for something else between the two calls.
-        if !metadata.is_file() {
-            return Err(not_a_regular_file(path));
-        }
+        let (file, metadata) = open_regular(path)?;
         Ok(ShardFile {
             path: path.to_owned(),
             file,
@@ -97,17 +141,17 @@ impl ShardFile {
         &self.path
     }
 
-    /// True when both are the same file on disk, whatever paths they were opened by.
-    pub(super) fn is_same_file(&self, other: &ShardFile) -> bool {
-        (self.identity.device, self.identity.inode) == (other.identity.device, other.identity.inode)
+    /// (device, inode): equal for two shards when they are one file on disk, whatever paths
+    /// they were opened by.
+    pub(super) fn file_id(&self) -> (u64, u64) {
+        (self.identity.device, self.identity.inode)
     }
 
     /// Reads exactly `dst.len()` bytes at absolute `offset`.
     ///
-    /// A file shorter than at open is `IO` (truncated), one otherwise changed in place is `FORMAT`;
-    /// both are checked before and after reading, so bytes written over during the read are not
-    /// returned either. Detection relies on the mtime, so a rewrite of the same size within the
-    /// filesystem's timestamp granularity of the open can go unnoticed.
+    /// A file shorter than at open is `IO` (truncated), one otherwise changed in place is `FORMAT`
+    /// (see `Identity`); both are checked before and after reading, so bytes written over during
+    /// the read are not returned either.
     ///
     /// A read longer than `READ_CHUNK` is split into chunks, up to `READS_IN_FLIGHT` of them read
     /// at once by scoped threads. A failed read of a chunk is retried once (a transient error on a
@@ -231,23 +275,7 @@ impl ShardFile {
             .file
             .metadata()
             .map_err(|e| Error::from_io(&e, "checking", &self.path))?;
-        let now = Identity::of(&now);
-        if now.len < self.identity.len {
-            return Err(Error::io(format!(
-                "{} was truncated since it was opened ({} bytes, now {})",
-                self.path.display(),
-                self.identity.len,
-                now.len
-            )));
-        }
-        if now != self.identity {
-            return Err(Error::format(format!(
-                "{} changed since it was opened (size or modification time differ); reopen the \
-                 checkpoint",
-                self.path.display()
-            )));
-        }
-        Ok(())
+        self.identity.check(&Identity::of(&now), &self.path)
     }
 
     /// Reads and validates the header, returning the tensors by offset (by name among empty ones
@@ -322,10 +350,6 @@ impl ShardFile {
         tensors.sort_by(|a, b| (a.offset, a.nbytes, &a.name).cmp(&(b.offset, b.nbytes, &b.name)));
         Ok(tensors)
     }
-}
-
-fn not_a_regular_file(path: &Path) -> Error {
-    Error::format(format!("{} is not a regular file", path.display()))
 }
 
 /// Read faults armed for tests: (path substring, failures left). Seeded once from the environment

@@ -625,6 +625,55 @@ fn a_file_rewritten_in_place_is_refused() {
 }
 
 #[test]
+fn every_field_fstat_gives_that_a_change_moves_is_compared() {
+    use super::shard::Identity;
+    let path = Path::new("model.safetensors");
+    let opened = Identity {
+        device: 1,
+        inode: 2,
+        len: 100,
+        modified: (1_700_000_000, 5),
+        changed: (1_700_000_000, 5),
+        links: 1,
+    };
+    assert!(opened.check(&opened, path).is_ok());
+    // Each field changed alone, as a rewrite would change it, and what the message must name.
+    type Change = fn(&mut Identity);
+    let cases: [(Change, u32, &str); 8] = [
+        (|now| now.device = 9, STRATA_ERR_FORMAT, "device"),
+        (|now| now.inode = 9, STRATA_ERR_FORMAT, "inode"),
+        (|now| now.len = 101, STRATA_ERR_FORMAT, "size"),
+        (|now| now.len = 99, STRATA_ERR_IO, "truncated"),
+        (
+            |now| now.modified.0 += 1,
+            STRATA_ERR_FORMAT,
+            "modification time",
+        ),
+        // Nanoseconds alone: a rewrite within the same second.
+        (
+            |now| now.modified.1 += 1,
+            STRATA_ERR_FORMAT,
+            "modification time",
+        ),
+        (|now| now.changed.0 += 1, STRATA_ERR_FORMAT, "change time"),
+        (|now| now.changed.1 += 1, STRATA_ERR_FORMAT, "change time"),
+    ];
+    for (change, status, named) in cases {
+        let mut now = opened;
+        change(&mut now);
+        let error = opened.check(&now, path).unwrap_err();
+        assert_error(&error, status, &["model.safetensors", named]);
+    }
+    // Deleted, renamed over or linked: the ctime moves with the link count, the bytes stay.
+    let unlinked = Identity {
+        changed: (1_700_000_100, 0),
+        links: 0,
+        ..opened
+    };
+    assert!(opened.check(&unlinked, path).is_ok());
+}
+
+#[test]
 fn a_file_replaced_by_rename_or_deleted_keeps_its_original_bytes() {
     let dir = TempDir::new("replaced");
     let path = dir.path("replaced.safetensors");
