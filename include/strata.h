@@ -472,7 +472,10 @@ strata_status strata_release(struct strata_context *ctx, uint64_t layer, void *s
 
 /**
  * Opens one .safetensors file, a sharded *.safetensors.index.json, or a directory of shards.
- * Only headers are read; tensor bytes are read when a tier needs them.
+ * Only headers are read; tensor bytes are read when a tier needs them. Every file must be a
+ * regular file (symlinks followed): a FIFO, a device, a socket or a directory where a file is
+ * expected is STRATA_ERR_FORMAT at once, as is an index over 100 MB or one naming a shard
+ * outside its own directory (an absolute path, or through "..").
  */
 strata_status strata_checkpoint_open(struct strata_context *ctx,
                                      const char *path,

@@ -110,7 +110,7 @@ impl Identity {
             return Ok(());
         }
         Err(Error::format(format!(
-            "{} changed since it was opened (its {} moved); reopen the checkpoint",
+            "{} changed since it was opened ({} not as then); reopen the checkpoint",
             path.display(),
             differences.join(", ")
         )))
