@@ -55,6 +55,9 @@ fn main() {
         );
         per_tensor.push(times.total().as_secs_f64() / count as f64);
     }
+    if counts.len() < 2 {
+        return;
+    }
     let (first, last) = (per_tensor[0], per_tensor[per_tensor.len() - 1]);
     let ratio = last / first;
     println!(
