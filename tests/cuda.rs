@@ -15,7 +15,6 @@ use common::programs;
 use common::*;
 use cudarc::driver::{result, sys};
 use std::ffi::c_void;
-use std::io::Write as _;
 use std::ptr;
 use std::sync::Arc;
 
@@ -39,7 +38,7 @@ struct Gpu {
 
 /// Written past the test harness's capture, so that a passing run shows what did not run.
 fn skipped(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+    common::skip(&format!("SKIPPED {test}: {why}"));
 }
 
 /// The GPU, or None (and a visible SKIPPED line) where there is none.

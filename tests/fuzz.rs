@@ -3,6 +3,7 @@
 //! The long runs are `scripts/fuzz.sh SECONDS`; .ci/run installs cargo-fuzz, and without it this
 //! test says SKIPPED.
 
+mod common;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,10 +18,7 @@ fn every_fuzz_target_survives_a_short_run() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !installed {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: cargo-fuzz is not installed (cargo install cargo-fuzz --locked)"
-        );
+        common::skip("SKIPPED: cargo-fuzz is not installed (cargo install cargo-fuzz --locked)");
         return;
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

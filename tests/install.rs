@@ -7,7 +7,6 @@
 mod common;
 use common::library_dir;
 use common::programs::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,7 +30,7 @@ fn install(prefix: &Path) {
 
 /// Says on the terminal, even though cargo test captures test output, that a part did not run.
 fn skipped(what: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {what}: {why}");
+    common::skip(&format!("SKIPPED: {what}: {why}"));
 }
 
 fn found(tool: &str) -> bool {

@@ -55,7 +55,7 @@ const BLOCK: u64 = 256;
 
 /// Says why a test did not run, past the test harness's output capture.
 fn skipped(why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+    common::skip(&format!("SKIPPED: {why}"));
 }
 
 fn kernel_dtype_name(dtype: DType) -> &'static str {

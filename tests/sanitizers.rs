@@ -44,7 +44,7 @@ fn summary_line<'a>(stdout: &'a str, program: &str, tool: &str) -> &'a str {
 fn skipped(stdout: &str) -> bool {
     match stdout.lines().find(|l| l.contains("skipped:")) {
         Some(line) => {
-            println!("{}", line.trim());
+            common::skip(line.trim());
             true
         }
         None => false,

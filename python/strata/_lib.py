@@ -204,6 +204,8 @@ _OPTIONAL_PROTOTYPES = {
 
 _LIBRARY_FILE = {"darwin": "libstrata.dylib", "win32": "strata.dll"}.get(sys.platform,
                                                                         "libstrata.so")
+# What the wheel build (setuptools-rust, see pyproject.toml) puts in the package folder.
+_PACKAGED_FILE = "libstrata.pyd" if sys.platform == "win32" else "libstrata.abi3.so"
 
 
 def candidates():
@@ -214,6 +216,7 @@ def candidates():
         path = Path(env)
         places.append(("STRATA_LIBRARY", path / _LIBRARY_FILE if path.is_dir() else path))
     package = Path(__file__).resolve().parent
+    places.append(("the package folder", package / _PACKAGED_FILE))
     places.append(("the package folder", package / _LIBRARY_FILE))
     roots = [Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else []
     # python/strata/ inside a checkout: the repository root is two levels up.
@@ -240,7 +243,8 @@ def lib():
             if not any(what == "the build folder" for what, _ in places):
                 looked += "\n  (no build folder: this package is not inside a strata checkout)"
             raise OSError(f"strata: {_LIBRARY_FILE} not found{hint}; looked in:\n{looked}\n"
-                          "Build it with `cargo build --release` or set STRATA_LIBRARY to its "
+                          "Install the package with `pip install ./python` (it builds the library), build it "
+                          "with `cargo build --release`, or set STRATA_LIBRARY to its "
                           "path.")
         handle = C.CDLL(str(found))
         for name, (restype, argtypes) in _PROTOTYPES.items():
