@@ -1,21 +1,32 @@
-"""PyTorch integration: strata holds the parameters of chosen submodules and hands them to
-each forward call.
+"""PyTorch integration: strata holds a module's parameters and hands them to each forward call.
 
     import strata.torch
     strata.torch.enable_vram_management(model, vram_limit="8GiB")
     model(x)                          # each managed submodule acquires its layer, runs, releases
 
-Each submodule of one of `module_types` becomes one strata layer holding all its parameters
-(a whole transformer block when its class is listed). A module whose forward reads its
-children's parameters without calling them (nn.TransformerEncoderLayer's fast path) must be
-listed itself, or those children hold placeholders when it runs.
+Which parameters make a layer:
+- each outermost submodule of one of `module_types` is one strata layer holding all its
+  parameters (a whole transformer block when its class is listed);
+- every other module that owns parameters directly (a norm class no list knows, a model's own
+  position embedding) is one layer of those direct parameters, so that every parameter of any
+  nn.Module is managed and follows the computation tier;
+- layers that share a parameter (tied weights: lm_head.weight is embed_tokens.weight) or a
+  submodule are one layer: one strata tensor per parameter, loaded once.
+A module whose forward reads its children's parameters without calling them (nn.
+TransformerEncoderLayer's fast path) must be listed itself, or those children hold placeholders
+when it runs. Buffers stay torch tensors, moved to the compute device.
 
-A forward pre-hook acquires the layer on torch's current stream and points the parameters at
-strata's bytes (zero-copy, through DLPack); a forward hook releases it again, also when
-forward raises. Between calls each
-parameter is a one-element placeholder expanded to its shape: its bytes live in strata.
-Inference only: autograd must not keep the weights past the call.
+A forward pre-hook on a layer's owner, and on each module inside it, acquires the layer on
+torch's current stream and points the parameters at strata's bytes (zero-copy, through DLPack)
+unless it is held already; a forward hook releases it again, also when forward raises. So a
+module inside a layer may also be called from outside its owner, and several threads may call
+one managed model. Between calls each parameter is a one-element placeholder expanded to its
+shape: its bytes live in strata. Inference only: autograd must not keep the weights past the call.
 """
+
+import json
+import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,12 +66,16 @@ def _context_for(device, vram_limit, prefetch_depth):
 
 
 class _Layer:
-    """One managed submodule: its strata layer and the parameters its tensors feed."""
+    """One strata layer: its parameters and the leases held on it now."""
 
     def __init__(self, layer, params):
         self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
-        self.leases = []      # a stack: a module may be re-entered (recursion, shared blocks)
+        # (lease or None, stream) per hook call in progress: the owner's, those of modules
+        # inside it, re-entries, other threads'. A call on a stream that already holds a lease
+        # shares it (None). The parameters point at strata's bytes while the list is not empty.
+        self.leases = []
+        self.lock = threading.Lock()
         # strata tensor name -> ((address, shape, dtype), torch tensor over it). A resident
         # layer comes back at the same address with the same bytes, so its tensors are reused
         # instead of imported again (DLPack through ctypes costs tens of microseconds). They
@@ -91,26 +106,40 @@ class ManagedModule:
 
     def _pre_hook(self, entry):
         def pre(module, args):
-            lease = self.context.acquire(entry.layer, stream=self._stream())
-            entry.leases.append(lease)
-            for view in lease.views:
-                key = (view.data_ptr, view.shape, view.dtype)
-                cached = entry.tensors.get(view.name)
-                if cached is None or cached[0] != key:
-                    cached = entry.tensors[view.name] = (key, torch.from_dlpack(view))
-                entry.params[view.name][0].data = cached[1]
+            stream = self._stream()
+            with entry.lock:
+                if any(held == stream for _, held in entry.leases):
+                    entry.leases.append((None, stream))
+                    return
+                lease = self.context.acquire(entry.layer, stream=stream)
+                first = not entry.leases
+                entry.leases.append((lease, stream))
+                if not first:
+                    return  # the layer is pinned where the parameters already point
+                for view in lease.views:
+                    key = (view.data_ptr, view.shape, view.dtype)
+                    cached = entry.tensors.get(view.name)
+                    if cached is None or cached[0] != key:
+                        cached = entry.tensors[view.name] = (key, torch.from_dlpack(view))
+                    entry.params[view.name][0].data = cached[1]
         return pre
 
     def _post_hook(self, entry):
         def post(module, args, output):
             # always_call: this also runs when forward (or the pre-hook) raised.
-            if not entry.leases:
-                return
-            lease = entry.leases.pop()
-            if not entry.leases:
-                for param, _, placeholder in entry.params.values():
-                    param.data = placeholder
-            lease.release()
+            stream = self._stream()
+            with entry.lock:
+                mine = [i for i, (_, held) in enumerate(entry.leases) if held == stream]
+                if not mine:
+                    return
+                # A shared marker goes first, so that the stream's own lease goes last.
+                shared = [i for i in mine if entry.leases[i][0] is None]
+                lease, _ = entry.leases.pop(shared[-1] if shared else mine[-1])
+                if not entry.leases:
+                    for param, _, placeholder in entry.params.values():
+                        param.data = placeholder
+            if lease is not None:
+                lease.release()
         return post
 
 
@@ -124,19 +153,96 @@ def _matching_modules(module, module_types):
     return found
 
 
+class _Unit:
+    """What becomes one strata layer: its owner modules, the other modules whose calls
+    acquire it, and its parameters (id -> Parameter), in registration order."""
+
+    def __init__(self, name, owner, inner, params):
+        self.name = name
+        self.owners = [owner]
+        self.inner = inner
+        self.params = {id(p): p for p in params}
+
+    def absorb(self, other):
+        self.owners += other.owners
+        self.inner += other.inner
+        self.params.update(other.params)
+
+
+def _plan(module, module_types):
+    """The layers by the rule of the module docstring: [_Unit]."""
+    units, inside = [], set()
+    for name, sub in _matching_modules(module, module_types):
+        inner = [m for m in sub.modules() if m is not sub]
+        inside.update(id(m) for m in sub.modules())
+        units.append(_Unit(name, sub, inner, sub.parameters()))
+    for name, sub in module.named_modules():
+        if id(sub) not in inside:
+            units.append(_Unit(name, sub, [], sub.parameters(recurse=False)))
+    # Units that share a parameter are one layer.
+    merged, by_param = [], {}
+    for unit in units:
+        if not unit.params:
+            continue
+        into = next((by_param[k] for k in unit.params if k in by_param), None)
+        if into is None:
+            merged.append(unit)
+            into = unit
+        else:
+            into.absorb(unit)
+        for other in {id(by_param[k]): by_param[k] for k in unit.params if k in by_param
+                      and by_param[k] is not into}.values():
+            into.absorb(other)
+            merged.remove(other)
+        for k in into.params:
+            by_param[k] = into
+    for unit in merged:
+        owners = {id(m) for m in unit.owners}
+        unique, seen = [], set(owners)
+        for m in unit.inner:
+            if id(m) not in seen and any(True for _ in m.parameters()):
+                seen.add(id(m))
+                unique.append(m)
+        unit.inner = unique
+    return merged
+
+
+def _checkpoint_names(path):
+    """The tensor names a .safetensors file, index or shard directory holds."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            path = indexes[0]
+        else:
+            return set().union(*(_checkpoint_names(f) for f in sorted(path.glob("*.safetensors"))))
+    if path.suffix == ".json":
+        with open(path) as f:
+            return set(json.load(f)["weight_map"])
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return set(json.loads(f.read(length))) - {"__metadata__"}
+
+
 def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MODULE_TYPES,
                            checkpoint=None, checkpoint_prefix="", device=None, context=None,
                            group_name="model", prefetch_depth=None):
-    """Hands the parameters of `module`'s submodules of `module_types` to strata.
+    """Hands every parameter of `module` to strata, in layers by the rule of this module's
+    docstring (`module_types` picks the layer owners; list whole blocks for coarser layers).
 
     vram_limit: bytes or "8GiB" on the compute device (None: unlimited); belongs to the
       context, so give it only when strata creates the context (not with `context=`).
     tiers: a strata.Tiers or a dict of its keywords (DiffSynth's names: offload_dtype,
-      computation_dtype=torch.bfloat16, ...); None keeps the stored dtype, computes in place.
+      computation_dtype=torch.bfloat16, ...). None: with `checkpoint`, the weights stay on
+      disk (offload and onload tiers on disk: streamed per call, little RAM held); without
+      one, strata's defaults (the stored dtype, computed in place). `tiers={}` gives strata's
+      defaults with a checkpoint too (the whole model read into RAM).
     checkpoint: a .safetensors file, index or shard directory holding the weights under the
       module's own names (after `checkpoint_prefix`): layers are registered from the file, so
-      there is no host copy of the module's tensors and the module may be on the meta device.
-      Without it, the module's tensors are copied into strata and then freed.
+      there is no host copy of the module's tensors and the module may be on the meta device
+      (accelerate.init_empty_weights()). A tied parameter is loaded under whichever of its
+      names the checkpoint holds. Without it, the module's tensors are copied into strata
+      and then freed.
     device: the compute device (default: the current CUDA device, else the CPU).
     context: a strata.Context to share (a Pipeline does); else one is created.
     Returns the ManagedModule (also at module._strata_managed).
@@ -144,6 +250,8 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
     if "_strata_managed" in module.__dict__:
         raise ValueError("this module is already managed by strata")
     device = torch.device(device) if device is not None else _default_device()
+    if tiers is None and checkpoint is not None:
+        tiers = dict(offload_device="disk", onload_device="disk")
     owns_context = context is None
     if owns_context:
         context = _context_for(device, vram_limit, prefetch_depth)
@@ -157,45 +265,49 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
     try:
         registered = _register(module, group, module_types, checkpoint, checkpoint_prefix,
                                context, group_name)
-        _move_unmanaged(module, [name for name, _, _, _ in registered], device)
+        _move_buffers(module, device)
     except BaseException:
         if owns_context:
             context.close()
         else:
             group.destroy()
         raise
-    for name, sub, layer, params in registered:
-        entry = _Layer(layer, {tensor: _park(sub, pname, p, device)
-                               for tensor, (pname, p) in params.items()})
-        managed.layers[name] = entry
-        managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
-        managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
-                                                       always_call=True))
+    for unit, layer, names, aliases in registered:
+        entry = _Layer(layer, {name: _park(module, aliases[id(p)], p, device)
+                               for name, p in zip(names, unit.params.values())})
+        managed.layers[unit.name] = entry
+        for sub in unit.owners + unit.inner:
+            managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
+            managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
+                                                           always_call=True))
     module.__dict__["_strata_managed"] = managed
     return managed
 
 
 def _register(module, group, module_types, checkpoint, checkpoint_prefix, context, group_name):
-    """Registers one layer per matching submodule: [(name, submodule, Layer, {strata tensor
-    name: (parameter name in the submodule, Parameter)})]."""
+    """Registers one layer per unit of _plan: [(unit, Layer, strata tensor names in the
+    unit's parameter order, {id(Parameter): its qualified names in `module`})]."""
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
     registered = []
     ckpt = context.open_checkpoint(checkpoint) if checkpoint is not None else None
     try:
-        for name, sub in _matching_modules(module, module_types):
-            params = [(pname, p) for pname, p in sub.named_parameters() if p is not None]
-            if not params:
-                continue
-            layer_name = f"{group_name}/{name}" if name else group_name
+        held = _checkpoint_names(checkpoint) if checkpoint is not None else set()
+        for unit in _plan(module, module_types):
+            layer_name = f"{group_name}/{unit.name}" if unit.name else group_name
             if ckpt is not None:
-                prefix = checkpoint_prefix + (name + "." if name else "")
-                names = [prefix + pname for pname, _ in params]
+                names = []
+                for p in unit.params.values():
+                    candidates = [checkpoint_prefix + a for a in aliases[id(p)]]
+                    names.append(next((c for c in candidates if c in held), candidates[0]))
                 layer = group.register_tensors(ckpt, layer_name, names)
             else:
-                names = [pname for pname, _ in params]
+                names = [aliases[id(p)][0] for p in unit.params.values()]
                 # `keep` holds the host copies until register_host has copied them.
-                tensors, keep = _host_tensors(layer_name, params)
+                tensors, keep = _host_tensors(layer_name, zip(names, unit.params.values()))
                 layer = group.register_host(layer_name, tensors)
-            registered.append((name, sub, layer, dict(zip(names, params))))
+            registered.append((unit, layer, names, aliases))
     finally:
         if ckpt is not None:
             ckpt.close()
@@ -208,19 +320,19 @@ def _placeholder(param, device):
     return torch.zeros((), dtype=param.dtype, device=device).expand(param.shape)
 
 
-def _park(sub, pname, param, device):
-    """Points `param` (sub's parameter `pname`) at a placeholder on `device`. Returns (the
-    Parameter the hooks fill: the same object, or a new one replacing a meta parameter, its
-    original device, the placeholder)."""
+def _park(module, names, param, device):
+    """Points `param` (known in `module` as each of `names`) at a placeholder on `device`.
+    Returns (the Parameter the hooks fill: the same object, or a new one replacing a meta
+    parameter under all its names, its original device, the placeholder)."""
     placeholder = _placeholder(param, device)
     if param.device.type != "meta":
         original = param.device
         param.data = placeholder
         return param, original, placeholder
-    owner_name, _, local = pname.rpartition(".")
-    owner = sub.get_submodule(owner_name)
     replacement = nn.Parameter(placeholder, requires_grad=param.requires_grad)
-    owner._parameters[local] = replacement
+    for name in names:
+        owner_name, _, local = name.rpartition(".")
+        module.get_submodule(owner_name)._parameters[local] = replacement
     return replacement, param.device, placeholder
 
 
@@ -229,37 +341,36 @@ def _host_tensors(layer_name, params):
     tensors, keep = {}, []
     for pname, param in params:
         if param.device.type == "meta":
-            raise ValueError(f"{layer_name}.{pname} is on the meta device: pass checkpoint=")
+            raise ValueError(f"{pname} (layer {layer_name}) is on the meta device: pass "
+                             "checkpoint=")
         if param.dtype not in _TORCH_DTYPES:
-            raise ValueError(f"{layer_name}.{pname}: strata has no dtype for {param.dtype}")
+            raise ValueError(f"{pname} (layer {layer_name}): strata has no dtype for "
+                             f"{param.dtype}")
         host = param.detach().to("cpu").contiguous()
         keep.append(host)
         tensors[pname] = (_TORCH_DTYPES[param.dtype], tuple(host.shape), host.data_ptr())
     return tensors, keep
 
 
-def _move_unmanaged(module, managed_names, device):
-    """Moves the parameters and buffers strata does not hold to the compute device."""
-    def managed(name):
-        return any(name == m or name.startswith(m + ".") if m else True for m in managed_names)
-
+def _move_buffers(module, device):
+    """Moves the buffers (strata holds only parameters) to the compute device."""
     for mname, sub in module.named_modules():
-        if managed(mname):
-            continue
-        for pname, param in sub.named_parameters(recurse=False):
-            if param.device.type == "meta":
-                raise ValueError(f"{mname}.{pname} is on the meta device and no module_types "
-                                 "match it: add its module's type")
-            param.data = param.data.to(device)
         for bname, buffer in list(sub._buffers.items()):
-            if buffer is not None and buffer.device.type != "meta":
-                sub._buffers[bname] = buffer.to(device)
+            if buffer is None:
+                continue
+            if buffer.device.type == "meta":
+                raise ValueError(f"buffer {mname}.{bname} is on the meta device: strata holds "
+                                 "parameters only (accelerate.init_empty_weights() keeps "
+                                 "buffers real unless include_buffers=True)")
+            sub._buffers[bname] = buffer.to(device)
 
 
 def disable_vram_management(module):
     """Undoes enable_vram_management: the same Parameter objects get their values back from
     strata (in their original dtype, on the device each had, the CPU for meta ones), and the
-    hooks, the group (and a context strata created) go."""
+    hooks, the group (and a context strata created) go. The values are what strata holds: a
+    model managed with a narrower stored dtype (offload_dtype bf16, fp8 with or without
+    quantization) gets the rounded weights back, not the originals."""
     managed = module.__dict__.pop("_strata_managed")
     for hook in managed.hooks:
         hook.remove()

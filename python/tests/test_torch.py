@@ -48,6 +48,46 @@ if torch is not None:
             return self.head(x)
 
 
+    class Norm(nn.Module):
+        """A norm class no module_types list knows (as diffusers' and transformers' RMSNorm)."""
+
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(width))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype) \
+                * self.weight
+
+    class Tied(nn.Module):
+        """Tied input and output embeddings, a norm of its own class, a parameter of the root
+        itself, and a Linear reached both inside a block and directly."""
+
+        def __init__(self, width=16, vocab=32):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, width)
+            self.scale = nn.Parameter(torch.randn(width))
+            self.blocks = nn.ModuleList(Block(width) for _ in range(2))
+            self.shared = self.blocks[1].up   # one module, two owners' names
+            self.norm = Norm(width)
+            self.head = nn.Linear(width, vocab, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            x = self.embed(ids) * self.scale
+            for block in self.blocks:
+                x = block(x)
+            x = x + self.shared(x)[..., :x.shape[-1]]
+            x = x + self.blocks[0].down(torch.cat([x, x], -1))  # called from outside its block
+            return self.head(self.norm(x))
+
+
+def tied(dtype=None):
+    torch.manual_seed(0)
+    m = Tied().eval()
+    return m.to(dtype) if dtype is not None else m
+
+
 def model(dtype):
     torch.manual_seed(0)
     return Model().to(dtype).eval()
@@ -102,8 +142,10 @@ class Torch(unittest.TestCase):
         m = model(torch.float32)
         expected = m(self.ids)
         managed = st.enable_vram_management(m, device="cpu", module_types=(Block, nn.Linear))
-        self.assertEqual(sorted(managed.layers), ["blocks.0", "blocks.1", "blocks.2", "head"])
-        self.assertTrue(torch.equal(m(self.ids), expected))  # embed and conv moved as they were
+        # embed and conv, of no listed type, are each a layer of their own parameters
+        self.assertEqual(sorted(managed.layers),
+                         ["blocks.0", "blocks.1", "blocks.2", "conv", "embed", "head"])
+        self.assertTrue(torch.equal(m(self.ids), expected))
 
     def test_checkpoint_into_a_meta_module(self):
         m = model(torch.bfloat16)
@@ -151,6 +193,80 @@ class Torch(unittest.TestCase):
         self.assertNotIn("_strata_managed", m.__dict__)
         self.assertFalse(m.embed._forward_pre_hooks)
         self.assertTrue(torch.equal(m.embed.weight, model(torch.float32).embed.weight))
+
+    def test_modules_reached_from_two_owners_compute_right(self):
+        # blocks.1.up is also `shared`; blocks.0.down is called from outside its block.
+        expected = tied()(self.ids)
+        for module_types in (st.MODULE_TYPES, (Block, nn.Linear), (Block,)):
+            for limit in (0, "2KiB", None):
+                m = tied()
+                managed = st.enable_vram_management(m, device="cpu", vram_limit=limit,
+                                                    module_types=module_types)
+                for _ in range(2):
+                    self.assertTrue(torch.equal(m(self.ids), expected), (module_types, limit))
+                self.assertTrue(all(not entry.leases for entry in managed.layers.values()))
+                params = sum(len(entry.params) for entry in managed.layers.values())
+                self.assertEqual(params, len(list(tied().parameters())))  # each once
+                st.disable_vram_management(m)
+                self.assertTrue(torch.equal(m(self.ids), expected))
+
+    def test_tied_weights_load_under_whichever_name_the_checkpoint_holds(self):
+        expected = tied()(self.ids)
+        state = tied().state_dict()
+        for kept, dropped in (("embed.weight", "head.weight"), ("head.weight", "embed.weight")):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.safetensors")
+                write_safetensors(path, {k: ("F32", v.shape, safetensors_bytes(v))
+                                         for k, v in state.items() if k != dropped})
+                with torch.device("meta"):
+                    empty = Tied().eval()
+                managed = st.enable_vram_management(empty, device="cpu", checkpoint=path,
+                                                    vram_limit="4KiB")
+                self.assertIs(empty.head.weight, empty.embed.weight)
+                # embed and head share their one tensor, so they are one layer
+                self.assertIs(managed.layers["embed"], managed.layers.get("embed"))
+                self.assertNotIn("head", managed.layers)
+                self.assertEqual(list(managed.layers["embed"].params), [kept])
+                self.assertTrue(torch.equal(empty(self.ids), expected), kept)
+                # with a checkpoint and no tiers, the weights stream from disk
+                self.assertGreater(managed.stats().bytes_from_disk, 0)
+                st.disable_vram_management(empty)
+
+    def test_unlisted_parameters_follow_the_computation_dtype(self):
+        # An f32 model computing in bf16 with the default module_types: the Norm and the
+        # root's own parameter are converted too, so the model computes as its bf16 copy.
+        expected = tied(torch.bfloat16)(self.ids)
+        m = tied()
+        managed = st.enable_vram_management(m, device="cpu",
+                                            tiers=dict(computation_dtype=torch.bfloat16))
+        self.assertIn("norm", managed.layers)
+        self.assertIn("", managed.layers)   # the root's own `scale`
+        self.assertTrue(torch.equal(m(self.ids), expected))
+
+    def test_two_threads_call_one_managed_model(self):
+        import threading
+        expected = tied()(self.ids)
+        m = tied()
+        managed = st.enable_vram_management(m, device="cpu", vram_limit="8KiB")
+        wrong, failures = [], []
+
+        def work():
+            try:
+                with torch.no_grad():
+                    for _ in range(20):
+                        if not torch.equal(m(self.ids), expected):
+                            wrong.append(1)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(failures, [])
+        self.assertEqual(wrong, [])
+        self.assertTrue(all(not entry.leases for entry in managed.layers.values()))
 
     def test_views_into_torch_dtypes(self):
         values = [0.1, -2.5, 3.75, 100.3]
