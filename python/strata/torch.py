@@ -300,7 +300,13 @@ def _register(module, group, module_types, checkpoint, checkpoint_prefix, contex
                 names = []
                 for p in unit.params.values():
                     candidates = [checkpoint_prefix + a for a in aliases[id(p)]]
-                    names.append(next((c for c in candidates if c in held), candidates[0]))
+                    found = next((c for c in candidates if c in held), None)
+                    if found is None:
+                        raise ValueError(
+                            f"the checkpoint has none of {candidates}: a tied weight that the "
+                            "model built on the meta device has not tied yet? (call "
+                            "model.tie_weights() after accelerate.init_empty_weights())")
+                    names.append(found)
                 layer = group.register_tensors(ckpt, layer_name, names)
             else:
                 names = [aliases[id(p)][0] for p in unit.params.values()]
