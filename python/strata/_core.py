@@ -373,12 +373,16 @@ class Lease:
         self.stream = _stream_pointer(stream)
         self.released = False
         self.capsules = []  # (capsule, block) made from this lease's views: see _dlpack
-        capacity = layer.capacity()
-        raw = (strata_tensor_view * capacity)()
+        raw, count = self._acquire(layer.capacity())
+        self.views = Views([TensorView(self, raw[i]) for i in range(count)])
+
+    def _acquire(self, capacity, raw=None):
+        """strata_acquire_for_compute into `raw` (a new array by default): (raw, count)."""
+        raw = (strata_tensor_view * capacity)() if raw is None else raw
         count = C.c_size_t()
-        check(lib().strata_acquire_for_compute(context.handle, layer.id, self.stream, raw,
-                                               capacity, C.byref(count)))
-        self.views = Views([TensorView(self, raw[i]) for i in range(count.value)])
+        check(lib().strata_acquire_for_compute(self.context.handle, self.layer.id, self.stream,
+                                               raw, capacity, C.byref(count)))
+        return raw, count.value
 
     def release(self):
         """Ends this use of the layer: its views refuse access from now on."""

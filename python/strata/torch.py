@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import _core
-from ._lib import DType
+from ._lib import DType, strata_tensor_view
 
 _TORCH_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16, torch.bfloat16: DType.BF16,
                  torch.float64: DType.F64, torch.int64: DType.I64, torch.int32: DType.I32,
@@ -65,22 +65,43 @@ def _context_for(device, vram_limit, prefetch_depth):
                          prefetch_depth=prefetch_depth)
 
 
+class _HookLease(_core.Lease):
+    """A Lease for the hooks: its views (TensorView objects, a few microseconds each) are made
+    only when the hooks ask, which they do only when an address changed."""
+
+    def __init__(self, context, entry, stream):
+        self.context, self.layer = context, entry.layer
+        self.stream = _core._stream_pointer(stream)
+        self.released = False
+        self.capsules = []
+        if entry.raw is None:
+            entry.raw = (strata_tensor_view * entry.layer.capacity())()
+        # entry.raw is reused: read under entry.lock, before the next acquire of the layer.
+        self.raw, self.count = self._acquire(len(entry.raw), entry.raw)
+
+    @property
+    def addresses(self):
+        return tuple(self.raw[i].data for i in range(self.count))
+
+    @property
+    def views(self):
+        return [_core.TensorView(self, self.raw[i]) for i in range(self.count)]
+
+
 class _Layer:
     """One strata layer: its parameters and the leases held on it now."""
 
     def __init__(self, layer, params):
         self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
+        self.raw = None       # the views array the hooks acquire into (_HookLease)
+        self.addresses = None  # the data addresses the tensors of `bound` are over
+        self.bound = []       # [(Parameter, torch tensor over strata's bytes)], in view order
         # (lease or None, stream) per hook call in progress: the owner's, those of modules
         # inside it, re-entries, other threads'. A call on a stream that already holds a lease
         # shares it (None). The parameters point at strata's bytes while the list is not empty.
         self.leases = []
         self.lock = threading.Lock()
-        # strata tensor name -> ((address, shape, dtype), torch tensor over it). A resident
-        # layer comes back at the same address with the same bytes, so its tensors are reused
-        # instead of imported again (DLPack through ctypes costs tens of microseconds). They
-        # are only ever handed out while a new acquire vouches for that address.
-        self.tensors = {}
 
 
 class ManagedModule:
@@ -111,17 +132,22 @@ class ManagedModule:
                 if any(held == stream for _, held in entry.leases):
                     entry.leases.append((None, stream))
                     return
-                lease = self.context.acquire(entry.layer, stream=stream)
+                lease = _HookLease(self.context, entry, stream)
                 first = not entry.leases
                 entry.leases.append((lease, stream))
                 if not first:
                     return  # the layer is pinned where the parameters already point
-                for view in lease.views:
-                    key = (view.data_ptr, view.shape, view.dtype)
-                    cached = entry.tensors.get(view.name)
-                    if cached is None or cached[0] != key:
-                        cached = entry.tensors[view.name] = (key, torch.from_dlpack(view))
-                    entry.params[view.name][0].data = cached[1]
+                # A resident layer comes back at the same addresses with the same bytes, so
+                # its tensors are reused instead of imported again (DLPack through ctypes
+                # costs tens of microseconds); only an acquire vouching for those addresses
+                # hands them out.
+                addresses = lease.addresses
+                if addresses != entry.addresses:
+                    entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
+                                   for view in lease.views]
+                    entry.addresses = addresses
+                for param, tensor in entry.bound:
+                    param.data = tensor
         return pre
 
     def _post_hook(self, entry):
