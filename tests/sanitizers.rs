@@ -4,7 +4,7 @@
 //! an allocation shows that each tool's findings do fail the script.
 //!
 //! A tool that is not installed skips its tests with a "skipped:" line (CI installs valgrind,
-//! clang and the sanitizer runtime).
+//! clang and the sanitizer runtime; under CI=true such a skip fails the test).
 
 mod common;
 use common::library_dir;
