@@ -2,11 +2,12 @@
 weights from its config) saved as safetensors, then run through each configuration in a fresh
 process, each paired with an unmanaged run just before and just after it:
 
-    python3 python/benchmarks/cpu_peers.py                 # ~0.5 GiB model, 5 forwards each
+    python3 python/benchmarks/cpu_peers.py                 # 4 blocks (~0.2 GiB), 5 forwards each
+    python3 python/benchmarks/cpu_peers.py --layers 32     # ~1.7 GiB, the size of issue 22
     python3 python/benchmarks/cpu_peers.py --small --steps 2   # seconds (the test's mode)
 
 Per configuration: median seconds per forward, its ratio to the mean of the two unmanaged runs
-around it, peak RSS of its process (ru_maxrss, so it includes torch's own), and whether its
+around it, peak RSS of its process (VmHWM, so it includes torch's own), and whether its
 output equals the unmanaged one bit for bit (fp8 storage is compared by max |diff| instead).
 Needs torch, diffusers, accelerate; prints "cpu_peers: OK" when every exact configuration matched.
 """
@@ -14,7 +15,6 @@ Needs torch, diffusers, accelerate; prints "cpu_peers: OK" when every exact conf
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,12 +35,12 @@ EXACT = {"unmanaged", "strata-disk-0", "strata-disk-25", "strata-ram", "accelera
          "diffusers-block", "diffusers-leaf"}
 
 
-def config(small):
+def config(small, layers):
     if small:
         return dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                     axes_dims_rope=(4, 6, 6))
-    return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=8,
+    return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=layers,
                 attention_head_dim=128, num_attention_heads=8, joint_attention_dim=1024,
                 axes_dims_rope=(16, 56, 56))
 
@@ -48,7 +48,7 @@ def config(small):
 def inputs(small):
     import torch
     g = torch.Generator().manual_seed(1)
-    side, text, channels, joint = (4, 5, 16, 32) if small else (32, 64, 64, 1024)
+    side, text, channels, joint = (4, 5, 16, 32) if small else (16, 32, 64, 1024)
     return dict(hidden_states=torch.randn(1, side * side, channels, generator=g).bfloat16(),
                 encoder_hidden_states=torch.randn(1, text, joint, generator=g).bfloat16(),
                 encoder_hidden_states_mask=torch.ones(1, text, dtype=torch.bool),
@@ -61,19 +61,19 @@ def quiet(diffusers):
     diffusers.utils.logging.disable_progress_bar()
 
 
-def save(folder, small):
+def save(folder, small, layers):
     import diffusers
     import torch
     quiet(diffusers)
     torch.manual_seed(0)
-    model = diffusers.QwenImageTransformer2DModel(**config(small)).bfloat16().eval()
+    model = diffusers.QwenImageTransformer2DModel(**config(small, layers)).bfloat16().eval()
     model.save_pretrained(folder)
     with torch.no_grad():
         torch.save(model(**inputs(small))[0], os.path.join(folder, "expected.pt"))
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def run_one(name, folder, small, steps, model_bytes):
+def run_one(name, folder, small, layers, steps, model_bytes):
     """One configuration in this (fresh) process: a JSON line of its figures."""
     import accelerate
     import diffusers
@@ -84,7 +84,8 @@ def run_one(name, folder, small, steps, model_bytes):
     if name.startswith("strata-disk"):
         import strata.torch as st
         with accelerate.init_empty_weights():
-            model = diffusers.QwenImageTransformer2DModel(**config(small)).bfloat16().eval()
+            model = diffusers.QwenImageTransformer2DModel(**config(small, layers)).bfloat16()
+            model = model.eval()
         limit = 0 if name == "strata-disk-0" else model_bytes // 4
         st.enable_vram_management(model, device="cpu", checkpoint=checkpoint, vram_limit=limit)
     else:
@@ -114,14 +115,25 @@ def run_one(name, folder, small, steps, model_bytes):
         times.append(time.perf_counter() - started)
     expected = torch.load(os.path.join(folder, "expected.pt"))
     diff = (out.float() - expected.float()).abs().max().item()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps(dict(name=name, median=statistics.median(times), peak_mib=peak,
                           identical=bool(torch.equal(out, expected)), max_diff=diff)))
 
 
+def peak_rss_mib():
+    """This process's peak RSS. Not ru_maxrss: Linux carries that over exec from the parent
+    that forked this process, which holds the whole model."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(name, folder, args, model_bytes):
     command = [sys.executable, os.path.abspath(__file__), "--run", name, "--dir", folder,
-               "--steps", str(args.steps), "--model-bytes", str(model_bytes)]
+               "--steps", str(args.steps), "--layers", str(args.layers),
+               "--model-bytes", str(model_bytes)]
     if args.small:
         command.append("--small")
     result = subprocess.run(command, capture_output=True, text=True)
@@ -134,13 +146,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--configs", default=",".join(c for c in CONFIGS if c != "unmanaged"))
     parser.add_argument("--run")
     parser.add_argument("--dir")
     parser.add_argument("--model-bytes", type=int)
     args = parser.parse_args()
     if args.run:
-        return run_one(args.run, args.dir, args.small, args.steps, args.model_bytes)
+        return run_one(args.run, args.dir, args.small, args.layers, args.steps,
+                       args.model_bytes)
     try:
         import accelerate  # noqa: F401
         import diffusers  # noqa: F401
@@ -150,7 +164,7 @@ def main():
         return
     ok = True
     with tempfile.TemporaryDirectory() as folder:
-        model_bytes = save(folder, args.small)
+        model_bytes = save(folder, args.small, args.layers)
         print(f"QwenImageTransformer2DModel, {model_bytes / 2**20:.1f} MiB bf16, "
               f"{args.steps} forwards per run, the CPU ({os.cpu_count()} cores)")
         print(f"{'configuration':52} {'s/forward':>10} {'x unmanaged':>12} {'peak RSS':>10}  output")
