@@ -1,12 +1,14 @@
-//! Host conversion throughput against a plain memcpy of the same number of output bytes, one
-//! thread, 64 MiB of output per case, best of 5 runs.
+//! Host conversion throughput against a plain memcpy of the same number of output bytes, 64 MiB
+//! of output per case, best of 5 runs: on one thread against a one-thread memcpy, and on the
+//! host pool (the default thread count) against a memcpy split the same way on the same pool.
 //!
-//! Run: cargo bench --bench convert
+//! Run: cargo bench --bench convert [-- SUBSTRING], which runs only the cases whose label has it.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use strata::convert::{convert, f32_to_fp8, Quant, TensorBytes};
+use strata::convert::{convert_with, f32_to_fp8, Engine, Quant, TensorBytes};
 use strata::dtype::DType;
+use strata::host_threads;
 
 const OUTPUT_BYTES: usize = 64 << 20;
 const RUNS: usize = 5;
@@ -39,6 +41,10 @@ fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
             .iter()
             .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
             .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
         DType::F8E4M3 => values
             .iter()
             .map(|&v| f32_to_fp8(v / 0.001, dtype))
@@ -63,17 +69,36 @@ fn gb_per_s(bytes: usize, time: Duration) -> f64 {
     bytes as f64 / time.as_secs_f64() / 1e9
 }
 
+/// `dst.copy_from_slice(src)` split into one piece per thread on the host pool.
+fn parallel_copy(threads: usize, dst: &mut [u8], src: &[u8]) {
+    let piece = dst.len().div_ceil(threads);
+    let parts: Vec<_> = dst.chunks_mut(piece).zip(src.chunks(piece)).collect();
+    host_threads::run_parts(threads, parts, |(dst, src)| dst.copy_from_slice(src));
+}
+
 fn main() {
+    let threads = host_threads::default_threads();
     let mut dst = vec![0u8; OUTPUT_BYTES];
     let memcpy_src = vec![1u8; OUTPUT_BYTES];
-    let memcpy = best_of(|| dst.copy_from_slice(black_box(&memcpy_src)));
-    let memcpy_rate = gb_per_s(OUTPUT_BYTES, memcpy);
+    let memcpy = gb_per_s(
+        OUTPUT_BYTES,
+        best_of(|| dst.copy_from_slice(black_box(&memcpy_src))),
+    );
+    let pool_memcpy = gb_per_s(
+        OUTPUT_BYTES,
+        best_of(|| parallel_copy(threads, &mut dst, black_box(&memcpy_src))),
+    );
     println!(
-        "{:<36} {:>8.2} GB/s of output",
-        "memcpy (copy_from_slice)", memcpy_rate
+        "memcpy: one thread {memcpy:.2} GB/s; {threads} threads on the pool {pool_memcpy:.2} GB/s"
+    );
+    println!(
+        "{:<40} {:>22} {:>30}",
+        "conversion (GB/s of output)",
+        "one thread",
+        format!("pool, {threads} threads")
     );
 
-    let cases: [(&str, DType, DType, bool, Quant); 6] = [
+    let cases: [(&str, DType, DType, bool, Quant); 12] = [
         (
             "fp8 e4m3 -> bf16",
             DType::F8E4M3,
@@ -88,9 +113,25 @@ fn main() {
             true,
             Quant::None,
         ),
+        (
+            "fp8 e4m3 (per-channel) -> f32",
+            DType::F8E4M3,
+            DType::F32,
+            true,
+            Quant::None,
+        ),
+        (
+            "fp8 e4m3 -> f16",
+            DType::F8E4M3,
+            DType::F16,
+            false,
+            Quant::None,
+        ),
         ("bf16 -> f32", DType::BF16, DType::F32, false, Quant::None),
+        ("f16 -> f32", DType::F16, DType::F32, false, Quant::None),
         ("f32 -> f16", DType::F32, DType::F16, false, Quant::None),
         ("f32 -> bf16", DType::F32, DType::BF16, false, Quant::None),
+        ("bf16 -> f16", DType::BF16, DType::F16, false, Quant::None),
         (
             "bf16 -> fp8 e4m3 (per-channel quant)",
             DType::BF16,
@@ -98,8 +139,29 @@ fn main() {
             false,
             Quant::PerChannel,
         ),
+        (
+            "f16 -> fp8 e4m3 (per-channel quant)",
+            DType::F16,
+            DType::F8E4M3,
+            false,
+            Quant::PerChannel,
+        ),
+        (
+            "f32 -> fp8 e4m3 (per-tensor quant)",
+            DType::F32,
+            DType::F8E4M3,
+            false,
+            Quant::PerTensor,
+        ),
     ];
+    let only = std::env::args().skip(1).find(|arg| !arg.starts_with('-'));
     for (label, src_dtype, dst_dtype, scaled, quant) in cases {
+        if only
+            .as_ref()
+            .is_some_and(|only| !label.contains(only.as_str()))
+        {
+            continue;
+        }
         let numel = OUTPUT_BYTES / dst_dtype.size();
         let rows = numel / ROW_LEN;
         let src_bytes = encode(&weights(numel), src_dtype);
@@ -113,13 +175,20 @@ fn main() {
             dtype: src_dtype,
             scales: &scales,
         };
-        let time = best_of(|| {
-            convert(black_box(src), rows, &mut dst, dst_dtype, quant).unwrap();
-        });
-        let rate = gb_per_s(OUTPUT_BYTES, time);
+        let mut rate = |engine: Engine| {
+            gb_per_s(
+                OUTPUT_BYTES,
+                best_of(|| {
+                    convert_with(black_box(src), rows, &mut dst, dst_dtype, quant, engine).unwrap();
+                }),
+            )
+        };
+        let single = rate(Engine::with_threads(1));
+        let pooled = rate(Engine::with_threads(threads));
         println!(
-            "{label:<36} {rate:>8.2} GB/s of output  ({:.2}x memcpy)",
-            rate / memcpy_rate
+            "{label:<40} {single:>6.2} ({:.2}x memcpy) {pooled:>14.2} ({:.2}x pool memcpy)",
+            single / memcpy,
+            pooled / pool_memcpy
         );
     }
 }

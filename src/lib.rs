@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod host;
+pub mod host_threads;
 pub mod log;
 pub mod registry;
 pub mod schedule;

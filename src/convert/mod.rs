@@ -9,18 +9,24 @@
 
 mod fp8;
 mod ieee;
+mod simd;
+#[cfg(test)]
+mod simd_tests;
 #[cfg(test)]
 mod tests;
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::host_threads;
 use fp8::Fp8Format;
 use ieee::{bf16_bits_to_f32, f32_to_bf16_bits, f64_to_bf16_bits, f64_to_f16_bits};
+use simd::Isa;
 
 pub use fp8::{f32_to_fp8, f64_to_fp8, fp8_to_f32};
 
@@ -89,12 +95,69 @@ const CHUNK: usize = 4096;
 /// "finite" means finite in f32); scale = absmax / FP8_MAX in f32 (448 or 57344); stored =
 /// fp8(x / scale) with an f32 division. A scale of 0 (all zeros, no finite values, or an absmax
 /// so small that the division underflows) is replaced by 1.0, so that zeros never become 0/0.
+///
+/// Runs as [`Engine::default`]: see [`convert_with`] to choose the threads.
 pub fn convert(
     src: TensorBytes<'_>,
     rows: usize,
     dst: &mut [u8],
     dst_dtype: DType,
     quant: Quant,
+) -> Result<Vec<f32>> {
+    convert_with(src, rows, dst, dst_dtype, quant, Engine::default())
+}
+
+/// How a conversion runs. Every engine writes the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Engine {
+    /// `None`: the scalar reference, one element at a time (and no threads).
+    isa: Option<Isa>,
+    threads: usize,
+    /// Work below this many bytes stays on the calling thread.
+    min_parallel_bytes: usize,
+}
+
+impl Engine {
+    /// The widest instruction set this CPU has, on up to `threads` host threads (see
+    /// [`host_threads`]); tensors below [`host_threads::PARALLEL_MIN_BYTES`] stay on the
+    /// calling thread.
+    pub fn with_threads(threads: usize) -> Engine {
+        Engine {
+            isa: Some(Isa::best()),
+            threads: threads.max(1),
+            min_parallel_bytes: host_threads::PARALLEL_MIN_BYTES,
+        }
+    }
+
+    /// The scalar code every faster path must match bit for bit.
+    pub fn reference() -> Engine {
+        Engine {
+            isa: None,
+            threads: 1,
+            min_parallel_bytes: usize::MAX,
+        }
+    }
+
+    pub fn threads(self) -> usize {
+        self.threads
+    }
+}
+
+impl Default for Engine {
+    /// [`host_threads::default_threads`] threads.
+    fn default() -> Engine {
+        Engine::with_threads(host_threads::default_threads())
+    }
+}
+
+/// [`convert`], run by `engine`.
+pub fn convert_with(
+    src: TensorBytes<'_>,
+    rows: usize,
+    dst: &mut [u8],
+    dst_dtype: DType,
+    quant: Quant,
+    engine: Engine,
 ) -> Result<Vec<f32>> {
     let numel = src.bytes.len() / src.dtype.size();
     if src.bytes.len() % src.dtype.size() != 0 {
@@ -169,13 +232,158 @@ pub fn convert(
         scales: src.scales,
         row_len: numel.checked_div(rows).unwrap_or(0),
     };
-    match (quant, dst_float) {
-        (Quant::PerTensor, Float::Fp8(format)) => quantize(&source, 1, dst, format),
-        (Quant::PerChannel, Float::Fp8(format)) => quantize(&source, rows, dst, format),
+    let groups = match (quant, dst_float) {
+        (Quant::PerTensor, Float::Fp8(_)) => 1,
+        (Quant::PerChannel, Float::Fp8(_)) => rows,
         _ => {
-            cast(&source, dst, dst_float);
-            Ok(Vec::new())
+            match engine.isa {
+                None => cast(&source, dst, dst_float),
+                Some(isa) => cast_blocks(&source, dst, dst_float, isa, engine),
+            }
+            return Ok(Vec::new());
         }
+    };
+    let Float::Fp8(format) = dst_float else {
+        unreachable!("only fp8 is quantized")
+    };
+    match engine.isa {
+        None => quantize(&source, groups, dst, format),
+        Some(isa) => quantize_blocks(&source, groups, dst, format, isa, engine),
+    }
+}
+
+/// How many parts to split `elements` elements (of `bytes` bytes read or written, whichever is
+/// more) into: one below the engine's parallel threshold.
+fn part_count(engine: Engine, elements: usize, bytes: usize) -> usize {
+    if bytes < engine.min_parallel_bytes {
+        1
+    } else {
+        engine.threads.min(elements).max(1)
+    }
+}
+
+/// [`cast`] by the block kernels, split across threads by element ranges.
+fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine: Engine) {
+    let threads = engine.threads;
+    let numel = src.numel();
+    let parts = part_count(engine, numel, src.bytes.len().max(dst.len()));
+    let per_part = numel.div_ceil(parts).max(1);
+    let pieces: Vec<_> = dst
+        .chunks_mut(per_part * dst_dtype.size())
+        .enumerate()
+        .map(|(index, out)| (index * per_part, out))
+        .collect();
+    host_threads::run_parts(threads, pieces, |(start, out)| {
+        let range = start..start + out.len() / dst_dtype.size();
+        match src.dtype {
+            // Table lookups beat decoding the codes (which vectorised is a gather or arithmetic).
+            Float::Fp8(format) if src.fp8_by_table() => {
+                cast_fp8_by_table(src, range, format, out, dst_dtype)
+            }
+            // half's slice conversions run F16C in place on aligned buffers.
+            Float::F16 | Float::F32 if half_in_place(src, range.clone(), out, dst_dtype) => {}
+            _ => simd::cast(isa, src, range, out, dst_dtype),
+        }
+    });
+}
+
+/// Converts elements `range` of an f16 source to f32, or of an f32 source to f16, with `half`'s
+/// slice conversions if both sides are aligned; returns whether it did.
+fn half_in_place(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Float) -> bool {
+    let bytes = &src.bytes[range.start * src.dtype.size()..range.end * src.dtype.size()];
+    match (src.dtype, dst_dtype) {
+        (Float::F16, Float::F32) => match (as_aligned::<f16>(bytes), as_aligned_mut::<f32>(dst)) {
+            (Some(halves), Some(floats)) => halves.convert_to_f32_slice(floats),
+            _ => return false,
+        },
+        (Float::F32, Float::F16) => match (as_aligned::<f32>(bytes), as_aligned_mut::<f16>(dst)) {
+            (Some(floats), Some(halves)) => halves.convert_from_f32_slice(floats),
+            _ => return false,
+        },
+        _ => return false,
+    }
+    true
+}
+
+/// [`quantize`] by the block kernels: one group is split across threads by element ranges
+/// (absmax, then encode), several are split by groups.
+fn quantize_blocks(
+    src: &Source,
+    groups: usize,
+    dst: &mut [u8],
+    format: &Fp8Format,
+    isa: Isa,
+    engine: Engine,
+) -> Result<Vec<f32>> {
+    let threads = engine.threads;
+    let numel = src.numel();
+    let group_len = numel.checked_div(groups).unwrap_or(0);
+    let mut scales = Vec::new();
+    scales
+        .try_reserve_exact(groups)
+        .map_err(|_| Error::out_of_memory(format!("no memory for {groups} scales")))?;
+    scales.resize(groups, 0.0);
+    let bytes = src.bytes.len().max(dst.len());
+    if groups == 1 {
+        let parts = part_count(engine, numel, bytes);
+        let per_part = numel.div_ceil(parts).max(1);
+        let part_absmax = Mutex::new(0.0f32);
+        let ranges: Vec<_> = (0..numel)
+            .step_by(per_part)
+            .map(|start| start..(start + per_part).min(numel))
+            .collect();
+        host_threads::run_parts(threads, ranges, |range| {
+            let absmax = simd::absmax(isa, src, range);
+            let mut largest = part_absmax.lock().unwrap_or_else(|p| p.into_inner());
+            *largest = largest.max(absmax);
+        });
+        let scale = scale_for(part_absmax.into_inner().unwrap_or(0.0), format);
+        let pieces: Vec<_> = dst
+            .chunks_mut(per_part)
+            .enumerate()
+            .map(|(index, out)| (index * per_part, out))
+            .collect();
+        host_threads::run_parts(threads, pieces, |(start, out)| {
+            simd::quantize(isa, src, start..start + out.len(), out, format, scale)
+        });
+        scales[0] = scale;
+        return Ok(scales);
+    }
+    let parts = part_count(engine, groups, bytes);
+    let groups_per_part = groups.div_ceil(parts).max(1);
+    // An empty tensor may claim any number of rows: its parts have no bytes but still scales.
+    let mut dst_parts: Vec<&mut [u8]> = if group_len == 0 {
+        Vec::new()
+    } else {
+        dst.chunks_mut(groups_per_part * group_len).collect()
+    };
+    dst_parts.resize_with(groups.div_ceil(groups_per_part), Default::default);
+    let pieces: Vec<_> = scales
+        .chunks_mut(groups_per_part)
+        .zip(dst_parts)
+        .enumerate()
+        .map(|(index, (scales, out))| (index * groups_per_part, scales, out))
+        .collect();
+    host_threads::run_parts(threads, pieces, |(first_group, scales, out)| {
+        for (index, scale) in scales.iter_mut().enumerate() {
+            let start = (first_group + index) * group_len;
+            let range = start..start + group_len;
+            *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
+            let out = &mut out[index * group_len..(index + 1) * group_len];
+            simd::quantize(isa, src, range, out, format, *scale);
+        }
+    });
+    Ok(scales)
+}
+
+/// The scale that maps `absmax` onto the format's largest value; 1.0 where that is 0 (see
+/// [`convert`]).
+fn scale_for(absmax: f32, format: &Fp8Format) -> f32 {
+    let scale = absmax / format.max_value();
+    if scale > 0.0 {
+        scale
+    } else {
+        1.0
     }
 }
 
@@ -242,6 +450,11 @@ const MIN_ROW_LEN_FOR_TABLES: usize = 1024;
 impl Source<'_> {
     fn numel(&self) -> usize {
         self.bytes.len() / self.dtype.size()
+    }
+
+    /// Whether an fp8 source casts faster by a 256-entry table per scale than element by element.
+    fn fp8_by_table(&self) -> bool {
+        self.scales.len() <= 1 || self.row_len >= MIN_ROW_LEN_FOR_TABLES
     }
 
     /// Calls `visit` with each piece of `range` whose elements share one scale (1.0 for
@@ -326,13 +539,8 @@ fn encode(values: &[f32], dtype: Float, out: &mut [u8], halves: &mut [u16]) {
 fn cast(src: &Source, dst: &mut [u8], dst_dtype: Float) {
     match src.dtype {
         Float::F64 => cast_from_f64(src.bytes, dst, dst_dtype),
-        Float::Fp8(format) if src.scales.len() <= 1 || src.row_len >= MIN_ROW_LEN_FOR_TABLES => {
-            match dst_dtype.size() {
-                1 => cast_fp8_by_table::<1>(src, format, dst, dst_dtype),
-                2 => cast_fp8_by_table::<2>(src, format, dst, dst_dtype),
-                4 => cast_fp8_by_table::<4>(src, format, dst, dst_dtype),
-                _ => cast_fp8_by_table::<8>(src, format, dst, dst_dtype),
-            }
+        Float::Fp8(format) if src.fp8_by_table() => {
+            cast_fp8_by_table(src, 0..src.numel(), format, dst, dst_dtype)
         }
         Float::F16 if matches!(dst_dtype, Float::F32) => {
             match (as_aligned::<f16>(src.bytes), as_aligned_mut::<f32>(dst)) {
@@ -368,15 +576,33 @@ fn cast_through_f32(src: &Source, dst: &mut [u8], dst_dtype: Float) {
     }
 }
 
-/// fp8 has only 256 values: convert each once per scale (into `N`-byte outputs), then look
-/// every element up.
-fn cast_fp8_by_table<const N: usize>(
+/// fp8 has only 256 values: convert each once per scale, then look every element of `range` up
+/// (`dst` holds exactly those elements).
+fn cast_fp8_by_table(
     src: &Source,
+    range: Range<usize>,
     format: &Fp8Format,
     dst: &mut [u8],
     dst_dtype: Float,
 ) {
-    src.for_each_scale_run(0..src.numel(), |run, scale| {
+    match dst_dtype.size() {
+        1 => cast_fp8_by_table_into::<1>(src, range, format, dst, dst_dtype),
+        2 => cast_fp8_by_table_into::<2>(src, range, format, dst, dst_dtype),
+        4 => cast_fp8_by_table_into::<4>(src, range, format, dst, dst_dtype),
+        _ => cast_fp8_by_table_into::<8>(src, range, format, dst, dst_dtype),
+    }
+}
+
+/// [`cast_fp8_by_table`] into `N`-byte outputs.
+fn cast_fp8_by_table_into<const N: usize>(
+    src: &Source,
+    range: Range<usize>,
+    format: &Fp8Format,
+    dst: &mut [u8],
+    dst_dtype: Float,
+) {
+    let first = range.start;
+    src.for_each_scale_run(range, |run, scale| {
         let mut values = [0.0f32; 256];
         for (value, &bits) in values.iter_mut().zip(&format.to_f32_bits) {
             *value = f32::from_bits(bits) * scale;
@@ -386,7 +612,7 @@ fn cast_fp8_by_table<const N: usize>(
         look_up(
             &src.bytes[run.clone()],
             &table,
-            &mut dst[run.start * N..run.end * N],
+            &mut dst[(run.start - first) * N..(run.end - first) * N],
         );
     });
 }
@@ -413,6 +639,7 @@ fn look_up<const N: usize>(codes: &[u8], table: &[[u8; N]; 256], dst: &mut [u8])
 }
 
 /// Every cast from f64 rounds straight from the f64 value.
+#[inline(always)]
 fn cast_from_f64(bytes: &[u8], dst: &mut [u8], dst_dtype: Float) {
     match dst_dtype {
         Float::F64 => dst.copy_from_slice(bytes),
@@ -451,8 +678,7 @@ fn quantize(src: &Source, groups: usize, dst: &mut [u8], format: &Fp8Format) -> 
             src.decode(start, values, &mut scratch.halves);
             absmax = absmax.max(finite_absmax(values));
         }
-        let scale = absmax / format.max_value();
-        let scale = if scale > 0.0 { scale } else { 1.0 };
+        let scale = scale_for(absmax, format);
 
         for start in chunk_starts {
             let values = &mut scratch.values[..chunk_len(start)];

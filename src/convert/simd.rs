@@ -1,0 +1,291 @@
+//! Block kernels: the conversions of the scalar reference, rewritten over fixed blocks of
+//! [`BLOCK`] elements with branch-free per-element code, and compiled once per instruction set
+//! (the baseline, SSE2 on x86_64; AVX2) with `#[target_feature]`, chosen at run time.
+//!
+//! No AVX-512 copy: the crate's minimum Rust is 1.82, and `#[target_feature(enable =
+//! "avx512f")]` is stable only from 1.89. The conversions are bound by memory bandwidth at AVX2
+//! width already (see `cargo bench --bench convert`).
+//!
+//! Why no intrinsics and no crate: every step (fp8 decode, f16/bf16 rounding, the fp8 encoder,
+//! the absmax reduction) is integer and plain f32 arithmetic without data-dependent branches, so
+//! LLVM vectorises it at the full width of whichever instruction set the function is compiled
+//! for. Rust never contracts or reassociates float operations, so each compiled copy computes
+//! exactly what the scalar reference computes; the tests check that exhaustively. `half`'s slice
+//! conversions cover only f16↔f32 (with F16C, which they detect themselves: used below for f16);
+//! `pulp` and `multiversion` would do the dispatch below, which is two `match` arms.
+//!
+//! Per-element work differs from the reference in one place, checked bit for bit over every
+//! code: fp8 codes are decoded by arithmetic rather than by the 256-entry table (a table lookup
+//! becomes a gather, which is slow on current x86). f16 goes through `half`'s slice conversions
+//! on each block, as in the reference (F16C where the CPU has it, 8 elements an instruction).
+//! Plain fp8 casts use the reference's per-scale tables (see `cast_blocks`).
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::fp8::Fp8Format;
+use super::ieee::{bf16_bits_to_f32, f32_to_bf16_bits};
+use super::{cast_from_f64, Float, Source};
+
+/// Elements per block: fixed-size arrays, which LLVM vectorises without bounds checks.
+const BLOCK: usize = 256;
+/// The widest element (f64), for the padded tail block.
+const MAX_SIZE: usize = 8;
+
+/// An instruction set the block kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The target's baseline (SSE2 on x86_64); also every non-x86 target.
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Isa {
+    /// The widest instruction set this CPU runs, detected once.
+    pub(crate) fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| *Isa::available().last().unwrap())
+    }
+
+    /// Every instruction set this CPU runs, narrowest first (the tests run them all).
+    pub(crate) fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut isas = vec![Isa::Baseline];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                isas.push(Isa::Avx2);
+            }
+        }
+        isas
+    }
+}
+
+/// Instantiates `$kernel` (an `#[inline(always)]` function) once per instruction set as
+/// `$name`, which dispatches on its first argument.
+macro_rules! per_isa {
+    ($name:ident => $kernel:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        pub(crate) fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,bmi1,bmi2,lzcnt,popcnt")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $kernel($($arg),*)
+            }
+            match isa {
+                Isa::Baseline => $kernel($($arg),*),
+                // SAFETY: an `Isa` other than Baseline comes from `Isa::available`, which
+                // detected these features on this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { avx2($($arg),*) },
+            }
+        }
+    };
+}
+
+per_isa!(cast => cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Float));
+per_isa!(absmax => absmax_kernel(src: &Source, range: Range<usize>) -> f32);
+per_isa!(quantize => quantize_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], format: &Fp8Format, scale: f32));
+
+/// Writes `$convert` of each of the first `$out.len() / $size` of `$values` (a block) into
+/// `$out`, `$size` bytes each. A macro, not a function taking a closure: the closure would be
+/// compiled on its own, for the baseline instruction set, instead of inside the kernel.
+macro_rules! store {
+    ($values:expr, $out:expr, $size:literal, |$value:ident| $convert:expr) => {{
+        let out: &mut [u8] = $out;
+        if let Ok(out) = <&mut [u8; BLOCK * $size]>::try_from(&mut *out) {
+            // Groups of 32 lanes: several independent vectors in flight per step.
+            for (words, values) in out
+                .chunks_exact_mut(32 * $size)
+                .zip($values.chunks_exact(32))
+            {
+                let words: &mut [u8; 32 * $size] = words.try_into().unwrap();
+                let values: &[_; 32] = values.try_into().unwrap();
+                for (word, &$value) in words.chunks_exact_mut($size).zip(values.iter()) {
+                    word.copy_from_slice(&$convert);
+                }
+            }
+        } else {
+            let mut block = [0u8; BLOCK * $size];
+            for (word, &$value) in block.chunks_exact_mut($size).zip($values.iter()) {
+                word.copy_from_slice(&$convert);
+            }
+            out.copy_from_slice(&block[..out.len()]);
+        }
+    }};
+}
+
+/// Elements `range` of `src` into `dst` (the destination of exactly those elements) as
+/// `dst_dtype`: the reference's `cast`.
+#[inline(always)]
+fn cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Float) {
+    if let Float::F64 = src.dtype {
+        let size = src.dtype.size();
+        return cast_from_f64(
+            &src.bytes[range.start * size..range.end * size],
+            dst,
+            dst_dtype,
+        );
+    }
+    let out_size = dst_dtype.size();
+    let mut blocks = Blocks::new(src, range.clone());
+    let mut values = [0.0f32; BLOCK];
+    while let Some((start, len)) = blocks.next(&mut values) {
+        let at = (start - range.start) * out_size;
+        let out = &mut dst[at..at + len * out_size];
+        match dst_dtype {
+            Float::F32 => store!(values, out, 4, |value| value.to_le_bytes()),
+            Float::F64 => store!(values, out, 8, |value| (value as f64).to_le_bytes()),
+            Float::F16 => {
+                let mut halves = [f16::ZERO; BLOCK];
+                halves.convert_from_f32_slice(&values);
+                store!(halves, out, 2, |half| half.to_le_bytes())
+            }
+            Float::BF16 => store!(values, out, 2, |value| f32_to_bf16_bits(value)
+                .to_le_bytes()),
+            Float::Fp8(format) => store!(values, out, 1, |value| [format.encode_f32(value)]),
+        }
+    }
+}
+
+/// The largest finite magnitude among elements `range` of `src`, as the reference's `quantize`
+/// finds it.
+#[inline(always)]
+fn absmax_kernel(src: &Source, range: Range<usize>) -> f32 {
+    let mut largest = 0;
+    let mut blocks = Blocks::new(src, range);
+    let mut values = [0.0f32; BLOCK];
+    // The padding of a tail block is zeros, which never raise the maximum.
+    while blocks.next(&mut values).is_some() {
+        largest = largest.max(finite_magnitude_max(&values));
+    }
+    f32::from_bits(largest as u32)
+}
+
+/// Elements `range` of `src` divided by `scale` and encoded as fp8 into `dst`, as the
+/// reference's `quantize` (an f32 division: a multiplication by the reciprocal rounds
+/// differently for some inputs, and the division vectorises fast enough).
+#[inline(always)]
+fn quantize_kernel(
+    src: &Source,
+    range: Range<usize>,
+    dst: &mut [u8],
+    format: &Fp8Format,
+    scale: f32,
+) {
+    let mut blocks = Blocks::new(src, range.clone());
+    let mut values = [0.0f32; BLOCK];
+    while let Some((start, len)) = blocks.next(&mut values) {
+        let at = start - range.start;
+        let out = &mut dst[at..at + len];
+        store!(values, out, 1, |value| [format.encode_f32(value / scale)]);
+    }
+}
+
+/// Consecutive blocks of a range of a source, decoded to f32 and dequantized.
+struct Blocks<'a, 'b> {
+    src: &'b Source<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a, 'b> Blocks<'a, 'b> {
+    #[inline(always)]
+    fn new(src: &'b Source<'a>, range: Range<usize>) -> Self {
+        Blocks {
+            src,
+            start: range.start,
+            end: range.end,
+        }
+    }
+
+    /// Decodes the next block into `values` and returns `(start, len)`: `values[..len]` are
+    /// elements `start..start + len`. A block never spans two scales; the rest of a block that
+    /// ends a row or the range is zeros.
+    #[inline(always)]
+    fn next(&mut self, values: &mut [f32; BLOCK]) -> Option<(usize, usize)> {
+        let src = self.src;
+        let start = self.start;
+        if start >= self.end {
+            return None;
+        }
+        let (run_end, scale) = match src.scales {
+            [] => (self.end, 1.0),
+            &[scale] => (self.end, scale),
+            row_scales => {
+                let row = start / src.row_len;
+                (((row + 1) * src.row_len).min(self.end), row_scales[row])
+            }
+        };
+        let len = (run_end - start).min(BLOCK);
+        let size = src.dtype.size();
+        let bytes = &src.bytes[start * size..(start + len) * size];
+        if len == BLOCK {
+            decode_block(src.dtype, bytes, scale, values);
+        } else {
+            let mut padded = [0u8; BLOCK * MAX_SIZE];
+            padded[..bytes.len()].copy_from_slice(bytes);
+            decode_block(src.dtype, &padded[..BLOCK * size], scale, values);
+        }
+        self.start = start + len;
+        Some((start, len))
+    }
+}
+
+/// `BLOCK` elements of `dtype` (little-endian `bytes`) as f32, times `scale` for fp8, exactly as
+/// the reference's `Source::decode`.
+#[inline(always)]
+fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) {
+    match dtype {
+        Float::F32 => {
+            let bytes: &[u8; BLOCK * 4] = bytes.try_into().unwrap();
+            for (value, word) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *value = f32::from_le_bytes(word.try_into().unwrap());
+            }
+        }
+        Float::F64 => {
+            let bytes: &[u8; BLOCK * 8] = bytes.try_into().unwrap();
+            for (value, word) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *value = f64::from_le_bytes(word.try_into().unwrap()) as f32;
+            }
+        }
+        Float::F16 => {
+            let bytes: &[u8; BLOCK * 2] = bytes.try_into().unwrap();
+            let mut halves = [f16::ZERO; BLOCK];
+            for (half, word) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+                *half = f16::from_le_bytes(word.try_into().unwrap());
+            }
+            halves.convert_to_f32_slice(out);
+        }
+        Float::BF16 => {
+            let bytes: &[u8; BLOCK * 2] = bytes.try_into().unwrap();
+            for (value, word) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *value = bf16_bits_to_f32(u16::from_le_bytes(word.try_into().unwrap()));
+            }
+        }
+        Float::Fp8(format) => {
+            let codes: &[u8; BLOCK] = bytes.try_into().unwrap();
+            for (value, &code) in out.iter_mut().zip(codes) {
+                *value = format.decode_f32(code) * scale;
+            }
+        }
+    }
+}
+
+/// The reference's `finite_absmax` over a block, as the bits of the result.
+#[inline(always)]
+fn finite_magnitude_max(values: &[f32; BLOCK]) -> i32 {
+    let mut largest = [0i32; BLOCK];
+    for (largest, value) in largest.iter_mut().zip(values) {
+        let magnitude = (value.to_bits() & 0x7FFF_FFFF) as i32;
+        *largest = if magnitude < f32::INFINITY.to_bits() as i32 {
+            magnitude
+        } else {
+            0
+        };
+    }
+    largest.into_iter().max().unwrap()
+}

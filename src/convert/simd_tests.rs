@@ -1,0 +1,398 @@
+//! Every block kernel (each instruction set this CPU has, on one thread and split across the
+//! pool) against the scalar reference, bit for bit: exhaustively over every f16, bf16 and fp8
+//! code, and over random f32/f64 bit patterns rich in NaN payloads, infinities, subnormals and
+//! ties, at lengths that leave every size of tail, from unaligned buffers.
+
+use super::*;
+
+const FLOATS: [DType; 6] = [
+    DType::F64,
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+];
+
+/// Lengths around the 64-element block and the 8/16-lane vectors inside it.
+const LENGTHS: [usize; 16] = [
+    0, 1, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 1000,
+];
+
+/// Every engine but the reference: each instruction set, alone and on 3 threads with no
+/// threshold (so that even short tensors are split, at uneven points).
+fn engines() -> Vec<Engine> {
+    Isa::available()
+        .into_iter()
+        .flat_map(|isa| {
+            [1, 3].map(|threads| Engine {
+                isa: Some(isa),
+                threads,
+                min_parallel_bytes: if threads > 1 { 0 } else { usize::MAX },
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn this_cpu_runs_the_kernels_it_detected() {
+    let isas = Isa::available();
+    assert_eq!(isas[0], Isa::Baseline);
+    assert_eq!(Isa::best(), *isas.last().unwrap());
+}
+
+/// Converts with the reference and with every engine (from a source and into a destination one
+/// byte off alignment) and asserts the same bytes and scales.
+fn assert_engines_match(
+    src: &[u8],
+    src_dtype: DType,
+    scales: &[f32],
+    rows: usize,
+    dst_dtype: DType,
+    quant: Quant,
+) {
+    let numel = src.len() / src_dtype.size();
+    let tensor = |bytes| TensorBytes {
+        bytes,
+        dtype: src_dtype,
+        scales,
+    };
+    let mut expected = vec![0u8; numel * dst_dtype.size()];
+    let expected_scales = convert_with(
+        tensor(src),
+        rows,
+        &mut expected,
+        dst_dtype,
+        quant,
+        Engine::reference(),
+    )
+    .unwrap();
+    // From and into buffers as the allocator aligns them (f16/f32 then convert in place), and one
+    // byte off.
+    let mut shifted = vec![0u8; src.len() + 1];
+    shifted[1..].copy_from_slice(src);
+    for (engine, offset) in engines().into_iter().flat_map(|e| [(e, 0), (e, 1)]) {
+        let mut out = vec![0x5Au8; expected.len() + 1];
+        let (source, out_range) = if offset == 0 {
+            (src, 0..expected.len())
+        } else {
+            (&shifted[1..], 1..expected.len() + 1)
+        };
+        let got_scales = convert_with(
+            tensor(source),
+            rows,
+            &mut out[out_range],
+            dst_dtype,
+            quant,
+            engine,
+        )
+        .unwrap();
+        let out = &out[offset..];
+        let context = || {
+            format!("{src_dtype:?} -> {dst_dtype:?}, {quant:?}, {numel} elements in {rows} rows, {} scales, {engine:?}, offset {offset}", scales.len())
+        };
+        if let Some(at) = (0..expected.len()).find(|&i| out[i] != expected[i]) {
+            let element = at / dst_dtype.size();
+            let size = src_dtype.size();
+            panic!(
+                "{}: element {element} (source bytes {:02x?}) became {:02x?}, the reference {:02x?}",
+                context(),
+                &src[element * size..(element + 1) * size],
+                &out[element * dst_dtype.size()..][..dst_dtype.size()],
+                &expected[element * dst_dtype.size()..][..dst_dtype.size()],
+            );
+        }
+        assert_eq!(
+            out[expected.len()..],
+            [0x5A][..1 - offset],
+            "{}: wrote past the destination",
+            context()
+        );
+        let bits = |scales: &[f32]| scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got_scales), bits(&expected_scales), "{}", context());
+    }
+}
+
+/// Deterministic bit patterns without a random-number crate.
+struct Bits(u64);
+
+impl Bits {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// f32 patterns: uniform bits (many NaN payloads), values near the f16/bf16/fp8 rounding ties and
+/// subnormal ranges, exact ties, infinities, zeros, the largest and smallest values.
+fn f32_patterns(count: usize) -> Vec<f32> {
+    let mut bits = Bits(0x2545_F491_4F6C_DD1D);
+    let specials = [
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        f32::from_bits(0x7FC0_0001),
+        f32::from_bits(0xFF80_0001),
+        f32::from_bits(0x7FBF_FFFF),
+        448.0,
+        464.0,
+        57344.0,
+        61440.0,
+        65504.0,
+        65520.0,
+    ];
+    (0..count)
+        .map(|i| {
+            let random = bits.next();
+            let word = random as u32;
+            match i % 6 {
+                0 => f32::from_bits(word),
+                // Exponents where f16, bf16 and fp8 have their normal and subnormal ranges.
+                1 => {
+                    f32::from_bits((word & 0x807F_FFFF) | ((96 + (random >> 32) % 60) as u32) << 23)
+                }
+                // An exact tie for bf16 (low 16 bits 0x8000) or f16 (low 13 bits 0x1000).
+                2 => f32::from_bits((word & 0xFFFF_0000) | 0x8000),
+                3 => f32::from_bits(
+                    (word & 0x807F_E000 | ((100 + (random >> 32) % 30) as u32) << 23) | 0x1000,
+                ),
+                4 => specials[(random >> 40) as usize % specials.len()],
+                _ => f32::from_bits(word & 0x807F_FFFF),
+            }
+        })
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Every 16-bit pattern, little-endian.
+fn all_16_bit_codes() -> Vec<u8> {
+    (0..=u16::MAX).flat_map(u16::to_le_bytes).collect()
+}
+
+#[test]
+fn every_f16_and_bf16_code_converts_like_the_reference() {
+    let codes = all_16_bit_codes();
+    for src_dtype in [DType::F16, DType::BF16] {
+        for dst_dtype in FLOATS {
+            assert_engines_match(&codes, src_dtype, &[], 1, dst_dtype, Quant::None);
+        }
+    }
+}
+
+#[test]
+fn every_fp8_code_converts_like_the_reference_with_and_without_scales() {
+    let codes: Vec<u8> = (0..=255).collect();
+    // Scales that leave values exact, round them, push them into the subnormal range or past the
+    // largest finite values, and a negative one.
+    let scales = [1.0, 0.001, 3.0, -0.75, 1e-39, 1e-30, 1e30, 3.4e38];
+    for src_dtype in [DType::F8E4M3, DType::F8E5M2] {
+        for dst_dtype in FLOATS {
+            assert_engines_match(&codes, src_dtype, &[], 1, dst_dtype, Quant::None);
+            for scale in scales {
+                assert_engines_match(&codes, src_dtype, &[scale], 1, dst_dtype, Quant::None);
+            }
+            // Each row of 32 codes its own scale; the rows also end inside blocks.
+            for rows in [8, 256] {
+                let row_scales: Vec<f32> =
+                    (0..rows).map(|row| scales[row % scales.len()]).collect();
+                assert_engines_match(&codes, src_dtype, &row_scales, rows, dst_dtype, Quant::None);
+            }
+        }
+    }
+}
+
+#[test]
+fn random_f32_and_f64_convert_like_the_reference_at_every_tail_length() {
+    let values = f32_patterns(20_000);
+    let f32_source = f32_bytes(&values);
+    let mut bits = Bits(0x9E37_79B9_7F4A_7C15);
+    let f64_source: Vec<u8> = values
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &v)| {
+            // Widened f32 values, and f64 patterns with low bits (just off the ties) and NaN payloads.
+            let x = if i % 2 == 0 {
+                v as f64
+            } else {
+                f64::from_bits(((v as f64).to_bits()) ^ (bits.next() & 0x000F_FFFF_FFFF))
+            };
+            x.to_le_bytes()
+        })
+        .collect();
+    for dst_dtype in FLOATS {
+        assert_engines_match(&f32_source, DType::F32, &[], 1, dst_dtype, Quant::None);
+        assert_engines_match(&f64_source, DType::F64, &[], 1, dst_dtype, Quant::None);
+        for length in LENGTHS {
+            assert_engines_match(
+                &f32_source[4 * 3..][..4 * length],
+                DType::F32,
+                &[],
+                1,
+                dst_dtype,
+                Quant::None,
+            );
+            assert_engines_match(
+                &f64_source[8 * 5..][..8 * length],
+                DType::F64,
+                &[],
+                1,
+                dst_dtype,
+                Quant::None,
+            );
+        }
+    }
+}
+
+#[test]
+fn short_tensors_of_every_pair_convert_like_the_reference() {
+    let values = f32_patterns(2000);
+    for src_dtype in FLOATS {
+        // The source in its own dtype, by the reference.
+        let mut source = vec![0u8; values.len() * src_dtype.size()];
+        convert_with(
+            TensorBytes {
+                bytes: &f32_bytes(&values),
+                dtype: DType::F32,
+                scales: &[],
+            },
+            1,
+            &mut source,
+            src_dtype,
+            Quant::None,
+            Engine::reference(),
+        )
+        .unwrap();
+        let size = src_dtype.size();
+        for dst_dtype in FLOATS {
+            for length in LENGTHS {
+                assert_engines_match(
+                    &source[size * 11..][..size * length],
+                    src_dtype,
+                    &[],
+                    1,
+                    dst_dtype,
+                    Quant::None,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quantization_matches_the_reference_for_every_source_and_shape() {
+    let values = f32_patterns(8192);
+    for src_dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
+        let mut source = vec![0u8; values.len() * src_dtype.size()];
+        convert_with(
+            TensorBytes {
+                bytes: &f32_bytes(&values),
+                dtype: DType::F32,
+                scales: &[],
+            },
+            1,
+            &mut source,
+            src_dtype,
+            Quant::None,
+            Engine::reference(),
+        )
+        .unwrap();
+        let size = src_dtype.size();
+        for dst_dtype in [DType::F8E4M3, DType::F8E5M2] {
+            for quant in [Quant::PerTensor, Quant::PerChannel] {
+                // One row, a few long rows, many short rows (ending inside blocks), and rows of one.
+                for (numel, rows) in [
+                    (8192, 1),
+                    (8192, 4),
+                    (8190, 90),
+                    (1000, 1000),
+                    (7, 7),
+                    (0, 5),
+                ] {
+                    let part = &source[..numel * size];
+                    assert_engines_match(part, src_dtype, &[], rows, dst_dtype, quant);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantization_of_every_16_bit_code_matches_the_reference() {
+    let codes = all_16_bit_codes();
+    for src_dtype in [DType::F16, DType::BF16] {
+        for dst_dtype in [DType::F8E4M3, DType::F8E5M2] {
+            assert_engines_match(&codes, src_dtype, &[], 1, dst_dtype, Quant::PerTensor);
+            assert_engines_match(&codes, src_dtype, &[], 256, dst_dtype, Quant::PerChannel);
+        }
+    }
+}
+
+#[test]
+fn requantizing_scaled_fp8_matches_the_reference() {
+    let codes: Vec<u8> = (0..=255).cycle().take(256 * 9).collect();
+    let row_scales: Vec<f32> = (0..9).map(|row| 0.001 * (row + 1) as f32).collect();
+    for src_dtype in [DType::F8E4M3, DType::F8E5M2] {
+        for dst_dtype in [DType::F8E4M3, DType::F8E5M2] {
+            assert_engines_match(
+                &codes,
+                src_dtype,
+                &row_scales,
+                9,
+                dst_dtype,
+                Quant::PerTensor,
+            );
+            assert_engines_match(&codes, src_dtype, &[0.01], 9, dst_dtype, Quant::PerChannel);
+        }
+    }
+}
+
+#[test]
+fn large_tensors_split_across_the_pool_match_the_reference() {
+    // Over the default threshold, through the default engine: 1.5 MiB of f32 in 3 rows of odd
+    // length, so that parts end inside blocks and rows.
+    let values = f32_patterns(393_219);
+    let source = f32_bytes(&values);
+    for (dst_dtype, quant) in [
+        (DType::BF16, Quant::None),
+        (DType::F16, Quant::None),
+        (DType::F8E4M3, Quant::PerTensor),
+        (DType::F8E4M3, Quant::PerChannel),
+    ] {
+        let mut expected = vec![0u8; values.len() * dst_dtype.size()];
+        let mut got = vec![0u8; expected.len()];
+        let tensor = TensorBytes {
+            bytes: &source,
+            dtype: DType::F32,
+            scales: &[],
+        };
+        let expected_scales = convert_with(
+            tensor,
+            3,
+            &mut expected,
+            dst_dtype,
+            quant,
+            Engine::reference(),
+        )
+        .unwrap();
+        let got_scales = convert_with(
+            tensor,
+            3,
+            &mut got,
+            dst_dtype,
+            quant,
+            Engine::with_threads(2),
+        )
+        .unwrap();
+        assert!(got == expected, "{dst_dtype:?} {quant:?}");
+        assert_eq!(got_scales, expected_scales);
+    }
+}
