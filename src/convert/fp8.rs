@@ -161,7 +161,8 @@ impl Fp8Format {
     #[inline(always)]
     pub(crate) fn encode_f32(&self, x: f32) -> u8 {
         let bits = x.to_bits();
-        let sign = (bits >> 24) as u8 & 0x80;
+        // The sign stays in a 32-bit lane until the end: vectorised, one narrowing at the store.
+        let sign = (bits >> 24) & 0x80;
         // Saturate first, in the float domain (one vector min): every magnitude above the max,
         // infinity included, then rounds to the max code. NaN also lands on the max here and is
         // replaced at the end.
@@ -195,7 +196,7 @@ impl Fp8Format {
         } else {
             code
         };
-        sign | code as u8
+        (sign | code) as u8
     }
 
     /// See [`f64_to_fp8`].

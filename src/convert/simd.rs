@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::fp8::Fp8Format;
+use super::fp8::{Fp8Format, E4M3FN, E5M2};
 use super::ieee::{bf16_bits_to_f32, f32_to_bf16_bits};
 use super::{cast_from_f64, Float, Source};
 
@@ -90,6 +90,22 @@ per_isa!(cast => cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], 
 per_isa!(absmax => absmax_kernel(src: &Source, range: Range<usize>) -> f32);
 per_isa!(quantize => quantize_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], format: &Fp8Format, scale: f32));
 
+/// Runs `$body` with `$known` bound to the static behind `$format` (one of the two fp8 formats),
+/// so that after inlining the format's fields are constants: shifts by a constant instead of a
+/// vector of counts, and fewer live registers.
+macro_rules! with_known_format {
+    ($format:expr, |$known:ident| $body:expr) => {{
+        if std::ptr::eq($format, &E4M3FN) {
+            let $known: &Fp8Format = &E4M3FN;
+            $body
+        } else {
+            debug_assert!(std::ptr::eq($format, &E5M2));
+            let $known: &Fp8Format = &E5M2;
+            $body
+        }
+    }};
+}
+
 /// Writes `$convert` of each of the first `$out.len() / $size` of `$values` (a block) into
 /// `$out`, `$size` bytes each. A macro, not a function taking a closure: the closure would be
 /// compiled on its own, for the baseline instruction set, instead of inside the kernel.
@@ -146,7 +162,9 @@ fn cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Flo
             }
             Float::BF16 => store!(values, out, 2, |value| f32_to_bf16_bits(value)
                 .to_le_bytes()),
-            Float::Fp8(format) => store!(values, out, 1, |value| [format.encode_f32(value)]),
+            Float::Fp8(format) => with_known_format!(format, |format| {
+                store!(values, out, 1, |value| [format.encode_f32(value)])
+            }),
         }
     }
 }
@@ -176,13 +194,15 @@ fn quantize_kernel(
     format: &Fp8Format,
     scale: f32,
 ) {
-    let mut blocks = Blocks::new(src, range.clone());
-    let mut values = [0.0f32; BLOCK];
-    while let Some((start, len)) = blocks.next(&mut values) {
-        let at = start - range.start;
-        let out = &mut dst[at..at + len];
-        store!(values, out, 1, |value| [format.encode_f32(value / scale)]);
-    }
+    with_known_format!(format, |format| {
+        let mut blocks = Blocks::new(src, range.clone());
+        let mut values = [0.0f32; BLOCK];
+        while let Some((start, len)) = blocks.next(&mut values) {
+            let at = start - range.start;
+            let out = &mut dst[at..at + len];
+            store!(values, out, 1, |value| [format.encode_f32(value / scale)]);
+        }
+    })
 }
 
 /// Consecutive blocks of a range of a source, decoded to f32 and dequantized.
@@ -268,9 +288,11 @@ fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) 
         }
         Float::Fp8(format) => {
             let codes: &[u8; BLOCK] = bytes.try_into().unwrap();
-            for (value, &code) in out.iter_mut().zip(codes) {
-                *value = format.decode_f32(code) * scale;
-            }
+            with_known_format!(format, |format| {
+                for (value, &code) in out.iter_mut().zip(codes) {
+                    *value = format.decode_f32(code) * scale;
+                }
+            })
         }
     }
 }
