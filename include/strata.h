@@ -241,6 +241,13 @@ typedef struct strata_options {
    * memory (for GPUs shared with other programs); 0 = none. Ignored on the CPU.
    */
   uint64_t vram_headroom;
+  /**
+   * Host threads that convert and quantize tensors of 1 MiB or more (STRATA_HOST_THREADS
+   * otherwise; by default the CPUs this process may use, affinity and cgroup quota honoured);
+   * 0 = that default. The threads are process-wide, shared by contexts asking for the same
+   * number.
+   */
+  uint32_t host_threads;
 } strata_options;
 
 /**

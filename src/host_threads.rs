@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// Work smaller than this (bytes read or written, whichever is larger) stays on the calling
 /// thread: waking a worker costs more than converting it.
-pub const PARALLEL_MIN_BYTES: usize = 1 << 20;
+pub(crate) const PARALLEL_MIN_BYTES: usize = 1 << 20;
 
 /// Most threads a pool may have, whatever the option or variable asks.
 const MAX_THREADS: usize = 256;
@@ -82,4 +82,46 @@ fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
     let pool = Arc::new(pool);
     pools.push((threads, pool.clone()));
     Some(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn the_option_replaces_the_default_within_bounds() {
+        assert!(default_threads() >= 1);
+        assert_eq!(resolve(0), default_threads());
+        assert_eq!(resolve(3), 3);
+        assert_eq!(resolve(100_000), MAX_THREADS);
+    }
+
+    #[test]
+    fn every_part_runs_once_on_the_pool_and_the_pool_persists() {
+        let runs: Vec<AtomicUsize> = (0..10).map(|_| AtomicUsize::new(0)).collect();
+        let names = Mutex::new(Vec::new());
+        run_parts(3, runs.iter().collect(), |count| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let name = std::thread::current().name().map(str::to_owned);
+            names.lock().unwrap().push(name);
+        });
+        assert!(runs.iter().all(|count| count.load(Ordering::Relaxed) == 1));
+        assert!(names.into_inner().unwrap().iter().all(|name| name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("strata-host-"))));
+        let first = pool(3).unwrap();
+        assert!(Arc::ptr_eq(&first, &pool(3).unwrap()));
+    }
+
+    #[test]
+    fn one_thread_or_one_part_stays_on_the_calling_thread() {
+        let caller = std::thread::current().id();
+        run_parts(1, vec![(); 4], |()| {
+            assert_eq!(std::thread::current().id(), caller)
+        });
+        run_parts(4, vec![()], |()| {
+            assert_eq!(std::thread::current().id(), caller)
+        });
+    }
 }

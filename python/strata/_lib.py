@@ -127,7 +127,7 @@ class strata_options(C.Structure):
                 ("host_limit", C.c_uint64), ("prefetch_depth", C.c_uint32), ("flags", C.c_uint32),
                 ("log_fn", LOG_FN), ("log_user", C.c_void_p),
                 ("progress_fn", PROGRESS_FN), ("progress_user", C.c_void_p),
-                ("vram_headroom", C.c_uint64)]
+                ("vram_headroom", C.c_uint64), ("host_threads", C.c_uint32)]
 
 
 class strata_placement(C.Structure):

@@ -4,7 +4,7 @@
 use super::{
     convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
 };
-use crate::convert::TensorBytes;
+use crate::convert::{Engine, TensorBytes};
 use crate::error::Result;
 use crate::host::HostBuffer;
 use crate::tiers::Device;
@@ -24,6 +24,17 @@ type Pool = Arc<Mutex<Vec<HostBuffer>>>;
 pub struct CpuBackend {
     pool: Pool,
     allocations: AtomicU64,
+    conversions: Engine,
+}
+
+impl CpuBackend {
+    /// A CPU device whose uploads and conversions run as `conversions`.
+    pub fn with_conversions(conversions: Engine) -> CpuBackend {
+        CpuBackend {
+            conversions,
+            ..CpuBackend::default()
+        }
+    }
 }
 
 /// A buffer that goes back to the pool, room permitting, when its device copy is dropped.
@@ -99,7 +110,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()> {
-        convert_into_slot(src, slot, bytes_mut(dst))
+        convert_into_slot(src, slot, bytes_mut(dst), self.conversions)
     }
 
     fn upload_part(
@@ -109,7 +120,7 @@ impl Backend for CpuBackend {
         slot: &TensorSlot,
         first_element: usize,
     ) -> Result<()> {
-        convert_into_slot_part(src, slot, bytes_mut(dst), first_element)
+        convert_into_slot_part(src, slot, bytes_mut(dst), first_element, self.conversions)
     }
 
     fn host_writable<'a>(&self, dst: &'a DeviceMemory) -> Option<&'a mut [u8]> {
@@ -129,7 +140,7 @@ impl Backend for CpuBackend {
             dtype: src_slot.repr.dtype,
             scales: &scales,
         };
-        convert_into_slot(src, dst_slot, bytes_mut(dst))
+        convert_into_slot(src, dst_slot, bytes_mut(dst), self.conversions)
     }
 
     fn release_idle(&self) -> Result<()> {

@@ -5,7 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::convert::TensorBytes;
+use crate::convert::{Engine, TensorBytes};
 use crate::error::{Error, Result};
 use crate::tiers::{Device, Repr};
 use std::any::Any;
@@ -54,14 +54,26 @@ pub fn layout(shapes: impl IntoIterator<Item = (usize, usize, Repr)>) -> (Vec<Te
 
 /// Converts `src` into `slot`'s form inside `buffer` (the whole buffer the slot lies in), writing
 /// the data and, for scaled fp8, the scales after it.
-pub fn convert_into_slot(src: TensorBytes<'_>, slot: &TensorSlot, buffer: &mut [u8]) -> Result<()> {
+pub fn convert_into_slot(
+    src: TensorBytes<'_>,
+    slot: &TensorSlot,
+    buffer: &mut [u8],
+    engine: Engine,
+) -> Result<()> {
     let scales_end = slot.scales_offset + slot.scale_count() * 4;
     if slot.offset + slot.data_bytes() > slot.scales_offset || scales_end > buffer.len() {
         return Err(Error::invalid("tensor slot lies outside its buffer"));
     }
     let (data, rest) = buffer.split_at_mut(slot.scales_offset);
     let data = &mut data[slot.offset..slot.offset + slot.data_bytes()];
-    let scales = crate::convert::convert(src, slot.rows, data, slot.repr.dtype, slot.repr.quant)?;
+    let scales = crate::convert::convert_with(
+        src,
+        slot.rows,
+        data,
+        slot.repr.dtype,
+        slot.repr.quant,
+        engine,
+    )?;
     if scales.len() != slot.scale_count() {
         return Err(Error::invalid(
             "conversion produced an unexpected number of scales",
@@ -81,6 +93,7 @@ pub fn convert_into_slot_part(
     slot: &TensorSlot,
     buffer: &mut [u8],
     first_element: usize,
+    engine: Engine,
 ) -> Result<()> {
     if slot.scale_count() != 0 || !src.scales.is_empty() {
         return Err(Error::invalid(
@@ -93,12 +106,13 @@ pub fn convert_into_slot_part(
     if first_element + count > slot.numel || start + count * size > buffer.len() {
         return Err(Error::invalid("tensor part lies outside its slot"));
     }
-    crate::convert::convert(
+    crate::convert::convert_with(
         src,
         1,
         &mut buffer[start..start + count * size],
         slot.repr.dtype,
         crate::convert::Quant::None,
+        engine,
     )?;
     Ok(())
 }
@@ -208,6 +222,7 @@ pub fn open_cuda(
     headroom: u64,
     host: std::sync::Arc<crate::host::MemoryCounter>,
     logger: std::sync::Arc<crate::log::Logger>,
+    conversions: Engine,
 ) -> Result<Box<dyn Backend>> {
     use cudarc::driver::result;
     // SAFETY: only tries to open the driver's shared library by its usual names, and closes it.
@@ -225,6 +240,10 @@ pub fn open_cuda(
         )));
     }
     Ok(Box::new(cuda::CudaBackend::open(
-        index, headroom, host, logger,
+        index,
+        headroom,
+        host,
+        logger,
+        conversions,
     )?))
 }

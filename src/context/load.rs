@@ -42,6 +42,7 @@ trait Sink {
 struct HostSink<'a> {
     buffer: &'a mut [u8],
     slots: &'a [TensorSlot],
+    conversions: crate::convert::Engine,
 }
 
 impl Sink for HostSink<'_> {
@@ -49,10 +50,10 @@ impl Sink for HostSink<'_> {
         &self.slots[i]
     }
     fn whole(&mut self, i: usize, src: TensorBytes<'_>) -> Result<()> {
-        convert_into_slot(src, &self.slots[i], self.buffer)
+        convert_into_slot(src, &self.slots[i], self.buffer, self.conversions)
     }
     fn part(&mut self, i: usize, src: TensorBytes<'_>, first: usize) -> Result<()> {
-        convert_into_slot_part(src, &self.slots[i], self.buffer, first)
+        convert_into_slot_part(src, &self.slots[i], self.buffer, first, self.conversions)
     }
     fn raw(&mut self, i: usize) -> Option<&mut [u8]> {
         let slot = &self.slots[i];
@@ -193,6 +194,7 @@ impl Context {
         let mut sink = HostSink {
             buffer: buffer.buffer.as_mut_slice(),
             slots: &slots,
+            conversions: super::conversions(self.options()),
         };
         self.fill_from_source(source, tensors, &mut sink, spans)?;
         Ok(HostCopy {

@@ -46,6 +46,8 @@ pub struct Options {
     pub strict_budget: bool,
     /// Device bytes to keep free beside the budget, as the driver reports free memory (CUDA).
     pub vram_headroom: u64,
+    /// Threads for host conversions (see `host_threads::resolve`); 0 = the default.
+    pub host_threads: u32,
     /// Where log messages go; without one, stderr when `STRATA_LOG` names a level.
     pub log: Option<LogCallback>,
     pub progress: ProgressSink,
@@ -151,17 +153,23 @@ enum NoRoom {
     Fail(Error),
 }
 
+/// How this context's host conversions run: its `host_threads`.
+pub(crate) fn conversions(options: &Options) -> crate::convert::Engine {
+    crate::convert::Engine::with_threads(crate::host_threads::resolve(options.host_threads))
+}
+
 impl Context {
     pub fn new(options: Options) -> Result<Arc<Context>> {
         let logger = Arc::new(Logger::new(options.log.clone()));
         let host = Arc::new(MemoryCounter::with_limit(options.host_limit));
         let backend: Box<dyn Backend> = match options.compute {
-            Device::Cpu => Box::new(CpuBackend::default()),
+            Device::Cpu => Box::new(CpuBackend::with_conversions(conversions(&options))),
             Device::Cuda => crate::backend::open_cuda(
                 options.device_index,
                 options.vram_headroom,
                 host.clone(),
                 logger.clone(),
+                conversions(&options),
             )?,
             Device::Disk => return Err(Error::invalid("the compute device cannot be the disk")),
         };
@@ -608,7 +616,12 @@ impl Context {
                 dtype: t.dtype,
                 scales: &[],
             };
-            convert_into_slot(src, slot, buffer.buffer.as_mut_slice())?;
+            convert_into_slot(
+                src,
+                slot,
+                buffer.buffer.as_mut_slice(),
+                conversions(&self.options),
+            )?;
         }
         layer.offload_copy = Some(Arc::new(HostCopy {
             pinned: self.backend.pin_host(buffer.buffer.as_slice()),

@@ -119,8 +119,7 @@ pub struct Engine {
 
 impl Engine {
     /// The widest instruction set this CPU has, on up to `threads` host threads (see
-    /// [`host_threads`]); tensors below [`host_threads::PARALLEL_MIN_BYTES`] stay on the
-    /// calling thread.
+    /// [`host_threads`]); tensors below 1 MiB stay on the calling thread.
     pub fn with_threads(threads: usize) -> Engine {
         Engine {
             isa: Some(Isa::best()),

@@ -42,6 +42,11 @@ pub struct strata_options {
     /// CUDA: bytes to keep free on the device beside vram_limit, as cuMemGetInfo reports free
     /// memory (for GPUs shared with other programs); 0 = none. Ignored on the CPU.
     pub vram_headroom: u64,
+    /// Host threads that convert and quantize tensors of 1 MiB or more (STRATA_HOST_THREADS
+    /// otherwise; by default the CPUs this process may use, affinity and cgroup quota honoured);
+    /// 0 = that default. The threads are process-wide, shared by contexts asking for the same
+    /// number.
+    pub host_threads: u32,
 }
 
 // SAFETY: repr(C), plain data, struct_size first.
@@ -127,6 +132,7 @@ fn default_options() -> strata_options {
         progress_fn: None,
         progress_user: std::ptr::null_mut(),
         vram_headroom: 0,
+        host_threads: 0,
     }
 }
 
@@ -158,6 +164,7 @@ fn options_from(raw: &strata_options) -> crate::error::Result<Options> {
         log: log_callback(raw.log_fn, raw.log_user),
         progress: progress_sink(raw.progress_fn, raw.progress_user),
         vram_headroom: raw.vram_headroom,
+        host_threads: raw.host_threads,
     })
 }
 

@@ -18,7 +18,7 @@
 mod driver;
 
 use super::{slot_contents, Backend, DeviceMemory, TensorSlot};
-use crate::convert::TensorBytes;
+use crate::convert::{Engine, TensorBytes};
 use crate::dtype::DType;
 use crate::error::{Error, Result, STRATA_ERR_BUDGET, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::{CountedBuffer, HostBuffer, MemoryCounter};
@@ -66,6 +66,8 @@ struct Shared {
 }
 
 struct Resources {
+    /// How host conversions run (the context's host_threads).
+    conversions: Engine,
     stream: Stream,
     kernels: Kernels,
     _module: Module,
@@ -310,6 +312,7 @@ impl CudaBackend {
         headroom: u64,
         host: Arc<MemoryCounter>,
         logger: Arc<Logger>,
+        conversions: Engine,
     ) -> Result<CudaBackend> {
         let context = PrimaryContext::retain(ordinal)?;
         let resources = {
@@ -329,6 +332,7 @@ impl CudaBackend {
                     QuantizeOn::Device
                 });
             Resources {
+                conversions,
                 stream: Stream::new()?,
                 kernels: Kernels::load(&module)?,
                 _module: module,
@@ -757,8 +761,14 @@ impl Shared {
         let data = slot.data_bytes();
         let mut out = CountedBuffer::new(data + slot.scale_count() * 4, &self.res().host)?;
         let (bytes, scale_bytes) = out.buffer.as_mut_slice().split_at_mut(data);
-        let scales =
-            crate::convert::convert(src, slot.rows, bytes, slot.repr.dtype, slot.repr.quant)?;
+        let scales = crate::convert::convert_with(
+            src,
+            slot.rows,
+            bytes,
+            slot.repr.dtype,
+            slot.repr.quant,
+            self.res().conversions,
+        )?;
         for (out, scale) in scale_bytes.chunks_exact_mut(4).zip(scales) {
             out.copy_from_slice(&scale.to_ne_bytes());
         }

@@ -183,6 +183,7 @@ pub fn streaming_context(
         prefetch_depth,
         strict_budget: false,
         vram_headroom: 0,
+        host_threads: 0,
         log: None,
         progress: Default::default(),
     })?;
