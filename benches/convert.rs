@@ -1,6 +1,7 @@
 //! Host conversion throughput against a plain memcpy of the same number of output bytes, 64 MiB
-//! of output per case, best of 5 runs: on one thread against a one-thread memcpy, and on the
-//! host pool (the default thread count) against a memcpy split the same way on the same pool.
+//! of output per case, best of 5 runs: the scalar reference (the code before the block kernels)
+//! and the block kernels on one thread against a one-thread memcpy, and on the host pool (the
+//! default thread count) against a memcpy split the same way on the same pool.
 //!
 //! Run: cargo bench --bench convert [-- SUBSTRING], which runs only the cases whose label has it.
 
@@ -92,8 +93,9 @@ fn main() {
         "memcpy: one thread {memcpy:.2} GB/s; {threads} threads on the pool {pool_memcpy:.2} GB/s"
     );
     println!(
-        "{:<40} {:>22} {:>30}",
+        "{:<40} {:>15} {:>22} {:>26}",
         "conversion (GB/s of output)",
+        "scalar reference",
         "one thread",
         format!("pool, {threads} threads")
     );
@@ -183,10 +185,12 @@ fn main() {
                 }),
             )
         };
+        let reference = rate(Engine::reference());
         let single = rate(Engine::with_threads(1));
         let pooled = rate(Engine::with_threads(threads));
         println!(
-            "{label:<40} {single:>6.2} ({:.2}x memcpy) {pooled:>14.2} ({:.2}x pool memcpy)",
+            "{label:<40} {reference:>6.2} ({:.2}x) {single:>6.2} ({:.2}x memcpy) {pooled:>8.2} ({:.2}x pool memcpy)",
+            reference / memcpy,
             single / memcpy,
             pooled / pool_memcpy
         );
