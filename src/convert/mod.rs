@@ -136,10 +136,6 @@ impl Engine {
             min_parallel_bytes: usize::MAX,
         }
     }
-
-    pub fn threads(self) -> usize {
-        self.threads
-    }
 }
 
 impl Default for Engine {

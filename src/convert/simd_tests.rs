@@ -173,6 +173,26 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// `values` stored as `dtype`, by the reference.
+fn values_as(values: &[f32], dtype: DType) -> Vec<u8> {
+    let mut stored = vec![0u8; values.len() * dtype.size()];
+    let f32_source = TensorBytes {
+        bytes: &f32_bytes(values),
+        dtype: DType::F32,
+        scales: &[],
+    };
+    convert_with(
+        f32_source,
+        1,
+        &mut stored,
+        dtype,
+        Quant::None,
+        Engine::reference(),
+    )
+    .unwrap();
+    stored
+}
+
 /// Every 16-bit pattern, little-endian.
 fn all_16_bit_codes() -> Vec<u8> {
     (0..=u16::MAX).flat_map(u16::to_le_bytes).collect()
@@ -256,21 +276,7 @@ fn random_f32_and_f64_convert_like_the_reference_at_every_tail_length() {
 fn short_tensors_of_every_pair_convert_like_the_reference() {
     let values = f32_patterns(2000);
     for src_dtype in FLOATS {
-        // The source in its own dtype, by the reference.
-        let mut source = vec![0u8; values.len() * src_dtype.size()];
-        convert_with(
-            TensorBytes {
-                bytes: &f32_bytes(&values),
-                dtype: DType::F32,
-                scales: &[],
-            },
-            1,
-            &mut source,
-            src_dtype,
-            Quant::None,
-            Engine::reference(),
-        )
-        .unwrap();
+        let source = values_as(&values, src_dtype);
         let size = src_dtype.size();
         for dst_dtype in FLOATS {
             for length in LENGTHS {
@@ -291,20 +297,7 @@ fn short_tensors_of_every_pair_convert_like_the_reference() {
 fn quantization_matches_the_reference_for_every_source_and_shape() {
     let values = f32_patterns(8192);
     for src_dtype in [DType::F64, DType::F32, DType::F16, DType::BF16] {
-        let mut source = vec![0u8; values.len() * src_dtype.size()];
-        convert_with(
-            TensorBytes {
-                bytes: &f32_bytes(&values),
-                dtype: DType::F32,
-                scales: &[],
-            },
-            1,
-            &mut source,
-            src_dtype,
-            Quant::None,
-            Engine::reference(),
-        )
-        .unwrap();
+        let source = values_as(&values, src_dtype);
         let size = src_dtype.size();
         for dst_dtype in [DType::F8E4M3, DType::F8E5M2] {
             for quant in [Quant::PerTensor, Quant::PerChannel] {
