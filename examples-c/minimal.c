@@ -96,7 +96,7 @@ int main(void) {
   /* Default tiers: host memory while offloaded and onloaded, the compute device (here the CPU)
    * for preparing and computation, every tier in the stored dtype. */
   strata_tiers tiers = strata_tiers_default();
-  uint32_t group = 0;
+  uint64_t group = 0;
   if (failed("strata_group_create", strata_group_create(ctx, "model", &tiers, &group))) {
     goto done;
   }

@@ -27,7 +27,7 @@
 
 typedef struct plugin {
   strata_context *ctx;
-  uint32_t group;
+  uint64_t group;
   uint64_t layers[LAYERS];
   /* Device bytes of one layer while in use (bf16 resident + f32 computation), and resident. */
   uint64_t layer_in_use, layer_resident;

@@ -265,7 +265,7 @@ int main(int argc, char **argv) {
   tiers.preparing = (strata_placement){STRATA_DEVICE_DEFAULT, STRATA_DTYPE_F8_E4M3FN};
   tiers.computation = (strata_placement){STRATA_DEVICE_DEFAULT, STRATA_DTYPE_BF16};
   tiers.quantization = STRATA_QUANT_PER_CHANNEL;
-  uint32_t group = 0;
+  uint64_t group = 0;
   if (failed("strata_group_create", strata_group_create(ctx, "blocks", &tiers, &group))) {
     goto done;
   }

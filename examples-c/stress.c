@@ -63,7 +63,7 @@ typedef struct layer {
 
 typedef struct shared {
   strata_context *ctx;
-  uint32_t groups[GROUPS];
+  uint64_t groups[GROUPS];
   layer layers[LAYERS];
   uint64_t limit;
   double seconds;

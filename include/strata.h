@@ -13,7 +13,9 @@
  *  - Every pointer argument is checked: NULL is STRATA_ERR_NULL_ARGUMENT (destroy/close accept NULL).
  *  - Structs that start with struct_size must have it set (use the *_default() functions):
  *    smaller than the first released size is STRATA_ERR_INVALID_ARGUMENT; larger is accepted.
- *  - Layer and group ids are checked: a stale or made-up id is STRATA_ERR_INVALID_HANDLE.
+ *  - Layer and group ids are 64-bit and never reused in the process, nor are context and
+ *    checkpoint handles: a stale, made-up or other context's id or handle is
+ *    STRATA_ERR_INVALID_HANDLE, for the life of the process. 0 is never a valid id.
  *  - No call aborts the process: internal bugs are caught and returned as STRATA_ERR_PANIC.
  *  - Contexts are thread-safe.
  */
@@ -557,35 +559,36 @@ size_t strata_last_error(char *buf, size_t len);
 struct strata_tiers strata_tiers_default(void);
 
 /**
- * Creates a group (initially offloaded) and writes its id to `group_out`.
+ * Creates a group (initially offloaded) and writes its id to `group_out`: an id no other group or
+ * layer, of any context, ever had or will have in this process.
  */
 strata_status strata_group_create(struct strata_context *ctx,
                                   const char *name,
                                   const struct strata_tiers *tiers,
-                                  uint32_t *group_out);
+                                  uint64_t *group_out);
 
 /**
  * Moves a group's layers to their onload tier (reading into RAM where the onload tier is the cpu).
  */
-strata_status strata_group_onload(struct strata_context *ctx, uint32_t group);
+strata_status strata_group_onload(struct strata_context *ctx, uint64_t group);
 
 /**
  * Moves a group's layers back to their offload tier: resident copies leave the device (layers in
  * use leave when released).
  */
-strata_status strata_group_offload(struct strata_context *ctx, uint32_t group);
+strata_status strata_group_offload(struct strata_context *ctx, uint64_t group);
 
 /**
  * Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired.
  */
-strata_status strata_group_destroy(struct strata_context *ctx, uint32_t group);
+strata_status strata_group_destroy(struct strata_context *ctx, uint64_t group);
 
 /**
  * Registers a layer from `n` host tensors. Their bytes are copied (into the offload tier's dtype),
  * so the caller may free them once this returns.
  */
 strata_status strata_layer_register_host(struct strata_context *ctx,
-                                         uint32_t group,
+                                         uint64_t group,
                                          const char *layer_name,
                                          const struct strata_host_tensor *tensors,
                                          size_t n,
@@ -595,7 +598,7 @@ strata_status strata_layer_register_host(struct strata_context *ctx,
  * Registers a layer made of the named tensors of an open checkpoint. Nothing is read yet.
  */
 strata_status strata_layer_register_checkpoint(struct strata_context *ctx,
-                                               uint32_t group,
+                                               uint64_t group,
                                                struct strata_checkpoint *ckpt,
                                                const char *layer_name,
                                                const char *const *tensor_names,
@@ -609,7 +612,7 @@ strata_status strata_layer_register_checkpoint(struct strata_context *ctx,
  * "blocks.3"). All or nothing. Writes the number of layers to `n_layers_out`.
  */
 strata_status strata_group_register_checkpoint(struct strata_context *ctx,
-                                               uint32_t group,
+                                               uint64_t group,
                                                struct strata_checkpoint *ckpt,
                                                const char *prefix,
                                                uint32_t keep_components,

@@ -176,7 +176,7 @@ class group {
      strata_last_error. */
   ~group() { reset(); }
 
-  uint32_t id() const noexcept { return id_; }
+  uint64_t id() const noexcept { return id_; }
   void onload() { check(strata_group_onload(ctx_, id_)); }
   void offload() { check(strata_group_offload(ctx_, id_)); }
 
@@ -210,7 +210,7 @@ class group {
 
  private:
   friend class context;
-  group(strata_context *ctx, uint32_t id) noexcept : ctx_(ctx), id_(id) {}
+  group(strata_context *ctx, uint64_t id) noexcept : ctx_(ctx), id_(id) {}
   void reset() noexcept {
     if (ctx_ != nullptr) {
       (void)strata_group_destroy(ctx_, id_);
@@ -219,7 +219,7 @@ class group {
   }
 
   strata_context *ctx_ = nullptr;
-  uint32_t id_ = 0;
+  uint64_t id_ = 0;
 };
 
 /* One compute device, its budget and everything registered on it (strata_context_create /
@@ -258,7 +258,7 @@ class context {
   strata_context *get() const noexcept { return ctx_; }
 
   group create_group(const std::string &name, const strata_tiers &tiers = strata_tiers_default()) {
-    uint32_t id = 0;
+    uint64_t id = 0;
     check(strata_group_create(ctx_, name.c_str(), &tiers, &id));
     return group(ctx_, id);
   }

@@ -1,5 +1,5 @@
-//! Groups, layers and their tensors, behind generation-checked ids: a stale, made-up or foreign id
-//! is an error, never a wrong object.
+//! Groups, layers and their tensors, behind ids that are never reused: a stale, made-up or foreign
+//! id is an error, never a wrong object.
 
 use crate::backend::{DeviceMemory, TensorSlot};
 use crate::checkpoint::TensorInfo;
@@ -10,49 +10,101 @@ use crate::tiers::{Tier, Tiers};
 use crate::trace::Stamp;
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
 
-/// Slots with a generation each; an id is (context tag, generation, index), so an id from another
-/// context, a removed object or thin air does not resolve.
-pub struct Arena<T> {
-    slots: Vec<(u32, Option<T>)>,
-    free: Vec<u32>,
-    /// Generations wrap inside the bits an id has room for.
-    generation_mask: u32,
+/// Hands out the ids of groups and layers (and the tokens of context and checkpoint handles): one
+/// process-wide 64-bit serial, so no id is ever handed out twice in a process, whatever the
+/// context or kind of object. A stale, made-up or foreign id therefore names nothing: it cannot
+/// alias a later object, as ids built from a slot index and a narrow generation did once that
+/// generation wrapped. 0 is never an id; at one id a nanosecond, the serial lasts 584 years.
+pub fn next_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A decoded id: which slot, and which generation of it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub index: u32,
-    pub generation: u32,
-}
+/// Hashes ids, which are sequential: one multiply by an odd constant spreads them over every bit
+/// (consecutive ids land in distinct buckets), where the default SipHash costs more than the
+/// rest of an acquire's lookup.
+#[derive(Default)]
+pub struct IdHasher(u64);
 
-impl<T> Arena<T> {
-    pub fn new(generation_bits: u32) -> Arena<T> {
-        Arena {
-            slots: Vec::new(),
-            free: Vec::new(),
-            generation_mask: (1 << generation_bits) - 1,
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ byte as u64);
         }
     }
 
-    pub fn insert(&mut self, value: T) -> Key {
-        if let Some(index) = self.free.pop() {
-            let slot = &mut self.slots[index as usize];
-            slot.1 = Some(value);
-            Key {
-                index,
-                generation: slot.0,
-            }
-        } else {
-            self.slots.push((1, Some(value)));
-            Key {
-                index: self.slots.len() as u32 - 1,
-                generation: 1,
-            }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// Slots for the objects of one kind in one context, and which slot each live id names. A slot's
+/// generation is the id of the object it holds, so a key kept past its object's removal never
+/// matches the slot's next occupant.
+pub struct Arena<T> {
+    slots: Vec<(u64, Option<T>)>,
+    free: Vec<u32>,
+    /// Live ids only: the one way from an id the caller gives to a slot.
+    slot_of: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
+}
+
+/// A live object's slot, and its id (the slot's generation while it lives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub index: u32,
+    pub generation: u64,
+}
+
+impl Key {
+    /// The id the C ABI hands out for this object.
+    pub fn id(self) -> u64 {
+        self.generation
+    }
+}
+
+impl<T> Default for Arena<T> {
+    fn default() -> Arena<T> {
+        Arena {
+            slots: Vec::new(),
+            free: Vec::new(),
+            slot_of: HashMap::default(),
         }
+    }
+}
+
+impl<T> Arena<T> {
+    pub fn insert(&mut self, value: T) -> Key {
+        let generation = next_id();
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.slots[index as usize] = (generation, Some(value));
+                index
+            }
+            None => {
+                self.slots.push((generation, Some(value)));
+                self.slots.len() as u32 - 1
+            }
+        };
+        self.slot_of.insert(generation, index);
+        Key { index, generation }
+    }
+
+    /// The key of the live object with id `id`; None for any other id (removed, of another
+    /// context or kind, or never handed out).
+    pub fn key(&self, id: u64) -> Option<Key> {
+        self.slot_of.get(&id).map(|&index| Key {
+            index,
+            generation: id,
+        })
     }
 
     pub fn get(&self, key: Key) -> Option<&T> {
@@ -74,8 +126,7 @@ impl<T> Arena<T> {
         if slot.0 != key.generation || slot.1.is_none() {
             return None;
         }
-        // Generation 0 is never handed out, so wrapping cannot make an old id valid again soon.
-        slot.0 = ((slot.0 + 1) & self.generation_mask).max(1);
+        self.slot_of.remove(&key.generation);
         self.free.push(key.index);
         slot.1.take()
     }
@@ -95,47 +146,6 @@ impl<T> Arena<T> {
                     )
                 })
             })
-    }
-}
-
-/// Packs and unpacks the ids the C ABI hands out. Layer ids are `tag:16 | generation:16 | index:32`,
-/// group ids `tag:8 | generation:8 | index:16`; 0 is never a valid id.
-#[derive(Clone, Copy, Debug)]
-pub struct IdCodec {
-    pub tag: u16,
-}
-
-impl IdCodec {
-    pub fn layer_id(&self, key: Key) -> u64 {
-        ((self.tag as u64) << 48) | ((key.generation as u64) << 32) | key.index as u64
-    }
-
-    pub fn layer_key(&self, id: u64) -> Result<Key> {
-        if (id >> 48) as u16 != self.tag {
-            return Err(Error::handle(format!(
-                "layer id {id:#x} does not belong to this context"
-            )));
-        }
-        Ok(Key {
-            index: id as u32,
-            generation: ((id >> 32) & 0xFFFF) as u32,
-        })
-    }
-
-    pub fn group_id(&self, key: Key) -> u32 {
-        ((self.tag as u32 & 0xFF) << 24) | (key.generation << 16) | (key.index & 0xFFFF)
-    }
-
-    pub fn group_key(&self, id: u32) -> Result<Key> {
-        if (id >> 24) != (self.tag as u32 & 0xFF) {
-            return Err(Error::handle(format!(
-                "group id {id:#x} does not belong to this context"
-            )));
-        }
-        Ok(Key {
-            index: id & 0xFFFF,
-            generation: (id >> 16) & 0xFF,
-        })
     }
 }
 
@@ -367,18 +377,9 @@ pub struct Group {
 }
 
 /// Everything registered in a context.
+#[derive(Default)]
 pub struct Registry {
     pub groups: Arena<Group>,
     pub layers: Arena<Layer>,
     pub layer_names: HashMap<String, Key>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry {
-            groups: Arena::new(8),
-            layers: Arena::new(16),
-            layer_names: HashMap::new(),
-        }
-    }
 }

@@ -6,7 +6,7 @@ use common::*;
 use std::ffi::c_void;
 use std::ptr;
 
-fn small_layer(ctx: &Ctx, group: u32, name: &str) -> u64 {
+fn small_layer(ctx: &Ctx, group: u64, name: &str) -> u64 {
     ctx.register(
         group,
         name,
@@ -31,7 +31,7 @@ fn null_pointers_are_refused_with_a_message() {
     let options = strata_options_default();
     let tiers = strata_tiers_default();
     let name = cstr("x");
-    let mut id32 = 0u32;
+    let mut group_id = 0u64;
     let mut id64 = 0u64;
     let mut n = 0usize;
     let mut views = [empty_view(); 4];
@@ -46,15 +46,15 @@ fn null_pointers_are_refused_with_a_message() {
         STRATA_ERR_NULL_ARGUMENT,
     );
     expect(
-        strata_group_create(ptr::null_mut(), name.as_ptr(), &tiers, &mut id32),
+        strata_group_create(ptr::null_mut(), name.as_ptr(), &tiers, &mut group_id),
         STRATA_ERR_NULL_ARGUMENT,
     );
     expect(
-        strata_group_create(ctx.0, ptr::null(), &tiers, &mut id32),
+        strata_group_create(ctx.0, ptr::null(), &tiers, &mut group_id),
         STRATA_ERR_NULL_ARGUMENT,
     );
     expect(
-        strata_group_create(ctx.0, name.as_ptr(), ptr::null(), &mut id32),
+        strata_group_create(ctx.0, name.as_ptr(), ptr::null(), &mut group_id),
         STRATA_ERR_NULL_ARGUMENT,
     );
     expect(
@@ -188,7 +188,7 @@ fn null_pointers_are_refused_with_a_message() {
     strata_context_destroy(ptr::null_mut());
     strata_checkpoint_close(ptr::null_mut());
     // Outputs untouched by every failure above.
-    assert_eq!((id32, id64, n), (0, 0, 0));
+    assert_eq!((group_id, id64, n), (0, 0, 0));
     assert!(out_ctx.is_null() && ckpt.is_null());
     // The string helpers cope with anything.
     assert_eq!(strata_last_error(ptr::null_mut(), 0), last_error().len());
@@ -367,7 +367,7 @@ fn out_of_range_enums_and_flags_are_refused() {
 }
 
 #[test]
-fn ids_are_generation_checked() {
+fn stale_made_up_and_foreign_ids_are_refused() {
     let ctx = Ctx::new(STRATA_UNLIMITED);
     let other = Ctx::new(STRATA_UNLIMITED);
     let group = ctx.group(&strata_tiers_default());
@@ -403,7 +403,7 @@ fn ids_are_generation_checked() {
         strata_group_onload(other.0, group),
         STRATA_ERR_INVALID_HANDLE,
     );
-    for bogus in [0u32, 1, u32::MAX, group ^ (1 << 16)] {
+    for bogus in [0u64, 1, u64::MAX, group ^ (1 << 16), group + 1, group - 1] {
         expect(strata_group_onload(ctx.0, bogus), STRATA_ERR_INVALID_HANDLE);
     }
     // Stale ids: unregistered layer, destroyed group, even when the slot is reused.
@@ -459,6 +459,298 @@ fn stale_and_made_up_context_pointers_are_refused() {
     strata_context_destroy(ctx); // a second destroy is harmless
     assert!(last_error().contains("not live"));
     strata_checkpoint_close(0x40usize as *mut strata_checkpoint);
+}
+
+/// Every call that takes a group id, each expected to say INVALID_HANDLE for `group`.
+fn expect_group_invalid(ctx: &Ctx, group: u64, ckpt: *mut strata_checkpoint) {
+    let mut id = 0u64;
+    let mut n = 0usize;
+    expect(strata_group_onload(ctx.0, group), STRATA_ERR_INVALID_HANDLE);
+    expect(
+        strata_group_offload(ctx.0, group),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        ctx.try_register(
+            group,
+            "probe",
+            &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
+            &mut id,
+        ),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    let names = [cstr("w")];
+    let name_ptrs: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
+    expect(
+        strata_layer_register_checkpoint(
+            ctx.0,
+            group,
+            ckpt,
+            cstr("probe").as_ptr(),
+            name_ptrs.as_ptr(),
+            1,
+            &mut id,
+        ),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_group_register_checkpoint(ctx.0, group, ckpt, cstr("").as_ptr(), 0, &mut n),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_group_destroy(ctx.0, group),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    assert_eq!((id, n), (0, 0));
+}
+
+/// Every call that takes a layer id, each expected to say INVALID_HANDLE for `layer`.
+fn expect_layer_invalid(ctx: &Ctx, layer: u64) {
+    let mut views = [empty_view(); 4];
+    let mut n = 0usize;
+    expect(
+        strata_acquire_for_compute(ctx.0, layer, ptr::null_mut(), views.as_mut_ptr(), 4, &mut n),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_release(ctx.0, layer, ptr::null_mut()),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_layer_tensor_count(ctx.0, layer, &mut n),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    expect(
+        strata_layer_unregister(ctx.0, layer),
+        STRATA_ERR_INVALID_HANDLE,
+    );
+    assert_eq!(n, 0);
+}
+
+/// A one-tensor checkpoint ("w", f32 [1]) to register from, and to pass where a context is asked.
+fn tiny_checkpoint(ctx: &Ctx, dir: &TempDir) -> *mut strata_checkpoint {
+    let path = dir.path("tiny.safetensors");
+    write_safetensors(
+        &path,
+        &[(
+            "w".into(),
+            safetensors::Dtype::F32,
+            vec![1],
+            f32_bytes(&[1.0]),
+        )],
+    );
+    open_checkpoint(ctx, &path)
+}
+
+#[test]
+fn a_destroyed_groups_id_never_resolves_again() {
+    // Group ids once had 8 bits of generation: the 255th group made in a freed slot took the
+    // first one's id. 300 cycles pass that point; the first id is checked after every one.
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let dir = TempDir::new("ids-groups");
+    let ckpt = tiny_checkpoint(&ctx, &dir);
+    let first = ctx.group(&strata_tiers_default());
+    let first_layer = small_layer(&ctx, first, "l");
+    ok(strata_group_destroy(ctx.0, first));
+    let mut seen = std::collections::HashSet::from([first, first_layer]);
+    for cycle in 0..300 {
+        let group = ctx.group(&strata_tiers_default());
+        let layer = small_layer(&ctx, group, "l");
+        assert!(seen.insert(group), "group id {group:#x} handed out twice");
+        assert!(seen.insert(layer), "layer id {layer:#x} handed out twice");
+        expect(strata_group_onload(ctx.0, first), STRATA_ERR_INVALID_HANDLE);
+        assert!(
+            ctx.try_acquire(first_layer) == STRATA_ERR_INVALID_HANDLE,
+            "cycle {cycle}"
+        );
+        ok(strata_group_destroy(ctx.0, group));
+    }
+    expect_group_invalid(&ctx, first, ckpt);
+    expect_layer_invalid(&ctx, first_layer);
+    strata_checkpoint_close(ckpt);
+}
+
+#[test]
+fn an_unregistered_layers_id_never_resolves_again() {
+    // Layer ids once had 16 bits of generation: the 65,535th layer registered in a freed slot took
+    // the first one's id. 70,000 cycles pass that point; the first id is checked after every one.
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&strata_tiers_default());
+    let first = ctx.register(group, "l", &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])]);
+    ok(strata_layer_unregister(ctx.0, first));
+    let mut n = 0usize;
+    let mut last = first;
+    for cycle in 0..70_000 {
+        let layer = ctx.register(group, "l", &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])]);
+        assert!(layer > last, "cycle {cycle}: id {layer:#x} after {last:#x}");
+        last = layer;
+        if strata_layer_tensor_count(ctx.0, first, &mut n) != STRATA_ERR_INVALID_HANDLE {
+            panic!("cycle {cycle}: the first layer's id {first:#x} resolves again");
+        }
+        ok(strata_layer_unregister(ctx.0, layer));
+    }
+    expect_layer_invalid(&ctx, first);
+    expect_layer_invalid(&ctx, last);
+    // The group stays usable, and an id made now is a new one.
+    let layer = small_layer(&ctx, group, "l");
+    assert_eq!(ctx.acquire(layer).len(), 2);
+    ctx.release(layer);
+}
+
+#[test]
+fn ids_of_another_context_never_resolve() {
+    // Contexts once told their ids apart by a tag of 8 bits in group ids and 16 in layer ids: the
+    // 255th context made after another accepted its group ids, the 65,280th its layer ids. Each
+    // context here holds a group and a layer in the same slots as the first one's.
+    let first = Ctx::new(STRATA_UNLIMITED);
+    let dir = TempDir::new("ids-contexts");
+    let ckpt = tiny_checkpoint(&first, &dir);
+    let group = first.group(&strata_tiers_default());
+    let layer = small_layer(&first, group, "l");
+    let mut n = 0usize;
+    for made in 0..65_300 {
+        let other = Ctx::new(STRATA_UNLIMITED);
+        let other_group = other.group(&strata_tiers_default());
+        let other_layer = other.register(
+            other_group,
+            "l",
+            &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
+        );
+        let refused = [
+            strata_group_onload(other.0, group),
+            strata_layer_tensor_count(other.0, layer, &mut n),
+            strata_group_onload(first.0, other_group),
+            strata_layer_tensor_count(first.0, other_layer, &mut n),
+        ];
+        if refused != [STRATA_ERR_INVALID_HANDLE; 4] {
+            panic!("context {made}: another context's id resolves: {refused:?}");
+        }
+        if made == 0 {
+            expect_group_invalid(&other, group, ckpt);
+            expect_layer_invalid(&other, layer);
+        }
+    }
+    // The first context's own ids still work.
+    ok(strata_group_onload(first.0, group));
+    assert_eq!(first.acquire(layer).len(), 2);
+    first.release(layer);
+    strata_checkpoint_close(ckpt);
+}
+
+#[test]
+fn made_up_ids_never_resolve() {
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let dir = TempDir::new("ids-made-up");
+    let ckpt = tiny_checkpoint(&ctx, &dir);
+    let group = ctx.group(&strata_tiers_default());
+    let layer = small_layer(&ctx, group, "l");
+    // A layer's id is no group's, and a group's no layer's.
+    expect_group_invalid(&ctx, layer, ckpt);
+    expect_layer_invalid(&ctx, group);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = || {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let made_up: Vec<u64> = [0, u64::MAX, u64::MAX - 1, 1 << 63, u32::MAX as u64]
+        .into_iter()
+        .chain((0..64).map(|_| random()))
+        .filter(|&id| id != group && id != layer)
+        .collect();
+    for id in made_up {
+        expect_group_invalid(&ctx, id, ckpt);
+        expect_layer_invalid(&ctx, id);
+    }
+    assert_eq!(ctx.acquire(layer).len(), 2);
+    ctx.release(layer);
+    strata_checkpoint_close(ckpt);
+}
+
+#[test]
+fn stale_and_foreign_handles_never_resolve() {
+    // Context and checkpoint handles are tokens from the serial ids come from: a destroyed one
+    // stays dead however many are made after it, and one kind never passes for the other.
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let dir = TempDir::new("ids-handles");
+    let ckpt = tiny_checkpoint(&ctx, &dir);
+    let mut stale_ctx = ptr::null_mut();
+    ok(strata_context_create(
+        &strata_options_default(),
+        &mut stale_ctx,
+    ));
+    strata_context_destroy(stale_ctx);
+    let stale_ckpt = tiny_checkpoint(&ctx, &dir);
+    strata_checkpoint_close(stale_ckpt);
+    let group = ctx.group(&strata_tiers_default());
+    let mut stats = strata_stats {
+        struct_size: std::mem::size_of::<strata_stats>() as u32,
+        ..Default::default()
+    };
+    let mut id = 0u64;
+    let names = [cstr("w")];
+    let name_ptrs: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();
+    let mut seen = std::collections::HashSet::from([stale_ctx as usize, stale_ckpt as usize]);
+    for made in 0..300 {
+        let mut fresh = ptr::null_mut();
+        ok(strata_context_create(&strata_options_default(), &mut fresh));
+        let opened = tiny_checkpoint(&ctx, &dir);
+        assert!(
+            seen.insert(fresh as usize),
+            "context handle reused ({made})"
+        );
+        assert!(
+            seen.insert(opened as usize),
+            "checkpoint handle reused ({made})"
+        );
+        for not_a_context in [
+            stale_ctx,
+            stale_ckpt as *mut strata_context,
+            opened as *mut _,
+        ] {
+            expect(
+                strata_stats_get(not_a_context, &mut stats),
+                STRATA_ERR_INVALID_HANDLE,
+            );
+        }
+        for not_a_checkpoint in [
+            stale_ckpt,
+            stale_ctx as *mut strata_checkpoint,
+            fresh as *mut _,
+        ] {
+            expect(
+                strata_layer_register_checkpoint(
+                    ctx.0,
+                    group,
+                    not_a_checkpoint,
+                    cstr("probe").as_ptr(),
+                    name_ptrs.as_ptr(),
+                    1,
+                    &mut id,
+                ),
+                STRATA_ERR_INVALID_HANDLE,
+            );
+        }
+        strata_checkpoint_close(opened);
+        strata_context_destroy(fresh);
+    }
+    assert_eq!(id, 0);
+    // The live ones still work.
+    ok(strata_stats_get(ctx.0, &mut stats));
+    ok(strata_layer_register_checkpoint(
+        ctx.0,
+        group,
+        ckpt,
+        cstr("w").as_ptr(),
+        name_ptrs.as_ptr(),
+        1,
+        &mut id,
+    ));
+    assert_eq!(ctx.acquire(id).len(), 1);
+    ctx.release(id);
+    strata_checkpoint_close(ckpt);
 }
 
 #[test]

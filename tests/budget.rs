@@ -33,7 +33,7 @@ fn converting_tiers() -> strata_tiers {
 }
 
 /// Registers `n` layers of `rows` x 64 f32 (plus a bias) whose values encode the layer index.
-fn register_layers(ctx: &Ctx, group: u32, prefix: &str, n: usize, rows: i64) -> Vec<u64> {
+fn register_layers(ctx: &Ctx, group: u64, prefix: &str, n: usize, rows: i64) -> Vec<u64> {
     (0..n)
         .map(|i| {
             let weight: Vec<f32> = (0..rows * 64)
@@ -109,7 +109,7 @@ fn random_sequences_never_exceed_the_budget() {
         });
         let group_a = ctx.group(&converting_tiers());
         let group_b = ctx.group(&converting_tiers());
-        let mut layers: Vec<(u64, usize, u32)> = Vec::new();
+        let mut layers: Vec<(u64, usize, u64)> = Vec::new();
         let mut held: Vec<(u64, usize)> = Vec::new();
         for step in 0..300 {
             match rng.below(10) {

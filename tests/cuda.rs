@@ -283,7 +283,7 @@ fn layer_tensors(seed: u64, rows: usize, cols: usize) -> Vec<(String, Vec<i64>, 
 
 fn register_f32(
     ctx: &Ctx,
-    group: u32,
+    group: u64,
     name: &str,
     tensors: &[(String, Vec<i64>, Vec<f32>)],
 ) -> u64 {
@@ -807,7 +807,7 @@ fn stream_checking_free_memory(
     eprintln!("device memory taken at most {worst} bytes under vram_limit {limit}");
 }
 
-fn plain_layers(ctx: &Ctx, group: u32, count: usize, numel: usize) -> Vec<u64> {
+fn plain_layers(ctx: &Ctx, group: u64, count: usize, numel: usize) -> Vec<u64> {
     (0..count)
         .map(|i| {
             let values = weights(numel, i as u64, 0.05);

@@ -18,7 +18,7 @@ struct Outcome {
 
 /// A host group beside the faulty one: two f32 layers computed as bf16.
 struct Healthy {
-    group: u32,
+    group: u64,
     layers: Vec<(u64, Vec<u8>)>,
 }
 
@@ -51,7 +51,7 @@ impl Healthy {
 
 /// Destroys the groups and checks that nothing is held any more.
 #[track_caller]
-fn destroy_and_check_empty(ctx: &Ctx, groups: &[u32]) {
+fn destroy_and_check_empty(ctx: &Ctx, groups: &[u64]) {
     for &group in groups {
         ok(strata_group_destroy(ctx.0, group));
     }

@@ -76,7 +76,7 @@ fn device_tiers() -> strata_tiers {
     })
 }
 
-fn register(ctx: &Ctx, group: u32, name: &str, rows: i64) -> u64 {
+fn register(ctx: &Ctx, group: u64, name: &str, rows: i64) -> u64 {
     let values: Vec<f32> = (0..rows * 64).map(|i| i as f32).collect();
     ctx.register(
         group,

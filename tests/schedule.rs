@@ -19,7 +19,7 @@ fn plain_tiers() -> strata_tiers {
 
 /// Registers a layer of `rows` x 64 whose values encode `seed`: on the device, f32 in sizes that
 /// need no padding, `rows * 256` bytes.
-fn layer(ctx: &Ctx, group: u32, name: &str, rows: i64, seed: usize) -> u64 {
+fn layer(ctx: &Ctx, group: u64, name: &str, rows: i64, seed: usize) -> u64 {
     let weight: Vec<f32> = (0..rows * 64)
         .map(|j| (seed * 100 + j as usize) as f32)
         .collect();

@@ -229,7 +229,7 @@ class Context(_Owned):
     def group(self, name, tiers=None):
         """Creates a group (initially offloaded) with `tiers` (a Tiers; None: the defaults)."""
         tiers = Tiers() if tiers is None else tiers
-        out = C.c_uint32()
+        out = C.c_uint64()
         check(lib().strata_group_create(self.handle, name.encode(), C.byref(tiers),
                                         C.byref(out)))
         return Group(self, out.value, name)

@@ -16,8 +16,7 @@ use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
 use crate::log::{Level, LogCallback, Logger, ProgressSink};
 use crate::registry::{
-    Computation, DeviceCopy, Forms, Group, HostCopy, IdCodec, Key, Layer, Layout, Registry,
-    TensorMeta,
+    Computation, DeviceCopy, Forms, Group, HostCopy, Key, Layer, Layout, Registry, TensorMeta,
 };
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
@@ -26,7 +25,7 @@ use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
 use load::Source;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
@@ -90,7 +89,6 @@ struct State {
 
 pub struct Context {
     backend: Box<dyn Backend>,
-    codec: IdCodec,
     options: Options,
     logger: Arc<Logger>,
     state: Mutex<State>,
@@ -108,17 +106,6 @@ pub struct Context {
 impl Drop for Context {
     fn drop(&mut self) {
         self.engine.stop();
-    }
-}
-
-/// Gives each context its own id tag, so ids from one context do not resolve in another.
-fn next_tag() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(1);
-    loop {
-        let tag = NEXT.fetch_add(1, Ordering::Relaxed);
-        if tag & 0xFF != 0 {
-            return tag;
-        }
     }
 }
 
@@ -176,7 +163,6 @@ impl Context {
         backend.set_memory_cap(options.vram_limit)?;
         Ok(Arc::new_cyclic(|self_ref| Context {
             backend,
-            codec: IdCodec { tag: next_tag() },
             logger,
             state: Mutex::new(State {
                 registry: Registry::default(),
@@ -246,7 +232,7 @@ impl Context {
 
     // ----- groups -----
 
-    pub fn create_group(&self, name: &str, raw: &RawTiers) -> Result<u32> {
+    pub fn create_group(&self, name: &str, raw: &RawTiers) -> Result<u64> {
         let tiers = Tiers::resolve(raw, self.backend.device())?;
         let mut st = self.lock();
         let key = st.registry.groups.insert(Group {
@@ -256,26 +242,19 @@ impl Context {
             loading: false,
             layers: Vec::new(),
         });
-        if key.index > 0xFFFF {
-            st.registry.groups.remove(key);
-            return Err(Error::invalid(
-                "too many groups in one context (at most 65536)",
-            ));
-        }
-        Ok(self.codec.group_id(key))
+        Ok(key.id())
     }
 
-    fn group_key(&self, st: &State, id: u32) -> Result<Key> {
-        let key = self.codec.group_key(id)?;
-        st.registry.groups.get(key).map(|_| key).ok_or_else(|| {
+    fn group_key(&self, st: &State, id: u64) -> Result<Key> {
+        st.registry.groups.key(id).ok_or_else(|| {
             Error::handle(format!(
-                "group id {id:#x} does not exist (destroyed, or never created)"
+                "group id {id:#x} is not a group of this context (destroyed, never created, or another context's)"
             ))
         })
     }
 
     /// Destroys a group and its layers; refused while any of them is in use.
-    pub fn destroy_group(&self, id: u32) -> Result<()> {
+    pub fn destroy_group(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         // An onload is a call still running (perhaps the very one whose progress callback is
@@ -333,7 +312,7 @@ impl Context {
         Ok(())
     }
 
-    pub fn onload_group(&self, id: u32) -> Result<()> {
+    pub fn onload_group(&self, id: u64) -> Result<()> {
         let key = {
             let st = self.lock();
             self.group_key(&st, id)?
@@ -341,7 +320,7 @@ impl Context {
         self.onload(key)
     }
 
-    pub fn offload_group(&self, id: u32) -> Result<()> {
+    pub fn offload_group(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         st = self.wait_until_group_idle(st, key);
@@ -517,7 +496,7 @@ impl Context {
     // ----- layers -----
 
     /// Checks that `group` exists and `name` is free; returns the group and its tiers.
-    fn check_new_layer(&self, st: &State, group: u32, name: &str) -> Result<(Key, Tiers)> {
+    fn check_new_layer(&self, st: &State, group: u64, name: &str) -> Result<(Key, Tiers)> {
         let key = self.group_key(st, group)?;
         if st.registry.layer_names.contains_key(name) {
             return Err(Error::invalid(format!(
@@ -548,7 +527,7 @@ impl Context {
         // acquire onloads again (only this layer has work to do) rather than reading around the
         // onload tier from the offload one.
         group.onloaded = false;
-        Ok(self.codec.layer_id(key))
+        Ok(key.id())
     }
 
     fn new_layer(name: &str, group: Key, tiers: &Tiers, tensors: Vec<TensorMeta>) -> Result<Layer> {
@@ -584,7 +563,7 @@ impl Context {
     /// Registers a layer from host tensors; their bytes are copied into the offload tier's form.
     pub fn register_host(
         &self,
-        group: u32,
+        group: u64,
         name: &str,
         tensors: &[HostTensorIn<'_>],
     ) -> Result<u64> {
@@ -636,7 +615,7 @@ impl Context {
     /// Registers a layer whose tensors stay in `checkpoint` until a tier needs them.
     pub fn register_checkpoint(
         &self,
-        group: u32,
+        group: u64,
         checkpoint: &Checkpoint,
         name: &str,
         tensor_names: &[&str],
@@ -655,7 +634,7 @@ impl Context {
     /// All or nothing: a name clash registers no layer. Returns the number of layers.
     pub fn register_checkpoint_prefix(
         &self,
-        group: u32,
+        group: u64,
         checkpoint: &Checkpoint,
         prefix: &str,
         keep_components: u32,
@@ -698,15 +677,14 @@ impl Context {
         st.registry
             .layer_names
             .get(name)
-            .map(|&key| self.codec.layer_id(key))
+            .map(|&key| key.id())
             .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
     }
 
     fn layer_key(&self, st: &State, id: u64) -> Result<Key> {
-        let key = self.codec.layer_key(id)?;
-        st.registry.layers.get(key).map(|_| key).ok_or_else(|| {
+        st.registry.layers.key(id).ok_or_else(|| {
             Error::handle(format!(
-                "layer id {id:#x} does not exist (unregistered, or never registered)"
+                "layer id {id:#x} is not a layer of this context (unregistered, never registered, or another context's)"
             ))
         })
     }

@@ -35,7 +35,7 @@ pub extern "C" fn strata_checkpoint_open(
         let opened = Checkpoint::open_reporting(std::path::Path::new(path), &|done, total| {
             ctx.report_progress("reading checkpoint headers", done, total)
         })?;
-        *out = CHECKPOINTS.insert(opened) as *mut strata_checkpoint;
+        *out = CHECKPOINTS.insert(opened)? as *mut strata_checkpoint;
         Ok(())
     })
 }

@@ -179,7 +179,7 @@ pub extern "C" fn strata_context_create(
         let raw = read_sized(opts, "opts", default_options())?;
         let out = out_arg(out, "out")?;
         let context = Context::new(options_from(&raw)?)?;
-        *out = CONTEXTS.insert(context) as *mut strata_context;
+        *out = CONTEXTS.insert(context)? as *mut strata_context;
         Ok(())
     })
 }

@@ -58,13 +58,14 @@ fn default_tiers() -> strata_tiers {
     }
 }
 
-/// Creates a group (initially offloaded) and writes its id to `group_out`.
+/// Creates a group (initially offloaded) and writes its id to `group_out`: an id no other group or
+/// layer, of any context, ever had or will have in this process.
 #[no_mangle]
 pub extern "C" fn strata_group_create(
     ctx: *mut strata_context,
     name: *const std::ffi::c_char,
     tiers: *const strata_tiers,
-    group_out: *mut u32,
+    group_out: *mut u64,
 ) -> strata_status {
     boundary("strata_group_create", || {
         let ctx = context(ctx)?;
@@ -88,14 +89,14 @@ pub extern "C" fn strata_group_create(
 
 /// Moves a group's layers to their onload tier (reading into RAM where the onload tier is the cpu).
 #[no_mangle]
-pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u32) -> strata_status {
+pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_onload", || context(ctx)?.onload_group(group))
 }
 
 /// Moves a group's layers back to their offload tier: resident copies leave the device (layers in
 /// use leave when released).
 #[no_mangle]
-pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u32) -> strata_status {
+pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_offload", || {
         context(ctx)?.offload_group(group)
     })
@@ -103,7 +104,7 @@ pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u32) -> 
 
 /// Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired.
 #[no_mangle]
-pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u32) -> strata_status {
+pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_destroy", || {
         context(ctx)?.destroy_group(group)
     })

@@ -26,7 +26,7 @@ pub struct strata_host_tensor {
 #[no_mangle]
 pub extern "C" fn strata_layer_register_host(
     ctx: *mut strata_context,
-    group: u32,
+    group: u64,
     layer_name: *const c_char,
     tensors: *const strata_host_tensor,
     n: usize,
@@ -73,7 +73,7 @@ pub extern "C" fn strata_layer_register_host(
 #[no_mangle]
 pub extern "C" fn strata_layer_register_checkpoint(
     ctx: *mut strata_context,
-    group: u32,
+    group: u64,
     ckpt: *mut strata_checkpoint,
     layer_name: *const c_char,
     tensor_names: *const *const c_char,
@@ -102,7 +102,7 @@ pub extern "C" fn strata_layer_register_checkpoint(
 #[no_mangle]
 pub extern "C" fn strata_group_register_checkpoint(
     ctx: *mut strata_context,
-    group: u32,
+    group: u64,
     ckpt: *mut strata_checkpoint,
     prefix: *const c_char,
     keep_components: u32,

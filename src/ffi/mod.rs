@@ -20,7 +20,6 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 thread_local! {
@@ -74,11 +73,12 @@ pub(crate) fn boundary_void(function: &str, body: impl FnOnce() -> Result<()>) {
     let _ = boundary(function, body);
 }
 
-/// Live objects behind opaque C pointers. The pointer values are tokens, never addresses, and are
-/// never reused: a stale or made-up pointer is `STRATA_ERR_INVALID_HANDLE`, not a use after free.
+/// Live objects behind opaque C pointers. The pointer values are tokens, never addresses, drawn
+/// from the serial that numbers groups and layers, so never reused, not even by a handle of
+/// another kind: a stale, made-up or foreign pointer (a checkpoint passed as a context) is
+/// `STRATA_ERR_INVALID_HANDLE`, not a use after free.
 pub(crate) struct Handles<T> {
     live: RwLock<BTreeMap<usize, Arc<T>>>,
-    next: AtomicUsize,
     kind: &'static str,
 }
 
@@ -86,7 +86,6 @@ impl<T> Handles<T> {
     pub const fn new(kind: &'static str) -> Handles<T> {
         Handles {
             live: RwLock::new(BTreeMap::new()),
-            next: AtomicUsize::new(1),
             kind,
         }
     }
@@ -95,14 +94,24 @@ impl<T> Handles<T> {
         self.live.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn insert(&self, value: impl Into<Arc<T>>) -> usize {
+    pub fn insert(&self, value: impl Into<Arc<T>>) -> Result<usize> {
         // Tokens are multiples of 16, like real allocations, so they never look like small ints.
-        let token = self.next.fetch_add(1, Ordering::Relaxed) << 4;
+        // Where a pointer is narrower than the serial (32-bit targets), running out is refused
+        // rather than wrapped onto a token that may still be live or held.
+        let token = usize::try_from(crate::registry::next_id())
+            .ok()
+            .and_then(|serial| serial.checked_mul(16))
+            .ok_or_else(|| {
+                Error::new(
+                    crate::error::STRATA_ERR_OUT_OF_MEMORY,
+                    format!("no {} handle is left to hand out", self.kind),
+                )
+            })?;
         self.live
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(token, value.into());
-        token
+        Ok(token)
     }
 
     pub fn get<P>(&self, pointer: *const P) -> Result<Arc<T>> {

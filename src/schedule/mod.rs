@@ -26,7 +26,7 @@ struct Successor {
 
 #[derive(Clone, Debug, Default)]
 struct Entry {
-    generation: u32,
+    generation: u64,
     last_use: u64,
     successors: [Option<Successor>; CANDIDATES],
     /// The most likely successor, kept by `learn`: predictions read it several times per acquire.

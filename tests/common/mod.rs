@@ -79,7 +79,7 @@ impl Ctx {
         Ctx(ctx)
     }
 
-    pub fn group(&self, tiers: &strata_tiers) -> u32 {
+    pub fn group(&self, tiers: &strata_tiers) -> u64 {
         let mut group = 0;
         ok(strata_group_create(
             self.0,
@@ -102,7 +102,7 @@ impl Ctx {
     /// Registers one layer of host tensors: (name, dtype, shape, bytes).
     pub fn register(
         &self,
-        group: u32,
+        group: u64,
         layer: &str,
         tensors: &[(&str, u32, Vec<i64>, Vec<u8>)],
     ) -> u64 {
@@ -113,7 +113,7 @@ impl Ctx {
 
     pub fn try_register(
         &self,
-        group: u32,
+        group: u64,
         layer: &str,
         tensors: &[(&str, u32, Vec<i64>, Vec<u8>)],
         id: &mut u64,
@@ -179,7 +179,7 @@ impl Ctx {
     /// Opens a checkpoint, registers every tensor under `prefix` into `group`, closes it again.
     pub fn register_prefix(
         &self,
-        group: u32,
+        group: u64,
         path: &Path,
         prefix: &str,
         keep_components: u32,
@@ -199,7 +199,7 @@ impl Ctx {
     }
 
     /// Opens a checkpoint, registers the named tensors as one layer of `group`, closes it again.
-    pub fn register_tensors(&self, group: u32, path: &Path, layer: &str, tensors: &[&str]) -> u64 {
+    pub fn register_tensors(&self, group: u64, path: &Path, layer: &str, tensors: &[&str]) -> u64 {
         let ckpt = open_checkpoint(self, path);
         let names: Vec<CString> = tensors.iter().map(|t| cstr(t)).collect();
         let pointers: Vec<_> = names.iter().map(|n| n.as_ptr()).collect();

@@ -156,7 +156,7 @@ pub struct Footprint {
 pub struct Model {
     pub ctx: Ctx,
     pub device: ViewDevice,
-    pub groups: Vec<u32>,
+    pub groups: Vec<u64>,
     pub layers: Vec<LayerRef>,
     /// The checkpoint the disk-tier layers read on every miss: removed only after `ctx` is gone.
     _dir: TempDir,

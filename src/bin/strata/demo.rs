@@ -174,7 +174,7 @@ pub fn streaming_context(
     prefetch_depth: u32,
     preparing: u32,
     computation: u32,
-) -> Result<(Arc<Context>, u32)> {
+) -> Result<(Arc<Context>, u64)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
         device_index: 0,
