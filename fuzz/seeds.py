@@ -155,6 +155,12 @@ abi_seeds = {
     + layer(0, 1, [tensor(0, E4M3, [4, 2]), tensor(1, E5M2, [5]), tensor(2, F64, [2])])
     + layer(0, 2, [tensor(0, I64, [2]), tensor(1, U8, [3, 1]), tensor(2, BOOL, [2])])
     + passes(2) + b"\x0c\x00\x01" + b"\x0d\x00\x03",
+    # Past the point where 8-bit group generations wrapped: a group with a layer, then 300 more
+    # made and destroyed in the same slot, then the first ids used (onload of the stale group,
+    # acquire of the stale layer).
+    "group_churn": context() + (group() + block(0) + b"\x09\x00\x02\x00\x00")
+    + (group() + b"\x09\x00\x02\x00\x00") * 300
+    + b"\x09\x00\x00\x02\x00" + b"\x05\x00\x02\x00\x03\x00" + bytes(8),
 }
 os.makedirs(ABI_OUT, exist_ok=True)
 for name, data in abi_seeds.items():
