@@ -471,12 +471,7 @@ fn expect_group_invalid(ctx: &Ctx, group: u64, ckpt: *mut strata_checkpoint) {
         STRATA_ERR_INVALID_HANDLE,
     );
     expect(
-        ctx.try_register(
-            group,
-            "probe",
-            &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
-            &mut id,
-        ),
+        ctx.try_register(group, "probe", &one_float(), &mut id),
         STRATA_ERR_INVALID_HANDLE,
     );
     let names = [cstr("w")];
@@ -527,6 +522,43 @@ fn expect_layer_invalid(ctx: &Ctx, layer: u64) {
     assert_eq!(n, 0);
 }
 
+/// A context with a group, a layer in it, and an open checkpoint: what the id tests probe.
+struct Probe {
+    ctx: Ctx,
+    ckpt: *mut strata_checkpoint,
+    group: u64,
+    layer: u64,
+    dir: TempDir,
+}
+
+impl Probe {
+    fn new(tag: &str) -> Probe {
+        let ctx = Ctx::new(STRATA_UNLIMITED);
+        let dir = TempDir::new(tag);
+        let ckpt = tiny_checkpoint(&ctx, &dir);
+        let group = ctx.group(&strata_tiers_default());
+        let layer = small_layer(&ctx, group, "l");
+        Probe {
+            ctx,
+            ckpt,
+            group,
+            layer,
+            dir,
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        strata_checkpoint_close(self.ckpt);
+    }
+}
+
+/// One f32 tensor of one element: the cheapest layer to register.
+fn one_float() -> [(&'static str, u32, Vec<i64>, Vec<u8>); 1] {
+    [("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])]
+}
+
 /// A one-tensor checkpoint ("w", f32 [1]) to register from, and to pass where a context is asked.
 fn tiny_checkpoint(ctx: &Ctx, dir: &TempDir) -> *mut strata_checkpoint {
     let path = dir.path("tiny.safetensors");
@@ -546,16 +578,18 @@ fn tiny_checkpoint(ctx: &Ctx, dir: &TempDir) -> *mut strata_checkpoint {
 fn a_destroyed_groups_id_never_resolves_again() {
     // Group ids once had 8 bits of generation: the 255th group made in a freed slot took the
     // first one's id. 300 cycles pass that point; the first id is checked after every one.
-    let ctx = Ctx::new(STRATA_UNLIMITED);
-    let dir = TempDir::new("ids-groups");
-    let ckpt = tiny_checkpoint(&ctx, &dir);
-    let first = ctx.group(&strata_tiers_default());
-    let first_layer = small_layer(&ctx, first, "l");
+    let Probe {
+        ref ctx,
+        ckpt,
+        group: first,
+        layer: first_layer,
+        ..
+    } = Probe::new("ids-groups");
     ok(strata_group_destroy(ctx.0, first));
     let mut seen = std::collections::HashSet::from([first, first_layer]);
     for cycle in 0..300 {
         let group = ctx.group(&strata_tiers_default());
-        let layer = small_layer(&ctx, group, "l");
+        let layer = small_layer(ctx, group, "l");
         assert!(seen.insert(group), "group id {group:#x} handed out twice");
         assert!(seen.insert(layer), "layer id {layer:#x} handed out twice");
         expect(strata_group_onload(ctx.0, first), STRATA_ERR_INVALID_HANDLE);
@@ -565,9 +599,8 @@ fn a_destroyed_groups_id_never_resolves_again() {
         );
         ok(strata_group_destroy(ctx.0, group));
     }
-    expect_group_invalid(&ctx, first, ckpt);
-    expect_layer_invalid(&ctx, first_layer);
-    strata_checkpoint_close(ckpt);
+    expect_group_invalid(ctx, first, ckpt);
+    expect_layer_invalid(ctx, first_layer);
 }
 
 #[test]
@@ -576,12 +609,12 @@ fn an_unregistered_layers_id_never_resolves_again() {
     // the first one's id. 70,000 cycles pass that point; the first id is checked after every one.
     let ctx = Ctx::new(STRATA_UNLIMITED);
     let group = ctx.group(&strata_tiers_default());
-    let first = ctx.register(group, "l", &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])]);
+    let first = ctx.register(group, "l", &one_float());
     ok(strata_layer_unregister(ctx.0, first));
     let mut n = 0usize;
     let mut last = first;
     for cycle in 0..70_000 {
-        let layer = ctx.register(group, "l", &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])]);
+        let layer = ctx.register(group, "l", &one_float());
         assert!(layer > last, "cycle {cycle}: id {layer:#x} after {last:#x}");
         last = layer;
         if strata_layer_tensor_count(ctx.0, first, &mut n) != STRATA_ERR_INVALID_HANDLE {
@@ -602,20 +635,18 @@ fn ids_of_another_context_never_resolve() {
     // Contexts once told their ids apart by a tag of 8 bits in group ids and 16 in layer ids: the
     // 255th context made after another accepted its group ids, the 65,280th its layer ids. Each
     // context here holds a group and a layer in the same slots as the first one's.
-    let first = Ctx::new(STRATA_UNLIMITED);
-    let dir = TempDir::new("ids-contexts");
-    let ckpt = tiny_checkpoint(&first, &dir);
-    let group = first.group(&strata_tiers_default());
-    let layer = small_layer(&first, group, "l");
+    let Probe {
+        ctx: ref first,
+        ckpt,
+        group,
+        layer,
+        ..
+    } = Probe::new("ids-contexts");
     let mut n = 0usize;
     for made in 0..65_300 {
         let other = Ctx::new(STRATA_UNLIMITED);
         let other_group = other.group(&strata_tiers_default());
-        let other_layer = other.register(
-            other_group,
-            "l",
-            &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
-        );
+        let other_layer = other.register(other_group, "l", &one_float());
         let refused = [
             strata_group_onload(other.0, group),
             strata_layer_tensor_count(other.0, layer, &mut n),
@@ -634,19 +665,20 @@ fn ids_of_another_context_never_resolve() {
     ok(strata_group_onload(first.0, group));
     assert_eq!(first.acquire(layer).len(), 2);
     first.release(layer);
-    strata_checkpoint_close(ckpt);
 }
 
 #[test]
 fn made_up_ids_never_resolve() {
-    let ctx = Ctx::new(STRATA_UNLIMITED);
-    let dir = TempDir::new("ids-made-up");
-    let ckpt = tiny_checkpoint(&ctx, &dir);
-    let group = ctx.group(&strata_tiers_default());
-    let layer = small_layer(&ctx, group, "l");
+    let Probe {
+        ref ctx,
+        ckpt,
+        group,
+        layer,
+        ..
+    } = Probe::new("ids-made-up");
     // A layer's id is no group's, and a group's no layer's.
-    expect_group_invalid(&ctx, layer, ckpt);
-    expect_layer_invalid(&ctx, group);
+    expect_group_invalid(ctx, layer, ckpt);
+    expect_layer_invalid(ctx, group);
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut random = || {
         // xorshift64
@@ -661,30 +693,32 @@ fn made_up_ids_never_resolve() {
         .filter(|&id| id != group && id != layer)
         .collect();
     for id in made_up {
-        expect_group_invalid(&ctx, id, ckpt);
-        expect_layer_invalid(&ctx, id);
+        expect_group_invalid(ctx, id, ckpt);
+        expect_layer_invalid(ctx, id);
     }
     assert_eq!(ctx.acquire(layer).len(), 2);
     ctx.release(layer);
-    strata_checkpoint_close(ckpt);
 }
 
 #[test]
 fn stale_and_foreign_handles_never_resolve() {
     // Context and checkpoint handles are tokens from the serial ids come from: a destroyed one
     // stays dead however many are made after it, and one kind never passes for the other.
-    let ctx = Ctx::new(STRATA_UNLIMITED);
-    let dir = TempDir::new("ids-handles");
-    let ckpt = tiny_checkpoint(&ctx, &dir);
+    let Probe {
+        ref ctx,
+        ckpt,
+        group,
+        ref dir,
+        ..
+    } = Probe::new("ids-handles");
     let mut stale_ctx = ptr::null_mut();
     ok(strata_context_create(
         &strata_options_default(),
         &mut stale_ctx,
     ));
     strata_context_destroy(stale_ctx);
-    let stale_ckpt = tiny_checkpoint(&ctx, &dir);
+    let stale_ckpt = tiny_checkpoint(ctx, dir);
     strata_checkpoint_close(stale_ckpt);
-    let group = ctx.group(&strata_tiers_default());
     let mut stats = strata_stats {
         struct_size: std::mem::size_of::<strata_stats>() as u32,
         ..Default::default()
@@ -696,7 +730,7 @@ fn stale_and_foreign_handles_never_resolve() {
     for made in 0..300 {
         let mut fresh = ptr::null_mut();
         ok(strata_context_create(&strata_options_default(), &mut fresh));
-        let opened = tiny_checkpoint(&ctx, &dir);
+        let opened = tiny_checkpoint(ctx, dir);
         assert!(
             seen.insert(fresh as usize),
             "context handle reused ({made})"
@@ -750,7 +784,6 @@ fn stale_and_foreign_handles_never_resolve() {
     ));
     assert_eq!(ctx.acquire(id).len(), 1);
     ctx.release(id);
-    strata_checkpoint_close(ckpt);
 }
 
 #[test]
@@ -850,12 +883,7 @@ fn duplicate_layer_names_are_refused() {
     let group = ctx.group(&strata_tiers_default());
     small_layer(&ctx, group, "same");
     let mut id = 0;
-    let status = ctx.try_register(
-        group,
-        "same",
-        &[("t", STRATA_DTYPE_F32, vec![1], vec![0; 4])],
-        &mut id,
-    );
+    let status = ctx.try_register(group, "same", &one_float(), &mut id);
     expect(status, STRATA_ERR_INVALID_ARGUMENT);
     assert!(last_error().contains("already registered"));
     let mut found = 0;
