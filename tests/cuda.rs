@@ -379,7 +379,7 @@ fn quantization_tensors(seed: u64, rows: usize, cols: usize) -> Vec<(String, Vec
 /// bf16), and registers the layer from it.
 fn register_from_disk(
     ctx: &Ctx,
-    group: u32,
+    group: u64,
     path: &std::path::Path,
     dtype: u32,
     tensors: &[(String, Vec<i64>, Vec<f32>)],
