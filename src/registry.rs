@@ -371,8 +371,9 @@ pub struct Group {
     pub name: String,
     pub tiers: Tiers,
     pub onloaded: bool,
-    /// An onload is making host copies (without the lock): offloads and other onloads wait.
-    pub loading: bool,
+    /// The thread whose onload is making host copies (without the lock): offloads and other
+    /// onloads wait for it, and that thread's own calls from the progress callback are refused.
+    pub loading: Option<ThreadId>,
     pub layers: Vec<Key>,
 }
 

@@ -9,8 +9,11 @@
 //! context stops it even when it is idle.
 
 use super::{Context, State};
+use crate::error::panic_message;
+use crate::log::Level;
 use crate::registry::Key;
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{JoinHandle, ThreadId};
 
@@ -98,7 +101,20 @@ fn run(queue: &Queue, context: &Weak<Context>) {
         let Some(context) = context.upgrade() else {
             return;
         };
-        if !context.prefetch(key) {
+        // A panic mid-fill (a bug) must not end the worker or leave the layer marked busy: the
+        // fill's guard clears its marks and refunds its bytes as it unwinds, and the acquires
+        // waiting on it wake and fill the layer themselves.
+        let filled = catch_unwind(AssertUnwindSafe(|| context.prefetch(key)));
+        let fitted = filled.unwrap_or_else(|panic| {
+            context.logger.log(Level::Error, || {
+                format!(
+                    "the copy engine panicked filling a layer ahead ({}); acquires fill it themselves",
+                    panic_message(&*panic)
+                )
+            });
+            false
+        });
+        if !fitted {
             // The nearest layer did not fit: those after it would not either. The next acquire
             // predicts again with the room its releases made.
             queue.tasks().pending.clear();

@@ -18,7 +18,7 @@ impl Context {
         // A fill the copy engine charged under the old cap ends soon (the engine never waits on a
         // caller); what it filled is then as evictable as any other unused layer.
         while st.engine_filling.is_some() {
-            st = self.wait(st);
+            st = self.wait(st)?;
         }
         if st.budget.limit == Limit::Minimal {
             // Under the old cap the engine may have filled layers ahead that budget 0 does not

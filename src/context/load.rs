@@ -12,8 +12,10 @@ use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
 use crate::trace::{Span, Stamp, Track};
+use once_cell::sync::Lazy;
+use std::ffi::CStr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Where a layer's bytes come from: a host copy, or the user's checkpoint.
 #[derive(Clone)]
@@ -110,6 +112,7 @@ impl Context {
                         scales: &scales,
                     };
                     sink.whole(i, src)?;
+                    panic_if_armed(&tensors[i].name);
                 }
                 return Ok(());
             }
@@ -167,6 +170,7 @@ impl Context {
                     format!("reading the checkpoint failed: {}", e.message)
                 });
             })?;
+            panic_if_armed(&meta.name);
             self.bytes_from_disk
                 .fetch_add(info.nbytes, Ordering::Relaxed);
             spans.push(Span {
@@ -290,5 +294,43 @@ impl Context {
             memory,
             slots: slots.to_vec(),
         })
+    }
+}
+
+/// Panics armed for tests: (tensor name substring, panics left). Seeded once from the environment
+/// variable `STRATA_FAULT_PANIC_FILL=SUBSTRING:COUNT`, so a program driving the C library can arm
+/// them too. They stand for a bug in strata striking mid-fill, after a tensor's bytes moved.
+static FILL_PANICS: Lazy<Mutex<Vec<(String, u32)>>> = Lazy::new(|| {
+    let armed = std::env::var("STRATA_FAULT_PANIC_FILL")
+        .ok()
+        .and_then(|spec| {
+            let (substring, count) = spec.rsplit_once(':')?;
+            Some((substring.to_owned(), count.parse().ok()?))
+        });
+    Mutex::new(armed.into_iter().collect())
+});
+
+/// Makes the next `count` fills (by an acquire or by the copy engine, into host or device memory)
+/// of a tensor whose name contains `tensor_substring` panic right after the tensor was written,
+/// for tests that a panic mid-fill leaves no layer marked busy and no byte charged.
+#[doc(hidden)]
+pub fn inject_fill_panics(tensor_substring: &str, count: u32) {
+    let mut panics = FILL_PANICS.lock().unwrap_or_else(PoisonError::into_inner);
+    panics.retain(|(substring, _)| substring != tensor_substring);
+    panics.push((tensor_substring.to_owned(), count));
+}
+
+fn panic_if_armed(tensor: &CStr) {
+    let armed = {
+        let mut panics = FILL_PANICS.lock().unwrap_or_else(PoisonError::into_inner);
+        let name = tensor.to_string_lossy();
+        panics
+            .iter_mut()
+            .find(|(substring, left)| *left > 0 && name.contains(substring.as_str()))
+            .map(|(_, left)| *left -= 1)
+            .is_some()
+    };
+    if armed {
+        panic!("injected fill panic after tensor {tensor:?} (STRATA_FAULT_PANIC_FILL)");
     }
 }

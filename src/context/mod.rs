@@ -4,6 +4,7 @@
 //! busy, so threads acquiring other layers are not held up by a read or a conversion.
 
 mod engine;
+mod inflight;
 mod limits;
 mod load;
 
@@ -23,6 +24,7 @@ use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
+pub use load::inject_fill_panics;
 use load::Source;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -184,11 +186,16 @@ impl Context {
         }))
     }
 
-    /// Takes no more calls and waits for the copy engine's worker to end. The worker may hold the
-    /// context mid-fill, and the last handle dropped there would leave it running unjoined after
-    /// destroy returned: a host that unloads the library next would unmap its code.
+    /// Takes no more calls, wakes every thread waiting inside a call (each returns
+    /// STRATA_ERR_INVALID_HANDLE at once), and waits for the copy engine's worker to end. The
+    /// worker may hold the context mid-fill, and the last handle dropped there would leave it
+    /// running unjoined after destroy returned: a host that unloads the library next would unmap
+    /// its code. Calls running without waiting (a fill, an onload) end as they would have.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        // Taken once, so that a thread between its look at `closed` and its wait is waiting now.
+        drop(self.lock());
+        self.changed.notify_all();
         self.engine.stop();
     }
 
@@ -213,14 +220,23 @@ impl Context {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    /// Waits for a layer to stop being busy or in use, or for memory. A context destroyed before
+    /// or meanwhile ends the wait with STRATA_ERR_INVALID_HANDLE: `close` wakes every waiter.
+    fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>> {
+        let destroyed = || Error::handle("the context was destroyed while this call waited");
+        if self.is_closed() {
+            return Err(destroyed());
+        }
         guard.waiters += 1;
         let mut guard = self
             .changed
             .wait(guard)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         guard.waiters -= 1;
-        guard
+        if self.is_closed() {
+            return Err(destroyed());
+        }
+        Ok(guard)
     }
 
     /// Wakes the threads waiting for a layer to stop being busy or in use, or for memory.
@@ -239,7 +255,7 @@ impl Context {
             name: name.to_owned(),
             tiers,
             onloaded: false,
-            loading: false,
+            loading: None,
             layers: Vec::new(),
         });
         Ok(key.id())
@@ -259,7 +275,12 @@ impl Context {
         let key = self.group_key(&st, id)?;
         // An onload is a call still running (perhaps the very one whose progress callback is
         // calling this): refuse rather than wait on it.
-        if st.registry.groups.get(key).is_some_and(|g| g.loading) {
+        if st
+            .registry
+            .groups
+            .get(key)
+            .is_some_and(|g| g.loading.is_some())
+        {
             return Err(Error::state(
                 "the group is being onloaded; destroy it once that returns",
             ));
@@ -267,7 +288,7 @@ impl Context {
         // A layer being filled (by the copy engine ahead of its use, or by an acquire) is not a
         // use by the caller: wait for the fill to end, then decide. Refusing instead made the
         // outcome depend on the engine's timing.
-        st = self.wait_until_group_idle(st, key);
+        st = self.wait_until_group_idle(st, key)?;
         let key = self.group_key(&st, id)?;
         let layers = st
             .registry
@@ -312,19 +333,27 @@ impl Context {
         Ok(())
     }
 
+    /// Onloads a group. A layer whose copy cannot be made (its file damaged, host memory short)
+    /// does not hold the others back: they are onloaded, the group counts as onloaded, the first
+    /// such error is returned, and each failed layer tries again at its own acquire.
     pub fn onload_group(&self, id: u64) -> Result<()> {
         let key = {
             let st = self.lock();
             self.group_key(&st, id)?
         };
-        self.onload(key)
+        match self.onload(key)? {
+            None => Ok(()),
+            Some(first_failure) => Err(first_failure),
+        }
     }
 
     pub fn offload_group(&self, id: u64) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
-        st = self.wait_until_group_idle(st, key);
-        let group = st.registry.groups.get_mut(key).expect("checked above");
+        st = self.wait_until_group_idle(st, key)?;
+        // Destroyed by another thread during the wait: that is a stale id now.
+        let key = self.group_key(&st, id)?;
+        let group = st.registry.groups.get_mut(key).expect("checked just above");
         group.onloaded = false;
         let layers = group.layers.clone();
         for layer in layers {
@@ -343,37 +372,52 @@ impl Context {
         Ok(())
     }
 
+    /// Waits until no onload runs on the group and none of its layers is being filled; returns at
+    /// once when the group is gone (callers look it up again). An onload run by this very thread
+    /// (a call from its progress callback) would never end while this waits: STRATA_ERR_STATE.
     fn wait_until_group_idle<'a>(
         &self,
         mut st: MutexGuard<'a, State>,
         key: Key,
-    ) -> MutexGuard<'a, State> {
+    ) -> Result<MutexGuard<'a, State>> {
+        let me = current_thread();
         loop {
-            let busy = st.registry.groups.get(key).is_some_and(|g| {
-                g.loading
-                    || g.layers
-                        .iter()
-                        .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy))
-            });
-            if !busy {
-                return st;
+            let Some(group) = st.registry.groups.get(key) else {
+                return Ok(st);
+            };
+            if group.loading == Some(me) {
+                return Err(Error::state(format!(
+                    "group {:?} is being onloaded by this thread (a call from the progress callback): call again once the onload returns",
+                    group.name
+                )));
             }
-            st = self.wait(st);
+            let busy = group.loading.is_some()
+                || group
+                    .layers
+                    .iter()
+                    .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy));
+            if !busy {
+                return Ok(st);
+            }
+            st = self.wait(st)?;
         }
     }
 
     /// Brings every layer of a group to its onload tier: host copies are made where the onload
-    /// tier is in RAM in a form the offload tier does not already hold.
-    fn onload(&self, group: Key) -> Result<()> {
-        let mut st = self.lock();
-        st = self.wait_until_group_idle(st, group);
-        let Some(g) = st.registry.groups.get_mut(group) else {
+    /// tier is in RAM in a form the offload tier does not already hold. A layer whose copy fails
+    /// does not stop the others (one damaged file fails only its own layers): the group counts as
+    /// onloaded, that layer makes its copy at its own acquire, and the first such error comes back
+    /// as `Ok(Some(error))`. `Err` when the onload could not run: the group or the context gone, or
+    /// a call from this thread's own progress callback.
+    fn onload(&self, group: Key) -> Result<Option<Error>> {
+        let st = self.lock();
+        let st = self.wait_until_group_idle(st, group)?;
+        let Some(g) = st.registry.groups.get(group) else {
             return Err(Error::handle("group was destroyed during onload"));
         };
         if g.onloaded {
-            return Ok(());
+            return Ok(None);
         }
-        g.loading = true;
         let tiers = g.tiers;
         let layers = g.layers.clone();
         let phase = format!("onloading group {:?}", g.name);
@@ -388,15 +432,17 @@ impl Context {
             })
         };
         let total: u64 = layers.iter().map(|&l| host_bytes(&st, l)).sum();
+        let loading = self.begin_onload(st, group);
+        let mut st = self.lock();
         let mut done = 0;
-        let mut result = Ok(());
+        let mut first_failure = None;
         for &layer in &layers {
             match self.ensure_host_copy(st, layer, tiers, Tier::Onload) {
                 Ok(guard) => st = guard,
+                Err(e) if self.is_closed() => return Err(e),
                 Err(e) => {
                     st = self.lock();
-                    result = Err(e);
-                    break;
+                    first_failure.get_or_insert(e);
                 }
             }
             if total > 0 {
@@ -407,24 +453,19 @@ impl Context {
                 st = self.lock();
             }
         }
-        if result.is_err() {
-            // All or nothing: a group is onloaded with every copy, or not at all.
-            for &layer in &layers {
-                if let Some(l) = st.registry.layers.get_mut(layer) {
-                    l.onload_copy = None;
-                }
-            }
-        }
-        if let Some(g) = st.registry.groups.get_mut(group) {
-            g.loading = false;
-            g.onloaded = result.is_ok();
-        }
-        self.wake(st.waiters);
-        result
+        // A layer registered meanwhile (from the progress callback) has no copy yet: the next
+        // acquire onloads again.
+        let complete = st
+            .registry
+            .groups
+            .get(group)
+            .is_some_and(|g| g.layers.iter().all(|l| layers.contains(l)));
+        loading.end(&mut st, complete);
+        Ok(first_failure)
     }
 
     /// Makes sure the layer has its host copy for `tier` (Offload or Onload) when that tier is in
-    /// RAM and needs one; fills it without the lock.
+    /// RAM and needs one; fills it without the lock. A layer unregistered meanwhile needs nothing.
     fn ensure_host_copy<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -434,60 +475,39 @@ impl Context {
     ) -> Result<MutexGuard<'a, State>> {
         loop {
             let Some(layer) = st.registry.layers.get(key) else {
-                return Err(Error::handle(
-                    "layer was removed while its group was onloading",
-                ));
+                return Ok(st);
             };
             if layer.busy {
-                st = self.wait(st);
+                st = self.wait(st)?;
                 continue;
             }
-            if tier == Tier::Onload && tiers.offload.device == Device::Cpu {
+            if tier == Tier::Onload
+                && tiers.offload.device == Device::Cpu
+                && layer.offload_copy.is_none()
+            {
                 // The offload copy comes first, and may already be the onload form.
-                if layer.offload_copy.is_none() {
-                    st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
-                    continue;
-                }
+                st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
+                continue;
             }
-            let placement = tiers.placement(tier);
-            let layout = layer.forms.get(tier);
-            let needed = placement.device == Device::Cpu
-                && match tier {
-                    Tier::Offload => layer.offload_copy.is_none(),
-                    _ => {
-                        layer.onload_copy.is_none()
-                            && !layer
-                                .offload_copy
-                                .as_ref()
-                                .is_some_and(|c| c.slots == layout.slots)
-                    }
-                };
-            if !needed {
+            if !host_copy_missing(layer, &tiers, tier) {
                 return Ok(st);
             }
-            let Layout { slots, size } = layout.clone();
+            let Layout { slots, size } = layer.forms.get(tier).clone();
             let source = nearest_source(layer, false);
             let tensors = layer.tensors.clone();
-            let layer = st.registry.layers.get_mut(key).expect("checked above");
-            layer.busy = true;
-            drop(st);
+            let filling = self.begin_fill(st, key, 0, false);
             let mut spans = Vec::new();
             let made = self.make_host_copy(&source, &tensors, slots, size, &mut spans);
-            let mut st = self.lock();
-            self.wake(st.waiters);
-            let layer = st
-                .registry
-                .layers
-                .get_mut(key)
-                .expect("busy layers are not removed");
-            layer.busy = false;
-            let copy = Arc::new(made?);
-            match tier {
-                Tier::Offload => layer.offload_copy = Some(copy),
-                _ => layer.onload_copy = Some(copy),
-            }
+            let mut st = filling.end();
             for span in spans {
                 st.trace.record(span);
+            }
+            let copy = Arc::new(made?);
+            if let Some(layer) = st.registry.layers.get_mut(key) {
+                match tier {
+                    Tier::Offload => layer.offload_copy = Some(copy),
+                    _ => layer.onload_copy = Some(copy),
+                }
             }
             return Ok(st);
         }
@@ -700,7 +720,7 @@ impl Context {
         let key = self.layer_key(&st, id)?;
         // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.
         while st.registry.layers.get(key).is_some_and(|l| l.busy) {
-            st = self.wait(st);
+            st = self.wait(st)?;
         }
         let key = self.layer_key(&st, id)?;
         let layer = st.registry.layers.get(key).expect("checked");
@@ -768,7 +788,7 @@ impl Context {
             }
             if layer.busy {
                 started.get_or_insert_with(Instant::now);
-                st = self.wait(st);
+                st = self.wait(st)?;
                 continue;
             }
             let group = st
@@ -780,6 +800,7 @@ impl Context {
             if !group.onloaded {
                 let group_key = layer.group;
                 drop(st);
+                // Another layer's failure is that layer's: this one's own copy is checked below.
                 self.onload(group_key)?;
                 st = self.lock();
                 st.counters.implicit_onloads += 1;
@@ -796,6 +817,12 @@ impl Context {
             }
             if tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
                 st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
+                continue;
+            }
+            if host_copy_missing(layer, &tiers, Tier::Onload) {
+                // The group's onload could not make this layer's copy: it tries again here, so a
+                // damaged file gives its error to its own layers only, at each of their acquires.
+                st = self.ensure_host_copy(st, key, tiers, Tier::Onload)?;
                 continue;
             }
             if let Some(copy) = self.in_place_copy(layer).cloned() {
@@ -827,28 +854,34 @@ impl Context {
                 Ok(()) => {}
                 Err(NoRoom::Wait) => {
                     started.get_or_insert_with(Instant::now);
-                    st = self.wait(st);
+                    st = self.wait(st)?;
                     continue;
                 }
                 Err(NoRoom::Fail(e)) => return Err(e),
             }
             started.get_or_insert_with(Instant::now);
             st.budget.charge(bytes);
-            st.registry.layers.get_mut(key).expect("checked").busy = true;
             // The engine works on the layers after this one while this one is filled.
             self.request_prefetch(&mut st);
-            let (mut st, result) = self.fill_unlocked(st, key, source, plan, &layer_name);
-            let layer = st.registry.layers.get_mut(key).expect("checked");
+            let (mut st, result) =
+                self.fill_unlocked(st, key, source, plan, &layer_name, (bytes, Purpose::Demand));
             let (prepared, converted) = match result {
                 Ok(filled) => filled,
                 Err((prepared, e)) => {
                     // `bytes` paid for what this acquire made; a copy made here goes with it, and
                     // only a copy that was resident before stays.
-                    layer.prepared = prepared.filter(|_| was_resident);
+                    if let Some(layer) = st.registry.layers.get_mut(key) {
+                        layer.prepared = prepared.filter(|_| was_resident);
+                    }
                     st.budget.refund(bytes);
                     return Err(e.context(format!("layer {layer_name:?}")));
                 }
             };
+            let layer = st
+                .registry
+                .layers
+                .get_mut(key)
+                .expect("fill_unlocked checked it");
             layer.prepared = Some(prepared);
             layer.computation = Some(match converted {
                 Some(copy) => Computation::Converted(copy),
@@ -993,13 +1026,16 @@ impl Context {
             return false;
         }
         st.budget.charge(bytes);
-        st.engine_filling = Some(key);
-        st.registry.layers.get_mut(key).expect("checked").busy = true;
-        let (mut st, result) = self.fill_unlocked(st, key, source, plan, &layer_name);
-        st.engine_filling = None;
-        let layer = st.registry.layers.get_mut(key).expect("checked");
+        let purpose = Purpose::Prefetch(distance);
+        let (mut st, result) =
+            self.fill_unlocked(st, key, source, plan, &layer_name, (bytes, purpose));
         match result {
             Ok((prepared, converted)) => {
+                let layer = st
+                    .registry
+                    .layers
+                    .get_mut(key)
+                    .expect("fill_unlocked checked it");
                 layer.prepared = Some(prepared);
                 layer.staged = converted;
                 layer.prefetched = true;
@@ -1019,7 +1055,9 @@ impl Context {
             }
             Err((prepared, _)) => {
                 // The acquire that needs this layer tries again and reports the error.
-                layer.prepared = prepared.filter(|_| was_resident);
+                if let Some(layer) = st.registry.layers.get_mut(key) {
+                    layer.prepared = prepared.filter(|_| was_resident);
+                }
                 st.budget.refund(bytes);
                 false
             }
@@ -1032,9 +1070,11 @@ impl Context {
         layer.acquired_at = Some(Stamp::now());
     }
 
-    /// Fills a layer the caller marked busy (and paid for) without holding the lock: takes its
-    /// resident copy along, fills, then takes the lock back, records the spans, wakes the waiters
-    /// and clears busy. The layer is still there: busy layers are not removed.
+    /// Fills a layer the caller paid `charged` bytes for without holding the lock: marks it busy
+    /// (and as the copy engine's fill, for a prefetch), takes its resident copy
+    /// along, fills, then takes the lock back, clears the marks, wakes the waiters and records the
+    /// spans. On `Ok` the layer is still registered; a layer gone meanwhile (busy layers are not
+    /// removed, but no panic is worth that promise) is an error, its resident copy refunded here.
     fn fill_unlocked<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -1042,11 +1082,18 @@ impl Context {
         source: Source,
         plan: DevicePlan,
         layer_name: &Arc<str>,
+        (charged, purpose): (u64, Purpose),
     ) -> (MutexGuard<'a, State>, Filled) {
-        let layer = st.registry.layers.get_mut(key).expect("checked");
+        let layer = st
+            .registry
+            .layers
+            .get_mut(key)
+            .expect("checked by the caller");
         let tensors = layer.tensors.clone();
         let prepared = layer.prepared.take();
-        drop(st);
+        let resident = prepared.as_ref().map_or(0, DeviceCopy::bytes);
+        let by_engine = purpose != Purpose::Demand;
+        let filling = self.begin_fill(st, key, charged + resident, by_engine);
 
         let mut spans = Vec::new();
         let result = self.fill_device(&source, &tensors, prepared, plan, layer_name, &mut spans);
@@ -1054,16 +1101,15 @@ impl Context {
         // must then be gone with it rather than kept a moment longer by this thread.
         drop(source);
 
-        let mut st = self.lock();
+        let mut st = filling.end();
         for span in spans {
             st.trace.record(span);
         }
-        self.wake(st.waiters);
-        st.registry
-            .layers
-            .get_mut(key)
-            .expect("busy layers are not removed")
-            .busy = false;
+        if st.registry.layers.get(key).is_none() {
+            st.budget.refund(resident);
+            let gone = Error::handle(format!("layer {layer_name:?} was removed during its fill"));
+            return (st, Err((None, gone)));
+        }
         (st, result)
     }
 
@@ -1328,6 +1374,22 @@ fn nearest_host_copy(layer: &Layer, onload_first: bool) -> Option<(&Arc<HostCopy
             .as_ref()
             .map(|copy| (copy, Tier::Offload))
     })
+}
+
+/// Whether the layer lacks the host copy `tier` (Offload or Onload) asks for: that tier is in RAM,
+/// and for Onload, the offload copy is not already in its form.
+fn host_copy_missing(layer: &Layer, tiers: &Tiers, tier: Tier) -> bool {
+    tiers.placement(tier).device == Device::Cpu
+        && match tier {
+            Tier::Offload => layer.offload_copy.is_none(),
+            _ => {
+                layer.onload_copy.is_none()
+                    && !layer
+                        .offload_copy
+                        .as_ref()
+                        .is_some_and(|c| c.slots == layer.forms.get(tier).slots)
+            }
+        }
 }
 
 /// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.

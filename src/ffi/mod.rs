@@ -15,7 +15,7 @@ pub mod layer;
 pub mod log;
 pub mod stats;
 
-use crate::error::{strata_status, Error, Result, STRATA_ERR_PANIC, STRATA_OK};
+use crate::error::{panic_message, strata_status, Error, Result, STRATA_ERR_PANIC, STRATA_OK};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
@@ -44,11 +44,7 @@ pub(crate) fn boundary(function: &str, body: impl FnOnce() -> Result<()>) -> str
             error.status
         }
         Err(payload) => {
-            let reason = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let reason = panic_message(&*payload);
             set_last_error(format!("{function}: internal error (panic): {reason}"));
             STRATA_ERR_PANIC
         }
