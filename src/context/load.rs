@@ -103,8 +103,7 @@ impl Context {
     ) -> Result<()> {
         let infos = match source {
             Source::Host(copy) => {
-                for i in 0..tensors.len() {
-                    let slot = &copy.slots[i];
+                for (i, (meta, slot)) in tensors.iter().zip(&copy.slots).enumerate() {
                     let (bytes, scales) = slot_contents(slot, copy.buffer.buffer.as_slice())?;
                     let src = TensorBytes {
                         bytes,
@@ -112,7 +111,7 @@ impl Context {
                         scales: &scales,
                     };
                     sink.whole(i, src)?;
-                    panic_if_armed(&tensors[i].name);
+                    panic_if_armed(&meta.name);
                 }
                 return Ok(());
             }
