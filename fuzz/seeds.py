@@ -167,3 +167,41 @@ for name, data in abi_seeds.items():
     with open(os.path.join(ABI_OUT, name), "wb") as f:
         f.write(data)
 print(f"{len(abi_seeds)} seeds, {sum(map(len, abi_seeds.values()))} bytes in {ABI_OUT}")
+
+# ----- abi_threads: a header byte (threads, budget, depth, strict), then (op, arg) pairs dealt to
+# the threads in turn (see fuzz_targets/abi_threads.rs). Ops: 0-2 acquire, 3-4 release, 5 onload,
+# 6 offload, 7 destroy group, 8 unregister, 9 vram limit, 10 register/create, 11 stats (arg 0xFF:
+# destroy the context).
+THREADS_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds", "abi_threads")
+
+
+def header(threads=2, budget=1, depth=2, strict=False):
+    """budget: 0 = budget 0, 1 = unlimited, 2 or 3 = that many times 2 KiB."""
+    return bytes([(threads - 2) | budget << 2 | depth << 4 | (0x40 if strict else 0)])
+
+
+def ops(*pairs):
+    return b"".join(bytes(p) for p in pairs)
+
+
+ACQ, REL, ONLOAD, OFFLOAD, DESTROY, UNREG, LIMIT, REGISTER, STATS = 0, 3, 5, 6, 7, 8, 9, 10, 11
+threads_seeds = {
+    # Two threads pass over the bf16 layers under a budget for one, so one waits for the other.
+    "wait_for_room": header(2, 2) + ops(*[p for i in range(6) for p in [(ACQ, 2 + i % 2), (REL, 0)]]),
+    # One thread destroys a bf16 group while the other offloads it, with the engine prefetching.
+    "offload_races_destroy": header(2, 1, 2) + ops((ACQ, 2), (OFFLOAD, 1), (REL, 0), (DESTROY, 1),
+                                                   (ACQ, 3), (OFFLOAD, 1), (REL, 0), (ACQ, 2)),
+    # Three threads: one holds, one waits for room, one destroys the context.
+    "destroy_while_waiting": header(3, 2) + ops((ACQ, 2), (ACQ, 3), (STATS, 0), (ACQ, 3), (STATS, 0),
+                                                (STATS, 0xFF), (REL, 0), (ACQ, 2), (STATS, 0)),
+    # Budget lowered to 0 and lifted while two threads acquire and unregister.
+    "limits_and_unregister": header(2, 1, 1) + ops((ACQ, 2), (LIMIT, 0), (REL, 0), (UNREG, 3),
+                                                   (ACQ, 3), (LIMIT, 1), (REGISTER, 4), (ONLOAD, 2),
+                                                   (ACQ, 4), (REL, 0)),
+    "strict_four_threads": header(4, 3, 3, True) + ops(*[p for i in range(4) for p in [(ACQ, i), (ONLOAD, i), (REL, 0), (OFFLOAD, i)]]),
+}
+os.makedirs(THREADS_OUT, exist_ok=True)
+for name, data in threads_seeds.items():
+    with open(os.path.join(THREADS_OUT, name), "wb") as f:
+        f.write(data)
+print(f"{len(threads_seeds)} seeds, {sum(map(len, threads_seeds.values()))} bytes in {THREADS_OUT}")

@@ -2,7 +2,7 @@
 # Runs every fuzz target in fuzz/ for SECONDS each (default 60), at the lowest CPU priority.
 #   scripts/fuzz.sh [SECONDS]
 # New inputs go to fuzz/corpus/TARGET (not committed); the committed seeds are fuzz/seeds/TARGET.
-# A crash stops the run and leaves its input in fuzz/artifacts/TARGET; replay it with
+# A call that runs past 60 s counts as a crash (a hang). A crash stops the run and leaves its input in fuzz/artifacts/TARGET; replay it with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -a TARGET fuzz/artifacts/TARGET/crash-...
 set -euo pipefail
 seconds=${1:-60}
@@ -22,5 +22,5 @@ for target in $(cargo fuzz list); do
   echo "== $target for ${seconds}s"
   # -a: debug assertions, so an arithmetic overflow is a crash rather than a wrong number.
   nice -n 19 cargo fuzz run -a "$target" "$fuzz/corpus/$target" "$fuzz/seeds/$target" -- \
-    -max_total_time="$seconds" -print_final_stats=1
+    -max_total_time="$seconds" -timeout=60 -print_final_stats=1
 done
