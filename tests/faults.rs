@@ -408,3 +408,178 @@ fn an_integer_tier_dtype_is_refused_when_the_group_is_created() {
         assert_eq!(group, 0xA5, "output written on failure");
     }
 }
+
+// ----- reliability round 2: one bad file, panics mid-fill -----
+
+/// With the default tiers (host copies in RAM), a group whose layers come from two files, one of
+/// them truncated: the other file's layers keep working with exact bytes, the damaged one fails
+/// its own acquires with STRATA_ERR_IO, and an explicit onload returns that error with the
+/// intact layers onloaded.
+#[test]
+fn one_damaged_file_fails_only_its_own_layers() {
+    let dir = TempDir::new("one bad file");
+    let (intact, damaged) = (
+        dir.path("intact.safetensors"),
+        dir.path("damaged.safetensors"),
+    );
+    let bytes = write_weight(&intact, 11);
+    write_weight(&damaged, 12);
+    let ctx = Ctx::new(STRATA_UNLIMITED);
+    let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_F32));
+    let good = ctx.register_tensors(group, &intact, "good", &["w"]);
+    let bad = ctx.register_tensors(group, &damaged, "bad", &["w"]);
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&damaged)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    // The implicit onload of the first acquire meets the damaged file: not this layer's.
+    assert_eq!(ctx.acquire(good)[0].1, bytes);
+    ctx.release(good);
+    for _ in 0..2 {
+        expect(ctx.try_acquire(bad), STRATA_ERR_IO);
+        assert!(
+            last_error().contains("damaged.safetensors"),
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(ctx.acquire(good)[0].1, bytes);
+    ctx.release(good);
+
+    // Explicit: the first error comes back, and the intact layers are onloaded all the same.
+    ok(strata_group_offload(ctx.0, group));
+    expect(strata_group_onload(ctx.0, group), STRATA_ERR_IO);
+    assert!(
+        last_error().contains("damaged.safetensors"),
+        "{}",
+        last_error()
+    );
+    let before = ctx.stats();
+    assert_eq!(ctx.acquire(good)[0].1, bytes);
+    ctx.release(good);
+    assert_eq!(
+        ctx.stats().implicit_onloads,
+        before.implicit_onloads,
+        "the group counts as onloaded"
+    );
+    expect(ctx.try_acquire(bad), STRATA_ERR_IO);
+    destroy_and_check_empty(&ctx, &[group]);
+}
+
+/// What the log callback received, for the engine's panic report.
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+unsafe extern "C" fn keep_log(
+    _user: *mut std::ffi::c_void,
+    _level: u32,
+    message: *const std::ffi::c_char,
+) {
+    // SAFETY: strata passes a NUL-terminated message valid during the call.
+    let message = unsafe { std::ffi::CStr::from_ptr(message) };
+    LOGGED
+        .lock()
+        .unwrap()
+        .push(message.to_string_lossy().into_owned());
+}
+
+/// A panic in strata mid-fill (the test hook) leaves nothing marked: in an acquire's fill it is
+/// STRATA_ERR_PANIC for that acquire and the next one works; in the copy engine's fill the
+/// engine survives and the acquire fills the layer itself; in an onload's host copy the onload
+/// is STRATA_ERR_PANIC and the next one works. set_vram_limit returns, and once the groups are
+/// destroyed no byte is held (what the fills had charged was given back).
+#[test]
+fn a_panic_mid_fill_leaves_no_stuck_state() {
+    within(60, || {
+        let ctx = Ctx::with(|o| {
+            o.prefetch_depth = 1;
+            o.log_fn = Some(keep_log);
+        });
+        let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_BF16));
+        let layers: Vec<(u64, Vec<u8>)> = ["panic.demand", "panic.engine.a", "panic.engine.b"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let values = weights(64 * 64, 60 + i as u64, 1.0);
+                let tensor = (*name, STRATA_DTYPE_F32, vec![64, 64], f32_bytes(&values));
+                (ctx.register(group, name, &[tensor]), bf16_bytes(&values))
+            })
+            .collect();
+        let [(demand, demand_bytes), (a, a_bytes), (b, b_bytes)] = &layers[..] else {
+            unreachable!()
+        };
+
+        // In an acquire's own fill.
+        strata::context::inject_fill_panics("panic.demand", 1);
+        expect(ctx.try_acquire(*demand), STRATA_ERR_PANIC);
+        assert!(
+            last_error().contains("injected fill panic"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(&ctx.acquire(*demand)[0].1, demand_bytes);
+        ctx.release(*demand);
+        ok(strata_context_set_vram_limit(ctx.0, 0));
+        ok(strata_context_set_vram_limit(ctx.0, STRATA_UNLIMITED));
+
+        // In the copy engine's fill: learn a, b, then drop the device copies; acquiring a sets
+        // the engine filling b, which panics.
+        for _ in 0..2 {
+            for (id, bytes) in [(a, a_bytes), (b, b_bytes)] {
+                assert_eq!(&ctx.acquire(*id)[0].1, bytes);
+                ctx.release(*id);
+            }
+        }
+        ok(strata_group_offload(ctx.0, group));
+        strata::context::inject_fill_panics("panic.engine.b", 1);
+        assert_eq!(&ctx.acquire(*a)[0].1, a_bytes);
+        let started = std::time::Instant::now();
+        // The engine's report reaches the log callback as a later call returns.
+        while !LOGGED
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("copy engine panicked"))
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "the engine never reported its panic"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            ctx.stats();
+        }
+        ok(strata_context_set_vram_limit(ctx.0, 1 << 20));
+        assert_eq!(&ctx.acquire(*b)[0].1, b_bytes);
+        ctx.release(*b);
+        ctx.release(*a);
+        ok(strata_context_set_vram_limit(ctx.0, STRATA_UNLIMITED));
+
+        // In an onload's host copy (the onload tier in RAM as f16).
+        let onload_group = ctx.group(&tiers(|t| {
+            t.onload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_F16);
+            t.computation.dtype = STRATA_DTYPE_F16;
+        }));
+        let values = weights(64, 70, 1.0);
+        let tensor = (
+            "panic.onload",
+            STRATA_DTYPE_F32,
+            vec![64],
+            f32_bytes(&values),
+        );
+        let layer = ctx.register(onload_group, "panic.onload", &[tensor]);
+        strata::context::inject_fill_panics("panic.onload", 1);
+        expect(strata_group_onload(ctx.0, onload_group), STRATA_ERR_PANIC);
+        ok(strata_group_onload(ctx.0, onload_group));
+        let f16: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(ctx.acquire(layer)[0].1, f16);
+        ctx.release(layer);
+        ok(strata_group_offload(ctx.0, onload_group));
+        destroy_and_check_empty(&ctx, &[group, onload_group]);
+    });
+}

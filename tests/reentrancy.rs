@@ -11,27 +11,7 @@ use std::collections::BTreeSet;
 use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::Duration;
-
-/// Runs `scenario` on its own thread; fails when it does not end within `seconds` (a deadlock).
-fn within(seconds: u64, scenario: impl FnOnce() + Send + 'static) {
-    let (done, ended) = mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        scenario();
-        let _ = done.send(());
-    });
-    match ended.recv_timeout(Duration::from_secs(seconds)) {
-        Ok(()) => worker.join().unwrap(),
-        // The scenario panicked: its own message says why.
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            std::panic::resume_unwind(worker.join().unwrap_err())
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("no return within {seconds} s: a call from a callback deadlocked")
-        }
-    }
-}
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What a probe may find: the group whose onload runs on the probing thread, or none.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -402,3 +402,23 @@ pub fn skip(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
 }
+
+/// Runs `scenario` on its own thread; fails when it does not end within `seconds`, so a call that
+/// hangs (a deadlock, a wait nobody ends) fails the test instead of hanging it.
+pub fn within(seconds: u64, scenario: impl FnOnce() + Send + 'static) {
+    let (done, ended) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        scenario();
+        let _ = done.send(());
+    });
+    match ended.recv_timeout(std::time::Duration::from_secs(seconds)) {
+        Ok(()) => worker.join().unwrap(),
+        // The scenario panicked: its own message says why.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(worker.join().unwrap_err())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("no return within {seconds} s: a call hangs")
+        }
+    }
+}
