@@ -178,13 +178,15 @@ typedef struct strata_tensor_view {
  * Receives one log message: `level` is STRATA_LOG_ERROR, _WARN, _INFO or _DEBUG (every level is
  * delivered; filter as you like), `message` a NUL-terminated string valid during the call. Called
  * on a thread that is calling strata, as that call returns and after strata has dropped its locks:
- * it may call strata functions on the same context (but not destroy it).
+ * it may call any strata function on the same context, destroy included.
  */
 typedef void (*strata_log_fn)(void *user, uint32_t level, const char *message);
 
 /**
  * Receives progress of a long operation: `phase` names it (NUL-terminated, valid during the
- * call), `done` of `total` units are finished. Called without any strata lock held.
+ * call), `done` of `total` units are finished. Called without any strata lock held: any strata
+ * function may be called from it. During a group's onload, calls that would wait for that onload
+ * (onloading, offloading or destroying the group, acquiring its layers) return STRATA_ERR_STATE.
  */
 typedef void (*strata_progress_fn)(void *user, const char *phase, uint64_t done, uint64_t total);
 
@@ -465,6 +467,10 @@ extern "C" {
  * (`capacity` entries; too few is STRATA_ERR_BUFFER_TOO_SMALL and nothing is acquired: see
  * strata_layer_tensor_count). Blocks until the bytes are there on the CPU device; on CUDA, makes
  * `stream` wait for them instead. Acquiring a layer already acquired counts one more use.
+ * A thread that holds no layer waits for room other threads hold; strata_context_destroy ends
+ * that wait with STRATA_ERR_INVALID_HANDLE. From the progress callback of its group's onload,
+ * STRATA_ERR_STATE at once. A layer whose file is damaged fails with STRATA_ERR_IO or
+ * STRATA_ERR_FORMAT on its own acquires only; the other layers of its group keep working.
  */
 strata_status strata_acquire_for_compute(struct strata_context *ctx,
                                          uint64_t layer,
@@ -518,6 +524,10 @@ strata_status strata_context_create(const struct strata_options *opts, struct st
  * Destroys a context and everything registered on it; views it handed out become invalid.
  * Returns once the context's copy engine thread has ended, so the library may be unloaded next.
  * NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
+ * Other threads may be inside calls on the context: each one waiting (for room, for a fill, for
+ * an onload) wakes and returns STRATA_ERR_INVALID_HANDLE at once; one moving bytes finishes that
+ * step first; every call that begins after destroy is STRATA_ERR_INVALID_HANDLE. It may be called
+ * from the context's own log or progress callback: the call that ran the callback returns.
  */
 void strata_context_destroy(struct strata_context *ctx);
 
@@ -569,17 +579,23 @@ strata_status strata_group_create(struct strata_context *ctx,
 
 /**
  * Moves a group's layers to their onload tier (reading into RAM where the onload tier is the cpu).
+ * A layer whose copy cannot be made (its file damaged, host memory short) does not stop the
+ * others: they are onloaded, the first such error is returned, and each failed layer tries again
+ * at its own acquire. From the progress callback of this group's onload, STRATA_ERR_STATE at once
+ * (as are strata_group_offload and strata_group_destroy of it there).
  */
 strata_status strata_group_onload(struct strata_context *ctx, uint64_t group);
 
 /**
  * Moves a group's layers back to their offload tier: resident copies leave the device (layers in
- * use leave when released).
+ * use leave when released). Waits for fills of its layers to end; a group destroyed meanwhile by
+ * another thread is STRATA_ERR_INVALID_HANDLE.
  */
 strata_status strata_group_offload(struct strata_context *ctx, uint64_t group);
 
 /**
- * Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired.
+ * Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired, or while
+ * an onload of it runs. A group another thread destroys while this call waits: INVALID_HANDLE.
  */
 strata_status strata_group_destroy(struct strata_context *ctx, uint64_t group);
 

@@ -26,6 +26,10 @@ pub struct strata_tensor_view {
 /// (`capacity` entries; too few is STRATA_ERR_BUFFER_TOO_SMALL and nothing is acquired: see
 /// strata_layer_tensor_count). Blocks until the bytes are there on the CPU device; on CUDA, makes
 /// `stream` wait for them instead. Acquiring a layer already acquired counts one more use.
+/// A thread that holds no layer waits for room other threads hold; strata_context_destroy ends
+/// that wait with STRATA_ERR_INVALID_HANDLE. From the progress callback of its group's onload,
+/// STRATA_ERR_STATE at once. A layer whose file is damaged fails with STRATA_ERR_IO or
+/// STRATA_ERR_FORMAT on its own acquires only; the other layers of its group keep working.
 #[no_mangle]
 pub extern "C" fn strata_acquire_for_compute(
     ctx: *mut strata_context,

@@ -187,6 +187,10 @@ pub extern "C" fn strata_context_create(
 /// Destroys a context and everything registered on it; views it handed out become invalid.
 /// Returns once the context's copy engine thread has ended, so the library may be unloaded next.
 /// NULL is a no-op; a pointer already destroyed is reported through `strata_last_error` only.
+/// Other threads may be inside calls on the context: each one waiting (for room, for a fill, for
+/// an onload) wakes and returns STRATA_ERR_INVALID_HANDLE at once; one moving bytes finishes that
+/// step first; every call that begins after destroy is STRATA_ERR_INVALID_HANDLE. It may be called
+/// from the context's own log or progress callback: the call that ran the callback returns.
 #[no_mangle]
 pub extern "C" fn strata_context_destroy(ctx: *mut strata_context) {
     boundary_void("strata_context_destroy", || {

@@ -88,13 +88,18 @@ pub extern "C" fn strata_group_create(
 }
 
 /// Moves a group's layers to their onload tier (reading into RAM where the onload tier is the cpu).
+/// A layer whose copy cannot be made (its file damaged, host memory short) does not stop the
+/// others: they are onloaded, the first such error is returned, and each failed layer tries again
+/// at its own acquire. From the progress callback of this group's onload, STRATA_ERR_STATE at once
+/// (as are strata_group_offload and strata_group_destroy of it there).
 #[no_mangle]
 pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_onload", || context(ctx)?.onload_group(group))
 }
 
 /// Moves a group's layers back to their offload tier: resident copies leave the device (layers in
-/// use leave when released).
+/// use leave when released). Waits for fills of its layers to end; a group destroyed meanwhile by
+/// another thread is STRATA_ERR_INVALID_HANDLE.
 #[no_mangle]
 pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_offload", || {
@@ -102,7 +107,8 @@ pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> 
     })
 }
 
-/// Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired.
+/// Destroys a group and its layers. STRATA_ERR_STATE while any of its layers is acquired, or while
+/// an onload of it runs. A group another thread destroys while this call waits: INVALID_HANDLE.
 #[no_mangle]
 pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_destroy", || {

@@ -8,12 +8,14 @@ use std::sync::Arc;
 /// Receives one log message: `level` is STRATA_LOG_ERROR, _WARN, _INFO or _DEBUG (every level is
 /// delivered; filter as you like), `message` a NUL-terminated string valid during the call. Called
 /// on a thread that is calling strata, as that call returns and after strata has dropped its locks:
-/// it may call strata functions on the same context (but not destroy it).
+/// it may call any strata function on the same context, destroy included.
 pub type strata_log_fn =
     Option<unsafe extern "C" fn(user: *mut c_void, level: u32, message: *const c_char)>;
 
 /// Receives progress of a long operation: `phase` names it (NUL-terminated, valid during the
-/// call), `done` of `total` units are finished. Called without any strata lock held.
+/// call), `done` of `total` units are finished. Called without any strata lock held: any strata
+/// function may be called from it. During a group's onload, calls that would wait for that onload
+/// (onloading, offloading or destroying the group, acquiring its layers) return STRATA_ERR_STATE.
 pub type strata_progress_fn =
     Option<unsafe extern "C" fn(user: *mut c_void, phase: *const c_char, done: u64, total: u64)>;
 
