@@ -12,6 +12,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 /// What a probe may find: the group whose onload runs on the probing thread, or none.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -406,10 +407,8 @@ unsafe extern "C" fn on_log(user: *mut c_void, _level: u32, message: *const c_ch
     unsafe { &*(user as *const Probe) }.fire();
 }
 
-/// A context whose callbacks probe, a checkpoint directory of two shards, and the groups: one
-/// kept in RAM as bf16 while onloaded (so its onload reports progress), one onloaded already.
-fn scenario(tag: &str, log: bool) -> (Ctx, Arc<Probe>, TempDir) {
-    let dir = TempDir::new(tag);
+/// A checkpoint directory of two shards, of two 8×8 f32 tensors each: a.w, b.w and c.w, d.w.
+fn write_shards(dir: &TempDir) -> PathBuf {
     let shards = dir.path("shards");
     std::fs::create_dir_all(&shards).unwrap();
     let tensor = |name: &str, seed| {
@@ -428,6 +427,14 @@ fn scenario(tag: &str, log: bool) -> (Ctx, Arc<Probe>, TempDir) {
         &shards.join("c.safetensors"),
         &[tensor("c.w", 3), tensor("d.w", 4)],
     );
+    shards
+}
+
+/// A context whose callbacks probe, a checkpoint directory of two shards, and the groups: one
+/// kept in RAM as bf16 while onloaded (so its onload reports progress), one onloaded already.
+fn scenario(tag: &str, log: bool) -> (Ctx, Arc<Probe>, TempDir) {
+    let dir = TempDir::new(tag);
+    let shards = write_shards(&dir);
     let probe = Arc::new(Probe::default());
     // The callbacks may run until the context is destroyed, whichever is dropped first: the
     // probe is never freed.
@@ -563,4 +570,79 @@ fn the_context_destroyed_from_a_callback_ends_the_call_and_takes_no_more() {
             expect(strata_group_onload(ctx.0, group), STRATA_ERR_INVALID_HANDLE);
         });
     }
+}
+
+/// What the holding-thread scenario's progress callback does: (context, layer to acquire), and
+/// the status it got.
+static HOLDING: Mutex<Option<(usize, u64)>> = Mutex::new(None);
+static HOLDING_STATUS: Mutex<Option<strata_status>> = Mutex::new(None);
+
+unsafe extern "C" fn acquire_while_another_thread_waits(
+    _user: *mut c_void,
+    _phase: *const c_char,
+    _done: u64,
+    _total: u64,
+) {
+    let Some((ctx, layer)) = HOLDING.lock().unwrap().take() else {
+        return;
+    };
+    // Time for the main thread, which holds the only room, to start waiting for this onload.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut views = [empty_view(); 2];
+    let mut count = 0;
+    let status = strata_acquire_for_compute(
+        ctx as *mut strata_context,
+        layer,
+        std::ptr::null_mut(),
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    );
+    if status == STRATA_OK {
+        strata_release(ctx as *mut strata_context, layer, std::ptr::null_mut());
+    }
+    *HOLDING_STATUS.lock().unwrap() = Some(status);
+}
+
+/// Thread A onloads a group; thread B holds the only room and waits for that onload to end (an
+/// offload of the group). An acquire from A's progress callback that needs B's room would wait
+/// for B forever: it is refused at once (STRATA_ERR_BUDGET), and both calls return.
+#[test]
+fn an_acquire_from_an_onloads_progress_callback_never_waits_for_room() {
+    within(WATCHDOG_SECONDS, || {
+        let dir = TempDir::new("holding");
+        let shards = write_shards(&dir);
+        let ctx = Ctx::with(|o| {
+            o.vram_limit = 1024;
+            o.prefetch_depth = 0;
+            o.progress_fn = Some(acquire_while_another_thread_waits);
+        });
+        let onload_in_ram = tiers(|t| {
+            t.offload.device = STRATA_DEVICE_DISK;
+            t.onload.device = STRATA_DEVICE_CPU;
+            t.onload.dtype = STRATA_DTYPE_BF16;
+        });
+        let group = ctx.group(&onload_in_ram);
+        ctx.register_tensors(group, &shards, "a", &["a.w"]);
+        let bf16 = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_BF16));
+        let layer = |name: &str| {
+            let tensor = ("w", STRATA_DTYPE_F32, vec![16, 16], f32_bytes(&[1.0; 256]));
+            ctx.register(bf16, name, &[tensor])
+        };
+        let (held, wanted) = (layer("held"), layer("wanted"));
+        ctx.acquire(held);
+        *HOLDING.lock().unwrap() = Some((ctx.0 as usize, wanted));
+        let ptr = ctx.0 as usize;
+        let onload =
+            std::thread::spawn(move || strata_group_onload(ptr as *mut strata_context, group));
+        while HOLDING.lock().unwrap().is_some() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Waits for the onload, which runs its callback now.
+        ok(strata_group_offload(ctx.0, group));
+        ok(onload.join().unwrap());
+        let status = HOLDING_STATUS.lock().unwrap().take();
+        assert_eq!(status.map(name), Some(name(STRATA_ERR_BUDGET)));
+        ctx.release(held);
+    });
 }

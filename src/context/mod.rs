@@ -1201,7 +1201,13 @@ impl Context {
                 return Err(NoRoom::Wait);
             }
             // Waiting is safe only for a thread that holds nothing: two threads that each hold a
-            // layer and wait for the other's would wait forever.
+            // layer and wait for the other's would wait forever. A group this thread is onloading
+            // (an acquire from its progress callback) counts as held: others may wait for it.
+            let onloading_here = st
+                .registry
+                .groups
+                .iter()
+                .any(|(_, g)| g.loading == Some(me));
             let held_by_me: u64 = st
                 .registry
                 .layers
@@ -1211,7 +1217,7 @@ impl Context {
             let others_active = st.registry.layers.iter().any(|(k, l)| {
                 k != key && (l.busy || (l.in_use > 0 && l.holders.iter().any(|&h| h != me)))
             });
-            if held_by_me == 0 && others_active {
+            if held_by_me == 0 && !onloading_here && others_active {
                 return Err(NoRoom::Wait);
             }
             let name = &st.registry.layers.get(key).expect("checked").name;
