@@ -90,18 +90,7 @@ impl Probe {
         let n = self.fresh.fetch_add(1, Ordering::Relaxed);
 
         // Acquire and release, in the group onloading and in another.
-        let acquire = |layer| {
-            let mut views = [empty_view(); 4];
-            let mut count = 0;
-            strata_acquire_for_compute(
-                ctx,
-                layer,
-                std::ptr::null_mut(),
-                views.as_mut_ptr(),
-                views.len(),
-                &mut count,
-            )
-        };
+        let acquire = |layer| acquire_status(ctx, layer);
         let status = acquire(s.layer);
         self.record(
             "strata_acquire_for_compute (the group's layer)",
@@ -588,16 +577,7 @@ unsafe extern "C" fn acquire_while_another_thread_waits(
     };
     // Time for the main thread, which holds the only room, to start waiting for this onload.
     std::thread::sleep(Duration::from_millis(300));
-    let mut views = [empty_view(); 2];
-    let mut count = 0;
-    let status = strata_acquire_for_compute(
-        ctx as *mut strata_context,
-        layer,
-        std::ptr::null_mut(),
-        views.as_mut_ptr(),
-        views.len(),
-        &mut count,
-    );
+    let status = acquire_status(ctx as *mut strata_context, layer);
     if status == STRATA_OK {
         strata_release(ctx as *mut strata_context, layer, std::ptr::null_mut());
     }

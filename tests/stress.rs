@@ -173,16 +173,7 @@ fn destroy_wakes_every_thread_waiting_for_room_and_each_gets_invalid_handle() {
         let waiters: Vec<_> = (0..3)
             .map(|_| {
                 std::thread::spawn(move || {
-                    let mut views = [empty_view(); 2];
-                    let mut count = 0;
-                    let status = strata_acquire_for_compute(
-                        ptr as *mut strata_context,
-                        wanted,
-                        std::ptr::null_mut(),
-                        views.as_mut_ptr(),
-                        views.len(),
-                        &mut count,
-                    );
+                    let status = acquire_status(ptr as *mut strata_context, wanted);
                     (status, last_error())
                 })
             })

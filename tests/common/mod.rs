@@ -422,3 +422,18 @@ pub fn within(seconds: u64, scenario: impl FnOnce() + Send + 'static) {
         }
     }
 }
+
+/// Acquires a layer through a raw context pointer (as a callback or another thread has it) into
+/// room for 8 views; only the status. On success the layer stays acquired.
+pub fn acquire_status(ctx: *mut strata_context, layer: u64) -> strata_status {
+    let mut views = [empty_view(); 8];
+    let mut count = 0;
+    strata_acquire_for_compute(
+        ctx,
+        layer,
+        ptr::null_mut(),
+        views.as_mut_ptr(),
+        views.len(),
+        &mut count,
+    )
+}
