@@ -145,13 +145,14 @@ fn destroy_returns_once_the_copy_engine_thread_has_ended() {
     }
 }
 
-/// A host group computed as bf16, so each acquire fills device memory: `n` layers of 16 KiB.
-fn bf16_group(ctx: &Ctx, n: usize, seed: u64) -> (u32, Vec<(u64, Vec<u8>)>) {
+/// A host group computed as bf16, so each acquire fills device memory: `n` layers of `side`²
+/// f32 values.
+fn bf16_group(ctx: &Ctx, n: usize, side: i64, seed: u64) -> (u32, Vec<(u64, Vec<u8>)>) {
     let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_BF16));
     let layers = (0..n)
         .map(|i| {
-            let values = weights(64 * 64, seed + i as u64, 1.0);
-            let tensor = ("w", STRATA_DTYPE_F32, vec![64, 64], f32_bytes(&values));
+            let values = weights((side * side) as usize, seed + i as u64, 1.0);
+            let tensor = ("w", STRATA_DTYPE_F32, vec![side, side], f32_bytes(&values));
             let id = ctx.register(group, &format!("l{seed}.{i}"), &[tensor]);
             (id, bf16_bytes(&values))
         })
@@ -165,7 +166,7 @@ fn destroy_wakes_every_thread_waiting_for_room_and_each_gets_invalid_handle() {
     within(60, || {
         // Room for one layer in use: the main thread holds it, three threads wait for room.
         let ctx = Ctx::new(64 * 64 * 2);
-        let (_, layers) = bf16_group(&ctx, 2, 1);
+        let (_, layers) = bf16_group(&ctx, 2, 64, 1);
         let (held, _) = layers[0];
         let (wanted, _) = layers[1];
         ctx.acquire(held);
@@ -199,9 +200,10 @@ fn destroy_wakes_every_thread_waiting_for_room_and_each_gets_invalid_handle() {
 fn offload_racing_destroy_of_the_same_group_with_the_engine_filling_ends_in_statuses() {
     let _alone = alone();
     within(120, || {
-        for round in 0..100 {
+        for round in 0..40 {
             let ctx = Ctx::with(|o| o.prefetch_depth = 3);
-            let (group, layers) = bf16_group(&ctx, 4, round);
+            // 4 MiB layers: the engine's fills take long enough for both calls to wait on one.
+            let (group, layers) = bf16_group(&ctx, 4, 1024, round);
             // Learn the order, then drop every device copy: the next acquire sets the engine
             // filling the layers after it while the two calls race.
             for _ in 0..2 {
