@@ -454,12 +454,13 @@ impl Context {
             }
         }
         // A layer registered meanwhile (from the progress callback) has no copy yet: the next
-        // acquire onloads again.
+        // acquire onloads again. A set, so that onloading a group of N layers stays linear.
+        let onloaded: std::collections::HashSet<Key> = layers.into_iter().collect();
         let complete = st
             .registry
             .groups
             .get(group)
-            .is_some_and(|g| g.layers.iter().all(|l| layers.contains(l)));
+            .is_some_and(|g| g.layers.iter().all(|l| onloaded.contains(l)));
         loading.end(&mut st, complete);
         Ok(first_failure)
     }
