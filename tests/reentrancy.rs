@@ -17,7 +17,7 @@ use std::time::Duration;
 /// What a probe may find: the group whose onload runs on the probing thread, or none.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum During {
-    OnloadOf(u32),
+    OnloadOf(u64),
     Nothing,
 }
 
@@ -25,10 +25,10 @@ enum During {
 struct Setup {
     ctx: usize,
     /// The group the onload scenarios onload, and one of its layers.
-    group: u32,
+    group: u64,
     layer: u64,
     /// Another group, onloaded, and one of its layers.
-    other_group: u32,
+    other_group: u64,
     other_layer: u64,
     checkpoint: PathBuf,
     trace: PathBuf,

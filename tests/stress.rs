@@ -147,7 +147,7 @@ fn destroy_returns_once_the_copy_engine_thread_has_ended() {
 
 /// A host group computed as bf16, so each acquire fills device memory: `n` layers of `side`²
 /// f32 values.
-fn bf16_group(ctx: &Ctx, n: usize, side: i64, seed: u64) -> (u32, Vec<(u64, Vec<u8>)>) {
+fn bf16_group(ctx: &Ctx, n: usize, side: i64, seed: u64) -> (u64, Vec<(u64, Vec<u8>)>) {
     let group = ctx.group(&tiers(|t| t.computation.dtype = STRATA_DTYPE_BF16));
     let layers = (0..n)
         .map(|i| {

@@ -49,7 +49,7 @@ struct LayerInfo {
 #[derive(Default)]
 struct Registered {
     /// Each group's id and whether it computes in bf16.
-    groups: Vec<(u32, bool)>,
+    groups: Vec<(u64, bool)>,
     layers: Vec<LayerInfo>,
 }
 
@@ -122,7 +122,7 @@ impl World {
         (!r.layers.is_empty()).then(|| r.layers[arg as usize % r.layers.len()].clone())
     }
 
-    fn pick_group(&self, arg: u8) -> Option<(u32, bool)> {
+    fn pick_group(&self, arg: u8) -> Option<(u64, bool)> {
         let r = self.registered.lock().unwrap();
         (!r.groups.is_empty()).then(|| r.groups[arg as usize % r.groups.len()])
     }
@@ -145,7 +145,7 @@ impl World {
     }
 
     /// Registers a one-tensor layer of f32 values into `group`; `seed` picks the values.
-    fn register(&self, group: u32, seed: u8, bf16: bool) -> strata_status {
+    fn register(&self, group: u64, seed: u8, bf16: bool) -> strata_status {
         let values: Vec<f32> = (0..ELEMENTS)
             .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 3.0)
             .collect();
