@@ -6,24 +6,20 @@ use super::{
 };
 use crate::convert::{Engine, TensorBytes};
 use crate::error::Result;
-use crate::host::HostBuffer;
+use crate::host::{HostBuffer, PageBank, MAP_THRESHOLD};
 use crate::tiers::Device;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// Freed buffers kept for the next allocation of the same size, at most this many and this many
-/// bytes: a repeating pass frees and allocates the same sizes over and over, and a fresh mapping
-/// costs a page fault per page when filled and a TLB shootdown when unmapped. The bound keeps the
-/// memory held beside the budget small.
-const POOL_BUFFERS: usize = 3;
-const POOL_BYTES: usize = 32 << 20;
-
-type Pool = Arc<Mutex<Vec<HostBuffer>>>;
-
+/// Device memory is host memory: buffers of `host::MAP_THRESHOLD` bytes and more are mappings,
+/// whose pages go to a bank when a layer leaves and make the next buffers, of whatever size (a
+/// fresh mapping costs a page fault per page when filled and a TLB shootdown when unmapped, for
+/// every layer of every streamed pass). What the bank keeps is device memory held: with what is
+/// live it stays within the cap (`vram_limit`, or the most held live since the cap was set, as the
+/// CUDA pool keeps), so the memory strata holds on the device never passes the budget. Smaller
+/// buffers come from the heap, which reuses its own.
 #[derive(Default)]
 pub struct CpuBackend {
-    pool: Pool,
-    allocations: AtomicU64,
+    pool: Arc<Mutex<Pool>>,
     conversions: Engine,
 }
 
@@ -37,10 +33,46 @@ impl CpuBackend {
     }
 }
 
-/// A buffer that goes back to the pool, room permitting, when its device copy is dropped.
+struct Pool {
+    bank: PageBank,
+    /// Bytes (whole pages) of the mapped buffers handed out and not yet dropped.
+    live: usize,
+    /// The most `live` has been since the cap was last set.
+    live_peak: usize,
+    cap: u64,
+    /// Buffers that needed fresh pages.
+    allocations: u64,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            bank: PageBank::default(),
+            live: 0,
+            live_peak: 0,
+            cap: u64::MAX,
+            allocations: 0,
+        }
+    }
+}
+
+impl Pool {
+    /// Gives banked pages back until live and banked fit under the cap.
+    fn trim(&mut self) {
+        let cap = usize::try_from(self.cap).unwrap_or(usize::MAX);
+        let bound = cap.max(self.live_peak);
+        self.bank.trim(bound.saturating_sub(self.live));
+    }
+}
+
+fn lock(pool: &Mutex<Pool>) -> std::sync::MutexGuard<'_, Pool> {
+    pool.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A buffer whose pages go back to the bank when its device copy is dropped.
 struct Pooled {
     buffer: Option<HostBuffer>,
-    pool: Pool,
+    pool: Arc<Mutex<Pool>>,
 }
 
 impl Drop for Pooled {
@@ -48,11 +80,10 @@ impl Drop for Pooled {
         let Some(buffer) = self.buffer.take() else {
             return;
         };
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let pooled: usize = pool.iter().map(HostBuffer::len).sum();
-        if pool.len() < POOL_BUFFERS && pooled + buffer.len() <= POOL_BYTES {
-            pool.push(buffer);
-        }
+        let mut pool = lock(&self.pool);
+        pool.live -= buffer.held_bytes();
+        pool.bank.put(buffer);
+        pool.trim();
     }
 }
 
@@ -85,19 +116,18 @@ impl Backend for CpuBackend {
     }
 
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {
-        let reused = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let found = pool.iter().position(|b| b.len() == bytes);
-            found.map(|i| pool.swap_remove(i))
-        };
         // A reused buffer holds old bytes: every fill writes each tensor's data and scales, and
         // nothing reads the padding between them.
-        let buffer = match reused {
-            Some(buffer) => buffer,
-            None => {
-                self.allocations.fetch_add(1, Ordering::Relaxed);
-                HostBuffer::new(bytes)?
-            }
+        let buffer = if bytes < MAP_THRESHOLD {
+            HostBuffer::new(bytes)?
+        } else {
+            let mut pool = lock(&self.pool);
+            let (buffer, fresh) = pool.bank.take(bytes)?;
+            pool.allocations += u64::from(fresh > 0);
+            pool.live += buffer.held_bytes();
+            pool.live_peak = pool.live_peak.max(pool.live);
+            pool.trim();
+            buffer
         };
         Ok(DeviceMemory {
             addr: buffer.as_ptr() as u64,
@@ -143,12 +173,89 @@ impl Backend for CpuBackend {
         convert_into_slot(src, dst_slot, bytes_mut(dst), self.conversions)
     }
 
+    fn set_memory_cap(&self, bytes: u64) -> Result<()> {
+        let mut pool = lock(&self.pool);
+        pool.cap = bytes;
+        pool.live_peak = pool.live;
+        pool.trim();
+        Ok(())
+    }
+
     fn release_idle(&self) -> Result<()> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.pool).bank.trim(0);
         Ok(())
     }
 
     fn allocations(&self) -> u64 {
-        self.allocations.load(Ordering::Relaxed)
+        lock(&self.pool).allocations
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(backend: &CpuBackend) -> (usize, usize) {
+        let pool = lock(&backend.pool);
+        (pool.live, pool.bank.bytes())
+    }
+
+    #[test]
+    fn buffers_of_any_size_reuse_freed_pages_within_the_cap() {
+        let backend = CpuBackend::default();
+        let cap = 24 << 20;
+        backend.set_memory_cap(cap).unwrap();
+        let sizes = [2 << 20, 12 << 20, 4 << 20, 8 << 20];
+        // A repeating pass with two buffers live at once, of sizes that never repeat in turn.
+        let pass = |backend: &CpuBackend| {
+            let mut live = std::collections::VecDeque::new();
+            for &size in sizes.iter().cycle().take(12) {
+                let memory = backend.allocate(size).unwrap();
+                backend.host_writable(&memory).unwrap().fill(7);
+                live.push_back(memory);
+                if live.len() > 2 {
+                    live.pop_front();
+                }
+                let (live_bytes, banked) = held(backend);
+                assert!(
+                    (live_bytes + banked) as u64 <= cap,
+                    "{live_bytes} + {banked}"
+                );
+            }
+        };
+        pass(&backend);
+        let warm = backend.allocations();
+        pass(&backend);
+        pass(&backend);
+        assert_eq!(
+            backend.allocations(),
+            warm,
+            "a warm pass maps nothing fresh"
+        );
+        // A lower cap gives banked pages back at once; release_idle gives back the rest.
+        backend.set_memory_cap(4 << 20).unwrap();
+        assert!(held(&backend).1 <= 4 << 20);
+        backend.release_idle().unwrap();
+        assert_eq!(held(&backend), (0, 0));
+    }
+
+    #[test]
+    fn under_a_zero_cap_the_bank_keeps_at_most_the_live_peak() {
+        let backend = CpuBackend::default();
+        backend.set_memory_cap(0).unwrap();
+        let a = backend.allocate(8 << 20).unwrap();
+        let b = backend.allocate(2 << 20).unwrap();
+        drop(a);
+        drop(b);
+        assert_eq!(held(&backend), (0, 10 << 20));
+        let c = backend.allocate(10 << 20).unwrap();
+        assert_eq!(
+            backend.allocations(),
+            2,
+            "made of the two freed buffers' pages"
+        );
+        assert!(backend.host_writable(&c).unwrap().len() == 10 << 20);
+        drop(c);
+        assert_eq!(held(&backend), (0, 10 << 20));
     }
 }

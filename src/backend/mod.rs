@@ -210,8 +210,8 @@ pub trait Backend: Send + Sync {
     fn release_idle(&self) -> Result<()> {
         Ok(())
     }
-    /// Device allocations made from the system so far (cuMemAlloc on CUDA, new host buffers on
-    /// the CPU): flat once a repeating pass is warm.
+    /// Device allocations made from the system so far (cuMemAlloc on CUDA; on the CPU, buffers
+    /// that needed fresh pages mapped): flat once a repeating pass is warm.
     fn allocations(&self) -> u64;
 }
 

@@ -138,7 +138,7 @@ impl Context {
                 if staging.as_ref().is_none_or(|s| s.buffer.len() < chunk) {
                     // The smaller area goes first, so the two are never held at once.
                     drop(staging.take());
-                    staging = Some(CountedBuffer::new(chunk, &self.host)?);
+                    staging = Some(CountedBuffer::staging(chunk, &self.host)?);
                 }
                 let area =
                     &mut staging.as_mut().expect("made above").buffer.as_mut_slice()[..chunk];
@@ -152,7 +152,7 @@ impl Context {
                 })
             } else {
                 drop(staging.take());
-                let mut whole = CountedBuffer::new(meta.nbytes(), &self.host)?;
+                let mut whole = CountedBuffer::staging(meta.nbytes(), &self.host)?;
                 info.read_into(whole.buffer.as_mut_slice()).and_then(|()| {
                     let src = TensorBytes {
                         bytes: whole.buffer.as_slice(),

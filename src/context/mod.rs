@@ -321,6 +321,7 @@ impl Context {
         st.registry.groups.remove(key);
         if st.registry.groups.iter().next().is_none() {
             // The group is gone either way: a failure to give memory back is only worth a word.
+            self.host.release_banked();
             if let Err(e) = self.backend.release_idle() {
                 self.logger.log(Level::Warn, || {
                     format!(

@@ -759,7 +759,7 @@ impl Shared {
     /// (from f64).
     fn converted_on_host(&self, src: TensorBytes<'_>, slot: &TensorSlot) -> Result<CountedBuffer> {
         let data = slot.data_bytes();
-        let mut out = CountedBuffer::new(data + slot.scale_count() * 4, &self.res().host)?;
+        let mut out = CountedBuffer::staging(data + slot.scale_count() * 4, &self.res().host)?;
         let (bytes, scale_bytes) = out.buffer.as_mut_slice().split_at_mut(data);
         let scales = crate::convert::convert_with(
             src,

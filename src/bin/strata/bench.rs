@@ -46,6 +46,9 @@ Options:
   --prefix P, --keep N layer grouping, as for inspect (default: every tensor, N = 0)
   --layers N, --width N  the generated model (default 48 layers of 2048 x 2048 bf16, 8 MiB each:
                        at 2 MiB a layer, thread wake-ups of tens of µs are a tenth of its copy)
+  --mixed              generate layers of several sizes instead: width/4, width/2, width and
+                       3 x width/2 rows in turn (2, 4, 8 and 12 MiB at the default width), as
+                       a real model's layers differ
   --out DIR            where the timeline (and a generated model) go (default: a temporary folder)
   --json               machine-readable output";
 
@@ -66,6 +69,7 @@ struct BenchConfig {
     keep: u32,
     layers: usize,
     width: usize,
+    mixed: bool,
     out: Option<PathBuf>,
     json: bool,
 }
@@ -85,7 +89,7 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         "--width",
         "--out",
     ];
-    let Some(args) = Args::parse(args, &valued, &["--json"], BENCH_USAGE)? else {
+    let Some(args) = Args::parse(args, &valued, &["--json", "--mixed"], BENCH_USAGE)? else {
         return Ok(None);
     };
     if args.positional.len() > 1 {
@@ -128,6 +132,7 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         keep: args.count("--keep", 0)? as u32,
         layers: args.number("--layers", 48)? as usize,
         width: args.number("--width", 2048)? as usize,
+        mixed: args.has("--mixed"),
         out: args.get("--out").map(PathBuf::from),
         json: args.has("--json"),
     }))
@@ -150,6 +155,9 @@ struct Run {
     /// The most device memory one acquire added, in the first pass: the largest layer's footprint
     /// where nothing is fetched ahead.
     largest_acquire: u64,
+    /// Minor page faults and system CPU seconds of the whole process per timed pass.
+    faults_per_pass: f64,
+    system_seconds_per_pass: f64,
 }
 
 impl Run {
@@ -204,6 +212,7 @@ fn run(
     let mut pass_seconds = Vec::new();
     let mut compute_seconds = 0.0;
     let mut warm = ctx.stats();
+    let mut warm_usage = Usage::now();
     let mut held = std::collections::VecDeque::new();
     let mut largest_acquire = 0;
     for pass in 0..config.passes {
@@ -225,6 +234,7 @@ fn run(
         }
         if pass < WARM_UP_PASSES {
             warm = ctx.stats();
+            warm_usage = Usage::now();
         } else {
             pass_seconds.push(started.elapsed().as_secs_f64());
             compute_seconds += computing.as_secs_f64();
@@ -235,6 +245,7 @@ fn run(
         ctx.release(id, 0)?;
     }
     let stats = ctx.stats();
+    let usage = Usage::now();
     let steady = (config.passes - WARM_UP_PASSES) as u64;
     Ok(Run {
         pass_seconds,
@@ -246,6 +257,8 @@ fn run(
         peak: stats.vram_peak,
         host_peak: stats.host_peak,
         largest_acquire,
+        faults_per_pass: (usage.minor_faults - warm_usage.minor_faults) as f64 / steady as f64,
+        system_seconds_per_pass: (usage.system_seconds - warm_usage.system_seconds) / steady as f64,
         ctx,
     })
 }
@@ -261,7 +274,12 @@ pub fn bench(args: &[String]) -> Result<()> {
         None => {
             let path = out.join("model.safetensors");
             progress.update("writing a generated model", 0, 1);
-            write_model(&path, config.layers, config.width)?;
+            let width = config.width;
+            let rows = |i: usize| match config.mixed {
+                true => [width / 4, width / 2, width, width * 3 / 2][i % 4].max(1),
+                false => width,
+            };
+            write_model(&path, config.layers, width, &rows)?;
             progress.update("writing a generated model", 1, 1);
             path
         }
@@ -368,6 +386,8 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
             "stall_seconds_per_pass": r.stall_seconds_per_pass,
             "prefetch_hits": r.prefetch_hits,
             "device_allocations": r.allocations,
+            "minor_faults_per_pass": r.faults_per_pass,
+            "system_seconds_per_pass": r.system_seconds_per_pass,
             "vram_peak": r.peak,
             "host_peak": r.host_peak,
         }));
@@ -442,6 +462,20 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
     println!(
         "\noverlap = max(Σcompute, Σtransfer) / pass time (1.00: the pass takes only the longer of the two)"
     );
+    println!(
+        "per steady pass (getrusage, whole process): transfer run {:.0} minor faults, {:.1} ms system",
+        transfer.faults_per_pass,
+        transfer.system_seconds_per_pass * 1e3
+    );
+    for row in &rows {
+        println!(
+            "  prefetch {}: {:.0} minor faults, {:.1} ms system, {} new device buffers",
+            row["prefetch_depth"],
+            row["minor_faults_per_pass"].as_f64().unwrap_or(0.0),
+            row["system_seconds_per_pass"].as_f64().unwrap_or(0.0) * 1e3,
+            row["device_allocations"]
+        );
+    }
     let host_peak = rows.iter().filter_map(|r| r["host_peak"].as_u64()).max();
     println!(
         "memory: peak RSS of this process {}; strata's host peak {} (host_limit {}), device peak {} (vram_limit {})",
@@ -462,13 +496,32 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
     Ok(())
 }
 
-/// The process's peak resident memory so far (getrusage), in bytes.
-fn peak_rss_bytes() -> u64 {
+/// What getrusage says of the whole process so far.
+struct Usage {
+    minor_faults: u64,
+    system_seconds: f64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        let usage = rusage();
+        Usage {
+            minor_faults: usage.ru_minflt as u64,
+            system_seconds: usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6,
+        }
+    }
+}
+
+/// getrusage(RUSAGE_SELF); all zero if it fails.
+fn rusage() -> libc::rusage {
     // SAFETY: rusage is plain data; all-zero is a valid value for getrusage to overwrite.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a pointer to a live rusage.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return 0;
-    }
-    usage.ru_maxrss as u64 * 1024
+    // SAFETY: RUSAGE_SELF with a pointer to a live rusage; on failure it stays zeroed.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage
+}
+
+/// The process's peak resident memory so far (getrusage), in bytes.
+fn peak_rss_bytes() -> u64 {
+    rusage().ru_maxrss as u64 * 1024
 }

@@ -78,13 +78,19 @@ fn synthetic_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 /// Writes the demo model as a safetensors file one tensor at a time, so even a model of many GiB
-/// (`strata bench --layers 128 --width 4096`) never sits in memory whole. Returns its data bytes.
-pub(crate) fn write_model(path: &Path, layers: usize, width: usize) -> Result<u64> {
+/// (`strata bench --layers 128 --width 4096`) never sits in memory whole. Layer `i` has
+/// `rows(i)` x `width` weights and `rows(i)` biases. Returns its data bytes.
+pub(crate) fn write_model(
+    path: &Path,
+    layers: usize,
+    width: usize,
+    rows: &dyn Fn(usize) -> usize,
+) -> Result<u64> {
     use std::io::Write;
     let shapes = |i: usize| {
         [
-            (format!("blocks.{i}.weight"), vec![width, width]),
-            (format!("blocks.{i}.bias"), vec![width]),
+            (format!("blocks.{i}.weight"), vec![rows(i), width]),
+            (format!("blocks.{i}.bias"), vec![rows(i)]),
         ]
     };
     let mut header = serde_json::Map::new();
@@ -112,8 +118,8 @@ pub(crate) fn write_model(path: &Path, layers: usize, width: usize) -> Result<u6
     let scale = 1.0 / (width as f32).sqrt();
     for i in 0..layers {
         for (values, seed_scale) in [
-            (width * width, (2 * i as u64 + 1, scale)),
-            (width, (2 * i as u64 + 2, 0.1)),
+            (rows(i) * width, (2 * i as u64 + 1, scale)),
+            (rows(i), (2 * i as u64 + 2, 0.1)),
         ] {
             let bytes: Vec<u8> = synthetic_values(values, seed_scale.0, seed_scale.1)
                 .into_iter()
@@ -232,7 +238,7 @@ pub fn demo(args: &[String]) -> Result<()> {
     };
     let dir = output_dir(config.keep.as_deref(), "demo")?;
     let model = dir.join("model.safetensors");
-    let stored = write_model(&model, config.layers, config.width)?;
+    let stored = write_model(&model, config.layers, config.width, &|_| config.width)?;
     let checkpoint = Checkpoint::open(&model)?;
     let fp8_model = (config.layers
         * (config.width * config.width + config.width * 4 + config.width * 2))
