@@ -6,11 +6,11 @@ use super::{
 };
 use crate::convert::{Engine, TensorBytes};
 use crate::error::Result;
-use crate::host::{HostBuffer, PageBank, MAP_THRESHOLD};
+use crate::host::{HostBuffer, PageBank, BANKED_MIN};
 use crate::tiers::Device;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Device memory is host memory: buffers of `host::MAP_THRESHOLD` bytes and more are mappings,
+/// Device memory is host memory: buffers of `host::BANKED_MIN` bytes and more are mappings,
 /// whose pages go to a bank when a layer leaves and make the next buffers, of whatever size (a
 /// fresh mapping costs a page fault per page when filled and a TLB shootdown when unmapped, for
 /// every layer of every streamed pass). What the bank keeps is device memory held: with what is
@@ -118,7 +118,7 @@ impl Backend for CpuBackend {
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {
         // A reused buffer holds old bytes: every fill writes each tensor's data and scales, and
         // nothing reads the padding between them.
-        let buffer = if bytes < MAP_THRESHOLD {
+        let buffer = if bytes < BANKED_MIN {
             HostBuffer::new(bytes)?
         } else {
             let mut pool = lock(&self.pool);

@@ -488,6 +488,7 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         human_bytes(rows.iter().filter_map(|r| r["vram_peak"].as_u64()).max().unwrap_or(0)),
         human_bytes(vram_limit)
     );
+    println!("heap: {}", heap_report());
     println!(
         "timeline: {} (Perfetto) and {} (a browser)",
         json_path.display(),
@@ -524,4 +525,33 @@ fn rusage() -> libc::rusage {
 /// The process's peak resident memory so far (getrusage), in bytes.
 fn peak_rss_bytes() -> u64 {
     rusage().ru_maxrss as u64 * 1024
+}
+
+/// What the process holds beside strata's counters, from /proc and glibc's malloc: memory the
+/// allocator keeps free in its arenas is counted nowhere.
+fn heap_report() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let anon = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024);
+    let mut report = format!("RssAnon {}", human_bytes(anon));
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads malloc's statistics (glibc 2.33 and later).
+        let info = unsafe { libc::mallinfo2() };
+        report += &format!(
+            "; malloc: {} in use, {} free but held in its arenas",
+            human_bytes((info.uordblks + info.hblkhd) as u64),
+            human_bytes(info.fordblks as u64),
+        );
+    }
+    report
 }
