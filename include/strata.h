@@ -40,6 +40,13 @@
 #define STRATA_FLAG_STRICT_BUDGET 1
 
 /**
+ * Read the disk tier with O_DIRECT, past the page cache, so that a cold stream of a model larger
+ * than RAM does not push everything else out of it (the bytes are read into aligned bounce
+ * buffers, then copied). Where the file system refuses O_DIRECT (tmpfs), reads stay buffered.
+ */
+#define STRATA_FLAG_DIRECT_IO 2
+
+/**
  * fp8 storage as a plain cast (what DiffSynth does).
  */
 #define STRATA_QUANT_NONE 0
@@ -219,7 +226,8 @@ typedef struct strata_options {
    */
   uint32_t prefetch_depth;
   /**
-   * STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit.
+   * STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit;
+   * STRATA_FLAG_DIRECT_IO reads the disk tier with O_DIRECT, past the page cache.
    */
   uint32_t flags;
   /**

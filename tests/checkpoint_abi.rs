@@ -1162,3 +1162,164 @@ fn registering_eight_times_the_tensors_takes_about_eight_times_as_long() {
         best[1]
     );
 }
+
+/// Whether files in `dir` open and read with O_DIRECT (tmpfs refuses the open).
+fn takes_direct_io(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let probe = dir.join(format!("strata-direct-probe-{}", std::process::id()));
+    std::fs::write(&probe, vec![7u8; 8192]).unwrap();
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    let read = opened.is_ok_and(|file| {
+        // An aligned buffer: a page of a fresh anonymous mapping.
+        let mut buffer = strata::host::HostBuffer::new(1 << 20).unwrap();
+        file.read_at(&mut buffer.as_mut_slice()[..4096], 4096)
+            .is_ok_and(|n| n == 4096)
+    });
+    let _ = std::fs::remove_file(&probe);
+    read
+}
+
+/// Writes `path` back and asks the kernel to drop it from the page cache; true when the cache
+/// then holds less than a tenth of it (a kernel may keep pages it was asked to drop).
+fn drop_from_page_cache(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: an advisory call on a descriptor this function owns.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let (cached, pages) = pages_in_page_cache(path);
+    cached * 10 < pages
+}
+
+/// (pages of `path` in the page cache, pages of `path`), from mincore over a mapping of it.
+fn pages_in_page_cache(path: &std::path::Path) -> (usize, usize) {
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only mapping of a file no one changes during the test, never read through.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let pages = map.len().div_ceil(4096);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: `resident` has a byte per page of the live mapping.
+    let status = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            resident.as_mut_ptr(),
+        )
+    };
+    assert_eq!(status, 0);
+    (resident.iter().filter(|&&r| r & 1 == 1).count(), pages)
+}
+
+/// Every layer of `path` through a context reading with STRATA_FLAG_DIRECT_IO, in the source
+/// dtype (read in place) and as fp8 per-channel (read whole into staging), against the bytes
+/// written and the library's own conversion.
+fn direct_reads_match(path: &std::path::Path, values: &[(Vec<f32>, Vec<f32>)], rows: usize) {
+    let ctx = Ctx::with(|o| {
+        o.vram_limit = 0;
+        o.prefetch_depth = 1;
+        o.flags = STRATA_FLAG_DIRECT_IO;
+    });
+    for fp8 in [false, true] {
+        let group = ctx.group(&tiers(|t| {
+            t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+            t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+            if fp8 {
+                t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+                t.computation.dtype = STRATA_DTYPE_BF16;
+                t.quantization = STRATA_QUANT_PER_CHANNEL;
+            }
+        }));
+        let prefix = if fp8 { "fp8/" } else { "" };
+        let layers: Vec<u64> = (0..values.len())
+            .map(|b| {
+                let name = format!("{prefix}blocks.{b}");
+                ctx.register_tensors(
+                    group,
+                    path,
+                    &name,
+                    &[&format!("blocks.{b}.weight"), &format!("blocks.{b}.bias")],
+                )
+            })
+            .collect();
+        for pass in 0..2 {
+            for (b, (w, bias)) in values.iter().enumerate() {
+                let mut views = ctx.acquire(layers[b]);
+                views.sort_by_key(|v| std::cmp::Reverse(view_name(&v.0)));
+                let expected_w = match fp8 {
+                    false => bf16_bytes(w),
+                    true => reference(
+                        &bf16_bytes(w),
+                        DType::BF16,
+                        rows,
+                        &[
+                            (DType::F8E4M3, Quant::PerChannel),
+                            (DType::BF16, Quant::None),
+                        ],
+                    ),
+                };
+                let expected_bias = match fp8 {
+                    false => f32_bytes(bias),
+                    true => bf16_bytes(bias),
+                };
+                assert!(
+                    views[0].1 == expected_w,
+                    "fp8 {fp8} pass {pass} block {b}: weight"
+                );
+                assert!(
+                    views[1].1 == expected_bias,
+                    "fp8 {fp8} pass {pass} block {b}: bias"
+                );
+                ctx.release(layers[b]);
+            }
+        }
+    }
+    assert!(ctx.stats().bytes_from_disk > 0);
+}
+
+#[test]
+fn direct_io_reads_exact_bytes_and_falls_back_where_the_file_system_refuses_it() {
+    // Tensors of several 2 MiB read chunks whose offsets and ends are not block-aligned (the
+    // header length is what it is; an f32 bias of 1001 rows ends off any 4 KiB boundary), and a
+    // file whose end is not aligned either.
+    let (rows, cols) = (1001, 1500);
+    let candidates = [
+        std::env::temp_dir(),
+        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    ];
+    let supported = candidates.iter().find(|dir| takes_direct_io(dir));
+    match supported {
+        Some(dir) => {
+            let dir = TempDir(dir.join(format!("strata-test-direct-{}", std::process::id())));
+            std::fs::create_dir_all(&dir.0).unwrap();
+            let path = dir.path("model.safetensors");
+            let values = write_blocks(&path, 3, rows, cols);
+            assert_ne!(std::fs::metadata(&path).unwrap().len() % 4096, 0);
+            let dropped = drop_from_page_cache(&path);
+            direct_reads_match(&path, &values, rows);
+            // The reads went past the page cache: it holds no more of the file than before.
+            if dropped {
+                let (cached, pages) = pages_in_page_cache(&path);
+                assert!(cached * 10 < pages, "{cached} of {pages} pages were cached");
+            }
+        }
+        None => eprintln!(
+            "SKIPPED the O_DIRECT half: neither {} nor {} takes O_DIRECT",
+            candidates[0].display(),
+            candidates[1].display()
+        ),
+    }
+    // Where O_DIRECT is refused (tmpfs), the same flag reads buffered: the same bytes.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() && !takes_direct_io(shm) {
+        let dir = TempDir(shm.join(format!("strata-test-direct-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.path("model.safetensors");
+        let values = write_blocks(&path, 2, rows, cols);
+        direct_reads_match(&path, &values, rows);
+    } else {
+        eprintln!("SKIPPED the fallback half: no /dev/shm that refuses O_DIRECT here");
+    }
+}

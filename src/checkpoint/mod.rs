@@ -14,7 +14,7 @@ mod tests;
 
 #[doc(hidden)]
 pub use shard::inject_read_faults;
-pub use shard::ShardFile;
+pub use shard::{ReadMode, ShardFile};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -45,6 +45,11 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// Reads the tensor's bytes into `dst`, which must be exactly `nbytes` long.
     pub fn read_into(&self, dst: &mut [u8]) -> Result<()> {
+        self.read_into_with(dst, ReadMode::Buffered)
+    }
+
+    /// `read_into` in the given mode.
+    pub fn read_into_with(&self, dst: &mut [u8], mode: ReadMode) -> Result<()> {
         if dst.len() as u64 != self.nbytes {
             return Err(Error::invalid(format!(
                 "tensor {} holds {} bytes, not the {} of the buffer given",
@@ -54,7 +59,7 @@ impl TensorInfo {
             )));
         }
         self.file
-            .read_at(self.offset, dst)
+            .read_at_with(self.offset, dst, mode)
             .map_err(|e| e.context(format!("tensor {}", self.name)))
     }
 
@@ -66,6 +71,7 @@ impl TensorInfo {
     pub fn read_chunks(
         &self,
         staging: &mut [u8],
+        mode: ReadMode,
         mut consume: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         if staging.is_empty() && self.nbytes > 0 {
@@ -81,7 +87,7 @@ impl TensorInfo {
             let piece = &mut staging[..len];
             // Cannot overflow: the tensor lies within the file, checked at open.
             self.file
-                .read_at(self.offset + done, piece)
+                .read_at_with(self.offset + done, piece, mode)
                 .map_err(|e| e.context(format!("tensor {}", self.name)))?;
             consume(done, piece)?;
             done += len as u64;

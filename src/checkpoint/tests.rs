@@ -757,7 +757,7 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
         let mut staging = vec![0u8; staging_len];
         let mut streamed = Vec::new();
         let mut pieces = Vec::new();
-        big.read_chunks(&mut staging, |offset, piece| {
+        big.read_chunks(&mut staging, ReadMode::Buffered, |offset, piece| {
             assert_eq!(offset, streamed.len() as u64);
             pieces.push(piece.len());
             streamed.extend_from_slice(piece);
@@ -774,9 +774,13 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
 
     let empty = checkpoint.tensor("empty").unwrap();
     empty
-        .read_chunks(&mut [], |_, _| panic!("an empty tensor has no pieces"))
+        .read_chunks(&mut [], ReadMode::Buffered, |_, _| {
+            panic!("an empty tensor has no pieces")
+        })
         .unwrap();
-    let error = big.read_chunks(&mut [], |_, _| Ok(())).unwrap_err();
+    let error = big
+        .read_chunks(&mut [], ReadMode::Buffered, |_, _| Ok(()))
+        .unwrap_err();
     assert_error(
         &error,
         crate::error::STRATA_ERR_INVALID_ARGUMENT,
@@ -785,7 +789,7 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
     // The consumer's error stops the stream and comes back as it was.
     let mut calls = 0;
     let error = big
-        .read_chunks(&mut [0u8; 4000], |_, _| {
+        .read_chunks(&mut [0u8; 4000], ReadMode::Buffered, |_, _| {
             calls += 1;
             Err(Error::budget("full"))
         })
@@ -805,7 +809,7 @@ fn a_file_changed_while_streaming_fails_the_next_piece() {
     let error = checkpoint
         .tensor("t")
         .unwrap()
-        .read_chunks(&mut [0u8; 1024], |_, _| {
+        .read_chunks(&mut [0u8; 1024], ReadMode::Buffered, |_, _| {
             pieces += 1;
             writer
                 .set_modified(opened_mtime + Duration::from_secs(2))

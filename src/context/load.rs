@@ -123,7 +123,7 @@ impl Context {
             let slot = *sink.slot(i);
             let unscaled = slot.scale_count() == 0;
             let result = if unscaled && slot.repr.dtype == meta.dtype && sink.raw(i).is_some() {
-                info.read_into(sink.raw(i).expect("checked"))
+                info.read_into_with(sink.raw(i).expect("checked"), self.options.read_mode)
             } else if unscaled {
                 // A small host_limit gets a small staging area: half of what the device's own
                 // staging leaves, so the engine and a caller can each stage at once, but never
@@ -142,7 +142,7 @@ impl Context {
                 }
                 let area =
                     &mut staging.as_mut().expect("made above").buffer.as_mut_slice()[..chunk];
-                info.read_chunks(area, |offset, piece| {
+                info.read_chunks(area, self.options.read_mode, |offset, piece| {
                     let src = TensorBytes {
                         bytes: piece,
                         dtype: meta.dtype,
@@ -153,14 +153,15 @@ impl Context {
             } else {
                 drop(staging.take());
                 let mut whole = CountedBuffer::staging(meta.nbytes(), &self.host)?;
-                info.read_into(whole.buffer.as_mut_slice()).and_then(|()| {
-                    let src = TensorBytes {
-                        bytes: whole.buffer.as_slice(),
-                        dtype: meta.dtype,
-                        scales: &[],
-                    };
-                    sink.whole(i, src)
-                })
+                info.read_into_with(whole.buffer.as_mut_slice(), self.options.read_mode)
+                    .and_then(|()| {
+                        let src = TensorBytes {
+                            bytes: whole.buffer.as_slice(),
+                            dtype: meta.dtype,
+                            scales: &[],
+                        };
+                        sink.whole(i, src)
+                    })
             };
             result.inspect_err(|e| {
                 // Truncated or changed under us: the caller gets the error, and the log says

@@ -11,6 +11,7 @@ mod load;
 use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
 use crate::budget::{Budget, Limit};
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::ReadMode;
 use crate::convert::TensorBytes;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -34,6 +35,10 @@ use std::time::Instant;
 
 /// Refuse layers that would exceed the budget instead of overcommitting.
 pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
+/// Read the disk tier with O_DIRECT, past the page cache, so that a cold stream of a model larger
+/// than RAM does not push everything else out of it (the bytes are read into aligned bounce
+/// buffers, then copied). Where the file system refuses O_DIRECT (tmpfs), reads stay buffered.
+pub const STRATA_FLAG_DIRECT_IO: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -45,6 +50,8 @@ pub struct Options {
     pub host_limit: u64,
     pub prefetch_depth: u32,
     pub strict_budget: bool,
+    /// How the disk tier reads the checkpoint (`STRATA_FLAG_DIRECT_IO`).
+    pub read_mode: ReadMode,
     /// Device bytes to keep free beside the budget, as the driver reports free memory (CUDA).
     pub vram_headroom: u64,
     /// Threads for host conversions (see `host_threads::resolve`); 0 = the default.

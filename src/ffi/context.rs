@@ -5,7 +5,8 @@ use super::{
     boundary, boundary_value, boundary_void, out_arg, read_sized, write_sized, Handles, Versioned,
 };
 use crate::budget::STRATA_UNLIMITED;
-use crate::context::{Context, Options, STRATA_FLAG_STRICT_BUDGET};
+use crate::checkpoint::ReadMode;
+use crate::context::{Context, Options, STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET};
 use crate::error::{strata_status, Error};
 use crate::tiers::{Device, STRATA_DEVICE_CPU};
 use std::ffi::c_void;
@@ -27,7 +28,8 @@ pub struct strata_options {
     pub host_limit: u64,
     /// Layers fetched ahead of the one being computed (at most STRATA_MAX_PREFETCH_DEPTH are used).
     pub prefetch_depth: u32,
-    /// STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit.
+    /// STRATA_FLAG_*: STRATA_FLAG_STRICT_BUDGET refuses a layer larger than vram_limit;
+    /// STRATA_FLAG_DIRECT_IO reads the disk tier with O_DIRECT, past the page cache.
     pub flags: u32,
     /// Receives log messages (NULL: none; then STRATA_LOG=error|warn|info|debug prints them to
     /// stderr). Fields from here on are optional: a caller whose struct_size ends before them
@@ -142,10 +144,11 @@ fn options_from(raw: &strata_options) -> crate::error::Result<Options> {
         Some(Device::Cuda) => Device::Cuda,
         Some(Device::Disk) => return Err(Error::invalid("the compute device cannot be the disk")),
     };
-    if raw.flags & !STRATA_FLAG_STRICT_BUDGET != 0 {
+    let known = STRATA_FLAG_STRICT_BUDGET | STRATA_FLAG_DIRECT_IO;
+    if raw.flags & !known != 0 {
         return Err(Error::invalid(format!(
             "unknown flags {:#x}",
-            raw.flags & !STRATA_FLAG_STRICT_BUDGET
+            raw.flags & !known
         )));
     }
     if raw.device_index < 0 {
@@ -161,6 +164,10 @@ fn options_from(raw: &strata_options) -> crate::error::Result<Options> {
         host_limit: raw.host_limit,
         prefetch_depth: raw.prefetch_depth,
         strict_budget: raw.flags & STRATA_FLAG_STRICT_BUDGET != 0,
+        read_mode: match raw.flags & STRATA_FLAG_DIRECT_IO {
+            0 => ReadMode::Buffered,
+            _ => ReadMode::Direct,
+        },
         log: log_callback(raw.log_fn, raw.log_user),
         progress: progress_sink(raw.progress_fn, raw.progress_user),
         vram_headroom: raw.vram_headroom,

@@ -8,7 +8,7 @@ use std::ptr;
 pub mod programs;
 pub mod stress;
 pub use strata::budget::STRATA_UNLIMITED;
-pub use strata::context::STRATA_FLAG_STRICT_BUDGET;
+pub use strata::context::{STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET};
 pub use strata::convert::{STRATA_QUANT_NONE, STRATA_QUANT_PER_CHANNEL, STRATA_QUANT_PER_TENSOR};
 pub use strata::dtype::*;
 pub use strata::error::*;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use strata::checkpoint::Checkpoint;
+use strata::checkpoint::ReadMode;
 use strata::context::Context;
 use strata::error::{Error, Result};
 
@@ -49,6 +50,7 @@ Options:
   --mixed              generate layers of several sizes instead: width/4, width/2, width and
                        3 x width/2 rows in turn (2, 4, 8 and 12 MiB at the default width), as
                        a real model's layers differ
+  --direct-io          read the checkpoint with O_DIRECT (STRATA_FLAG_DIRECT_IO)
   --out DIR            where the timeline (and a generated model) go (default: a temporary folder)
   --json               machine-readable output";
 
@@ -70,6 +72,7 @@ struct BenchConfig {
     layers: usize,
     width: usize,
     mixed: bool,
+    read_mode: ReadMode,
     out: Option<PathBuf>,
     json: bool,
 }
@@ -89,7 +92,13 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         "--width",
         "--out",
     ];
-    let Some(args) = Args::parse(args, &valued, &["--json", "--mixed"], BENCH_USAGE)? else {
+    let Some(args) = Args::parse(
+        args,
+        &valued,
+        &["--json", "--mixed", "--direct-io"],
+        BENCH_USAGE,
+    )?
+    else {
         return Ok(None);
     };
     if args.positional.len() > 1 {
@@ -133,6 +142,7 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         layers: args.number("--layers", 48)? as usize,
         width: args.number("--width", 2048)? as usize,
         mixed: args.has("--mixed"),
+        read_mode: crate::demo::read_mode(&args),
         out: args.get("--out").map(PathBuf::from),
         json: args.has("--json"),
     }))
@@ -146,6 +156,8 @@ struct Run {
     /// Time spent computing per pass after the warm-ups (the synthetic work as it really took).
     compute_seconds: f64,
     bytes_per_pass: u64,
+    /// Checkpoint bytes read per timed pass.
+    disk_bytes_per_pass: u64,
     stall_seconds_per_pass: f64,
     prefetch_hits: u64,
     /// Device buffers allocated (not reused) in the timed passes.
@@ -203,6 +215,7 @@ fn run(
         setting.depth,
         config.preparing,
         config.computation,
+        config.read_mode,
     )?;
     let ids = layer_names
         .iter()
@@ -251,6 +264,7 @@ fn run(
         pass_seconds,
         compute_seconds: compute_seconds / steady as f64,
         bytes_per_pass: (stats.bytes_to_device - warm.bytes_to_device) / steady,
+        disk_bytes_per_pass: (stats.bytes_from_disk - warm.bytes_from_disk) / steady,
         stall_seconds_per_pass: (stats.stall_ns - warm.stall_ns) as f64 / 1e9 / steady as f64,
         prefetch_hits: stats.prefetch_hits,
         allocations: stats.device_allocations - warm.device_allocations,
@@ -312,6 +326,12 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         })
         .collect();
 
+    // The host's limit for reading this file, measured just before the pass that reads it.
+    progress.update("measuring a plain parallel pread", 0, 1);
+    let plain_read = (0..PLAIN_ROUNDS)
+        .map(|_| plain_parallel_read(path, config.read_mode))
+        .try_fold(0.0f64, |best, rate| rate.map(|rate| best.max(rate)))?;
+    progress.update("measuring a plain parallel pread", 1, 1);
     // Σtransfer: every layer moved in turn, nothing resident, nothing overlapped, into as many
     // buffers in turn as the prefetching run fills.
     let transfer = run(
@@ -328,6 +348,7 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         "measuring transfer",
     )?;
     let transfer_seconds = transfer.pass_time();
+    let read_rate = transfer.disk_bytes_per_pass as f64 / transfer_seconds;
     let model_bytes = transfer.bytes_per_pass;
     // With nothing resident and nothing ahead, an acquire adds exactly its own layer.
     let largest_layer = transfer.largest_acquire;
@@ -415,6 +436,9 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
             "vram_limit": vram_limit,
             "transfer_seconds_per_pass": transfer_seconds,
             "transfer_bytes_per_second": model_bytes as f64 / transfer_seconds,
+            "read_convert_bytes_per_second": read_rate,
+            "plain_parallel_pread_bytes_per_second": plain_read,
+            "read_mode": format!("{:?}", config.read_mode),
             "compute_seconds_per_layer": compute.as_secs_f64(),
             "runs": rows,
             "timeline": [json_path.display().to_string(), svg_path.display().to_string()],
@@ -432,6 +456,14 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         transfer_seconds * 1e3,
         model_bytes as f64 / transfer_seconds / 1e9,
         compute.as_secs_f64() * 1e3
+    );
+    println!(
+        "read+convert: {:.2} GB/s of checkpoint bytes in that pass, against a plain parallel pread \
+         of the same file {:.2} GB/s ({:?} reads): {:.2}x",
+        read_rate / 1e9,
+        plain_read / 1e9,
+        config.read_mode,
+        read_rate / plain_read
     );
     println!("budget: vram_limit {}\n", human_bytes(vram_limit));
     println!(
@@ -495,6 +527,66 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         svg_path.display()
     );
     Ok(())
+}
+
+/// Threads and chunk size of the plain read: as many reads in flight as strata keeps.
+const PLAIN_READERS: usize = 4;
+const PLAIN_CHUNK: usize = 2 << 20;
+/// The plain read's figure is the best of this many: this kind of machine is noisy, and the
+/// transfer pass it is held against is itself an average over several passes.
+const PLAIN_ROUNDS: usize = 3;
+
+/// The whole file read by `PLAIN_READERS` threads, chunk k by thread k mod `PLAIN_READERS`, each
+/// into one reused aligned buffer (with O_DIRECT in `ReadMode::Direct`, where the file system
+/// allows it): the rate, in bytes per second, that nothing but reading reaches here.
+fn plain_parallel_read(path: &Path, mode: ReadMode) -> Result<f64> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let open = |flags: i32| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    let file = match mode {
+        ReadMode::Direct => open(libc::O_DIRECT).or_else(|_| open(0)),
+        ReadMode::Buffered => open(0),
+    }
+    .map_err(|e| Error::from_io(&e, "opening", path))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::from_io(&e, "reading the metadata of", path))?
+        .len();
+    let chunks = len.div_ceil(PLAIN_CHUNK as u64);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..PLAIN_READERS as u64)
+            .map(|first| {
+                let file = &file;
+                scope.spawn(move || -> Result<()> {
+                    let mut buffer = strata::host::HostBuffer::new(PLAIN_CHUNK)?;
+                    for chunk in (first..chunks).step_by(PLAIN_READERS) {
+                        let offset = chunk * PLAIN_CHUNK as u64;
+                        let mut done = 0;
+                        // The last chunk ends at the end of the file, whole blocks or not.
+                        while done < PLAIN_CHUNK && offset + (done as u64) < len {
+                            match file
+                                .read_at(&mut buffer.as_mut_slice()[done..], offset + done as u64)
+                            {
+                                Ok(0) => break,
+                                Ok(n) => done += n,
+                                Err(e) => return Err(Error::from_io(&e, "reading", path)),
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .try_for_each(|r| r.join().expect("a reader panicked"))
+    })?;
+    Ok(len as f64 / started.elapsed().as_secs_f64())
 }
 
 /// What getrusage says of the whole process so far.

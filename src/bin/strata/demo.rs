@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use strata::budget::STRATA_UNLIMITED;
-use strata::checkpoint::Checkpoint;
+use strata::checkpoint::{Checkpoint, ReadMode};
 use strata::context::{Context, Options};
 use strata::convert::STRATA_QUANT_PER_CHANNEL;
 use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_SOURCE};
@@ -16,7 +16,8 @@ use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK}
 
 const DEMO_USAGE: &str = "strata demo: stream a generated model under a budget and check the result
 
-Usage: strata demo [--layers N] [--width N] [--passes N] [--budget-percent P] [--keep DIR]
+Usage: strata demo [--layers N] [--width N] [--passes N] [--budget-percent P] [--direct-io]
+                   [--keep DIR]
 
 Generates a model of N square bf16 layers (width x width, plus a bias) as a safetensors file,
 stores it on disk, keeps it in fp8 (per-channel scales) on the compute device and computes in
@@ -29,6 +30,7 @@ Options:
   --passes N          passes through the model, like denoising steps (default 4)
   --budget-percent P  vram_limit as a percentage of the fp8 model (default 30), raised to
                       one layer in use plus one resident if that is more
+  --direct-io         read the checkpoint with O_DIRECT, past the page cache
   --keep DIR          write the checkpoint and timeline into DIR and keep them";
 
 struct DemoConfig {
@@ -36,6 +38,7 @@ struct DemoConfig {
     width: usize,
     passes: usize,
     budget_percent: u64,
+    read_mode: ReadMode,
     keep: Option<PathBuf>,
 }
 
@@ -47,7 +50,7 @@ fn parse_demo(args: &[String]) -> Result<Option<DemoConfig>> {
         "--budget-percent",
         "--keep",
     ];
-    let Some(args) = Args::parse(args, &valued, &[], DEMO_USAGE)? else {
+    let Some(args) = Args::parse(args, &valued, &["--direct-io"], DEMO_USAGE)? else {
         return Ok(None);
     };
     if let Some(word) = args.positional.first() {
@@ -60,8 +63,17 @@ fn parse_demo(args: &[String]) -> Result<Option<DemoConfig>> {
         width: args.number("--width", 1024)? as usize,
         passes: args.number("--passes", 4)? as usize,
         budget_percent: args.number("--budget-percent", 30)?,
+        read_mode: read_mode(&args),
         keep: args.get("--keep").map(PathBuf::from),
     }))
+}
+
+/// `--direct-io`: O_DIRECT reads; else buffered.
+pub(crate) fn read_mode(args: &Args) -> ReadMode {
+    match args.has("--direct-io") {
+        true => ReadMode::Direct,
+        false => ReadMode::Buffered,
+    }
 }
 
 /// Deterministic weights with a standard deviation of about `scale`.
@@ -180,6 +192,7 @@ pub fn streaming_context(
     prefetch_depth: u32,
     preparing: u32,
     computation: u32,
+    read_mode: ReadMode,
 ) -> Result<(Arc<Context>, u64)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
@@ -188,6 +201,7 @@ pub fn streaming_context(
         host_limit,
         prefetch_depth,
         strict_budget: false,
+        read_mode,
         vram_headroom: 0,
         host_threads: 0,
         log: None,
@@ -217,6 +231,7 @@ fn streamed_run(
         2,
         STRATA_DTYPE_F8_E4M3FN,
         STRATA_DTYPE_BF16,
+        config.read_mode,
     )?;
     ctx.register_checkpoint_prefix(group, checkpoint, "blocks.", 2)?;
     let layers = (0..config.layers)
