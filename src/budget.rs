@@ -1,5 +1,7 @@
 //! Exact byte accounting on the compute device against `vram_limit`.
 
+use crate::trace::{MemorySamples, Stamp};
+
 /// `vram_limit` meaning "no limit".
 pub const STRATA_UNLIMITED: u64 = u64::MAX;
 
@@ -46,6 +48,8 @@ pub struct Budget {
     in_use: u64,
     peak: u64,
     overcommit_peak: u64,
+    /// `in_use` after each change, for the timeline's device-memory track.
+    samples: MemorySamples,
 }
 
 impl Budget {
@@ -55,6 +59,7 @@ impl Budget {
             in_use: 0,
             peak: 0,
             overcommit_peak: 0,
+            samples: MemorySamples::default(),
         }
     }
 
@@ -78,6 +83,7 @@ impl Budget {
         if let Limit::Bytes(cap) = self.limit {
             self.overcommit_peak = self.overcommit_peak.max(self.in_use.saturating_sub(cap));
         }
+        self.samples.record(Stamp::now(), self.in_use);
     }
 
     /// Whether more is held than may stay between uses: above a hard cap, or anything under `0`.
@@ -92,6 +98,12 @@ impl Budget {
     pub fn refund(&mut self, bytes: u64) {
         debug_assert!(bytes <= self.in_use, "refund of bytes never charged");
         self.in_use -= bytes.min(self.in_use);
+        self.samples.record(Stamp::now(), self.in_use);
+    }
+
+    /// The bytes held over time.
+    pub fn samples(&self) -> &MemorySamples {
+        &self.samples
     }
 
     pub fn in_use(&self) -> u64 {

@@ -1,6 +1,7 @@
 //! Host memory that strata owns: aligned, fallible allocations, and counters of bytes held.
 
 use crate::error::{Error, Result};
+use crate::trace::{MemorySamples, Stamp};
 use once_cell::sync::Lazy;
 use std::alloc::{self, Layout};
 use std::collections::VecDeque;
@@ -326,6 +327,8 @@ pub struct MemoryCounter {
     staging: Mutex<Staging>,
     /// `staging.bank.bytes()`, read without the lock by every charge.
     banked: AtomicU64,
+    /// In use and banked after each change, for the timeline's host-memory track.
+    samples: Mutex<MemorySamples>,
 }
 
 /// Staging buffers (`CountedBuffer::staging`): the bank of their pages, what they hold now, and
@@ -362,6 +365,7 @@ impl MemoryCounter {
             limit: AtomicU64::new(limit),
             staging: Mutex::default(),
             banked: AtomicU64::new(0),
+            samples: Mutex::default(),
         }
     }
 
@@ -397,6 +401,7 @@ impl MemoryCounter {
             ) {
                 Ok(_) => {
                     self.peak.fetch_max(total, Ordering::Relaxed);
+                    self.sample();
                     return Ok(());
                 }
                 Err(now) => held = now,
@@ -439,6 +444,22 @@ impl MemoryCounter {
     /// Counts `bytes` as no longer held; they must have been charged.
     pub fn uncharge(&self, bytes: u64) {
         self.in_use.fetch_sub(bytes, Ordering::Relaxed);
+        self.sample();
+    }
+
+    /// Records what is held now, in use and banked, on the host-memory track.
+    fn sample(&self) {
+        let held = self.in_use() + self.banked();
+        let mut samples = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
+        samples.record(Stamp::now(), held);
+    }
+
+    /// What was held (in use and banked) over time.
+    pub fn samples(&self) -> MemorySamples {
+        self.samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Changes the limit from now on. A limit below what is held takes nothing back: charges fail
@@ -503,6 +524,7 @@ impl CountedBuffer {
             counter
                 .banked
                 .store(staging.bank.bytes() as u64, Ordering::Relaxed);
+            counter.sample();
             taken
         };
         let (buffer, _) = taken.inspect_err(|_| counter.uncharge(len as u64))?;
@@ -536,6 +558,7 @@ impl Drop for CountedBuffer {
             counter
                 .banked
                 .store(staging.bank.bytes() as u64, Ordering::Relaxed);
+            counter.sample();
         } else {
             drop(buffer);
             self.counter.uncharge(len);

@@ -23,6 +23,7 @@ use crate::registry::{
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
+use crate::trace::memory_tracks;
 use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
 pub use load::inject_fill_panics;
@@ -1362,11 +1363,17 @@ impl Context {
     }
 
     pub fn trace_json(&self) -> String {
-        self.lock().trace.to_chrome_json()
+        let host = self.host.samples();
+        let st = self.lock();
+        let memory = memory_tracks(&st.budget, &host, self.host.limit());
+        st.trace.to_chrome_json(&memory)
     }
 
     pub fn trace_svg(&self) -> String {
-        self.lock().trace.to_svg()
+        let host = self.host.samples();
+        let st = self.lock();
+        let memory = memory_tracks(&st.budget, &host, self.host.limit());
+        st.trace.to_svg(&memory)
     }
 }
 
