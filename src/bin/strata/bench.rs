@@ -328,9 +328,12 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
 
     // The host's limit for reading this file, measured just before the pass that reads it.
     progress.update("measuring a plain parallel pread", 0, 1);
-    let plain_read = (0..PLAIN_ROUNDS)
-        .map(|_| plain_parallel_read(path, config.read_mode))
-        .try_fold(0.0f64, |best, rate| rate.map(|rate| best.max(rate)))?;
+    let plain_rounds = || {
+        (0..PLAIN_ROUNDS)
+            .map(|_| plain_parallel_read(path, config.read_mode))
+            .try_fold(0.0f64, |best, rate| rate.map(|rate| best.max(rate)))
+    };
+    let plain_before = plain_rounds()?;
     progress.update("measuring a plain parallel pread", 1, 1);
     // Σtransfer: every layer moved in turn, nothing resident, nothing overlapped, into as many
     // buffers in turn as the prefetching run fills.
@@ -347,6 +350,8 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         progress,
         "measuring transfer",
     )?;
+    // Rounds on both sides of the transfer run, so that a quieter moment favours neither.
+    let plain_read = plain_before.max(plain_rounds()?);
     let transfer_seconds = transfer.pass_time();
     let read_rate = transfer.disk_bytes_per_pass as f64 / transfer_seconds;
     let model_bytes = transfer.bytes_per_pass;
@@ -532,8 +537,8 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
 /// Threads and chunk size of the plain read: as many reads in flight as strata keeps.
 const PLAIN_READERS: usize = 4;
 const PLAIN_CHUNK: usize = 2 << 20;
-/// The plain read's figure is the best of this many: this kind of machine is noisy, and the
-/// transfer pass it is held against is itself an average over several passes.
+/// The plain read's figure is the best of this many rounds before the transfer run and as many
+/// after it: this kind of machine is noisy.
 const PLAIN_ROUNDS: usize = 3;
 
 /// The whole file read by `PLAIN_READERS` threads, chunk k by thread k mod `PLAIN_READERS`, each
