@@ -29,7 +29,7 @@ use std::ffi::{c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use strata::budget::STRATA_UNLIMITED;
-use strata::context::STRATA_FLAG_STRICT_BUDGET;
+use strata::context::{STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET};
 use strata::error::*;
 use strata::ffi::acquire::*;
 use strata::ffi::context::*;
@@ -732,12 +732,18 @@ fn create_context(world: &mut World, input: &mut Input) {
             options.flags = 0;
             true
         }
-        4..=6 => {
+        4..=5 => {
             options.flags = STRATA_FLAG_STRICT_BUDGET;
             true
         }
+        6 => {
+            // Direct reads change how bytes arrive, never which: the same model holds.
+            options.flags =
+                STRATA_FLAG_DIRECT_IO | (input.byte() as u32 & STRATA_FLAG_STRICT_BUDGET);
+            true
+        }
         _ => {
-            options.flags = input.u32() | 2;
+            options.flags = input.u32() | 4;
             false
         }
     };
@@ -783,7 +789,7 @@ fn create_context(world: &mut World, input: &mut Input) {
         ptr: out,
         limit: options.vram_limit,
         host_limit: options.host_limit,
-        strict: options.flags == STRATA_FLAG_STRICT_BUDGET,
+        strict: options.flags & STRATA_FLAG_STRICT_BUDGET != 0,
         depth: options.prefetch_depth.min(32) as u64,
         groups: Vec::new(),
         layers: Vec::new(),

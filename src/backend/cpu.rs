@@ -80,6 +80,10 @@ impl Drop for Pooled {
         let Some(buffer) = self.buffer.take() else {
             return;
         };
+        if buffer.len() < BANKED_MIN {
+            // From the heap, as `allocate` made it: not counted in the pool.
+            return;
+        }
         let mut pool = lock(&self.pool);
         pool.live -= buffer.held_bytes();
         pool.bank.put(buffer);
@@ -245,6 +249,13 @@ mod tests {
         backend.set_memory_cap(0).unwrap();
         let a = backend.allocate(8 << 20).unwrap();
         let b = backend.allocate(2 << 20).unwrap();
+        let small = backend.allocate(1000).unwrap();
+        assert_eq!(
+            held(&backend),
+            (10 << 20, 0),
+            "a heap buffer is not the bank's"
+        );
+        drop(small);
         drop(a);
         drop(b);
         assert_eq!(held(&backend), (0, 10 << 20));
