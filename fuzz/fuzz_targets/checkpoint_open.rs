@@ -14,7 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 use once_cell::sync::Lazy;
 use std::path::{Path, PathBuf};
-use strata::checkpoint::Checkpoint;
+use strata::checkpoint::{Checkpoint, ReadMode};
 
 /// One folder per process under the temp dir (scripts/fuzz.sh points TMPDIR at memory and removes
 /// it after): the files are rewritten on every run.
@@ -54,9 +54,11 @@ fn open_and_read_all(path: &Path) {
         tensor
             .read_into(&mut whole)
             .expect("an opened tensor reads");
+        // Streamed in small pieces with O_DIRECT (buffered where refused): every unaligned
+        // offset and length reads the bytes the buffered read did.
         let mut streamed = Vec::with_capacity(whole.len());
         tensor
-            .read_chunks(&mut [0u8; 61], |offset, piece| {
+            .read_chunks(&mut [0u8; 61], ReadMode::Direct, |offset, piece| {
                 assert_eq!(offset, streamed.len() as u64);
                 streamed.extend_from_slice(piece);
                 Ok(())
