@@ -206,14 +206,20 @@ impl Trace {
         tracks
     }
 
-    /// Where each pass starts: the first layer computed, each time it is computed again.
-    fn pass_starts(&self) -> Vec<Stamp> {
+    /// The compute spans in the order they started.
+    fn compute_spans(&self) -> Vec<&Span> {
         let mut compute: Vec<&Span> = self
             .spans
             .iter()
             .filter(|s| s.track == Track::Compute)
             .collect();
         compute.sort_by_key(|s| s.start);
+        compute
+    }
+
+    /// Where each pass starts: the first layer computed, each time it is computed again.
+    fn pass_starts(&self) -> Vec<Stamp> {
+        let compute = self.compute_spans();
         let Some(first) = compute.first() else {
             return Vec::new();
         };
@@ -289,12 +295,7 @@ impl Trace {
     /// The stalls: gaps between two compute spans while a copy ran, each with the copy span that
     /// overlaps it most (what the pass was waiting for).
     fn stalls(&self) -> Vec<(Stamp, Stamp, &Span, Option<&Span>)> {
-        let mut compute: Vec<&Span> = self
-            .spans
-            .iter()
-            .filter(|s| s.track == Track::Compute)
-            .collect();
-        compute.sort_by_key(|s| s.start);
+        let compute = self.compute_spans();
         let overlap =
             |s: &Span, from: Stamp, to: Stamp| to.min(s.end).seconds_since(from.max(s.start));
         compute
