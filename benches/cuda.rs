@@ -30,27 +30,52 @@
 //! ((prefetch_depth + 1) layers, two buffers each when converted on the GPU): the exit status is
 //! 1 if it does.
 //!
+//! Then a bf16 checkpoint into fp8 on the device (issue 20): `QUANT_LAYERS` layers of one bf16
+//! [rows, 4096] weight in a .safetensors file, a 32nd of the device's memory and at most 4 GiB,
+//! written under STRATA_BENCH_DIR (else the system's temporary directory) and removed at the
+//! end. Preparing tier fp8 e4m3fn with per-channel quantization, computation bf16, no budget;
+//! onload from disk (positioned reads each pass, through the page cache the writing left warm)
+//! and from host memory (strata's host copies), each with the CUDA backend's rule
+//! (STRATA_CUDA_QUANTIZE=device: bf16 crosses and the kernels quantize) and with
+//! STRATA_CUDA_QUANTIZE=host (host threads quantize, fp8 crosses). Each of `QUANT_TRIALS` trials
+//! first evicts everything (vram_limit 0, then unlimited, untimed), then times one pass that
+//! streams the whole checkpoint. Printed per case: where it was quantized (from the bytes that
+//! crossed per layer), the checkpoint's bf16 bytes per second and their ratio to the pinned
+//! limit (aim >= 0.90), and the bytes per second over PCIe.
+//!
 //! Where there is no CUDA driver or no device it prints "SKIPPED: no CUDA driver" and exits 0.
-//! Bounded: a few seconds on an H100; host memory peaks near 1.1 GiB (strata's 1 GiB of host
-//! copies in the bf16 case; the limits' buffers are freed before strata runs).
+//! Bounded: a few seconds on an H100 for the first cases, host memory near 1.1 GiB (strata's
+//! 1 GiB of host copies in the bf16 case; the limits' buffers are freed before strata runs);
+//! the checkpoint cases write up to 4 GiB and hold as much in host copies, device memory up to
+//! 3 bytes per parameter of it.
 //!
 //! Run: cargo bench --bench cuda   (scripts/gpu-checks.sh runs the prebuilt executable)
 
 use cudarc::driver::{result, sys};
 use std::ffi::{c_void, CStr, CString};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::ptr;
 use std::time::Instant;
+use strata::budget::STRATA_UNLIMITED;
+use strata::convert::STRATA_QUANT_PER_CHANNEL;
 use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN};
 use strata::error::{strata_status, STRATA_OK};
 use strata::ffi::acquire::{strata_acquire_for_compute, strata_release, strata_tensor_view};
+use strata::ffi::checkpoint::{strata_checkpoint_close, strata_checkpoint_open};
 use strata::ffi::context::{
-    strata_context, strata_context_create, strata_context_destroy, strata_options_default,
+    strata_context, strata_context_create, strata_context_destroy, strata_context_set_vram_limit,
+    strata_options_default,
 };
 use strata::ffi::error::{strata_last_error, strata_status_name};
 use strata::ffi::group::{strata_group_create, strata_group_onload, strata_tiers_default};
-use strata::ffi::layer::{strata_host_tensor, strata_layer_register_host};
+use strata::ffi::layer::{
+    strata_group_register_checkpoint, strata_host_tensor, strata_layer_find,
+    strata_layer_register_host,
+};
 use strata::ffi::stats::{strata_stats, strata_stats_get};
-use strata::tiers::STRATA_DEVICE_CUDA;
+use strata::tiers::{STRATA_DEVICE_CPU, STRATA_DEVICE_CUDA, STRATA_DEVICE_DISK};
 
 /// The limits' copy size.
 const COPY_BYTES: usize = 256 << 20;
@@ -130,8 +155,9 @@ fn main() {
     for case in &cases {
         let run = stream_case(case, &stream);
         bounded &= run.print(case, &pinned);
-        summary.push((case.label, run.rate.best / pinned.best));
+        summary.push((case.label.to_string(), run.rate.best / pinned.best));
     }
+    summary.extend(quant_cases(device, &stream, &pinned));
     println!();
     for (label, ratio) in summary {
         println!("strata streaming / pinned H2D limit, {label}: {ratio:.3} (aim >= 0.90)");
@@ -360,8 +386,69 @@ fn stream_case(case: &Case, stream: &Stream) -> StreamRun {
     check(strata_group_onload(ctx.0, group), "strata_group_onload");
 
     let expected_nbytes = (ROWS * COLS * case.computation_bytes) as u64;
-    let pass = |verify: bool| {
-        for &layer in &layers {
+    let timed = time_passes(&ctx, &layers, stream, (TRIALS, PASSES), &|| {}, &|view| {
+        assert_eq!(view.dtype, case.computation);
+        assert_eq!(view.nbytes, expected_nbytes);
+    });
+    let passes = (TRIALS * PASSES) as f64;
+    StreamRun {
+        rate: Rates::of(timed.trials.iter().map(Trial::bus_rate).collect()),
+        bytes_per_pass: timed.counters.bytes_to_device as f64 / passes,
+        stored_per_pass: (LAYERS * ROWS * COLS * case.stored_bytes) as u64,
+        ms_per_pass: timed.seconds() * 1e3 / passes,
+        timed: timed.counters,
+        end: timed.end,
+        allocations_first: timed.allocations_first,
+        allocations_warm: timed.allocations_warm,
+        allocations_trials: timed.allocations_trials,
+    }
+}
+
+/// One timed trial: its seconds, the bytes that crossed PCIe into the preparing tier, and the
+/// acquires that streamed their layer (not resident).
+struct Trial {
+    seconds: f64,
+    bytes_to_device: u64,
+    streamed: u64,
+}
+
+impl Trial {
+    /// GB/s over the bus.
+    fn bus_rate(&self) -> f64 {
+        self.bytes_to_device as f64 / self.seconds / 1e9
+    }
+}
+
+/// What `time_passes` measured.
+struct Timed {
+    trials: Vec<Trial>,
+    /// Counters over the timed passes, and at the end.
+    counters: strata_stats,
+    end: strata_stats,
+    allocations_first: u64,
+    allocations_warm: u64,
+    allocations_trials: Vec<u64>,
+}
+
+impl Timed {
+    fn seconds(&self) -> f64 {
+        self.trials.iter().map(|t| t.seconds).sum()
+    }
+}
+
+/// Streams `layers` (one tensor each) through `ctx`: one pass checking every view with `verify`,
+/// `WARMUP_PASSES` in all untimed, then `trials` timed trials of `passes` passes, each after an
+/// untimed `before_trial`. Each pass acquires every layer on `stream` and releases it at once.
+fn time_passes(
+    ctx: &Context,
+    layers: &[u64],
+    stream: &Stream,
+    (trials, passes): (usize, usize),
+    before_trial: &dyn Fn(),
+    verify: &dyn Fn(&strata_tensor_view),
+) -> Timed {
+    let pass = |check_views: bool| {
+        for &layer in layers {
             let mut view = empty_view();
             let mut count = 0;
             check(
@@ -375,12 +462,11 @@ fn stream_case(case: &Case, stream: &Stream) -> StreamRun {
                 ),
                 "strata_acquire_for_compute",
             );
-            if verify {
+            if check_views {
                 assert_eq!(count, 1);
                 assert_eq!(view.device, STRATA_DEVICE_CUDA);
-                assert_eq!(view.dtype, case.computation);
-                assert_eq!(view.nbytes, expected_nbytes);
                 assert!(!view.data.is_null());
+                verify(&view);
             }
             check(
                 strata_release(ctx.0, layer, stream.0 as *mut c_void),
@@ -390,35 +476,39 @@ fn stream_case(case: &Case, stream: &Stream) -> StreamRun {
     };
 
     pass(true);
-    let allocations_first = stats(&ctx).device_allocations;
+    let allocations_first = stats(ctx).device_allocations;
     for _ in 1..WARMUP_PASSES {
         pass(false);
     }
     finish_all_work();
-    let allocations_warm = stats(&ctx).device_allocations;
+    let allocations_warm = stats(ctx).device_allocations;
 
-    let first = stats(&ctx);
-    let mut rates = Vec::with_capacity(TRIALS);
-    let mut seconds = 0.0;
-    let mut allocations_trials = Vec::with_capacity(TRIALS);
-    for _ in 0..TRIALS {
-        let before = stats(&ctx);
+    let first = stats(ctx);
+    let mut timed = Vec::with_capacity(trials);
+    let mut allocations_trials = Vec::with_capacity(trials);
+    for _ in 0..trials {
+        before_trial();
+        finish_all_work();
+        let before = stats(ctx);
         let started = Instant::now();
-        for _ in 0..PASSES {
+        for _ in 0..passes {
             pass(false);
         }
         // Also the copies strata already started for the next pass: they are counted in
         // bytes_to_device, so their time must be too.
         finish_all_work();
-        let elapsed = started.elapsed().as_secs_f64();
-        let after = stats(&ctx);
-        seconds += elapsed;
-        rates.push((after.bytes_to_device - before.bytes_to_device) as f64 / elapsed / 1e9);
+        let seconds = started.elapsed().as_secs_f64();
+        let after = stats(ctx);
+        timed.push(Trial {
+            seconds,
+            bytes_to_device: after.bytes_to_device - before.bytes_to_device,
+            streamed: (after.acquires - after.resident_hits)
+                - (before.acquires - before.resident_hits),
+        });
         allocations_trials.push(after.device_allocations);
     }
-    let end = stats(&ctx);
-    let passes = (TRIALS * PASSES) as f64;
-    let timed = strata_stats {
+    let end = stats(ctx);
+    let counters = strata_stats {
         acquires: end.acquires - first.acquires,
         prefetch_hits: end.prefetch_hits - first.prefetch_hits,
         resident_hits: end.resident_hits - first.resident_hits,
@@ -428,17 +518,292 @@ fn stream_case(case: &Case, stream: &Stream) -> StreamRun {
         bytes_to_device: end.bytes_to_device - first.bytes_to_device,
         ..end
     };
-    StreamRun {
-        rate: Rates::of(rates),
-        bytes_per_pass: timed.bytes_to_device as f64 / passes,
-        stored_per_pass: (LAYERS * ROWS * COLS * case.stored_bytes) as u64,
-        ms_per_pass: seconds * 1e3 / passes,
-        timed,
+    Timed {
+        trials: timed,
+        counters,
         end,
         allocations_first,
         allocations_warm,
         allocations_trials,
     }
+}
+
+/// Where the quantization cases' bf16 checkpoint is read from while streaming.
+#[derive(Clone, Copy)]
+enum Onload {
+    /// The file, by positioned reads each pass (through the page cache, warm after writing).
+    Disk,
+    /// strata's host copies, read from the file once by `strata_group_onload`.
+    Host,
+}
+
+/// A bf16 checkpoint streamed into fp8 e4m3fn, per-channel quantization, bf16 computation.
+struct QuantCase {
+    onload: Onload,
+    /// STRATA_CUDA_QUANTIZE while the context opens: "device" (the default rule) or "host".
+    quantize: &'static str,
+}
+
+impl QuantCase {
+    fn label(&self) -> String {
+        let from = match self.onload {
+            Onload::Disk => "disk",
+            Onload::Host => "host memory",
+        };
+        format!(
+            "bf16 checkpoint from {from} -> fp8 e4m3fn per-channel -> bf16, \
+             STRATA_CUDA_QUANTIZE={}",
+            self.quantize
+        )
+    }
+}
+
+/// The quantization cases' model: `QUANT_LAYERS` layers of one [rows, QUANT_COLS] bf16 weight,
+/// the checkpoint a 32nd of the device's memory and at most `QUANT_MAX_BYTES` (4 GiB on an H100
+/// or H200; 32 MiB on the emulated driver's 1 GiB).
+const QUANT_LAYERS: usize = 32;
+const QUANT_COLS: usize = 4096;
+const QUANT_MAX_BYTES: usize = 4 << 30;
+const QUANT_TRIALS: usize = 5;
+const QUANT_PASSES: usize = 1;
+
+fn quant_rows(device_memory: usize) -> usize {
+    let bytes = (device_memory / 32).min(QUANT_MAX_BYTES);
+    (bytes / (QUANT_LAYERS * QUANT_COLS * 2) / 64 * 64).max(64)
+}
+
+/// What one quantization case measured: rates in GB/s of the checkpoint's bf16 bytes streamed
+/// (layers not resident, times their bf16 bytes) and of the bytes that crossed PCIe.
+struct QuantRun {
+    checkpoint: Rates,
+    bus: Rates,
+    /// Bytes that crossed PCIe per streamed layer, and the timed passes' counters.
+    crossed_per_layer: f64,
+    streamed_per_pass: f64,
+    timed: strata_stats,
+}
+
+fn quant_case(case: &QuantCase, path: &Path, rows: usize, stream: &Stream) -> QuantRun {
+    let layer_params = rows * QUANT_COLS;
+    let mut options = strata_options_default();
+    options.compute_device = STRATA_DEVICE_CUDA;
+    options.device_index = 0;
+    // No budget, so that the rule may quantize on the device (the scratch needs memory beside
+    // the layers); every trial starts with nothing resident (see `evict_all`), so its pass
+    // streams the whole checkpoint, as loading a model does.
+    options.vram_limit = STRATA_UNLIMITED;
+    options.prefetch_depth = PREFETCH_DEPTH;
+    // Read by the CUDA backend when the context opens. Only this thread calls into strata or
+    // the environment here; std serialises its own reads of it.
+    std::env::set_var("STRATA_CUDA_QUANTIZE", case.quantize);
+    let mut raw = ptr::null_mut();
+    let created = strata_context_create(&options, &mut raw);
+    std::env::remove_var("STRATA_CUDA_QUANTIZE");
+    check(created, "strata_context_create");
+    let ctx = Context(raw);
+
+    let mut tiers = strata_tiers_default();
+    tiers.offload.device = STRATA_DEVICE_DISK;
+    tiers.onload.device = match case.onload {
+        Onload::Disk => STRATA_DEVICE_DISK,
+        Onload::Host => STRATA_DEVICE_CPU,
+    };
+    tiers.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+    tiers.quantization = STRATA_QUANT_PER_CHANNEL;
+    tiers.computation.dtype = STRATA_DTYPE_BF16;
+    let mut group = 0;
+    check(
+        strata_group_create(ctx.0, c"checkpoint".as_ptr(), &tiers, &mut group),
+        "strata_group_create",
+    );
+    let mut ckpt = ptr::null_mut();
+    let path = CString::new(path.to_str().expect("a UTF-8 temporary path")).unwrap();
+    check(
+        strata_checkpoint_open(ctx.0, path.as_ptr(), &mut ckpt),
+        "strata_checkpoint_open",
+    );
+    let mut count = 0;
+    let registered =
+        strata_group_register_checkpoint(ctx.0, group, ckpt, c"layer.".as_ptr(), 2, &mut count);
+    strata_checkpoint_close(ckpt);
+    check(registered, "strata_group_register_checkpoint");
+    assert_eq!(count, QUANT_LAYERS);
+    let layers: Vec<u64> = (0..QUANT_LAYERS)
+        .map(|i| {
+            let name = CString::new(format!("layer.{i}")).unwrap();
+            let mut id = 0;
+            check(
+                strata_layer_find(ctx.0, name.as_ptr(), &mut id),
+                "strata_layer_find",
+            );
+            id
+        })
+        .collect();
+    check(strata_group_onload(ctx.0, group), "strata_group_onload");
+
+    let bf16_bytes = (layer_params * 2) as u64;
+    let evict_all = || {
+        check(
+            strata_context_set_vram_limit(ctx.0, 0),
+            "strata_context_set_vram_limit",
+        );
+        check(
+            strata_context_set_vram_limit(ctx.0, STRATA_UNLIMITED),
+            "strata_context_set_vram_limit",
+        );
+    };
+    let timed = time_passes(
+        &ctx,
+        &layers,
+        stream,
+        (QUANT_TRIALS, QUANT_PASSES),
+        &evict_all,
+        &|view| {
+            assert_eq!(view.dtype, STRATA_DTYPE_BF16);
+            assert_eq!(view.nbytes, bf16_bytes);
+        },
+    );
+    let streamed: u64 = timed.trials.iter().map(|t| t.streamed).sum();
+    QuantRun {
+        checkpoint: Rates::of(
+            timed
+                .trials
+                .iter()
+                .map(|t| (t.streamed * bf16_bytes) as f64 / t.seconds / 1e9)
+                .collect(),
+        ),
+        bus: Rates::of(timed.trials.iter().map(Trial::bus_rate).collect()),
+        crossed_per_layer: timed.counters.bytes_to_device as f64 / streamed.max(1) as f64,
+        streamed_per_pass: streamed as f64 / (QUANT_TRIALS * QUANT_PASSES) as f64,
+        timed: timed.counters,
+    }
+}
+
+impl QuantRun {
+    fn print(&self, case: &QuantCase, rows: usize, pinned: &Rates) {
+        let params = (rows * QUANT_COLS) as f64;
+        // bf16 crosses when the kernels quantize, fp8 (and a scale per row) when the host does.
+        let quantized_on = if self.crossed_per_layer >= 1.5 * params {
+            "the device (bf16 crossed)"
+        } else {
+            "the host (fp8 crossed)"
+        };
+        let t = &self.timed;
+        println!();
+        println!(
+            "strata, {}: {QUANT_LAYERS} layers x [{rows}, {QUANT_COLS}], prefetch_depth \
+             {PREFETCH_DEPTH}, {QUANT_TRIALS} trials x {QUANT_PASSES} passes",
+            case.label()
+        );
+        println!(
+            "  layers streamed per pass: {:.1} of {QUANT_LAYERS}; crossed PCIe per streamed layer: \
+             {:.1} MiB ({:.3} bytes per parameter): quantized on {quantized_on}",
+            self.streamed_per_pass,
+            self.crossed_per_layer / MIB,
+            self.crossed_per_layer / params
+        );
+        println!(
+            "  checkpoint (bf16 bytes streamed): best {:.2} GB/s, median {:.2} GB/s; ratio to pinned \
+             H2D: best/best {:.3}, median/median {:.3} (aim >= 0.90)",
+            self.checkpoint.best,
+            self.checkpoint.median,
+            self.checkpoint.best / pinned.best,
+            self.checkpoint.median / pinned.median
+        );
+        println!(
+            "  over PCIe: best {:.2} GB/s, median {:.2} GB/s ({:.3} of pinned best)",
+            self.bus.best,
+            self.bus.median,
+            self.bus.best / pinned.best
+        );
+        println!(
+            "  stats over the timed passes: acquires {}, prefetch_hits {}, resident_hits {}, misses \
+             {}, evictions {}, device_allocations {} at the end, vram_peak {:.1} MiB",
+            t.acquires,
+            t.prefetch_hits,
+            t.resident_hits,
+            t.misses,
+            t.evictions,
+            t.device_allocations,
+            t.vram_peak as f64 / MIB
+        );
+    }
+}
+
+/// Writes the quantization cases' checkpoint: `QUANT_LAYERS` tensors "layer.{i}.weight", bf16
+/// [rows, QUANT_COLS], finite (see `fill_weights`), one layer's bytes in memory at a time.
+fn write_bf16_checkpoint(path: &Path, rows: usize) {
+    let layer_bytes = rows * QUANT_COLS * 2;
+    let mut header = serde_json::Map::new();
+    for i in 0..QUANT_LAYERS {
+        header.insert(
+            format!("layer.{i}.weight"),
+            serde_json::json!({"dtype": "BF16", "shape": [rows, QUANT_COLS],
+                               "data_offsets": [i * layer_bytes, (i + 1) * layer_bytes]}),
+        );
+    }
+    let mut header = serde_json::to_vec(&header).unwrap();
+    // Padded with spaces to a multiple of 8, as the reference writer does, so data is aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut layer = vec![0u8; layer_bytes];
+    fill_weights(&mut layer, STRATA_DTYPE_BF16);
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, File::create(path).unwrap());
+    out.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    out.write_all(&header).unwrap();
+    for _ in 0..QUANT_LAYERS {
+        out.write_all(&layer).unwrap();
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+}
+
+/// A directory removed with what it holds when dropped, so a failed run leaves no checkpoint.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Under STRATA_BENCH_DIR (scripts/gpu-checks.sh makes and removes one), else the system's.
+    fn new() -> TempDir {
+        let parent = std::env::var_os("STRATA_BENCH_DIR")
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = parent.join(format!("strata-bench-cuda-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the checkpoint's directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the quantization cases, printing each; their (label, checkpoint best / pinned best).
+fn quant_cases(device: sys::CUdevice, stream: &Stream, pinned: &Rates) -> Vec<(String, f64)> {
+    // SAFETY: `device` came from cuDeviceGet.
+    let memory = unsafe { result::device::total_mem(device) }.expect("cuDeviceTotalMem");
+    let rows = quant_rows(memory);
+    let dir = TempDir::new();
+    let path = dir.0.join("bf16.safetensors");
+    let started = Instant::now();
+    write_bf16_checkpoint(&path, rows);
+    println!();
+    println!(
+        "bf16 checkpoint: {:.1} MiB at {} (written in {:.1} s; removed at the end)",
+        (QUANT_LAYERS * rows * QUANT_COLS * 2) as f64 / MIB,
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut summary = Vec::new();
+    for onload in [Onload::Disk, Onload::Host] {
+        for quantize in ["device", "host"] {
+            let case = QuantCase { onload, quantize };
+            let run = quant_case(&case, &path, rows, stream);
+            run.print(&case, rows, pinned);
+            summary.push((case.label(), run.checkpoint.best / pinned.best));
+        }
+    }
+    summary
 }
 
 /// Finite weights of the stored dtype (no NaN or infinity), so a conversion does real work.

@@ -55,9 +55,17 @@ check "python binding on cuda" env STRATA_LIBRARY=.gpu/libstrata.so PYTHONPATH=p
   python3 -m unittest discover -v -s python/tests -p test_cuda.py
 if python3 -c 'import torch' 2>/dev/null; then check "torch offload bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/torch_offload_bench.py; else echo "SKIPPED: torch offload bench (no torch)"; fi
 # Streaming throughput through the C ABI against the pinned H2D limit measured in the same run
-# (bf16 pure transfer, fp8 -> bf16 converted on the GPU), and a bf16 nn.Linear stack under
-# several budgets against max(compute, transfer): benches/cuda.rs, cuda_linear_stack.py.
-check "cuda streaming bench" .gpu/bin/bench-cuda
+# (bf16 pure transfer, fp8 -> bf16 converted on the GPU; a bf16 checkpoint, a 32nd of the GPU's
+# memory and at most 4 GiB, from disk and from host memory into fp8 per-channel, quantized on the
+# device and with STRATA_CUDA_QUANTIZE=host), and a bf16 nn.Linear stack under several budgets
+# against max(compute, transfer): benches/cuda.rs, cuda_linear_stack.py. The checkpoint is
+# written in a directory of its own, removed on exit; df shows what "disk" is there.
+if wanted "cuda streaming bench"; then
+  bench_dir=$(mktemp -d "${TMPDIR:-/tmp}/strata-gpu-bench.XXXXXX")
+  trap 'rm -rf "$bench_dir"' EXIT
+  df -hT "$bench_dir" | tail -n 1
+fi
+check "cuda streaming bench" env STRATA_BENCH_DIR="${bench_dir:-}" .gpu/bin/bench-cuda
 if python3 -c 'import torch' 2>/dev/null; then check "cuda linear stack bench" env STRATA_LIBRARY=.gpu/libstrata.so python3 python/benchmarks/cuda_linear_stack.py; else echo "SKIPPED: cuda linear stack bench (no torch)"; fi
 
 echo
