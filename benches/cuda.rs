@@ -39,9 +39,9 @@
 //! (STRATA_CUDA_QUANTIZE=device: bf16 crosses and the kernels quantize) and with
 //! STRATA_CUDA_QUANTIZE=host (host threads quantize, fp8 crosses). Each of `QUANT_TRIALS` trials
 //! first evicts everything (vram_limit 0, then unlimited, untimed), then times one pass that
-//! streams the whole checkpoint. Printed per case: where it was quantized (from the bytes that
-//! crossed per layer), the checkpoint's bf16 bytes per second and their ratio to the pinned
-//! limit (aim >= 0.90), and the bytes per second over PCIe.
+//! streams the whole checkpoint. Printed per case: the checkpoint's bf16 bytes per second and
+//! their ratio to the pinned limit (aim >= 0.90), and the device allocations of each trial
+//! (bytes_to_device counts the prepared fp8 bytes whichever way the quantization ran).
 //!
 //! Where there is no CUDA driver or no device it prints "SKIPPED: no CUDA driver" and exits 0.
 //! Bounded: a few seconds on an H100 for the first cases, host memory near 1.1 GiB (strata's
@@ -572,14 +572,14 @@ fn quant_rows(device_memory: usize) -> usize {
     (bytes / (QUANT_LAYERS * QUANT_COLS * 2) / 64 * 64).max(64)
 }
 
-/// What one quantization case measured: rates in GB/s of the checkpoint's bf16 bytes streamed
-/// (layers not resident, times their bf16 bytes) and of the bytes that crossed PCIe.
+/// What one quantization case measured: GB/s of the checkpoint's bf16 bytes streamed (layers
+/// not resident, times their bf16 bytes).
 struct QuantRun {
     checkpoint: Rates,
-    bus: Rates,
-    /// Bytes that crossed PCIe per streamed layer, and the timed passes' counters.
-    crossed_per_layer: f64,
     streamed_per_pass: f64,
+    /// device_allocations made during each trial: each layer's fp8 and bf16 buffers, and the
+    /// scratch that quantizing on the device takes beside them, less what the pool reused.
+    allocations_per_trial: Vec<u64>,
     timed: strata_stats,
 }
 
@@ -664,6 +664,12 @@ fn quant_case(case: &QuantCase, path: &Path, rows: usize, stream: &Stream) -> Qu
         },
     );
     let streamed: u64 = timed.trials.iter().map(|t| t.streamed).sum();
+    let allocations_per_trial = std::iter::once(timed.allocations_warm)
+        .chain(timed.allocations_trials.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .collect();
     QuantRun {
         checkpoint: Rates::of(
             timed
@@ -672,60 +678,44 @@ fn quant_case(case: &QuantCase, path: &Path, rows: usize, stream: &Stream) -> Qu
                 .map(|t| (t.streamed * bf16_bytes) as f64 / t.seconds / 1e9)
                 .collect(),
         ),
-        bus: Rates::of(timed.trials.iter().map(Trial::bus_rate).collect()),
-        crossed_per_layer: timed.counters.bytes_to_device as f64 / streamed.max(1) as f64,
         streamed_per_pass: streamed as f64 / (QUANT_TRIALS * QUANT_PASSES) as f64,
+        allocations_per_trial,
         timed: timed.counters,
     }
 }
 
 impl QuantRun {
     fn print(&self, case: &QuantCase, rows: usize, pinned: &Rates) {
-        let params = (rows * QUANT_COLS) as f64;
-        // bf16 crosses when the kernels quantize, fp8 (and a scale per row) when the host does.
-        let quantized_on = if self.crossed_per_layer >= 1.5 * params {
-            "the device (bf16 crossed)"
-        } else {
-            "the host (fp8 crossed)"
-        };
         let t = &self.timed;
         println!();
         println!(
             "strata, {}: {QUANT_LAYERS} layers x [{rows}, {QUANT_COLS}], prefetch_depth \
-             {PREFETCH_DEPTH}, {QUANT_TRIALS} trials x {QUANT_PASSES} passes",
+             {PREFETCH_DEPTH}, {QUANT_TRIALS} trials x {QUANT_PASSES} pass from nothing resident",
             case.label()
         );
         println!(
-            "  layers streamed per pass: {:.1} of {QUANT_LAYERS}; crossed PCIe per streamed layer: \
-             {:.1} MiB ({:.3} bytes per parameter): quantized on {quantized_on}",
+            "  checkpoint (bf16 bytes streamed, {:.1} of {QUANT_LAYERS} layers per pass): best \
+             {:.2} GB/s, median {:.2} GB/s; ratio to pinned H2D: best/best {:.3}, median/median \
+             {:.3} (aim >= 0.90)",
             self.streamed_per_pass,
-            self.crossed_per_layer / MIB,
-            self.crossed_per_layer / params
-        );
-        println!(
-            "  checkpoint (bf16 bytes streamed): best {:.2} GB/s, median {:.2} GB/s; ratio to pinned \
-             H2D: best/best {:.3}, median/median {:.3} (aim >= 0.90)",
             self.checkpoint.best,
             self.checkpoint.median,
             self.checkpoint.best / pinned.best,
             self.checkpoint.median / pinned.median
         );
         println!(
-            "  over PCIe: best {:.2} GB/s, median {:.2} GB/s ({:.3} of pinned best)",
-            self.bus.best,
-            self.bus.median,
-            self.bus.best / pinned.best
-        );
-        println!(
             "  stats over the timed passes: acquires {}, prefetch_hits {}, resident_hits {}, misses \
-             {}, evictions {}, device_allocations {} at the end, vram_peak {:.1} MiB",
+             {}, host stall {:.3} ms/pass, evictions {}, vram_peak {:.1} MiB; device_allocations \
+             per trial {:?} (two buffers a layer, and a scratch when quantizing on the device, \
+             less what the pool reused)",
             t.acquires,
             t.prefetch_hits,
             t.resident_hits,
             t.misses,
+            t.stall_ns as f64 / 1e6 / (QUANT_TRIALS * QUANT_PASSES) as f64,
             t.evictions,
-            t.device_allocations,
-            t.vram_peak as f64 / MIB
+            t.vram_peak as f64 / MIB,
+            self.allocations_per_trial
         );
     }
 }
