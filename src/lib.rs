@@ -14,6 +14,7 @@ pub mod host;
 pub mod host_threads;
 pub mod log;
 pub mod registry;
+pub mod residency;
 pub mod schedule;
 pub mod stats;
 pub mod tiers;

@@ -6,6 +6,7 @@ use crate::budget::{Limit, STRATA_UNLIMITED};
 use crate::error::{Error, Result};
 use crate::log::Level;
 use crate::registry::Key;
+use crate::residency::{self, Candidate, Protect};
 use crate::schedule::Distances;
 
 impl Context {
@@ -79,7 +80,7 @@ impl Context {
         evicted
     }
 
-    /// Evicts the unused resident layer whose next use is predicted furthest away (Belady), never
+    /// Evicts the layer `residency::victim` picks (Belady: the furthest predicted use), never
     /// `keep`, one predicted nearer than `nearest_allowed`, or (with `keep_prefetched`) one the
     /// copy engine filled ahead; false when no layer can go.
     pub(super) fn evict_one(
@@ -90,21 +91,18 @@ impl Context {
         nearest_allowed: u32,
         keep_prefetched: bool,
     ) -> bool {
-        let victim = st
-            .registry
-            .layers
-            .iter()
-            .filter(|(k, l)| {
-                Some(*k) != keep
-                    && (l.prepared.is_some() || l.staged.is_some())
-                    && l.in_use == 0
-                    && !l.busy
-                    && !(keep_prefetched && l.prefetched)
-            })
-            .map(|(k, _)| (st.schedule.eviction_rank(k, distances), k))
-            .filter(|(rank, _)| rank.0 >= nearest_allowed)
-            .max_by_key(|(rank, _)| *rank)
-            .map(|(_, k)| k);
+        let candidates = st.registry.layers.iter().map(|(key, l)| Candidate {
+            key,
+            resident: l.prepared.is_some() || l.staged.is_some(),
+            pinned: l.in_use > 0 || l.busy,
+            prefetched: l.prefetched,
+        });
+        let protect = Protect {
+            keep,
+            nearest_allowed,
+            keep_prefetched,
+        };
+        let victim = residency::victim(candidates, &st.schedule, distances, protect);
         let Some(victim) = victim else {
             return false;
         };
