@@ -65,8 +65,8 @@ impl PrimaryContext {
     /// thread (PyTorch's `torch.cuda.graph` default) would otherwise refuse them and be
     /// invalidated by them.
     pub(super) fn bind(&self) -> Result<Bound> {
-        // SAFETY: `raw` is a retained, live context.
         check(
+            // SAFETY: `raw` is a retained, live context.
             unsafe { sys::cuCtxPushCurrent_v2(self.raw) }.result(),
             "making the device's context current",
         )?;
@@ -151,9 +151,9 @@ impl Stream {
     /// this stream rather than the legacy one, which a graph captured on a blocking stream
     /// would forbid.
     pub(super) fn copy_to_host(&self, dst: &mut [u8], src: sys::CUdeviceptr) -> Result<()> {
-        // SAFETY: `dst` is writable for its length and outlives the copy (waited for below);
-        // `src` is live device memory at least as long.
         check(
+            // SAFETY: `dst` is writable for its length and outlives the copy (waited for below);
+            // `src` is live device memory at least as long.
             unsafe { result::memcpy_dtoh_async(dst, src, self.0) },
             "copying from the device",
         )?;
@@ -254,8 +254,8 @@ pub(super) fn stream_context(stream: sys::CUstream) -> Result<sys::CUcontext> {
 /// The context current on the calling thread (null when there is none).
 pub(super) fn current_context() -> Result<sys::CUcontext> {
     let mut context = std::ptr::null_mut();
-    // SAFETY: writes one handle into `context`.
     check(
+        // SAFETY: writes one handle into `context`.
         unsafe { sys::cuCtxGetCurrent(&mut context) }.result(),
         "reading the calling thread's CUDA context",
     )?;
@@ -265,8 +265,8 @@ pub(super) fn current_context() -> Result<sys::CUcontext> {
 /// Whether work on `stream` is being captured into a CUDA graph. Call with the context bound.
 pub(super) fn is_capturing(stream: sys::CUstream) -> Result<bool> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    // SAFETY: writes one status into `status`; the driver checks the stream handle.
     check(
+        // SAFETY: writes one status into `status`; the driver checks the stream handle.
         unsafe { sys::cuStreamIsCapturing(stream, &mut status) }.result(),
         "checking whether the caller's stream is being captured",
     )?;

@@ -11,6 +11,7 @@ use strata::convert::Quant;
 use strata::dtype::DType;
 use strata::error::{Error, Result};
 use strata::registry::{Forms, TensorMeta};
+use strata::residency::{LayerBytes, Simulation};
 use strata::tiers::{Device, RawTiers, Tiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
 
 const INSPECT_USAGE: &str = "strata inspect: a checkpoint's layers, tensors, dtypes and bytes
@@ -33,7 +34,9 @@ Usage: strata plan CHECKPOINT --vram-limit SIZE [options]
 
 For a model run as a repeating pass over its layers (a DiT's blocks once per step), streamed from
 disk: the layers that stay resident on the device, the bytes streamed per pass, and the pass time
-the bandwidth allows. Sizes are the bytes a strata context would charge (alignment included).
+the bandwidth allows. Sizes are the bytes a strata context would charge (alignment included), and
+the passes are replayed through the context's own residency rule (src/residency), so the figures
+are what a context with this budget and prefetch depth moves and keeps.
 
 Options:
   --vram-limit SIZE     device budget, e.g. 8GiB (required)
@@ -177,8 +180,11 @@ fn parse_quant(text: &str) -> Result<Quant> {
 struct LayerSize {
     name: String,
     prepared: u64,
-    converted: u64,
+    bytes: LayerBytes,
 }
+
+/// Passes simulated: the first learns the order, the last is reported as the steady one.
+const PLANNED_PASSES: usize = 4;
 
 pub fn plan(args: &[String]) -> Result<()> {
     let valued = [
@@ -238,10 +244,14 @@ pub fn plan(args: &[String]) -> Result<()> {
         sized.push(LayerSize {
             name,
             prepared: forms.preparing.size as u64,
-            converted: if converts {
-                forms.computation.size as u64
-            } else {
-                0
+            bytes: LayerBytes {
+                prepared: forms.preparing.size as u64,
+                converted: if converts {
+                    forms.computation.size as u64
+                } else {
+                    0
+                },
+                payload: forms.preparing_payload(),
             },
         });
     }
@@ -249,27 +259,18 @@ pub fn plan(args: &[String]) -> Result<()> {
         return Err(Error::not_found("no tensor matches the prefix"));
     }
     let total: u64 = sized.iter().map(|l| l.prepared).sum();
-    let largest_prepared = sized.iter().map(|l| l.prepared).max().unwrap_or(0);
-    // The layer computing (its copy and its conversion) plus the prefetched ones.
-    let window = sized
-        .iter()
-        .map(|l| l.prepared + l.converted)
-        .max()
-        .unwrap_or(0)
-        + prefetch * largest_prepared;
-    let mut room = vram_limit.saturating_sub(window);
-    let resident: Vec<&LayerSize> = sized
-        .iter()
-        .filter(|l| {
-            let fits = l.prepared <= room;
-            if fits {
-                room -= l.prepared;
-            }
-            fits
-        })
-        .collect();
-    let resident_bytes: u64 = resident.iter().map(|l| l.prepared).sum();
-    let streamed = total - resident_bytes;
+    // The passes run through the context's own residency rule; after a few the learned order is
+    // steady, and the last pass is what every later one moves.
+    let bytes: Vec<LayerBytes> = sized.iter().map(|l| l.bytes).collect();
+    let mut sim = Simulation::new(&bytes, vram_limit, prefetch.min(u32::MAX as u64) as u32);
+    let mut streamed = 0;
+    for _ in 0..PLANNED_PASSES {
+        let before = sim.moved();
+        (0..sized.len()).for_each(|i| sim.use_layer(i));
+        streamed = sim.moved() - before;
+    }
+    let resident: Vec<&LayerSize> = sim.resident().into_iter().map(|i| &sized[i]).collect();
+    let resident_bytes = sim.held();
     let pass_seconds = streamed as f64 / bandwidth as f64;
 
     if args.has("--json") {
@@ -277,7 +278,7 @@ pub fn plan(args: &[String]) -> Result<()> {
             "layers": sized.len(),
             "model_bytes": total,
             "vram_limit": vram_limit,
-            "window_bytes": window,
+            "prefetch_depth": prefetch,
             "resident_layers": resident.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
             "resident_bytes": resident_bytes,
             "streamed_bytes_per_pass": streamed,
@@ -295,21 +296,19 @@ pub fn plan(args: &[String]) -> Result<()> {
         human_bytes(total)
     );
     println!(
-        "budget {}: streaming window {} (the layer computing + {prefetch} prefetched), {} for residents",
+        "budget {}, {prefetch} layers fetched ahead: passes replayed through the context's residency rule",
         human_bytes(vram_limit),
-        human_bytes(window),
-        human_bytes(vram_limit.saturating_sub(window))
     );
-    if vram_limit < window {
-        println!("note: the budget is below the window; prefetch shrinks, and a layer larger than the budget overcommits");
+    if sim.overcommitted() {
+        println!("note: a layer is larger than the budget: it overcommits alone (STRATA_FLAG_STRICT_BUDGET refuses it)");
     }
     println!(
-        "resident: {} layers, {}",
+        "resident between passes: {} layers, {}",
         resident.len(),
         human_bytes(resident_bytes)
     );
     println!(
-        "streamed per pass: {} (lower bound for a repeating pass)",
+        "streamed per steady pass: {} (what a context moves when each fill ends within a use)",
         human_bytes(streamed)
     );
     println!(
