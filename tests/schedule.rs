@@ -379,3 +379,58 @@ fn layers_the_engine_is_filling_can_be_removed_right_after_the_last_release() {
         assert_eq!(ctx.stats().vram_in_use, 0);
     }
 }
+
+#[test]
+fn the_residency_rule_itself_is_within_five_percent_of_the_optimum_on_a_pipeline() {
+    // The pipeline above replayed through `strata::residency::Simulation`, the eviction rule a
+    // context runs (and `strata plan` predicts with), without a device or threads in between.
+    let mut rows = vec![96u64; 4];
+    rows.extend((0..12).map(|i| 48 + 16 * (i % 3)));
+    rows.extend([128u64; 3]);
+    let prompt = pipeline_prompt(
+        &(0..4).collect::<Vec<_>>(),
+        &(4..16).collect::<Vec<_>>(),
+        &(16..19).collect::<Vec<_>>(),
+        20,
+    );
+    let sizes: Vec<u64> = rows.iter().map(|r| r * 64 * 4).collect();
+    let budget = sizes.iter().sum::<u64>() * 2 / 5;
+    let bytes: Vec<strata::residency::LayerBytes> = sizes
+        .iter()
+        .map(|&s| strata::residency::LayerBytes {
+            prepared: s,
+            converted: 0,
+            payload: s,
+        })
+        .collect();
+    let prompts = 3;
+    let whole: Vec<usize> = prompt
+        .iter()
+        .copied()
+        .cycle()
+        .take(prompts * prompt.len())
+        .collect();
+    for depth in [0u32, 1, 2] {
+        let mut sim = strata::residency::Simulation::new(&bytes, budget, depth);
+        prompt.iter().for_each(|&i| sim.use_layer(i));
+        let first = sim.moved();
+        for _ in 1..prompts {
+            for &i in &prompt {
+                sim.use_layer(i);
+                assert!(sim.held() <= budget);
+            }
+        }
+        let moved = (sim.moved() - first) / (prompts as u64 - 1);
+        let optimum = (belady(&whole, &sizes, budget, depth as usize)
+            - belady(&prompt, &sizes, budget, depth as usize))
+            / (prompts as u64 - 1);
+        println!(
+            "depth {depth}: the rule moves {moved} bytes per prompt, offline optimum with the same window {optimum} ({:.3}x)",
+            moved as f64 / optimum as f64
+        );
+        assert!(
+            moved as f64 <= optimum as f64 * 1.05,
+            "depth {depth}: {moved} bytes per prompt, optimum {optimum}"
+        );
+    }
+}
