@@ -84,6 +84,7 @@ fn main() {
             })
             .collect();
         let mut next = 0;
+        // SAFETY: a view is plain integers and pointers, for which all-zero bytes are valid.
         let mut views: [strata_tensor_view; 2] = unsafe { std::mem::zeroed() };
         let mut count = 0;
         let mut cycle = || {

@@ -916,6 +916,7 @@ fn register_host_copies_the_callers_bytes_and_default_tiers_hand_them_out_in_pla
         (STRATA_DTYPE_F32, STRATA_DEVICE_CPU, 1, 3, 12)
     );
     assert_eq!(
+        // SAFETY: a view's name is NUL-terminated and lives as long as its layer.
         unsafe { std::ffi::CStr::from_ptr(view.name) }
             .to_str()
             .unwrap(),

@@ -88,6 +88,7 @@ fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
             let mut views = ctx.acquire(layer);
             // Tensors keep the file's order, which safetensors sorts by dtype: look them up by name.
             let name_of = |v: &strata_tensor_view| {
+                // SAFETY: a view's name is NUL-terminated and lives as long as its layer.
                 unsafe { std::ffi::CStr::from_ptr(v.name) }
                     .to_str()
                     .unwrap()

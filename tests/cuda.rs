@@ -1438,9 +1438,10 @@ fn per_thread_default_streams_each_keep_a_buffer_until_their_own_kernels_ran() {
     );
 }
 
-// SAFETY (for the Arc above): the driver's handles are thread-safe; the test's kernel handle is
+// SAFETY: (for the Arc above) the driver's handles are thread-safe; the test's kernel handle is
 // only passed to launches.
 unsafe impl Send for Gpu {}
+// SAFETY: as for Send.
 unsafe impl Sync for Gpu {}
 
 /// The primary context, for the stress run's threads, which start with none current.

@@ -85,6 +85,7 @@ fn status_numbers_are_fixed() {
     ];
     for (number, name) in expected.iter().enumerate() {
         assert_eq!(header_define(&header, name), number as u32, "{name}");
+        // SAFETY: strata_status_name returns a static NUL-terminated string for every status.
         let from_library = unsafe {
             std::ffi::CStr::from_ptr(strata::ffi::error::strata_status_name(number as u32))
         };

@@ -36,9 +36,9 @@ impl Recorder {
 /// Records the message, then reads the stats of the same context: strata must not hold the
 /// context's lock while it calls us. Never panics (it is called from C's side of the ABI).
 unsafe extern "C" fn record(user: *mut c_void, level: u32, message: *const c_char) {
-    // SAFETY: `user` is the Recorder the test passed, alive for the context's life; `message` is a
-    // NUL-terminated string valid for this call.
+    // SAFETY: `user` is the Recorder the test passed, alive for the context's life.
     let recorder = unsafe { &*(user as *const Recorder) };
+    // SAFETY: `message` is a NUL-terminated string valid for this call.
     let text = unsafe { CStr::from_ptr(message) }
         .to_string_lossy()
         .into_owned();

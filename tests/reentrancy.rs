@@ -391,8 +391,9 @@ unsafe extern "C" fn on_progress(
 }
 
 unsafe extern "C" fn on_log(user: *mut c_void, _level: u32, message: *const c_char) {
-    // SAFETY: as above; the message is valid during the call.
+    // SAFETY: the message is a NUL-terminated string, valid during the call.
     let _ = unsafe { CStr::from_ptr(message) };
+    // SAFETY: `user` is the Probe the scenario keeps alive for the context's life.
     unsafe { &*(user as *const Probe) }.fire();
 }
 

@@ -68,8 +68,9 @@ mod tests {
     use std::sync::Mutex;
 
     unsafe extern "C" fn record(user: *mut c_void, phase: *const c_char, done: u64, total: u64) {
-        // SAFETY: the test passes a Mutex<Vec<..>> as user; phase is valid during the call.
+        // SAFETY: the test passes a Mutex<Vec<..>> as user.
         let seen = unsafe { &*(user as *const Mutex<Vec<(String, u64, u64)>>) };
+        // SAFETY: phase is a NUL-terminated string, valid during the call.
         let phase = unsafe { CStr::from_ptr(phase) }
             .to_string_lossy()
             .into_owned();

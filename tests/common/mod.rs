@@ -42,6 +42,7 @@ pub fn ok(status: strata_status) {
 }
 
 pub fn name(status: strata_status) -> String {
+    // SAFETY: strata_status_name returns a static NUL-terminated string for every status.
     unsafe { std::ffi::CStr::from_ptr(strata_status_name(status)) }
         .to_string_lossy()
         .into_owned()
@@ -168,6 +169,8 @@ impl Ctx {
         views
             .iter()
             .map(|v| {
+                // SAFETY: a view points at `nbytes` readable bytes until the layer is released,
+                // which this function's caller does only after the copy below.
                 let bytes =
                     unsafe { std::slice::from_raw_parts(v.data as *const u8, v.nbytes as usize) }
                         .to_vec();
@@ -230,6 +233,7 @@ impl Ctx {
 
 // SAFETY: contexts are thread-safe by contract; the wrapper only holds the pointer.
 unsafe impl Send for Ctx {}
+// SAFETY: as for Send: any thread may call into a context at once.
 unsafe impl Sync for Ctx {}
 
 impl Drop for Ctx {
@@ -373,6 +377,7 @@ pub fn library_dir() -> PathBuf {
 
 /// A view's tensor name.
 pub fn view_name(view: &strata_tensor_view) -> String {
+    // SAFETY: a view's name is a NUL-terminated string that lives as long as its layer.
     unsafe { std::ffi::CStr::from_ptr(view.name) }
         .to_string_lossy()
         .into_owned()
