@@ -148,32 +148,7 @@ fn inspect_and_plan_describe_a_checkpoint() {
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["layers"].as_array().unwrap().len(), 4);
 
-    let plan = |limit: &str| {
-        let (code, out, err) = strata(&[
-            "plan",
-            path,
-            "--keep",
-            "2",
-            "--vram-limit",
-            limit,
-            "--preparing",
-            "fp8",
-            "--computation",
-            "bf16",
-            "--json",
-        ]);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
-    // fp8 weight + per-channel scales + the bf16 bias (1-D tensors keep their dtype), 64-aligned.
-    let prepared = (64 * 128 + 64 * 4 + 64 * 2) as u64;
-    let everything = plan("1GiB");
-    assert_eq!(everything["model_bytes"], 4 * prepared);
-    assert_eq!(everything["streamed_bytes_per_pass"], 0);
-    let nothing = plan("0");
-    assert_eq!(nothing["streamed_bytes_per_pass"], 4 * prepared);
-    // Between passes budget 0 holds only what the engine filled ahead for the next one.
-    let depth0 = |limit: &str| {
+    let plan = |limit: &str, prefetch: &str| {
         let (code, out, err) = strata(&[
             "plan",
             path,
@@ -186,12 +161,21 @@ fn inspect_and_plan_describe_a_checkpoint() {
             "--computation",
             "bf16",
             "--prefetch",
-            "0",
+            prefetch,
             "--json",
         ]);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
+    // fp8 weight + per-channel scales + the bf16 bias (1-D tensors keep their dtype), 64-aligned.
+    let prepared = (64 * 128 + 64 * 4 + 64 * 2) as u64;
+    let everything = plan("1GiB", "2");
+    assert_eq!(everything["model_bytes"], 4 * prepared);
+    assert_eq!(everything["streamed_bytes_per_pass"], 0);
+    let nothing = plan("0", "2");
+    assert_eq!(nothing["streamed_bytes_per_pass"], 4 * prepared);
+    // Without prefetching, budget 0 holds nothing between passes.
+    let depth0 = |limit: &str| plan(limit, "0");
     assert_eq!(depth0("0")["resident_bytes"], 0);
     // Room for two resident layers beside one in use (its copy and its bf16 conversion): a steady
     // pass keeps one of them throughout and streams the other three layers (Σ − B).
