@@ -16,14 +16,17 @@ A module whose forward reads its children's parameters without calling them (nn.
 TransformerEncoderLayer's fast path) must be listed itself, or those children hold placeholders
 when it runs. Buffers stay torch tensors, moved to the compute device.
 
-A forward pre-hook on a layer's owner, and on each module inside it, acquires the layer on
+The forward of a layer's owner, and of each module inside it, is wrapped (an instance
+attribute `forward`, removed again by disable_vram_management): it acquires the layer on
 torch's current stream and points the parameters at strata's bytes (zero-copy, through DLPack)
-unless it is held already; a forward hook releases it again, also when forward raises. So a
+unless that stream holds it already, and releases it after, also when forward raises. Hooks
+registered on those modules run outside that window, on the placeholders. So a
 module inside a layer may also be called from outside its owner, and several threads may call
 one managed model. Between calls each parameter is a one-element placeholder expanded to its
 shape: its bytes live in strata. Inference only: autograd must not keep the weights past the call.
 """
 
+import ctypes as C
 import json
 import threading
 from pathlib import Path
@@ -31,8 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _core
+from . import _core, _dlpack
 from ._lib import DType, strata_tensor_view
+from .errors import check
 
 _TORCH_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16, torch.bfloat16: DType.BF16,
                  torch.float64: DType.F64, torch.int64: DType.I64, torch.int32: DType.I32,
@@ -65,42 +69,53 @@ def _context_for(device, vram_limit, prefetch_depth):
                          prefetch_depth=prefetch_depth)
 
 
-class _HookLease(_core.Lease):
-    """A Lease for the hooks: its views (TensorView objects, a few microseconds each) are made
-    only when the hooks ask, which they do only when an address changed."""
+class _ViewsLease(_core.Lease):
+    """The Lease the TensorViews of an acquire the hooks made point to, made only when an
+    address changed (TensorViews and DLPack imports cost tens of microseconds): its views are
+    imported at once, then it is marked released, so that they refuse any later use."""
 
     def __init__(self, context, entry, stream):
-        self.context, self.layer = context, entry.layer
-        self.stream = _core._stream_pointer(stream)
+        self.context, self.layer, self.stream = context, entry.layer, stream
         self.released = False
         self.capsules = []
-        if entry.raw is None:
-            entry.raw = (strata_tensor_view * entry.layer.capacity())()
-        # entry.raw is reused: read under entry.lock, before the next acquire of the layer.
-        self.raw, self.count = self._acquire(len(entry.raw), entry.raw)
+        self.views = [_core.TensorView(self, entry.raw[i]) for i in range(entry.count.value)]
 
-    @property
-    def addresses(self):
-        return tuple(self.raw[i].data for i in range(self.count))
+    def retire(self):
+        self.released = True
+        _dlpack.retire(self.capsules)
+        self.capsules = []
 
-    @property
-    def views(self):
-        return [_core.TensorView(self, self.raw[i]) for i in range(self.count)]
+
+# strata_acquire_for_compute and strata_release with plain integer arguments: ctypes converts
+# these faster than the structure pointers of the prototypes in _lib (every call pays it).
+_ACQUIRE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p, C.c_void_p, C.c_size_t,
+                       C.c_void_p)
+_RELEASE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p)
+_VIEW_WORDS = C.sizeof(strata_tensor_view) // 8
+_DATA_WORD = strata_tensor_view.data.offset // 8
 
 
 class _Layer:
-    """One strata layer: its parameters and the leases held on it now."""
+    """One strata layer: its parameters and the calls holding it now."""
 
     def __init__(self, layer, params):
         self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
-        self.raw = None       # the views array the hooks acquire into (_HookLease)
+        self.placeholders = [(param, placeholder) for param, _, placeholder in params.values()]
+        capacity = layer.capacity()
+        # The views array every acquire of the layer fills (read under `lock`), and its words,
+        # to read the data addresses without making a structure per view.
+        self.raw = (strata_tensor_view * capacity)()
+        self.words = (C.c_uint64 * (capacity * _VIEW_WORDS)).from_buffer(self.raw)
+        self.raw_address, self.capacity = C.addressof(self.raw), capacity
+        self.count = C.c_size_t()
+        self.count_address = C.addressof(self.count)
         self.addresses = None  # the data addresses the tensors of `bound` are over
         self.bound = []       # [(Parameter, torch tensor over strata's bytes)], in view order
-        # (lease or None, stream) per hook call in progress: the owner's, those of modules
-        # inside it, re-entries, other threads'. A call on a stream that already holds a lease
-        # shares it (None). The parameters point at strata's bytes while the list is not empty.
-        self.leases = []
+        # stream -> the number of calls in progress on it (the owner's, those of modules inside
+        # it, re-entries, other threads' on the same stream), which share one strata lease of
+        # that stream. The parameters point at strata's bytes while this is not empty.
+        self.leases = {}
         self.lock = threading.Lock()
 
 
@@ -111,7 +126,10 @@ class ManagedModule:
         self.module, self.context, self.group = module, context, group
         self.device, self.owns_context = device, owns_context
         self.layers = {}
-        self.hooks = []
+        self.wrapped = []  # (module, the instance `forward` it had or None), to undo
+        functions = _core.lib()
+        self._acquire = _ACQUIRE(C.cast(functions.strata_acquire_for_compute, C.c_void_p).value)
+        self._release = _RELEASE(C.cast(functions.strata_release, C.c_void_p).value)
 
     def stats(self):
         return self.context.stats()
@@ -125,48 +143,90 @@ class ManagedModule:
     def _stream(self):
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-    def _pre_hook(self, entry):
-        def pre(module, args):
-            stream = self._stream()
-            with entry.lock:
-                if any(held == stream for _, held in entry.leases):
-                    entry.leases.append((None, stream))
-                    return
-                lease = _HookLease(self.context, entry, stream)
-                first = not entry.leases
-                entry.leases.append((lease, stream))
-                if not first:
-                    return  # the layer is pinned where the parameters already point
+    def _wrap(self, module, entry):
+        """Makes `module.forward` hold `entry`'s layer around each call. An instance attribute
+        rather than forward hooks: torch's hook dispatch alone costs more per call than the
+        acquire, release and parameter swaps together, and a module without hooks keeps
+        torch's fast path. The layer is released also when forward raises."""
+        previous = module.__dict__.get("forward")
+        forward = module.forward
+        enter, leave = self._enter, self._leave
+        on_cuda = self.device.type == "cuda"
+
+        def managed_forward(*args, **kwargs):
+            stream = torch.cuda.current_stream(self.device) if on_cuda else None
+            enter(entry, stream)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                leave(entry, stream)
+
+        self.wrapped.append((module, previous))
+        module.__dict__["forward"] = managed_forward
+
+    def _unwrap(self):
+        for module, previous in reversed(self.wrapped):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+        self.wrapped = []
+
+    def _enter(self, entry, stream):
+        with entry.lock:
+            held = entry.leases
+            calls = held.get(stream)
+            if calls:
+                held[stream] = calls + 1  # this stream's lease covers the call
+                return
+            pointer = None if stream is None else stream.cuda_stream
+            status = self._acquire(self.context.handle, entry.layer.id, pointer,
+                                   entry.raw_address, entry.capacity, entry.count_address)
+            if status:
+                check(status)
+            first = not held
+            held[stream] = 1
+            if not first:
+                return  # the layer is pinned where the parameters already point
+            try:
                 # A resident layer comes back at the same addresses with the same bytes, so
                 # its tensors are reused instead of imported again (DLPack through ctypes
                 # costs tens of microseconds); only an acquire vouching for those addresses
                 # hands them out.
-                addresses = lease.addresses
+                addresses = entry.words[_DATA_WORD:entry.count.value * _VIEW_WORDS:_VIEW_WORDS]
                 if addresses != entry.addresses:
-                    entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
-                                   for view in lease.views]
+                    lease = _ViewsLease(self.context, entry, pointer)
+                    try:
+                        entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
+                                       for view in lease.views]
+                    finally:
+                        lease.retire()
                     entry.addresses = addresses
                 for param, tensor in entry.bound:
                     param.data = tensor
-        return pre
+            except BaseException:
+                del held[stream]
+                entry.addresses, entry.bound = None, []
+                for param, placeholder in entry.placeholders:
+                    param.data = placeholder
+                self._release(self.context.handle, entry.layer.id, pointer)
+                raise
 
-    def _post_hook(self, entry):
-        def post(module, args, output):
-            # always_call: this also runs when forward (or the pre-hook) raised.
-            stream = self._stream()
-            with entry.lock:
-                mine = [i for i, (_, held) in enumerate(entry.leases) if held == stream]
-                if not mine:
-                    return
-                # A shared marker goes first, so that the stream's own lease goes last.
-                shared = [i for i in mine if entry.leases[i][0] is None]
-                lease, _ = entry.leases.pop(shared[-1] if shared else mine[-1])
-                if not entry.leases:
-                    for param, _, placeholder in entry.params.values():
-                        param.data = placeholder
-            if lease is not None:
-                lease.release()
-        return post
+    def _leave(self, entry, stream):
+        with entry.lock:
+            held = entry.leases
+            calls = held[stream]
+            if calls > 1:
+                held[stream] = calls - 1
+                return
+            del held[stream]
+            if not held:
+                for param, placeholder in entry.placeholders:
+                    param.data = placeholder
+        status = self._release(self.context.handle, entry.layer.id,
+                               None if stream is None else stream.cuda_stream)
+        if status:
+            check(status)
 
 
 def _matching_modules(module, module_types):
@@ -303,9 +363,7 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
                                for name, p in zip(names, unit.params.values())})
         managed.layers[unit.name] = entry
         for sub in unit.owners + unit.inner:
-            managed.hooks.append(sub.register_forward_pre_hook(managed._pre_hook(entry)))
-            managed.hooks.append(sub.register_forward_hook(managed._post_hook(entry),
-                                                           always_call=True))
+            managed._wrap(sub, entry)
     module.__dict__["_strata_managed"] = managed
     return managed
 
@@ -404,8 +462,7 @@ def disable_vram_management(module):
     model managed with a narrower stored dtype (offload_dtype bf16, fp8 with or without
     quantization) gets the rounded weights back, not the originals."""
     managed = module.__dict__.pop("_strata_managed")
-    for hook in managed.hooks:
-        hook.remove()
+    managed._unwrap()
     for entry in managed.layers.values():
         with managed.context.acquire(entry.layer, stream=managed._stream()) as views:
             for view in views:
