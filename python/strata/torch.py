@@ -151,15 +151,34 @@ class ManagedModule:
         previous = module.__dict__.get("forward")
         forward = module.forward
         enter, leave = self._enter, self._leave
-        on_cuda = self.device.type == "cuda"
+        lock, held, placeholders = entry.lock, entry.leases, entry.placeholders
+        on_cuda, device = self.device.type == "cuda", self.device
 
+        # The common cases (the stream holds the layer already; the layer is resident at the
+        # addresses the tensors are over) are inlined: every call pays this.
         def managed_forward(*args, **kwargs):
-            stream = torch.cuda.current_stream(self.device) if on_cuda else None
-            enter(entry, stream)
+            stream = torch.cuda.current_stream(device) if on_cuda else None
+            with lock:
+                calls = held.get(stream)
+                if calls:
+                    held[stream] = calls + 1
+                else:
+                    enter(entry, stream)
             try:
                 return forward(*args, **kwargs)
             finally:
-                leave(entry, stream)
+                with lock:
+                    calls = held[stream]
+                    if calls > 1:
+                        held[stream] = calls - 1
+                        calls = 0
+                    else:
+                        del held[stream]
+                        if not held:
+                            for param, placeholder in placeholders:
+                                param.data = placeholder
+                if calls:
+                    leave(entry, stream)
 
         self.wrapped.append((module, previous))
         module.__dict__["forward"] = managed_forward
@@ -173,56 +192,43 @@ class ManagedModule:
         self.wrapped = []
 
     def _enter(self, entry, stream):
-        with entry.lock:
-            held = entry.leases
-            calls = held.get(stream)
-            if calls:
-                held[stream] = calls + 1  # this stream's lease covers the call
-                return
-            pointer = None if stream is None else stream.cuda_stream
-            status = self._acquire(self.context.handle, entry.layer.id, pointer,
-                                   entry.raw_address, entry.capacity, entry.count_address)
-            if status:
-                check(status)
-            first = not held
-            held[stream] = 1
-            if not first:
-                return  # the layer is pinned where the parameters already point
-            try:
-                # A resident layer comes back at the same addresses with the same bytes, so
-                # its tensors are reused instead of imported again (DLPack through ctypes
-                # costs tens of microseconds); only an acquire vouching for those addresses
-                # hands them out.
-                addresses = entry.words[_DATA_WORD:entry.count.value * _VIEW_WORDS:_VIEW_WORDS]
-                if addresses != entry.addresses:
-                    lease = _ViewsLease(self.context, entry, pointer)
-                    try:
-                        entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
-                                       for view in lease.views]
-                    finally:
-                        lease.retire()
-                    entry.addresses = addresses
-                for param, tensor in entry.bound:
-                    param.data = tensor
-            except BaseException:
-                del held[stream]
-                entry.addresses, entry.bound = None, []
-                for param, placeholder in entry.placeholders:
-                    param.data = placeholder
-                self._release(self.context.handle, entry.layer.id, pointer)
-                raise
+        """Acquires the layer for `stream`, which does not hold it, under entry.lock."""
+        held = entry.leases
+        pointer = None if stream is None else stream.cuda_stream
+        status = self._acquire(self.context.handle, entry.layer.id, pointer,
+                               entry.raw_address, entry.capacity, entry.count_address)
+        if status:
+            check(status)
+        first = not held
+        held[stream] = 1
+        if not first:
+            return  # the layer is pinned where the parameters already point
+        try:
+            # A resident layer comes back at the same addresses with the same bytes, so
+            # its tensors are reused instead of imported again (DLPack through ctypes
+            # costs tens of microseconds); only an acquire vouching for those addresses
+            # hands them out.
+            addresses = entry.words[_DATA_WORD:entry.count.value * _VIEW_WORDS:_VIEW_WORDS]
+            if addresses != entry.addresses:
+                lease = _ViewsLease(self.context, entry, pointer)
+                try:
+                    entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
+                                   for view in lease.views]
+                finally:
+                    lease.retire()
+                entry.addresses = addresses
+            for param, tensor in entry.bound:
+                param.data = tensor
+        except BaseException:
+            del held[stream]
+            entry.addresses, entry.bound = None, []
+            for param, placeholder in entry.placeholders:
+                param.data = placeholder
+            self._release(self.context.handle, entry.layer.id, pointer)
+            raise
 
     def _leave(self, entry, stream):
-        with entry.lock:
-            held = entry.leases
-            calls = held[stream]
-            if calls > 1:
-                held[stream] = calls - 1
-                return
-            del held[stream]
-            if not held:
-                for param, placeholder in entry.placeholders:
-                    param.data = placeholder
+        """Releases the layer for `stream`, whose last call ended."""
         status = self._release(self.context.handle, entry.layer.id,
                                None if stream is None else stream.cuda_stream)
         if status:
