@@ -182,6 +182,23 @@ class Torch(unittest.TestCase):
         with self.assertRaises(strata.InvalidHandleError):
             managed.stats()  # its context is gone
 
+    def test_forward_is_wrapped_while_managed_and_given_back(self):
+        m = model(torch.float32)
+        expected = m(self.ids)
+        x = torch.randn(2, 16)
+        expected_head = m.head(x)
+        own = m.conv.forward  # an instance `forward` set before management comes back
+        m.conv.forward = own
+        managed = st.enable_vram_management(m, device="cpu", vram_limit=0)
+        # forward called directly, not through __call__, holds the layer too
+        self.assertTrue(torch.equal(m.head.forward(x), expected_head))
+        self.assertTrue(all(not entry.leases for entry in managed.layers.values()))
+        self.assertEqual(m.head.weight.stride(), (0, 0))  # back to its placeholder
+        st.disable_vram_management(m)
+        self.assertNotIn("forward", m.head.__dict__)
+        self.assertIs(m.conv.__dict__["forward"], own)
+        self.assertTrue(torch.equal(m(self.ids), expected))
+
     def test_a_failed_enable_leaves_the_module_alone(self):
         m = model(torch.float32)
         m.head.to("meta")  # registered last, and impossible without a checkpoint
