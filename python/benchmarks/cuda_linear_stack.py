@@ -6,7 +6,7 @@ several budgets, against the limits measured in the same run (DESIGN.md section 
     python3 python/benchmarks/cuda_linear_stack.py --device cpu --small # a logic check anywhere
 
 What is measured, all in one run, every pass on one torch stream the script creates (the
-"caller's stream": strata.torch's hooks acquire and release on torch's current stream):
+"caller's stream": strata.torch's wrapped forwards acquire and release on torch's current stream):
 
 - pinned H2D bandwidth: a pinned host tensor of --bw-mib MiB copied with
   .to("cuda", non_blocking=True), each copy timed by a pair of CUDA events; the best of
