@@ -77,6 +77,23 @@ fn parallel_copy(threads: usize, dst: &mut [u8], src: &[u8]) {
     host_threads::run_parts(threads, parts, |(dst, src)| dst.copy_from_slice(src));
 }
 
+/// `dst[i]` = the first byte of the `ratio`-byte element `i` of `src`: the traffic of a
+/// narrowing conversion without its arithmetic.
+fn narrowing_copy(dst: &mut [u8], src: &[u8], ratio: usize) {
+    match ratio {
+        2 => {
+            for (out, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *out = u16::from_le_bytes(pair.try_into().unwrap()) as u8;
+            }
+        }
+        _ => {
+            for (out, word) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *out = u32::from_le_bytes(word.try_into().unwrap()) as u8;
+            }
+        }
+    }
+}
+
 fn main() {
     let threads = host_threads::default_threads();
     let mut dst = vec![0u8; OUTPUT_BYTES];
@@ -92,6 +109,19 @@ fn main() {
     println!(
         "memcpy: one thread {memcpy:.2} GB/s; {threads} threads on the pool {pool_memcpy:.2} GB/s"
     );
+    // The memory-bound ceiling of a conversion that reads 2 or 4 bytes per byte it writes: the
+    // same traffic with no arithmetic (keep the low byte of each element), one thread.
+    for ratio in [2usize, 4] {
+        let wide = vec![1u8; OUTPUT_BYTES * ratio];
+        let narrowing = gb_per_s(
+            OUTPUT_BYTES,
+            best_of(|| narrowing_copy(&mut dst, black_box(&wide), ratio)),
+        );
+        println!(
+            "read {ratio} bytes, write 1 (no arithmetic): one thread {narrowing:.2} GB/s of output, {:.2}x memcpy",
+            narrowing / memcpy
+        );
+    }
     println!(
         "{:<40} {:>15} {:>22} {:>26}",
         "conversion (GB/s of output)",

@@ -110,3 +110,50 @@ pub(crate) fn bf16_bits_to_f32(bits: u16) -> f32 {
         widened
     })
 }
+
+/// f16 bits → f32, exact, branch-free so that block loops vectorise (`half`'s slice conversion
+/// runs F16C 4 lanes a call, behind a feature check per call). The same bits as `half` and F16C.
+/// Normal codes rebias by an integer add; subnormal codes are their mantissa (an exact integer
+/// conversion) times 2^-24, so no arithmetic ever sees an f32 subnormal, which costs x86 a
+/// microcode assist per vector. NaN keeps its payload, quieted.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(bits: u16) -> f32 {
+    let sign = ((bits & 0x8000) as u32) << 16;
+    let magnitude = (bits & 0x7FFF) as u32;
+    let normal = (magnitude << 13) + ((127 - 15) << 23);
+    let subnormal = (magnitude as i32 as f32 * f32::from_bits((127 - 24) << 23)).to_bits();
+    let quiet = if magnitude > 0x7C00 { 0x0040_0000 } else { 0 };
+    let special = 0x7F80_0000 | (magnitude << 13) | quiet;
+    let finite = if magnitude < 0x0400 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(sign | if magnitude >= 0x7C00 { special } else { finite })
+}
+
+/// f32 → f16 bits, round to nearest even, overflow to infinity; NaN keeps its sign and top
+/// payload bits, quieted. The same bits as `half` (F16C or its software path), branch-free: the
+/// fp8 encoder's scheme (an FPU add for the subnormal range, integer rounding above it).
+#[inline(always)]
+pub(crate) fn f32_to_f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let abs = bits & 0x7FFF_FFFF;
+    // 0.5: its f32 ulp is 2^-24, the f16 subnormal step.
+    let magic = f32::from_bits(126 << 23);
+    let subnormal = (f32::from_bits(abs) + magic)
+        .to_bits()
+        .wrapping_sub(magic.to_bits());
+    let odd = (abs >> 13) & 1;
+    let rebased = abs.wrapping_sub((127 - 15) << 23);
+    let normal = (rebased.wrapping_add(0xFFF + odd) >> 13).min(0x7C00);
+    let smallest_normal = (127 - 14) << 23;
+    let magnitude = if abs < smallest_normal {
+        subnormal
+    } else {
+        normal
+    };
+    let nan = 0x7E00 | ((abs & 0x007F_FFFF) >> 13);
+    (sign | if abs > 0x7F80_0000 { nan } else { magnitude }) as u16
+}

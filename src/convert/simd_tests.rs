@@ -3,6 +3,7 @@
 //! code, and over random f32/f64 bit patterns rich in NaN payloads, infinities, subnormals and
 //! ties, at lengths that leave every size of tail, from unaligned buffers.
 
+use super::ieee;
 use super::*;
 
 const FLOATS: [DType; 6] = [
@@ -387,5 +388,42 @@ fn large_tensors_split_across_the_pool_match_the_reference() {
         .unwrap();
         assert!(got == expected, "{dst_dtype:?} {quant:?}");
         assert_eq!(got_scales, expected_scales);
+    }
+}
+
+#[test]
+fn the_kernels_f16_decode_matches_half_for_every_code() {
+    for bits in 0..=u16::MAX {
+        let expected = half::f16::from_bits(bits).to_f32().to_bits();
+        let got = ieee::f16_bits_to_f32(bits).to_bits();
+        assert_eq!(got, expected, "f16 {bits:#06x}");
+    }
+}
+
+#[test]
+fn the_kernels_f16_rounding_matches_half_for_every_sign_exponent_and_top_mantissa() {
+    // Every combination of the top 19 bits (sign, exponent, the 10 mantissa bits f16 keeps) with
+    // low 13 bits at and around the tie, zero, all ones and random: every rounding case of every
+    // binade, subnormal results, overflow, infinities and NaN payloads.
+    let mut random = Bits(0x9E37_79B9_7F4A_7C15);
+    for top in 0..1u32 << 19 {
+        for low in [
+            0,
+            1,
+            0x0FFF,
+            0x1000,
+            0x1001,
+            0x1FFF,
+            random.next() as u32 & 0x1FFF,
+        ] {
+            let x = f32::from_bits(top << 13 | low);
+            let expected = half::f16::from_f32(x).to_bits();
+            assert_eq!(
+                ieee::f32_to_f16_bits(x),
+                expected,
+                "f32 {:#010x}",
+                x.to_bits()
+            );
+        }
     }
 }
