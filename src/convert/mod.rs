@@ -155,7 +155,7 @@ pub fn convert_with(
     engine: Engine,
 ) -> Result<Vec<f32>> {
     let numel = src.bytes.len() / src.dtype.size();
-    if src.bytes.len() % src.dtype.size() != 0 {
+    if !src.bytes.len().is_multiple_of(src.dtype.size()) {
         return Err(Error::invalid(format!(
             "{} source bytes are not a whole number of {} elements",
             src.bytes.len(),
@@ -173,7 +173,7 @@ pub fn convert_with(
     let rows_fit = if rows == 0 {
         numel == 0
     } else {
-        numel % rows == 0
+        numel.is_multiple_of(rows)
     };
     if !rows_fit {
         return Err(Error::invalid(format!(

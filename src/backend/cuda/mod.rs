@@ -563,7 +563,7 @@ impl Shared {
         let numel = slot.numel;
         // Anything the host conversion would refuse goes there, for its message.
         let well_formed = src.bytes.len() == numel * src.dtype.size()
-            && numel % groups.max(1) == 0
+            && numel.is_multiple_of(groups.max(1))
             && match src.scales.len() {
                 0 => true,
                 n => src.dtype.is_fp8() && (n == 1 || n == slot.rows),
