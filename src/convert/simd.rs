@@ -52,19 +52,6 @@ impl Isa {
         *BEST.get_or_init(|| *Isa::available().last().unwrap())
     }
 
-    /// Whether the block kernel narrows f32 to f16 faster than `half`'s in-place F16C slice
-    /// conversion (4 lanes a call).
-    pub(crate) fn narrows_f16_in_kernel(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            self == Isa::Avx512
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    }
-
     /// Every instruction set this CPU runs, narrowest first (the tests run them all).
     pub(crate) fn available() -> Vec<Isa> {
         #[allow(unused_mut)]
