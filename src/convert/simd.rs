@@ -11,13 +11,14 @@
 //! LLVM vectorises it at the full width of whichever instruction set the function is compiled
 //! for. Rust never contracts or reassociates float operations, so each compiled copy computes
 //! exactly what the scalar reference computes; the tests check that exhaustively. `half`'s slice
-//! conversions cover only f16↔f32 (with F16C, which they detect themselves: used below for f16);
-//! `pulp` and `multiversion` would do the dispatch below, which is two `match` arms.
+//! conversions cover only f16↔f32, behind a feature check per call, 4 F16C lanes at a time (used
+//! by `cast_blocks` for aligned whole f16↔f32 casts); `pulp` and `multiversion` would do the
+//! dispatch below, which is three `match` arms.
 //!
-//! Per-element work differs from the reference in one place, checked bit for bit over every
+//! Per-element work differs from the reference in two places, checked bit for bit over every
 //! code: fp8 codes are decoded by arithmetic rather than by the 256-entry table (a table lookup
-//! becomes a gather, which is slow on current x86). f16 goes through `half`'s slice conversions
-//! on each block, as in the reference (F16C where the CPU has it, 8 elements an instruction).
+//! becomes a gather, which is slow on current x86), and f16 is decoded and rounded by the
+//! branch-free `ieee::f16_bits_to_f32` / `f32_to_f16_bits` instead of `half` (the same bits).
 //! Plain fp8 casts use the reference's per-scale tables (see `cast_blocks`).
 
 use std::ops::Range;
