@@ -1048,8 +1048,10 @@ impl Context {
                     .expect("fill_unlocked checked it");
                 layer.prepared = Some(prepared);
                 layer.staged = converted;
-                layer.prefetched = true;
-                st.prefetched.push(key);
+                // A layer filled ahead earlier and now only converted is in the window once.
+                if !std::mem::replace(&mut layer.prefetched, true) {
+                    st.prefetched.push(key);
+                }
                 if !was_resident {
                     st.counters.bytes_to_device += payload;
                 }

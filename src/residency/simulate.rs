@@ -177,8 +177,9 @@ impl Simulation {
             let c = &mut self.copies[index];
             c.resident = true;
             c.staged |= convert;
-            c.prefetched = true;
-            self.prefetched.push(index);
+            if !std::mem::replace(&mut c.prefetched, true) {
+                self.prefetched.push(index);
+            }
             self.trim_to_cap();
         }
     }

@@ -136,6 +136,35 @@ fn budget_zero_keeps_only_the_prefetch_window() {
 }
 
 #[test]
+fn budget_zero_fills_the_whole_window_when_the_next_layer_is_converted_ahead() {
+    // The next layer is converted ahead after it was filled two layers ahead: it must count
+    // once in the window, so the layer after it is filled ahead too.
+    let sizes = vec![
+        LayerBytes {
+            prepared: MIB,
+            converted: 2 * MIB,
+            payload: MIB,
+        };
+        6
+    ];
+    let depth = 2;
+    let mut sim = Simulation::new(&sizes, 0, depth);
+    for pass in 0..3 {
+        for i in 0..6 {
+            sim.use_layer(i);
+            if pass > 0 {
+                let ahead: Vec<usize> = sim.resident().into_iter().filter(|&r| r != i).collect();
+                assert_eq!(
+                    ahead.len(),
+                    depth as usize,
+                    "pass {pass}, layer {i}: {ahead:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn a_layer_larger_than_the_budget_overcommits_alone() {
     let sizes = [
         LayerBytes {
