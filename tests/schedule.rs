@@ -127,6 +127,15 @@ fn simulate(
 
 /// Belady's rule: evict the layer whose next use is furthest in the future (or never), with the
 /// next `ahead` layers loaded before their use.
+/// `pass` run `times` times in a row: the trace of a repeating workload.
+fn repeated(pass: &[usize], times: usize) -> Vec<usize> {
+    pass.iter()
+        .copied()
+        .cycle()
+        .take(times * pass.len())
+        .collect()
+}
+
 fn belady(trace: &[usize], sizes: &[u64], capacity: u64, ahead: usize) -> u64 {
     let mut next_use = vec![usize::MAX; trace.len()];
     let mut seen: HashMap<usize, usize> = HashMap::new();
@@ -186,12 +195,7 @@ fn a_steady_repeating_pass_moves_no_more_than_the_bound() {
     let pass: Vec<usize> = (0..rows.len()).collect();
     let passes = 6;
     let sizes = vec![size; rows.len()];
-    let whole: Vec<usize> = pass
-        .iter()
-        .copied()
-        .cycle()
-        .take(passes * pass.len())
-        .collect();
+    let whole = repeated(&pass, passes);
     let optimum = (belady(&whole, &sizes, budget, 0) - total) / (passes as u64 - 1);
     for depth in [0u32, 1, 2] {
         let model = Model::new(budget, depth, &rows);
@@ -259,12 +263,7 @@ fn a_pipeline_moves_within_five_percent_of_the_offline_optimum() {
     let sizes: Vec<u64> = rows.iter().map(|&r| r as u64 * 64 * 4).collect();
     let total: u64 = sizes.iter().sum();
     let budget = total * 2 / 5;
-    let whole: Vec<usize> = prompt
-        .iter()
-        .copied()
-        .cycle()
-        .take(prompts * prompt.len())
-        .collect();
+    let whole = repeated(&prompt, prompts);
     // Bytes moved by prompts after the first, per prompt.
     let per_prompt = |policy: &dyn Fn(&[usize]) -> u64| {
         (policy(&whole) - policy(&prompt)) / (prompts as u64 - 1)
@@ -404,12 +403,7 @@ fn the_residency_rule_itself_is_within_five_percent_of_the_optimum_on_a_pipeline
         })
         .collect();
     let prompts = 3;
-    let whole: Vec<usize> = prompt
-        .iter()
-        .copied()
-        .cycle()
-        .take(prompts * prompt.len())
-        .collect();
+    let whole = repeated(&prompt, prompts);
     for depth in [0u32, 1, 2] {
         let mut sim = strata::residency::Simulation::new(&bytes, budget, depth);
         prompt.iter().for_each(|&i| sim.use_layer(i));
