@@ -233,3 +233,51 @@ fn offload_racing_destroy_of_the_same_group_with_the_engine_filling_ends_in_stat
         }
     });
 }
+
+#[test]
+fn threads_in_opposite_orders_under_budget_zero_never_lose_a_layer_filled_ahead() {
+    let _alone = alone();
+    within(120, || {
+        // Budget 0 keeps only the layers predicted next; f32 converted to bf16, so a layer two
+        // ahead is filled without its conversion and an acquire plans from that copy. Threads
+        // walking opposite ways keep moving the prediction past a layer one of them is about to
+        // fill: that copy must stay for its fill (it was once dropped, and the fill panicked).
+        const ROUNDS: u64 = 1000;
+        let ctx = Ctx::with(|o| {
+            o.vram_limit = 0;
+            o.prefetch_depth = 2;
+        });
+        let (_, layers) = bf16_group(&ctx, 6, 256, 7);
+        std::thread::scope(|scope| {
+            for backwards in [false, true, false, true] {
+                let (ctx, layers) = (&ctx, &layers);
+                scope.spawn(move || {
+                    for round in 0..ROUNDS {
+                        for i in 0..layers.len() {
+                            let (id, bytes) =
+                                &layers[if backwards { layers.len() - 1 - i } else { i }];
+                            let (status, views) = ctx.acquire_views(*id);
+                            assert_eq!(
+                                name(status),
+                                name(STRATA_OK),
+                                "round {round}: {}",
+                                last_error()
+                            );
+                            // SAFETY: the view points at `nbytes` bytes until the release below.
+                            let got = unsafe {
+                                std::slice::from_raw_parts(
+                                    views[0].data as *const u8,
+                                    views[0].nbytes as usize,
+                                )
+                            };
+                            assert_eq!(got, &bytes[..], "round {round}");
+                            ctx.release(*id);
+                        }
+                    }
+                });
+            }
+        });
+        let s = ctx.stats();
+        assert_eq!(s.acquires, 4 * ROUNDS * 6);
+    });
+}

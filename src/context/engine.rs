@@ -125,14 +125,18 @@ fn run(queue: &Queue, context: &Weak<Context>) {
 impl Context {
     /// Asks the copy engine for the layers predicted after the one just acquired that are not
     /// ready yet. Under budget 0, prefetched layers the prediction has moved past are dropped.
-    pub(super) fn request_prefetch(&self, st: &mut State) {
+    ///
+    /// `filling`: the layer the calling acquire is about to fill, planned from the copy the engine
+    /// filled ahead for it. It stays whatever the prediction says: other threads' acquires may
+    /// have moved the prediction past it since, and its fill counts on that copy.
+    pub(super) fn request_prefetch(&self, st: &mut State, filling: Option<Key>) {
         let depth = self.options.prefetch_depth as usize;
         if depth == 0 {
             return;
         }
         if st.budget.limit == crate::budget::Limit::Minimal && !st.prefetched.is_empty() {
-            let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-            self.drop_stale_prefetches(st, &upcoming, true);
+            let keep: Vec<Key> = st.schedule.upcoming(depth).chain(filling).collect();
+            self.drop_stale_prefetches(st, &keep, true);
         }
         // A plain loop: this runs on every acquire, and over resident layers finds nothing.
         let mut wanted = Vec::new();
@@ -149,15 +153,10 @@ impl Context {
         }
     }
 
-    /// Frees what the engine filled ahead for layers no longer predicted next (budget 0 keeps
-    /// nothing else between uses). With `keep_current`, the current layer stays: an acquire may
-    /// be waiting for the engine to fill it.
-    pub(super) fn drop_stale_prefetches(
-        &self,
-        st: &mut State,
-        upcoming: &[Key],
-        keep_current: bool,
-    ) {
+    /// Frees what the engine filled ahead for layers not in `keep` (those predicted next: budget
+    /// 0 keeps nothing else between uses). With `keep_current`, the current layer stays: an
+    /// acquire may be waiting for the engine to fill it.
+    pub(super) fn drop_stale_prefetches(&self, st: &mut State, keep: &[Key], keep_current: bool) {
         let current = st.schedule.current().filter(|_| keep_current);
         let State {
             registry,
@@ -169,7 +168,7 @@ impl Context {
             let Some(layer) = registry.layers.get_mut(key) else {
                 return false;
             };
-            if upcoming.contains(&key) || Some(key) == current || layer.in_use > 0 || layer.busy {
+            if keep.contains(&key) || Some(key) == current || layer.in_use > 0 || layer.busy {
                 return true;
             }
             budget.refund(layer.drop_device_copies());

@@ -872,7 +872,7 @@ impl Context {
             started.get_or_insert_with(Instant::now);
             st.budget.charge(bytes);
             // The engine works on the layers after this one while this one is filled.
-            self.request_prefetch(&mut st);
+            self.request_prefetch(&mut st, Some(key));
             let (mut st, result) =
                 self.fill_unlocked(st, key, source, plan, &layer_name, (bytes, Purpose::Demand));
             let (prepared, converted) = match result {
@@ -963,7 +963,7 @@ impl Context {
             st.counters.resident_hits += 1;
         }
         add_stall(&mut st.counters, started);
-        self.request_prefetch(&mut st);
+        self.request_prefetch(&mut st, None);
         self.hand_out(&mut st, key, me, stream, view)
     }
 

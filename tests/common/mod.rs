@@ -142,7 +142,7 @@ impl Ctx {
     }
 
     /// Acquires a layer into room for 16 views: the status and the views written.
-    fn acquire_views(&self, layer: u64) -> (strata_status, Vec<strata_tensor_view>) {
+    pub fn acquire_views(&self, layer: u64) -> (strata_status, Vec<strata_tensor_view>) {
         let mut views = vec![empty_view(); 16];
         let mut count = 0;
         let status = strata_acquire_for_compute(
