@@ -374,7 +374,8 @@ pub struct Group {
     /// The thread whose onload is making host copies (without the lock): offloads and other
     /// onloads wait for it, and that thread's own calls from the progress callback are refused.
     pub loading: Option<ThreadId>,
-    pub layers: Vec<Key>,
+    /// By id, so in registration order, and a layer unregistered alone leaves in O(log N).
+    pub layers: std::collections::BTreeMap<u64, Key>,
 }
 
 /// Everything registered in a context.

@@ -264,7 +264,7 @@ impl Context {
             tiers,
             onloaded: false,
             loading: None,
-            layers: Vec::new(),
+            layers: Default::default(),
         });
         Ok(key.id())
     }
@@ -302,7 +302,7 @@ impl Context {
             .registry
             .groups
             .get(key)
-            .map(|g| g.layers.clone())
+            .map(|g| g.layers.values().copied().collect::<Vec<_>>())
             .unwrap_or_default();
         for &layer in &layers {
             let l = &st
@@ -364,7 +364,7 @@ impl Context {
         let key = self.group_key(&st, id)?;
         let group = st.registry.groups.get_mut(key).expect("checked just above");
         group.onloaded = false;
-        let layers = group.layers.clone();
+        let layers = group.layers.values().copied().collect::<Vec<_>>();
         for layer in layers {
             let l = st
                 .registry
@@ -403,7 +403,7 @@ impl Context {
             let busy = group.loading.is_some()
                 || group
                     .layers
-                    .iter()
+                    .values()
                     .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy));
             if !busy {
                 return Ok(st);
@@ -428,7 +428,7 @@ impl Context {
             return Ok(None);
         }
         let tiers = g.tiers;
-        let layers = g.layers.clone();
+        let layers = g.layers.values().copied().collect::<Vec<_>>();
         let phase = format!("onloading group {:?}", g.name);
         let host_bytes = |st: &State, key: Key| {
             let in_ram = tiers.onload.device == Device::Cpu;
@@ -469,7 +469,7 @@ impl Context {
             .registry
             .groups
             .get(group)
-            .is_some_and(|g| g.layers.iter().all(|l| onloaded.contains(l)));
+            .is_some_and(|g| g.layers.values().all(|l| onloaded.contains(l)));
         loading.end(&mut st, complete);
         Ok(first_failure)
     }
@@ -552,7 +552,7 @@ impl Context {
             .groups
             .get_mut(group)
             .expect("checked by caller");
-        group.layers.push(key);
+        group.layers.insert(key.id(), key);
         // The group's onload made copies for the layers it had; this one has none yet. The next
         // acquire onloads again (only this layer has work to do) rather than reading around the
         // onload tier from the offload one.
@@ -748,7 +748,7 @@ impl Context {
         if let Some(mut layer) = st.registry.layers.remove(key) {
             st.registry.layer_names.remove(&*layer.name);
             if let Some(group) = st.registry.groups.get_mut(layer.group) {
-                group.layers.retain(|&l| l != key);
+                group.layers.remove(&key.id());
             }
             st.budget.refund(layer.drop_device_copies());
             st.schedule.forget(key);
