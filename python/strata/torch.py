@@ -86,11 +86,10 @@ class _ViewsLease(_core.Lease):
         self.capsules = []
 
 
-# strata_acquire_for_compute and strata_release with plain integer arguments: ctypes converts
-# these faster than the structure pointers of the prototypes in _lib (every call pays it).
-_ACQUIRE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p, C.c_void_p, C.c_size_t,
-                       C.c_void_p)
-_RELEASE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p)
+# strata_acquire_for_compute and strata_release with no argtypes, called with the ctypes
+# objects each _Layer prepares once (a cdecl function takes arguments beyond its argtypes as
+# they are): converting six Python integers through argtypes cost more than the C calls.
+_STATUS_ONLY = C.CFUNCTYPE(C.c_uint32)
 _VIEW_WORDS = C.sizeof(strata_tensor_view) // 8
 _DATA_WORD = strata_tensor_view.data.offset // 8
 
@@ -98,7 +97,7 @@ _DATA_WORD = strata_tensor_view.data.offset // 8
 class _Layer:
     """One strata layer: its parameters and the calls holding it now."""
 
-    def __init__(self, layer, params):
+    def __init__(self, layer, params, handle):
         self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
         self.placeholders = [(param, placeholder) for param, _, placeholder in params.values()]
@@ -107,9 +106,14 @@ class _Layer:
         # to read the data addresses without making a structure per view.
         self.raw = (strata_tensor_view * capacity)()
         self.words = (C.c_uint64 * (capacity * _VIEW_WORDS)).from_buffer(self.raw)
-        self.raw_address, self.capacity = C.addressof(self.raw), capacity
         self.count = C.c_size_t()
-        self.count_address = C.addressof(self.count)
+        # The arguments of strata_acquire_for_compute and strata_release, per stream pointer
+        # (None on the CPU). `handle` is the context's own c_void_p, which its close() sets to
+        # NULL, so that these calls fail cleanly once the context is gone.
+        self.handle, self.id, self.capacity = handle, C.c_uint64(layer.id), C.c_size_t(capacity)
+        self.count_pointer = C.pointer(self.count)
+        self.stream_args = {}
+        self.cpu_args = self.args_for(None)
         self.addresses = None  # the data addresses the tensors of `bound` are over
         self.bound = []       # [(Parameter, torch tensor over strata's bytes)], in view order
         # stream -> the number of calls in progress on it (the owner's, those of modules inside
@@ -117,6 +121,16 @@ class _Layer:
         # that stream. The parameters point at strata's bytes while this is not empty.
         self.leases = {}
         self.lock = threading.Lock()
+
+    def args_for(self, pointer):
+        """(acquire's arguments, release's) on the stream at `pointer` (None: the CPU's)."""
+        args = self.stream_args.get(pointer)
+        if args is None:
+            stream = None if pointer is None else C.c_void_p(pointer)
+            args = ((self.handle, self.id, stream, self.raw, self.capacity, self.count_pointer),
+                    (self.handle, self.id, stream))
+            self.stream_args[pointer] = args
+        return args
 
 
 class ManagedModule:
@@ -128,8 +142,9 @@ class ManagedModule:
         self.layers = {}
         self.wrapped = []  # (module, the instance `forward` it had or None), to undo
         functions = _core.lib()
-        self._acquire = _ACQUIRE(C.cast(functions.strata_acquire_for_compute, C.c_void_p).value)
-        self._release = _RELEASE(C.cast(functions.strata_release, C.c_void_p).value)
+        self._acquire = _STATUS_ONLY(C.cast(functions.strata_acquire_for_compute,
+                                            C.c_void_p).value)
+        self._release = _STATUS_ONLY(C.cast(functions.strata_release, C.c_void_p).value)
 
     def stats(self):
         return self.context.stats()
@@ -195,10 +210,11 @@ class ManagedModule:
         """Acquires the layer for `stream`, which does not hold it, under entry.lock."""
         held = entry.leases
         pointer = None if stream is None else stream.cuda_stream
-        status = self._acquire(self.context.handle, entry.layer.id, pointer,
-                               entry.raw_address, entry.capacity, entry.count_address)
+        acquire_args, release_args = (entry.cpu_args if pointer is None
+                                      else entry.args_for(pointer))
+        status = self._acquire(*acquire_args)
         if status:
-            check(status)
+            self._check(status)
         first = not held
         held[stream] = 1
         if not first:
@@ -224,15 +240,21 @@ class ManagedModule:
             entry.addresses, entry.bound = None, []
             for param, placeholder in entry.placeholders:
                 param.data = placeholder
-            self._release(self.context.handle, entry.layer.id, pointer)
+            self._release(*release_args)
             raise
 
     def _leave(self, entry, stream):
         """Releases the layer for `stream`, whose last call ended."""
-        status = self._release(self.context.handle, entry.layer.id,
-                               None if stream is None else stream.cuda_stream)
+        status = self._release(*(entry.cpu_args if stream is None
+                                 else entry.args_for(stream.cuda_stream))[1])
         if status:
-            check(status)
+            self._check(status)
+
+    def _check(self, status):
+        """Raises for a failed acquire or release: the context's own error once it is closed
+        (the calls then pass NULL), strata's otherwise."""
+        self.context.handle
+        check(status)
 
 
 def _matching_modules(module, module_types):
@@ -366,7 +388,8 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
         raise
     for unit, layer, names, aliases in registered:
         entry = _Layer(layer, {name: _park(module, aliases[id(p)], p, device)
-                               for name, p in zip(names, unit.params.values())})
+                               for name, p in zip(names, unit.params.values())},
+                       context.handle)
         managed.layers[unit.name] = entry
         for sub in unit.owners + unit.inner:
             managed._wrap(sub, entry)
