@@ -116,6 +116,11 @@ class _Layer:
         self.cpu_args = self.args_for(None)
         self.addresses = None  # the data addresses the tensors of `bound` are over
         self.bound = []       # [(Parameter, torch tensor over strata's bytes)], in view order
+        # The views' words other than their addresses (names, dtypes, shapes), as the first
+        # import read them, and [(Parameter, _dlpack.Layout)] in view order: an acquire that
+        # hands out the same layout at other addresses imports its tensors from these.
+        self.layout_words = None
+        self.layouts = []
         # stream -> the number of calls in progress on it (the owner's, those of modules inside
         # it, re-entries, other threads' on the same stream), which share one strata lease of
         # that stream. The parameters point at strata's bytes while this is not empty.
@@ -226,18 +231,12 @@ class ManagedModule:
             # hands them out.
             addresses = entry.words[_DATA_WORD:entry.count.value * _VIEW_WORDS:_VIEW_WORDS]
             if addresses != entry.addresses:
-                lease = _ViewsLease(self.context, entry, pointer)
-                try:
-                    entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
-                                   for view in lease.views]
-                finally:
-                    lease.retire()
-                entry.addresses = addresses
+                _import(self.context, entry, pointer, addresses)
             for param, tensor in entry.bound:
                 param.data = tensor
         except BaseException:
             del held[stream]
-            entry.addresses, entry.bound = None, []
+            entry.addresses, entry.bound, entry.layout_words = None, [], None
             for param, placeholder in entry.placeholders:
                 param.data = placeholder
             self._release(*release_args)
@@ -255,6 +254,36 @@ class ManagedModule:
         (the calls then pass NULL), strata's otherwise."""
         self.context.handle
         check(status)
+
+
+def _import(context, entry, pointer, addresses):
+    """Points entry.bound at torch tensors over the views just acquired, at `addresses` (on a
+    failure, _enter forgets what entry holds)."""
+    words = entry.words[:entry.count.value * _VIEW_WORDS]
+    del words[_DATA_WORD::_VIEW_WORDS]
+    if words == entry.layout_words:
+        # Only the addresses changed: a capsule per tensor straight from its layout, without
+        # TensorViews (the views' names and shapes are those the first import read).
+        bound = []
+        for (param, layout), address in zip(entry.layouts, addresses):
+            made = layout.capsule(address)
+            try:
+                bound.append((param, torch.from_dlpack(made[0])))
+            except BaseException:
+                _dlpack.retire([made])  # torch did not take the block: free it
+                raise
+    else:
+        lease = _ViewsLease(context, entry, pointer)
+        try:
+            views = lease.views
+            bound = [(entry.params[view.name][0], torch.from_dlpack(view)) for view in views]
+        finally:
+            lease.retire()
+        entry.layouts = [(param, _dlpack.Layout(view.dtype, view.shape, view.device,
+                                                view.device_index))
+                         for (param, _), view in zip(bound, views)]
+        entry.layout_words = words
+    entry.bound, entry.addresses = bound, addresses
 
 
 def _matching_modules(module, module_types):
