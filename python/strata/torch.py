@@ -70,9 +70,10 @@ def _context_for(device, vram_limit, prefetch_depth):
 
 
 class _ViewsLease(_core.Lease):
-    """The Lease the TensorViews of an acquire the hooks made point to, made only when an
-    address changed (TensorViews and DLPack imports cost tens of microseconds): its views are
-    imported at once, then it is marked released, so that they refuse any later use."""
+    """The Lease the TensorViews of an acquire the hooks made point to, made only for a
+    layer's first import or a change of its views' layout (TensorViews cost microseconds
+    each): its views are imported at once, then it is marked released, so that they refuse
+    any later use."""
 
     def __init__(self, context, entry, stream):
         self.context, self.layer, self.stream = context, entry.layer, stream
@@ -252,7 +253,7 @@ class ManagedModule:
     def _check(self, status):
         """Raises for a failed acquire or release: the context's own error once it is closed
         (the calls then pass NULL), strata's otherwise."""
-        self.context.handle
+        self.context.handle  # raises InvalidHandleError once the context is closed
         check(status)
 
 
