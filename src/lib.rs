@@ -17,5 +17,6 @@ pub mod registry;
 pub mod residency;
 pub mod schedule;
 pub mod stats;
+pub mod store;
 pub mod tiers;
 pub mod trace;

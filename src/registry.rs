@@ -214,8 +214,24 @@ pub struct HostCopy {
     /// Keeps the buffer pinned for direct uploads (a GPU); declared first, so it unpins before
     /// the buffer is freed.
     pub pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
-    pub buffer: CountedBuffer,
+    pub buffer: HostBytes,
     pub slots: Vec<TensorSlot>,
+}
+
+/// Where a host copy's bytes are: a buffer of the context's own, or a layer of a host store that
+/// other contexts (and processes) share, read-only.
+pub enum HostBytes {
+    Own(CountedBuffer),
+    Store(crate::store::Lease),
+}
+
+impl HostBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            HostBytes::Own(buffer) => buffer.buffer.as_slice(),
+            HostBytes::Store(lease) => lease.as_slice(),
+        }
+    }
 }
 
 /// A copy of a layer on the compute device, charged to the budget while it lives.

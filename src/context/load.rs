@@ -10,7 +10,8 @@ use crate::convert::TensorBytes;
 use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::CountedBuffer;
 use crate::log::Level;
-use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
+use crate::registry::{DeviceCopy, HostBytes, HostCopy, TensorMeta};
+use crate::store::LayerKey;
 use crate::trace::{Span, Stamp, Track};
 use once_cell::sync::Lazy;
 use std::ffi::CStr;
@@ -104,7 +105,7 @@ impl Context {
         let infos = match source {
             Source::Host(copy) => {
                 for (i, (meta, slot)) in tensors.iter().zip(&copy.slots).enumerate() {
-                    let (bytes, scales) = slot_contents(slot, copy.buffer.buffer.as_slice())?;
+                    let (bytes, scales) = slot_contents(slot, copy.buffer.as_slice())?;
                     let src = TensorBytes {
                         bytes,
                         dtype: slot.repr.dtype,
@@ -194,16 +195,31 @@ impl Context {
         size: usize,
         spans: &mut Vec<Span>,
     ) -> Result<HostCopy> {
-        let mut buffer = CountedBuffer::new(size, &self.host)?;
-        let mut sink = HostSink {
-            buffer: buffer.buffer.as_mut_slice(),
-            slots: &slots,
-            conversions: super::conversions(self.options()),
+        let fill = |buffer: &mut [u8], spans: &mut Vec<Span>| {
+            let mut sink = HostSink {
+                buffer,
+                slots: &slots,
+                conversions: super::conversions(self.options()),
+            };
+            self.fill_from_source(source, tensors, &mut sink, spans)
         };
-        self.fill_from_source(source, tensors, &mut sink, spans)?;
+        // With a host store, a copy read from the checkpoint is the store's: the first context
+        // to need it fills it, the others wait for that fill and share it.
+        if let (Some(store), Source::Disk(infos)) = (self.store.get(), source) {
+            let key = LayerKey::new(infos, tensors, &slots, size);
+            if let Some(lease) = store.layer(&key, size, |buffer| fill(buffer, spans))? {
+                return Ok(HostCopy {
+                    pinned: lease.pin_for(&*self.backend),
+                    buffer: HostBytes::Store(lease),
+                    slots,
+                });
+            }
+        }
+        let mut buffer = CountedBuffer::new(size, &self.host)?;
+        fill(buffer.buffer.as_mut_slice(), spans)?;
         Ok(HostCopy {
             pinned: self.backend.pin_host(buffer.buffer.as_slice()),
-            buffer,
+            buffer: HostBytes::Own(buffer),
             slots,
         })
     }

@@ -18,10 +18,12 @@ use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
 use crate::log::{Level, LogCallback, Logger, ProgressSink};
 use crate::registry::{
-    Computation, DeviceCopy, Forms, Group, HostCopy, Key, Layer, Layout, Registry, TensorMeta,
+    Computation, DeviceCopy, Forms, Group, HostBytes, HostCopy, Key, Layer, Layout, Registry,
+    TensorMeta,
 };
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
+use crate::store::Store;
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::memory_tracks;
 use crate::trace::{Span, Stamp, Trace, Track};
@@ -30,7 +32,7 @@ pub use load::inject_fill_panics;
 use load::Source;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
 
@@ -108,6 +110,8 @@ pub struct Context {
     bytes_from_disk: AtomicU64,
     /// Set by `strata_context_destroy`: the context takes no more calls.
     closed: AtomicBool,
+    /// The host store this context's checkpoint copies come from, once one is attached.
+    store: OnceLock<Arc<Store>>,
     engine: CopyEngine,
     /// This context, for the copy engine's worker, which must not keep it alive.
     self_ref: Weak<Context>,
@@ -189,6 +193,7 @@ impl Context {
             options,
             bytes_from_disk: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            store: OnceLock::new(),
             engine: CopyEngine::default(),
             self_ref: self_ref.clone(),
         }))
@@ -205,6 +210,14 @@ impl Context {
         drop(self.lock());
         self.changed.notify_all();
         self.engine.stop();
+    }
+
+    /// Makes the host copies this context reads from checkpoints from now on come from `store`,
+    /// shared with the other contexts that use it. Once per context.
+    pub fn attach_store(&self, store: Arc<Store>) -> Result<()> {
+        self.store
+            .set(store)
+            .map_err(|_| Error::state("a host store is already attached to this context"))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -634,7 +647,7 @@ impl Context {
         }
         layer.offload_copy = Some(Arc::new(HostCopy {
             pinned: self.backend.pin_host(buffer.buffer.as_slice()),
-            buffer,
+            buffer: HostBytes::Own(buffer),
             slots,
         }));
         let mut st = self.lock();
@@ -1243,9 +1256,11 @@ impl Context {
 
     fn emit_views(&self, layer: &Layer, mut view: impl FnMut(usize, View<'_>)) -> usize {
         let (base, slots, device) = match layer.computation.as_ref().expect("layer is in use") {
-            Computation::Host(copy) => {
-                (copy.buffer.buffer.as_ptr() as u64, &copy.slots, Device::Cpu)
-            }
+            Computation::Host(copy) => (
+                copy.buffer.as_slice().as_ptr() as u64,
+                &copy.slots,
+                Device::Cpu,
+            ),
             Computation::Prepared => {
                 let copy = layer
                     .prepared

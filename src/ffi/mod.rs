@@ -14,6 +14,7 @@ pub mod group;
 pub mod layer;
 pub mod log;
 pub mod stats;
+pub mod store;
 
 use crate::error::{panic_message, strata_status, Error, Result, STRATA_ERR_PANIC, STRATA_OK};
 use std::cell::RefCell;
