@@ -6,51 +6,64 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::ptr;
 use strata::ffi::store::*;
 
-/// Layers of the test model and the floats of each of their two tensors.
+/// Layers of the test model, and the width of each layer's square weight (f32) and its bias.
 const LAYERS: usize = 8;
-const WEIGHT: usize = 256 * 256;
-const BIAS: usize = 256;
+const WIDTH: usize = 256;
 
 fn layer_bytes() -> u64 {
-    ((WEIGHT + BIAS) * 4) as u64
+    ((WIDTH * WIDTH + WIDTH) * 4) as u64
 }
 
 fn model_bytes() -> u64 {
     layer_bytes() * LAYERS as u64
 }
 
-/// The model: blocks.{i}.weight [256, 256] and blocks.{i}.bias [256], f32, distinct values.
-fn expected() -> BTreeMap<String, Vec<u8>> {
+/// The model: blocks.{i}.weight [width, width] and blocks.{i}.bias [width], f32, distinct
+/// values; `layers` of them.
+fn model(layers: usize, width: usize) -> BTreeMap<String, Vec<u8>> {
     let mut tensors = BTreeMap::new();
-    for i in 0..LAYERS {
+    for i in 0..layers {
         tensors.insert(
             format!("blocks.{i}.weight"),
-            f32_bytes(&weights(WEIGHT, 2 * i as u64 + 1, 0.02)),
+            f32_bytes(&weights(width * width, 2 * i as u64 + 1, 0.02)),
         );
         tensors.insert(
             format!("blocks.{i}.bias"),
-            f32_bytes(&weights(BIAS, 2 * i as u64 + 2, 0.02)),
+            f32_bytes(&weights(width, 2 * i as u64 + 2, 0.02)),
         );
     }
     tensors
 }
 
-fn write_model(path: &Path) {
-    let tensors: Vec<_> = expected()
+fn expected() -> BTreeMap<String, Vec<u8>> {
+    model(LAYERS, WIDTH)
+}
+
+fn write_model_of(path: &Path, tensors: BTreeMap<String, Vec<u8>>) {
+    let tensors: Vec<_> = tensors
         .into_iter()
         .map(|(name, bytes)| {
             let shape = match name.ends_with("weight") {
-                true => vec![256, 256],
-                false => vec![256],
+                true => {
+                    let width = (bytes.len() as f64 / 4.0).sqrt() as usize;
+                    vec![width, width]
+                }
+                false => vec![bytes.len() / 4],
             };
             (name, safetensors::Dtype::F32, shape, bytes)
         })
         .collect();
     write_safetensors(path, &tensors);
+}
+
+fn write_model(path: &Path) {
+    write_model_of(path, expected());
 }
 
 struct Store(*mut strata_store);
@@ -98,20 +111,27 @@ unsafe impl Sync for Store {}
 /// A CPU context over `store` with the model registered in one group streamed from disk through
 /// the onload tier in RAM; returns it with the group.
 fn context_over(store: &Store, model: &Path) -> (Ctx, u64) {
+    context_with(Some(store), model, LAYERS)
+}
+
+/// `context_over`, without a store when `store` is None.
+fn context_with(store: Option<&Store>, model: &Path, layers: usize) -> (Ctx, u64) {
     let ctx = Ctx::new(0);
-    ok(strata_context_attach_store(ctx.0, store.0));
+    if let Some(store) = store {
+        ok(strata_context_attach_store(ctx.0, store.0));
+    }
     let group = ctx.group(&tiers(|t| {
         t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
         t.onload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_SOURCE);
     }));
-    assert_eq!(ctx.register_prefix(group, model, "blocks.", 2), LAYERS);
+    assert_eq!(ctx.register_prefix(group, model, "blocks.", 2), layers);
     (ctx, group)
 }
 
 /// One pass over every layer, checking each tensor's bytes exactly; returns the address of each
 /// layer's first view.
 fn pass(ctx: &Ctx, expected: &BTreeMap<String, Vec<u8>>) -> Vec<usize> {
-    (0..LAYERS)
+    (0..expected.len() / 2)
         .map(|i| {
             let layer = ctx.find(&format!("blocks.{i}"));
             let views = ctx.acquire(layer);
@@ -260,4 +280,454 @@ fn bad_store_arguments_get_a_status_and_a_message() {
         STRATA_ERR_INVALID_HANDLE,
     );
     strata_store_destroy(ptr::null_mut());
+}
+
+// ----- named stores, shared by processes -----
+
+/// A name no other test or run uses.
+fn unique(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("test-{tag}-{}-{n}", std::process::id())
+}
+
+fn store_path(name: &str) -> PathBuf {
+    PathBuf::from("/dev/shm").join(format!("strata-{name}"))
+}
+
+fn open_named(name: &str, model: &Path) -> std::result::Result<Store, strata_status> {
+    let name = cstr(name);
+    let checkpoint = cstr(model.to_str().unwrap());
+    Store::try_open(|o| {
+        o.name = name.as_ptr();
+        o.checkpoint = checkpoint.as_ptr();
+    })
+}
+
+/// What a child process is asked to do, through its environment.
+struct Job<'a> {
+    /// None: no store, each process its own copy.
+    store: Option<&'a str>,
+    model: &'a Path,
+    layers: usize,
+    width: usize,
+    passes: usize,
+    /// STRATA_FAULT_STORE_KILL_FILL for the child.
+    kill_at_fill: Option<u32>,
+}
+
+/// One child: this test binary running `child_process` alone.
+struct Process {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Process {
+    fn spawn(job: &Job<'_>) -> Process {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "--exact",
+                "child_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("STRATA_TEST_STORE_CHILD", "1")
+            .env("STORE_MODEL", job.model)
+            .env("STORE_LAYERS", job.layers.to_string())
+            .env("STORE_WIDTH", job.width.to_string())
+            .env("STORE_PASSES", job.passes.to_string())
+            .env_remove("STRATA_FAULT_STORE_KILL_FILL")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(name) = job.store {
+            command.env("STORE_NAME", name);
+        }
+        if let Some(n) = job.kill_at_fill {
+            command.env("STRATA_FAULT_STORE_KILL_FILL", n.to_string());
+        }
+        let mut child = command.spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Process { child, lines }
+    }
+
+    /// The next line the child printed that starts with `prefix`; None once it has exited.
+    fn line(&mut self, prefix: &str) -> Option<String> {
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            if line.starts_with(prefix) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// Its report once every pass is done: field -> value.
+    fn done(&mut self) -> BTreeMap<String, u64> {
+        let line = self
+            .line("DONE")
+            .unwrap_or_else(|| panic!("the child ended without finishing: {:?}", self.finish()));
+        line.split_whitespace()
+            .skip(1)
+            .map(|field| {
+                let (k, v) = field.split_once('=').unwrap();
+                (k.to_owned(), v.parse().unwrap())
+            })
+            .collect()
+    }
+
+    /// Lets the child exit, and returns how it did.
+    fn finish(&mut self) -> std::process::ExitStatus {
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Kilobytes of proportional set size: of the mappings of the file with inode `inode` when
+/// given (the creator maps its store by the temporary name it made it under), else of the whole
+/// process.
+fn pss_kb(pid: u32, inode: Option<u64>) -> u64 {
+    let Some(inode) = inode else {
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+        return field_kb(&rollup, "Pss:");
+    };
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut total = 0;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            inside = fields.get(4).and_then(|i| i.parse::<u64>().ok()) == Some(inode);
+        } else if inside && line.starts_with("Pss:") {
+            total += field_kb(line, "Pss:");
+        }
+    }
+    total
+}
+
+fn field_kb(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The child's side: attach the store named in the environment (if any), run the passes over
+/// the model checking every byte, report, then wait for the parent's word to exit.
+#[test]
+fn child_process() {
+    if std::env::var_os("STRATA_TEST_STORE_CHILD").is_none() {
+        return;
+    }
+    let env = |name: &str| std::env::var(name).unwrap();
+    let model_path = PathBuf::from(env("STORE_MODEL"));
+    let layers: usize = env("STORE_LAYERS").parse().unwrap();
+    let width: usize = env("STORE_WIDTH").parse().unwrap();
+    let passes: usize = env("STORE_PASSES").parse().unwrap();
+    let expected = model(layers, width);
+    let store = std::env::var("STORE_NAME").ok().map(|name| {
+        open_named(&name, &model_path).unwrap_or_else(|s| {
+            panic!(
+                "opening store {name}: {}: {}",
+                common::name(s),
+                last_error()
+            )
+        })
+    });
+    let (ctx, _group) = context_with(store.as_ref(), &model_path, layers);
+    println!("READY");
+    for i in 0..passes {
+        pass(&ctx, &expected);
+        println!("PASS {i}");
+    }
+    let stats = ctx.stats();
+    let store_stats = store.as_ref().map(|s| s.stats()).unwrap_or_default();
+    println!(
+        "DONE bytes_from_disk={} host_in_use={} created={} fills={} takeovers={} store_bytes={}",
+        stats.bytes_from_disk,
+        stats.host_in_use,
+        store_stats.created,
+        store_stats.fills,
+        store_stats.takeovers,
+        store_stats.host_in_use
+    );
+    std::io::stdout().flush().unwrap();
+    // Held until the parent has measured every process.
+    let _ = std::io::stdin().lines().next();
+}
+
+/// Runs `n` processes over one model, with or without a named store; returns for each its
+/// report and its PSS (whole process, and of the store's file), measured while all are alive.
+fn run_processes(
+    n: usize,
+    store: Option<&str>,
+    model: &Path,
+    layers: usize,
+    width: usize,
+) -> Vec<(BTreeMap<String, u64>, u64, u64)> {
+    let job = Job {
+        store,
+        model,
+        layers,
+        width,
+        passes: 2,
+        kill_at_fill: None,
+    };
+    let mut processes: Vec<Process> = (0..n).map(|_| Process::spawn(&job)).collect();
+    let reports: Vec<_> = processes.iter_mut().map(|p| p.done()).collect();
+    let inode = store.map(|name| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(store_path(name)).unwrap().ino()
+    });
+    let measured: Vec<_> = processes
+        .iter()
+        .zip(reports)
+        .map(|(p, report)| {
+            let whole = pss_kb(p.pid(), None);
+            let of_store = inode.map_or(0, |inode| pss_kb(p.pid(), Some(inode)));
+            (report, whole, of_store)
+        })
+        .collect();
+    for p in &mut processes {
+        assert!(p.finish().success());
+    }
+    measured
+}
+
+#[test]
+fn processes_share_one_named_store_read_once() {
+    let dir = TempDir::new("store-processes");
+    let model = dir.path("model.safetensors");
+    write_model(&model);
+    for n in [2, 4] {
+        let name = unique("share");
+        let runs = run_processes(n, Some(&name), &model, LAYERS, WIDTH);
+        let created: u64 = runs.iter().map(|r| r.0["created"]).sum();
+        assert_eq!(created, 1, "of {n} racing to create it, one did");
+        let read: u64 = runs.iter().map(|r| r.0["bytes_from_disk"]).sum();
+        assert_eq!(
+            read,
+            model_bytes(),
+            "{n} processes read the checkpoint once"
+        );
+        for (report, _, of_store) in &runs {
+            assert_eq!(
+                report["host_in_use"], 0,
+                "no process holds a copy of its own"
+            );
+            assert!(*of_store > 0);
+        }
+        // Every process mapped every layer: their shares of the one copy add up to it.
+        let store_kb: u64 = runs.iter().map(|r| r.2).sum();
+        let model_kb = model_bytes() / 1024;
+        assert!(
+            store_kb >= model_kb * 9 / 10 && store_kb <= model_kb * 11 / 10,
+            "{n} processes: PSS of the store {store_kb} KiB, the model {model_kb} KiB"
+        );
+        assert!(
+            !store_path(&name).exists(),
+            "the last process out removes the store"
+        );
+    }
+}
+
+#[test]
+fn a_process_killed_mid_pass_leaves_the_others_working() {
+    let dir = TempDir::new("store-kill");
+    let model = dir.path("model.safetensors");
+    write_model(&model);
+    let name = unique("kill");
+    let job = Job {
+        store: Some(&name),
+        model: &model,
+        layers: LAYERS,
+        width: WIDTH,
+        passes: 200,
+        kill_at_fill: None,
+    };
+    let mut processes: Vec<Process> = (0..3).map(|_| Process::spawn(&job)).collect();
+    processes[0].line("PASS 1").expect("the first process runs");
+    // SAFETY: kill only signals the child this test spawned.
+    let signalled = unsafe { libc::kill(processes[0].pid() as i32, libc::SIGKILL) };
+    assert_eq!(signalled, 0);
+    let killed = processes[0].finish();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed),
+        Some(libc::SIGKILL)
+    );
+    for p in &mut processes[1..] {
+        let report = p.done();
+        assert_eq!(report["host_in_use"], 0);
+        assert!(p.finish().success(), "the others finish, every byte exact");
+    }
+    assert!(!store_path(&name).exists());
+}
+
+#[test]
+fn a_filler_killed_mid_fill_never_hands_out_its_bytes() {
+    let dir = TempDir::new("store-fill");
+    let model = dir.path("model.safetensors");
+    write_model(&model);
+    let expected = expected();
+    // Another process is attached: the store stays, and the dead filler's layer is filled again.
+    let name = unique("fill");
+    let store = open_named(&name, &model).unwrap();
+    let job = Job {
+        store: Some(&name),
+        model: &model,
+        layers: LAYERS,
+        width: WIDTH,
+        passes: 1,
+        kill_at_fill: Some(3),
+    };
+    let mut filler = Process::spawn(&job);
+    let status = filler.finish();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let (ctx, _) = context_over(&store, &model);
+    pass(&ctx, &expected);
+    let stats = store.stats();
+    assert_eq!(
+        stats.takeovers, 1,
+        "the dead filler's layer was filled again"
+    );
+    assert_eq!(stats.layers, LAYERS as u64);
+    drop(ctx);
+    drop(store);
+    assert!(!store_path(&name).exists());
+
+    // The creator itself dies mid-fill with nobody else attached: the store is stale, and the
+    // next process replaces it rather than trusting it.
+    let name = unique("creator");
+    let job = Job {
+        store: Some(&name),
+        ..job
+    };
+    let mut creator = Process::spawn(&job);
+    assert!(!creator.finish().success());
+    assert!(
+        store_path(&name).exists(),
+        "the dead creator left its store"
+    );
+    let store = open_named(&name, &model).unwrap();
+    let (ctx, _) = context_over(&store, &model);
+    pass(&ctx, &expected);
+    let stats = store.stats();
+    assert_eq!(
+        (stats.created, stats.fills, stats.takeovers),
+        (1, LAYERS as u64, 0)
+    );
+}
+
+#[test]
+fn a_stale_or_foreign_store_is_replaced_or_refused() {
+    let dir = TempDir::new("store-refuse");
+    let model = dir.path("model.safetensors");
+    write_model(&model);
+    let other = dir.path("other.safetensors");
+    write_model_of(&other, self::model(2, 64));
+
+    // Junk left under the name with nobody holding it: replaced.
+    let name = unique("junk");
+    std::fs::write(store_path(&name), b"not a store").unwrap();
+    let store = open_named(&name, &model).unwrap();
+    assert_eq!(store.stats().created, 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(store_path(&name))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "created 0600");
+
+    // While it is held: another checkpoint's files are refused, as is another version.
+    let status = open_named(&name, &other).err().expect("refused");
+    assert_eq!(status, STRATA_ERR_STATE, "{}", last_error());
+    assert!(
+        last_error().contains("another checkpoint"),
+        "{}",
+        last_error()
+    );
+    let attached = open_named(&name, &model).unwrap();
+    assert_eq!(attached.stats().created, 0);
+    let bytes = std::fs::read(store_path(&name)).unwrap();
+    let version_at = 16;
+    let mut patched = bytes[..version_at + 16].to_vec();
+    patched[version_at..].copy_from_slice(b"0.0.0-other\0\0\0\0\0");
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(store_path(&name))
+            .unwrap(),
+        &patched[version_at..],
+        version_at as u64,
+    )
+    .unwrap();
+    let status = open_named(&name, &model).err().expect("refused");
+    assert_eq!(status, STRATA_ERR_STATE, "{}", last_error());
+    assert!(last_error().contains("0.0.0-other"), "{}", last_error());
+    drop(attached);
+    assert!(store_path(&name).exists(), "one process still holds it");
+    drop(store);
+    assert!(!store_path(&name).exists(), "the last out removed it");
+
+    // Asked for a mode, it gets it, whatever the umask.
+    let name = unique("mode");
+    let (c_name, c_model) = (cstr(&name), cstr(model.to_str().unwrap()));
+    let store = Store::open(|o| {
+        o.name = c_name.as_ptr();
+        o.checkpoint = c_model.as_ptr();
+        o.mode = 0o660;
+    });
+    let mode = std::fs::metadata(store_path(&name))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+    drop(store);
+}
+
+#[test]
+fn a_directory_too_small_for_the_store_is_out_of_memory_at_creation() {
+    let dir = TempDir::new("store-small");
+    let model = dir.path("model.safetensors");
+    write_model(&model);
+    // SAFETY: statvfs is plain data, zero a valid value.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct for a NUL-terminated path.
+    let got = unsafe { libc::statvfs(cstr("/dev/shm").as_ptr(), &mut fs) };
+    assert_eq!(got, 0);
+    let size = fs.f_blocks * fs.f_frsize;
+    let name = unique("small");
+    let (c_name, c_model) = (cstr(&name), cstr(model.to_str().unwrap()));
+    let status = Store::try_open(|o| {
+        o.name = c_name.as_ptr();
+        o.checkpoint = c_model.as_ptr();
+        o.host_limit = size + (1 << 30);
+    })
+    .err()
+    .expect("refused");
+    assert_eq!(status, STRATA_ERR_OUT_OF_MEMORY, "{}", last_error());
+    assert!(last_error().contains("/dev/shm"), "{}", last_error());
+    assert!(!store_path(&name).exists());
+    let leftovers = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(&name)
+        })
+        .count();
+    assert_eq!(leftovers, 0, "no temporary file is left behind");
 }

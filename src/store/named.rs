@@ -616,7 +616,7 @@ impl NamedStore {
                     .is_ok()
                 {
                     store.claim(index, key, size)?;
-                    store.fill(index, size, FILLING | me(), fill, false)?;
+                    store.fill(index, size, FILLING | me(), fill)?;
                     return Ok(Some(store.got(index, true, waited)));
                 }
                 continue;
@@ -657,7 +657,7 @@ impl NamedStore {
                 if word & !STATE_BITS != 0 {
                     store.header().takeovers.fetch_add(1, Ordering::Relaxed);
                 }
-                store.fill(index, size, FILLING | me(), fill, true)?;
+                store.fill(index, size, FILLING | me(), fill)?;
                 return Ok(Some(store.got(index, true, waited)));
             }
         }
@@ -814,7 +814,6 @@ impl Attached {
         size: usize,
         owned: u64,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
-        again: bool,
     ) -> Result<()> {
         let slot = self.slot(index);
         let mut give_up = GiveUp { slot, done: false };
@@ -826,6 +825,7 @@ impl Attached {
             // the slot writes, and nobody reads before it is published.
             let bytes = unsafe { std::slice::from_raw_parts_mut(writable.ptr.as_ptr(), size) };
             fill(bytes)?;
+            die_if_armed(bytes);
         } else {
             fill(&mut [])?;
         }
@@ -833,9 +833,7 @@ impl Attached {
         header
             .bytes_filled
             .fetch_add(size as u64, Ordering::Relaxed);
-        if !again {
-            header.layers.fetch_add(1, Ordering::Relaxed);
-        }
+        header.layers.fetch_add(1, Ordering::Relaxed);
         give_up.done = true;
         let published =
             slot.state
@@ -853,6 +851,24 @@ impl Attached {
             filled,
             waited,
         }
+    }
+}
+
+/// For tests of a filler that dies mid-fill: `STRATA_FAULT_STORE_KILL_FILL=N` makes this process
+/// scribble over the bytes of its Nth fill of a named store's layer and kill itself with SIGKILL
+/// before publishing them.
+fn die_if_armed(bytes: &mut [u8]) {
+    static FILLS: AtomicU64 = AtomicU64::new(0);
+    static ARMED: OnceLock<Option<u64>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let n = std::env::var("STRATA_FAULT_STORE_KILL_FILL").ok()?;
+        n.parse().ok()
+    });
+    if *armed == Some(FILLS.fetch_add(1, Ordering::Relaxed) + 1) {
+        let half = bytes.len() / 2;
+        bytes[half..].fill(0xff);
+        // SAFETY: signals this very process; SIGKILL ends it here.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
 
