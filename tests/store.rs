@@ -314,6 +314,9 @@ struct Job<'a> {
     passes: usize,
     /// STRATA_FAULT_STORE_KILL_FILL for the child.
     kill_at_fill: Option<u32>,
+    /// Whether the child checks every byte against a model it generates (which it then holds:
+    /// figures of memory leave it out).
+    check: bool,
 }
 
 /// One child: this test binary running `child_process` alone.
@@ -337,6 +340,7 @@ impl Process {
             .env("STORE_LAYERS", job.layers.to_string())
             .env("STORE_WIDTH", job.width.to_string())
             .env("STORE_PASSES", job.passes.to_string())
+            .env("STORE_CHECK", u8::from(job.check).to_string())
             .env_remove("STRATA_FAULT_STORE_KILL_FILL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
@@ -420,6 +424,23 @@ fn field_kb(text: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Acquires and releases every layer once, reading one byte of each page it is handed.
+fn touch_every_layer(ctx: &Ctx, layers: usize) {
+    for i in 0..layers {
+        let layer = ctx.find(&format!("blocks.{i}"));
+        let (status, views) = ctx.acquire_views(layer);
+        ok(status);
+        for view in &views {
+            // SAFETY: a view points at `nbytes` readable bytes until the layer is released.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(view.data as *const u8, view.nbytes as usize) };
+            let sum: u64 = bytes.iter().step_by(4096).map(|&b| u64::from(b)).sum();
+            std::hint::black_box(sum);
+        }
+        ctx.release(layer);
+    }
+}
+
 /// The child's side: attach the store named in the environment (if any), run the passes over
 /// the model checking every byte, report, then wait for the parent's word to exit.
 #[test]
@@ -432,7 +453,10 @@ fn child_process() {
     let layers: usize = env("STORE_LAYERS").parse().unwrap();
     let width: usize = env("STORE_WIDTH").parse().unwrap();
     let passes: usize = env("STORE_PASSES").parse().unwrap();
-    let expected = model(layers, width);
+    let expected = match env("STORE_CHECK").as_str() {
+        "1" => model(layers, width),
+        _ => BTreeMap::new(),
+    };
     let store = std::env::var("STORE_NAME").ok().map(|name| {
         open_named(&name, &model_path).unwrap_or_else(|s| {
             panic!(
@@ -445,7 +469,10 @@ fn child_process() {
     let (ctx, _group) = context_with(store.as_ref(), &model_path, layers);
     println!("READY");
     for i in 0..passes {
-        pass(&ctx, &expected);
+        match expected.is_empty() {
+            false => drop(pass(&ctx, &expected)),
+            true => touch_every_layer(&ctx, layers),
+        }
         println!("PASS {i}");
     }
     let stats = ctx.stats();
@@ -480,8 +507,14 @@ fn run_processes(
         width,
         passes: 2,
         kill_at_fill: None,
+        check: true,
     };
-    let mut processes: Vec<Process> = (0..n).map(|_| Process::spawn(&job)).collect();
+    run_job(n, &job)
+}
+
+fn run_job(n: usize, job: &Job<'_>) -> Vec<(BTreeMap<String, u64>, u64, u64)> {
+    let store = job.store;
+    let mut processes: Vec<Process> = (0..n).map(|_| Process::spawn(job)).collect();
     let reports: Vec<_> = processes.iter_mut().map(|p| p.done()).collect();
     let inode = store.map(|name| {
         use std::os::unix::fs::MetadataExt;
@@ -552,6 +585,7 @@ fn a_process_killed_mid_pass_leaves_the_others_working() {
         width: WIDTH,
         passes: 200,
         kill_at_fill: None,
+        check: true,
     };
     let mut processes: Vec<Process> = (0..3).map(|_| Process::spawn(&job)).collect();
     processes[0].line("PASS 1").expect("the first process runs");
@@ -587,6 +621,7 @@ fn a_filler_killed_mid_fill_never_hands_out_its_bytes() {
         width: WIDTH,
         passes: 1,
         kill_at_fill: Some(3),
+        check: true,
     };
     let mut filler = Process::spawn(&job);
     let status = filler.finish();
@@ -730,4 +765,47 @@ fn a_directory_too_small_for_the_store_is_out_of_memory_at_creation() {
         })
         .count();
     assert_eq!(leftovers, 0, "no temporary file is left behind");
+}
+
+/// The README's figures: host memory (PSS summed over the processes, from /proc/PID/smaps_rollup)
+/// and checkpoint bytes read, for 1, 2 and 4 processes over a 64 MiB model, each process its own
+/// copy or all over one named store. Run with
+/// `cargo test --release --test store -- --ignored --nocapture figures`.
+#[test]
+#[ignore]
+fn figures_host_memory_of_processes_with_and_without_a_store() {
+    let (layers, width) = (16, 1024);
+    let dir = TempDir::new("store-figures");
+    let model_path = dir.path("model.safetensors");
+    write_model_of(&model_path, model(layers, width));
+    let model_mib = ((width * width + width) * 4 * layers) as f64 / f64::from(1 << 20);
+    println!("model: {layers} layers, {model_mib:.1} MiB");
+    println!("| processes | store | PSS sum, MiB | of it the store, MiB | read from disk, MiB |");
+    println!("|---|---|---|---|---|");
+    for n in [1, 2, 4] {
+        for with_store in [false, true] {
+            let name = unique("figures");
+            let job = Job {
+                store: with_store.then_some(name.as_str()),
+                model: &model_path,
+                layers,
+                width,
+                passes: 2,
+                kill_at_fill: None,
+                check: false,
+            };
+            let runs = run_job(n, &job);
+            let mib = |kb: u64| kb as f64 / 1024.0;
+            let pss: u64 = runs.iter().map(|r| r.1).sum();
+            let of_store: u64 = runs.iter().map(|r| r.2).sum();
+            let read: u64 = runs.iter().map(|r| r.0["bytes_from_disk"]).sum();
+            println!(
+                "| {n} | {} | {:.1} | {:.1} | {:.1} |",
+                if with_store { "named" } else { "none" },
+                mib(pss),
+                mib(of_store),
+                read as f64 / f64::from(1 << 20)
+            );
+        }
+    }
 }
