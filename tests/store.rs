@@ -62,8 +62,12 @@ fn write_model_of(path: &Path, tensors: BTreeMap<String, Vec<u8>>) {
     write_safetensors(path, &tensors);
 }
 
-fn write_model(path: &Path) {
-    write_model_of(path, expected());
+/// The test model written to a fresh directory, removed when the first value is dropped.
+fn model_file(tag: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new(tag);
+    let model = dir.path("model.safetensors");
+    write_model_of(&model, expected());
+    (dir, model)
 }
 
 struct Store(*mut strata_store);
@@ -149,9 +153,7 @@ fn pass(ctx: &Ctx, expected: &BTreeMap<String, Vec<u8>>) -> Vec<usize> {
 
 #[test]
 fn two_contexts_in_one_process_share_one_copy_read_once() {
-    let dir = TempDir::new("store-two");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-two");
     let expected = expected();
     let store = Store::open(|_| {});
     let (a, group_a) = context_over(&store, &model);
@@ -198,9 +200,7 @@ fn two_contexts_in_one_process_share_one_copy_read_once() {
 
 #[test]
 fn a_store_limit_is_its_own_and_refuses_with_budget() {
-    let dir = TempDir::new("store-limit");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-limit");
     let store = Store::open(|o| o.host_limit = 3 * layer_bytes());
     let (ctx, group) = context_over(&store, &model);
     let status = strata_group_onload(ctx.0, group);
@@ -537,9 +537,7 @@ fn run_job(n: usize, job: &Job<'_>) -> Vec<(BTreeMap<String, u64>, u64, u64)> {
 
 #[test]
 fn processes_share_one_named_store_read_once() {
-    let dir = TempDir::new("store-processes");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-processes");
     for n in [2, 4] {
         let name = unique("share");
         let runs = run_processes(n, Some(&name), &model, LAYERS, WIDTH);
@@ -574,9 +572,7 @@ fn processes_share_one_named_store_read_once() {
 
 #[test]
 fn a_process_killed_mid_pass_leaves_the_others_working() {
-    let dir = TempDir::new("store-kill");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-kill");
     let name = unique("kill");
     let job = Job {
         store: Some(&name),
@@ -607,9 +603,7 @@ fn a_process_killed_mid_pass_leaves_the_others_working() {
 
 #[test]
 fn a_filler_killed_mid_fill_never_hands_out_its_bytes() {
-    let dir = TempDir::new("store-fill");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-fill");
     let expected = expected();
     // Another process is attached: the store stays, and the dead filler's layer is filled again.
     let name = unique("fill");
@@ -666,9 +660,7 @@ fn a_filler_killed_mid_fill_never_hands_out_its_bytes() {
 
 #[test]
 fn a_stale_or_foreign_store_is_replaced_or_refused() {
-    let dir = TempDir::new("store-refuse");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (dir, model) = model_file("store-refuse");
     let other = dir.path("other.safetensors");
     write_model_of(&other, self::model(2, 64));
 
@@ -733,9 +725,7 @@ fn a_stale_or_foreign_store_is_replaced_or_refused() {
 
 #[test]
 fn a_directory_too_small_for_the_store_is_out_of_memory_at_creation() {
-    let dir = TempDir::new("store-small");
-    let model = dir.path("model.safetensors");
-    write_model(&model);
+    let (_dir, model) = model_file("store-small");
     // SAFETY: statvfs is plain data, zero a valid value.
     let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: statvfs fills the struct for a NUL-terminated path.
