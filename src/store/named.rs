@@ -344,8 +344,13 @@ impl NamedStore {
             };
             if flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
                 // Nobody holds it: what made it is gone without removing it (a crashed run).
+                // One that cannot be removed (another user's, in a sticky directory) would be
+                // found stale again forever: refused instead.
                 if still_named(&file, &path) {
-                    let _ = std::fs::remove_file(&path);
+                    std::fs::remove_file(&path).map_err(|e| {
+                        Error::from_io(&e, "removing the stale host store", &path)
+                            .context("no process holds it, and it cannot be replaced")
+                    })?;
                 }
                 continue;
             }
