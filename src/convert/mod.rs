@@ -347,7 +347,15 @@ fn quantize_blocks(
             .map(|(index, out)| (index * per_part, out))
             .collect();
         host_threads::run_parts(threads, pieces, |(start, out)| {
-            simd::quantize(isa, src, start..start + out.len(), out, format, scale)
+            simd::quantize(
+                isa,
+                src,
+                start..start + out.len(),
+                out,
+                format,
+                scale,
+                false,
+            )
         });
         scales[0] = scale;
         return Ok(scales);
@@ -368,16 +376,24 @@ fn quantize_blocks(
         .map(|(index, (scales, out))| (index * groups_per_part, scales, out))
         .collect();
     host_threads::run_parts(threads, pieces, |(first_group, scales, out)| {
+        let part_groups = scales.len();
         for (index, scale) in scales.iter_mut().enumerate() {
             let start = (first_group + index) * group_len;
             let range = start..start + group_len;
             *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
             let out = &mut out[index * group_len..(index + 1) * group_len];
-            simd::quantize(isa, src, range, out, format, *scale);
+            // Fetching the next row pays while it stays cached until its absmax pass.
+            let prefetch_next =
+                index + 1 < part_groups && group_len * src.dtype.size() <= PREFETCH_MAX_ROW_BYTES;
+            simd::quantize(isa, src, range, out, format, *scale, prefetch_next);
         }
     });
     Ok(scales)
 }
+
+/// Largest row whose bytes quantization fetches ahead (see `simd::prefetch`): a quarter of a
+/// typical 1-2 MiB L2 cache, so that the row is still there when its absmax pass reads it.
+const PREFETCH_MAX_ROW_BYTES: usize = 256 << 10;
 
 /// The scale that maps `absmax` onto the format's largest value; 1.0 where that is 0 (see
 /// [`convert`]).
