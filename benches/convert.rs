@@ -106,7 +106,10 @@ fn gb_per_s(bytes: usize, time: Duration) -> f64 {
 fn parallel_copy(threads: usize, dst: &mut [u8], src: &[u8]) {
     let piece = dst.len().div_ceil(threads);
     let parts: Vec<_> = dst.chunks_mut(piece).zip(src.chunks(piece)).collect();
-    host_threads::run_parts(threads, parts, |(dst, src)| dst.copy_from_slice(src));
+    host_threads::run_parts(threads, "copy", parts, |(dst, src)| {
+        dst.copy_from_slice(src);
+        dst.len()
+    });
 }
 
 /// `dst[i]` = the first byte of the `ratio`-byte element `i` of `src`: the traffic of a

@@ -268,7 +268,7 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
         .enumerate()
         .map(|(index, out)| (index * per_part, out))
         .collect();
-    host_threads::run_parts(threads, pieces, |(start, out)| {
+    host_threads::run_parts(threads, "cast", pieces, |(start, out)| {
         let range = start..start + out.len() / dst_dtype.size();
         match src.dtype {
             // Table lookups beat decoding the codes (which vectorised is a gather or arithmetic).
@@ -287,6 +287,7 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
                 None => simd::cast(isa, src, range, out, dst_dtype),
             },
         }
+        out.len()
     });
 }
 
@@ -335,10 +336,13 @@ fn quantize_blocks(
             .step_by(per_part)
             .map(|start| start..(start + per_part).min(numel))
             .collect();
-        host_threads::run_parts(threads, ranges, |range| {
+        let size = src.dtype.size();
+        host_threads::run_parts(threads, "absmax", ranges, |range| {
+            let read = range.len() * size;
             let absmax = simd::absmax(isa, src, range);
             let mut largest = part_absmax.lock().unwrap_or_else(|p| p.into_inner());
             *largest = largest.max(absmax);
+            read
         });
         let scale = scale_for(part_absmax.into_inner().unwrap_or(0.0), format);
         let pieces: Vec<_> = dst
@@ -346,16 +350,10 @@ fn quantize_blocks(
             .enumerate()
             .map(|(index, out)| (index * per_part, out))
             .collect();
-        host_threads::run_parts(threads, pieces, |(start, out)| {
-            simd::quantize(
-                isa,
-                src,
-                start..start + out.len(),
-                out,
-                format,
-                scale,
-                false,
-            )
+        host_threads::run_parts(threads, "quantize", pieces, |(start, out)| {
+            let range = start..start + out.len();
+            simd::quantize(isa, src, range, out, format, scale, false);
+            out.len()
         });
         scales[0] = scale;
         return Ok(scales);
@@ -375,19 +373,25 @@ fn quantize_blocks(
         .enumerate()
         .map(|(index, (scales, out))| (index * groups_per_part, scales, out))
         .collect();
-    host_threads::run_parts(threads, pieces, |(first_group, scales, out)| {
-        let part_groups = scales.len();
-        for (index, scale) in scales.iter_mut().enumerate() {
-            let start = (first_group + index) * group_len;
-            let range = start..start + group_len;
-            *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
-            let out = &mut out[index * group_len..(index + 1) * group_len];
-            // Fetching the next row pays while it stays cached until its absmax pass.
-            let prefetch_next =
-                index + 1 < part_groups && group_len * src.dtype.size() <= PREFETCH_MAX_ROW_BYTES;
-            simd::quantize(isa, src, range, out, format, *scale, prefetch_next);
-        }
-    });
+    host_threads::run_parts(
+        threads,
+        "quantize rows",
+        pieces,
+        |(first_group, scales, out)| {
+            let part_groups = scales.len();
+            for (index, scale) in scales.iter_mut().enumerate() {
+                let start = (first_group + index) * group_len;
+                let range = start..start + group_len;
+                *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
+                let out = &mut out[index * group_len..(index + 1) * group_len];
+                // Fetching the next row pays while it stays cached until its absmax pass.
+                let prefetch_next = index + 1 < part_groups
+                    && group_len * src.dtype.size() <= PREFETCH_MAX_ROW_BYTES;
+                simd::quantize(isa, src, range, out, format, *scale, prefetch_next);
+            }
+            out.len()
+        },
+    );
     Ok(scales)
 }
 
