@@ -224,14 +224,14 @@ fn narrow_kernel(src: &[u8], dst: &mut [u8], narrowing: Narrowing) {
 /// finds it.
 #[inline(always)]
 fn absmax_kernel(src: &Source, range: Range<usize>) -> f32 {
-    let mut largest = 0;
+    let mut largest = [0; MAX_LANES];
     let mut blocks = Blocks::new(src, range);
     let values = &mut AlignedBlock::new().0;
     // The padding of a tail block is zeros, which never raise the maximum.
     while blocks.next(values).is_some() {
-        largest = largest.max(finite_magnitude_max(values));
+        fold_finite_magnitudes(&mut largest, values);
     }
-    f32::from_bits(largest as u32)
+    f32::from_bits(largest.into_iter().max().unwrap_or(0) as u32)
 }
 
 /// Elements `range` of `src` divided by `scale` and encoded as fp8 into `dst`, as the
@@ -394,17 +394,24 @@ fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) 
     }
 }
 
-/// The reference's `finite_absmax` over a block, as the bits of the result.
+/// Lanes of the absmax accumulator: two AVX-512 registers (four AVX2 ones).
+const MAX_LANES: usize = 32;
+
+/// Folds the reference's `finite_absmax` of a block into `largest`, lane by lane, as bits (the
+/// caller reduces the lanes once at the end). A per-block array of magnitudes reduced in place
+/// went through the stack, 4-byte aligned, and its loads missed store forwarding: the absmax
+/// pass took 40% of per-channel quantization.
 #[inline(always)]
-fn finite_magnitude_max(values: &[f32; BLOCK]) -> i32 {
-    let mut largest = [0i32; BLOCK];
-    for (largest, value) in largest.iter_mut().zip(values) {
-        let magnitude = (value.to_bits() & 0x7FFF_FFFF) as i32;
-        *largest = if magnitude < f32::INFINITY.to_bits() as i32 {
-            magnitude
-        } else {
-            0
-        };
+fn fold_finite_magnitudes(largest: &mut [i32; MAX_LANES], values: &[f32; BLOCK]) {
+    for lanes in values.chunks_exact(MAX_LANES) {
+        for (largest, value) in largest.iter_mut().zip(lanes) {
+            let magnitude = (value.to_bits() & 0x7FFF_FFFF) as i32;
+            let finite = if magnitude < f32::INFINITY.to_bits() as i32 {
+                magnitude
+            } else {
+                0
+            };
+            *largest = (*largest).max(finite);
+        }
     }
-    largest.into_iter().max().unwrap()
 }
