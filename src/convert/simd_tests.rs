@@ -446,15 +446,12 @@ fn quantization_scales() -> Vec<f32> {
         1e-40,
         f32::MAX,
     ];
-    for code in (1..0x7C00u16).step_by(257) {
-        let absmax = [
-            ieee::f16_bits_to_f32(code),
-            ieee::bf16_bits_to_f32(code * 2),
-        ];
-        for value in absmax {
-            for format in [&fp8::E4M3FN, &fp8::E5M2] {
-                scales.push(value / format.max_value());
-            }
+    // The positive finite codes end at 0x7C00 (f16) and 0x7F80 (bf16).
+    let f16_values = (1..0x7C00u16).step_by(257).map(ieee::f16_bits_to_f32);
+    let bf16_values = (1..0x7F80u16).step_by(257).map(ieee::bf16_bits_to_f32);
+    for absmax in f16_values.chain(bf16_values) {
+        for format in [&fp8::E4M3FN, &fp8::E5M2] {
+            scales.push(absmax / format.max_value());
         }
     }
     scales
