@@ -124,55 +124,24 @@ fn run(queue: &Queue, context: &Weak<Context>) {
 
 impl Context {
     /// Asks the copy engine for the layers predicted after the one just acquired that are not
-    /// ready yet. Under budget 0, prefetched layers the prediction has moved past are dropped.
+    /// ready yet (`Window::targets`). Under budget 0, prefetched layers the prediction has moved
+    /// past are dropped first.
     ///
     /// `filling`: the layer the calling acquire is about to fill, planned from the copy the engine
     /// filled ahead for it. It stays whatever the prediction says: other threads' acquires may
     /// have moved the prediction past it since, and its fill counts on that copy.
     pub(super) fn request_prefetch(&self, st: &mut State, filling: Option<Key>) {
-        let depth = self.options.prefetch_depth as usize;
-        if depth == 0 {
+        if self.options.prefetch_depth == 0 {
             return;
         }
-        if st.budget.limit == crate::budget::Limit::Minimal && !st.prefetched.is_empty() {
-            let keep: Vec<Key> = st.schedule.upcoming(depth).chain(filling).collect();
-            self.drop_stale_prefetches(st, &keep, true);
-        }
-        // A plain loop: this runs on every acquire, and over resident layers finds nothing.
-        let mut wanted = Vec::new();
-        for (distance, key) in (1..).zip(st.schedule.upcoming(depth)) {
-            let Some(layer) = st.registry.layers.get(key) else {
-                continue;
-            };
-            if layer.in_use == 0 && !layer.busy && self.needs_device_work(st, layer, distance) {
-                wanted.push(key);
-            }
-        }
+        self.drop_stale_prefetches(st, filling, true);
+        let wanted = st.window.targets(&st.schedule, |key, distance| {
+            st.registry.layers.get(key).is_some_and(|layer| {
+                layer.in_use == 0 && !layer.busy && self.needs_device_work(st, layer, distance)
+            })
+        });
         if !wanted.is_empty() {
             self.engine.submit(&self.self_ref, &wanted);
         }
-    }
-
-    /// Frees what the engine filled ahead for layers not in `keep` (those predicted next: budget
-    /// 0 keeps nothing else between uses). With `keep_current`, the current layer stays: an
-    /// acquire may be waiting for the engine to fill it.
-    pub(super) fn drop_stale_prefetches(&self, st: &mut State, keep: &[Key], keep_current: bool) {
-        let current = st.schedule.current().filter(|_| keep_current);
-        let State {
-            registry,
-            budget,
-            prefetched,
-            ..
-        } = st;
-        prefetched.retain(|&key| {
-            let Some(layer) = registry.layers.get_mut(key) else {
-                return false;
-            };
-            if keep.contains(&key) || Some(key) == current || layer.in_use > 0 || layer.busy {
-                return true;
-            }
-            budget.refund(layer.drop_device_copies());
-            false
-        });
     }
 }

@@ -231,9 +231,7 @@ impl Context {
         loop {
             match self.backend.allocate(bytes) {
                 Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
-                    let mut st = self.lock();
-                    let distances = st.schedule.distances();
-                    if !self.evict_one(&mut st, None, &distances, 0, false) {
+                    if !self.evict_for_memory(&mut self.lock()) {
                         return Err(e.context(
                             "the device is out of memory (another program may be using it) and \
                              no unused layer is left to evict",

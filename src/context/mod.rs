@@ -7,6 +7,7 @@ mod engine;
 mod inflight;
 mod limits;
 mod load;
+mod residents;
 
 use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
 use crate::budget::{Budget, Limit};
@@ -21,6 +22,7 @@ use crate::registry::{
     Computation, DeviceCopy, Forms, Group, HostBytes, HostCopy, Key, Layer, Layout, Registry,
     TensorMeta,
 };
+use crate::residency::{self, Purpose, Window};
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Stats};
 use crate::store::Store;
@@ -30,6 +32,7 @@ use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
 pub use load::inject_fill_panics;
 use load::Source;
+use residents::NoRoom;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
@@ -91,7 +94,7 @@ struct State {
     /// The learned order of acquires.
     schedule: Schedule,
     /// Layers the copy engine filled ahead that no acquire has taken yet.
-    prefetched: Vec<Key>,
+    window: Window,
     /// The layer the copy engine is filling right now, if any: a thread that needs room may
     /// always wait for it, since the engine never waits on a caller.
     engine_filling: Option<Key>,
@@ -139,21 +142,6 @@ impl DevicePlan {
     }
 }
 
-/// Who needs the room: an acquire (which may wait, and may overcommit with one layer larger than
-/// the budget) or the copy engine filling a layer at this predicted distance (which may not).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Purpose {
-    Demand,
-    Prefetch(u32),
-}
-
-/// Why room could not be made right now.
-enum NoRoom {
-    /// Other threads hold layers in use or are loading: wait for a release.
-    Wait,
-    Fail(Error),
-}
-
 /// How this context's host conversions run: its `host_threads`.
 pub(crate) fn conversions(options: &Options) -> crate::convert::Engine {
     crate::convert::Engine::with_threads(crate::host_threads::resolve(options.host_threads))
@@ -184,7 +172,7 @@ impl Context {
                 counters: Counters::default(),
                 trace: Trace::default(),
                 schedule: Schedule::default(),
-                prefetched: Vec::new(),
+                window: Window::new(options.prefetch_depth),
                 engine_filling: None,
                 waiters: 0,
             }),
@@ -765,7 +753,7 @@ impl Context {
             }
             st.budget.refund(layer.drop_device_copies());
             st.schedule.forget(key);
-            st.prefetched.retain(|&k| k != key);
+            st.window.remove(key);
         }
         self.wake(st.waiters);
     }
@@ -917,7 +905,7 @@ impl Context {
             st.counters.acquires += 1;
             if prefetched {
                 st.counters.prefetch_hits += 1;
-                st.prefetched.retain(|&k| k != key);
+                st.window.remove(key);
             } else if was_resident {
                 st.counters.resident_hits += 1;
             } else {
@@ -945,8 +933,8 @@ impl Context {
     /// away: bytes to move, or (for the next layer only) a conversion to make.
     fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
         // First what answers for a resident layer, which every acquire of a pass asks about.
-        let missing = layer.prepared.is_none() || (distance <= 1 && layer.conversion_missing());
-        if !missing {
+        let conversion_missing = layer.conversion_missing();
+        if !residency::needs_fill(layer.prepared.is_some(), conversion_missing, distance) {
             return false;
         }
         let Some(group) = st.registry.groups.get(layer.group) else {
@@ -971,7 +959,7 @@ impl Context {
         st.counters.acquires += 1;
         if prefetched {
             st.counters.prefetch_hits += 1;
-            st.prefetched.retain(|&k| k != key);
+            st.window.remove(key);
         } else {
             st.counters.resident_hits += 1;
         }
@@ -1018,23 +1006,16 @@ impl Context {
         if layer.in_use > 0 || layer.busy || !self.needs_device_work(&st, layer, distance) {
             return true;
         }
-        if st.budget.limit == Limit::Minimal {
-            // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
-            let depth = self.options.prefetch_depth as usize;
-            let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-            self.drop_stale_prefetches(&mut st, &upcoming, true);
-            let wanted = upcoming.contains(&key) || st.schedule.current() == Some(key);
-            if !wanted || st.prefetched.len() >= depth {
-                return true;
-            }
+        // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
+        self.drop_stale_prefetches(&mut st, None, true);
+        if !st.window.admits(st.budget.limit, &st.schedule, key) {
+            return true;
         }
         let Some(layer) = st.registry.layers.get(key) else {
             return true;
         };
         let mut plan = device_plan(layer);
-        if distance > 1 {
-            // Only the next layer is converted ahead: the computation form is the larger one
-            // (bf16 from fp8), and converting takes little time next to moving the bytes.
+        if !residency::converts_ahead(distance) {
             plan.converted = None;
         }
         let bytes = plan.bytes();
@@ -1062,20 +1043,15 @@ impl Context {
                 layer.prepared = Some(prepared);
                 layer.staged = converted;
                 // A layer filled ahead earlier and now only converted is in the window once.
-                if !std::mem::replace(&mut layer.prefetched, true) {
-                    st.prefetched.push(key);
-                }
+                layer.prefetched = true;
+                st.window.insert(key);
                 if !was_resident {
                     st.counters.bytes_to_device += payload;
                 }
                 // The cap may have been lowered during the fill; under budget 0 the prediction
                 // may have moved past this layer, which then may not stay.
                 self.trim_to_cap(&mut st);
-                if st.budget.limit == Limit::Minimal {
-                    let depth = self.options.prefetch_depth as usize;
-                    let upcoming: Vec<Key> = st.schedule.upcoming(depth).collect();
-                    self.drop_stale_prefetches(&mut st, &upcoming, true);
-                }
+                self.drop_stale_prefetches(&mut st, None, true);
                 true
             }
             Err((prepared, _)) => {
@@ -1168,92 +1144,6 @@ impl Context {
         Ok((prepared, converted))
     }
 
-    /// Evicts unused resident layers until `bytes` more fit, or says why they cannot. The layer's
-    /// whole footprint (its resident copies, if any, plus `bytes`) is what may exceed the cap alone.
-    /// A prefetch evicts only layers whose next use is predicted after its own, never waits and
-    /// never overcommits: the engine's depth shrinks instead.
-    fn make_room(
-        &self,
-        st: &mut State,
-        key: Key,
-        bytes: u64,
-        me: ThreadId,
-        purpose: Purpose,
-    ) -> std::result::Result<(), NoRoom> {
-        let own = st.registry.layers.get(key).map_or(0, |l| {
-            [&l.prepared, &l.staged]
-                .into_iter()
-                .flatten()
-                .map(|c| c.bytes())
-                .sum()
-        });
-        let footprint = own + bytes;
-        let too_large = st.budget.exceeds_cap_alone(footprint);
-        if too_large && (self.options.strict_budget || purpose != Purpose::Demand) {
-            let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(self.refuse(format!(
-                "layer {name:?} needs {footprint} bytes on the device, more than vram_limit {} (STRATA_FLAG_STRICT_BUDGET)",
-                st.budget.limit.to_abi()
-            )));
-        }
-        if st.budget.fits(bytes) {
-            return Ok(());
-        }
-        let distances = st.schedule.distances();
-        let nearest_allowed = match purpose {
-            Purpose::Demand => 0,
-            Purpose::Prefetch(distance) => distance.saturating_add(1),
-        };
-        loop {
-            if st.budget.fits(bytes) {
-                return Ok(());
-            }
-            if self.evict_one(st, Some(key), &distances, nearest_allowed, false) {
-                continue;
-            }
-            if purpose != Purpose::Demand {
-                return Err(NoRoom::Fail(Error::budget(
-                    "no room for a prefetch without evicting a layer needed sooner",
-                )));
-            }
-            if too_large && st.budget.in_use() == own {
-                // One layer larger than the whole budget: allowed alone, reported as overcommit.
-                self.warn_overcommit(st, key, footprint);
-                return Ok(());
-            }
-            if st.engine_filling.is_some() {
-                // The copy engine never waits on a caller, so its fill ends and can be evicted.
-                return Err(NoRoom::Wait);
-            }
-            // Waiting is safe only for a thread that holds nothing: two threads that each hold a
-            // layer and wait for the other's would wait forever. A group this thread is onloading
-            // (an acquire from its progress callback) counts as held: others may wait for it.
-            let onloading_here = st
-                .registry
-                .groups
-                .iter()
-                .any(|(_, g)| g.loading == Some(me));
-            let held_by_me: u64 = st
-                .registry
-                .layers
-                .iter()
-                .filter(|(_, l)| l.in_use > 0 && l.holders.contains(&me))
-                .count() as u64;
-            let others_active = st.registry.layers.iter().any(|(k, l)| {
-                k != key && (l.busy || (l.in_use > 0 && l.holders.iter().any(|&h| h != me)))
-            });
-            if held_by_me == 0 && !onloading_here && others_active {
-                return Err(NoRoom::Wait);
-            }
-            let name = &st.registry.layers.get(key).expect("checked").name;
-            return Err(self.refuse(format!(
-                "layer {name:?} needs {bytes} more bytes on the device, but {} of vram_limit {} are held by layers in use or loading ({held_by_me} in use by this thread); release some first",
-                st.budget.in_use(),
-                st.budget.limit.to_abi()
-            )));
-        }
-    }
-
     fn emit_views(&self, layer: &Layer, mut view: impl FnMut(usize, View<'_>)) -> usize {
         let (base, slots, device) = match layer.computation.as_ref().expect("layer is in use") {
             Computation::Host(copy) => (
@@ -1314,7 +1204,7 @@ impl Context {
 
     /// Ends one use of an acquired layer by thread `me`.
     fn end_use(&self, st: &mut State, key: Key, me: ThreadId) {
-        let minimal = st.budget.limit == Limit::Minimal;
+        let limit = st.budget.limit;
         let State {
             registry,
             budget,
@@ -1342,7 +1232,7 @@ impl Context {
             budget.refund(copy.bytes());
         }
         let onloaded = registry.groups.get(layer.group).is_some_and(|g| g.onloaded);
-        if minimal || !onloaded {
+        if !residency::stays_after_use(limit, onloaded) {
             if let Some(copy) = layer.prepared.take() {
                 budget.refund(copy.bytes());
             }
