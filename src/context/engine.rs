@@ -125,19 +125,18 @@ fn run(queue: &Queue, context: &Weak<Context>) {
 impl Context {
     /// Asks the copy engine for the layers predicted after the one just acquired that are not
     /// ready yet (`Window::targets`). Under budget 0, prefetched layers the prediction has moved
-    /// past are dropped first.
-    ///
-    /// `filling`: the layer the calling acquire is about to fill, planned from the copy the engine
-    /// filled ahead for it. It stays whatever the prediction says: other threads' acquires may
-    /// have moved the prediction past it since, and its fill counts on that copy.
-    pub(super) fn request_prefetch(&self, st: &mut State, filling: Option<Key>) {
+    /// past are dropped first; a layer an acquire is filling is not among them, whatever the
+    /// prediction says (other threads may have moved it past), since its fill holds its copy.
+    pub(super) fn request_prefetch(&self, st: &mut State) {
         if self.options.prefetch_depth == 0 {
             return;
         }
-        self.drop_stale_prefetches(st, filling, true);
+        self.drop_stale_prefetches(st, true);
         let wanted = st.window.targets(&st.schedule, |key, distance| {
             st.registry.layers.get(key).is_some_and(|layer| {
-                layer.in_use == 0 && !layer.busy && self.needs_device_work(st, layer, distance)
+                layer.device.in_use().is_none()
+                    && !layer.busy()
+                    && self.needs_device_work(st, layer, distance)
             })
         });
         if !wanted.is_empty() {

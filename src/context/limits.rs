@@ -20,7 +20,7 @@ impl Context {
         // Under the old cap the engine may have filled layers ahead that budget 0 does not keep:
         // only the next prefetch_depth may stay. An acquire waiting for one that goes fills it
         // itself.
-        self.drop_stale_prefetches(&mut st, None, false);
+        self.drop_stale_prefetches(&mut st, false);
         let evicted = self.trim_to_cap(&mut st);
         self.backend.set_memory_cap(bytes)?;
         self.logger.log(Level::Info, || {

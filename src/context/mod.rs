@@ -4,6 +4,7 @@
 //! busy, so threads acquiring other layers are not held up by a read or a conversion.
 
 mod engine;
+mod fill;
 mod inflight;
 mod limits;
 mod load;
@@ -19,17 +20,17 @@ use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
 use crate::log::{Level, LogCallback, Logger, ProgressSink};
 use crate::registry::{
-    Computation, DeviceCopy, Forms, Group, HostBytes, HostCopy, Key, Layer, Layout, Registry,
-    TensorMeta,
+    Forms, Group, HostBytes, HostCopy, Key, Layer, Layout, Registry, TensorMeta,
 };
-use crate::residency::{self, Purpose, Window};
+use crate::residency::{self, Computation, InUse, Window};
 use crate::schedule::Schedule;
-use crate::stats::{Counters, Stats};
+use crate::stats::{AcquireKind, Counters, Stats};
 use crate::store::Store;
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::memory_tracks;
 use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
+use fill::FillFor;
 pub use load::inject_fill_panics;
 use load::Source;
 use residents::NoRoom;
@@ -123,22 +124,6 @@ pub struct Context {
 impl Drop for Context {
     fn drop(&mut self) {
         self.engine.stop();
-    }
-}
-
-/// What the budget has to hold for a layer in use, beyond what it holds already.
-struct DevicePlan {
-    prepared: Option<Layout>,
-    converted: Option<Layout>,
-}
-
-impl DevicePlan {
-    fn bytes(&self) -> u64 {
-        [&self.prepared, &self.converted]
-            .into_iter()
-            .flatten()
-            .map(|l| l.size as u64)
-            .sum()
     }
 }
 
@@ -311,7 +296,7 @@ impl Context {
                 .layers
                 .get(layer)
                 .expect("group lists live layers");
-            if l.in_use > 0 {
+            if l.device.in_use().is_some() {
                 return Err(Error::state(format!(
                     "group {:?} has layer {:?} in use; release it first",
                     st.registry.groups.get(key).map_or("", |g| g.name.as_str()),
@@ -373,10 +358,9 @@ impl Context {
                 .get_mut(layer)
                 .expect("group lists live layers");
             l.onload_copy = None;
-            if l.in_use == 0 {
-                let freed = l.drop_device_copies();
-                st.budget.refund(freed);
-            }
+            // A layer in use keeps its copies until its release, which frees them.
+            let freed = l.device.evict();
+            st.budget.refund(freed);
         }
         self.wake(st.waiters);
         Ok(())
@@ -405,7 +389,7 @@ impl Context {
                 || group
                     .layers
                     .values()
-                    .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy));
+                    .any(|&l| st.registry.layers.get(l).is_some_and(|l| l.busy()));
             if !busy {
                 return Ok(st);
             }
@@ -488,7 +472,7 @@ impl Context {
             let Some(layer) = st.registry.layers.get(key) else {
                 return Ok(st);
             };
-            if layer.busy {
+            if layer.busy() {
                 st = self.wait(st)?;
                 continue;
             }
@@ -506,7 +490,7 @@ impl Context {
             let Layout { slots, size } = layer.forms.get(tier).clone();
             let source = nearest_source(layer, false);
             let tensors = layer.tensors.clone();
-            let filling = self.begin_fill(st, key, 0, false);
+            let filling = self.begin_host_copy(st, key);
             let mut spans = Vec::new();
             let made = self.make_host_copy(&source, &tensors, slots, size, &mut spans);
             let mut st = filling.end();
@@ -580,14 +564,8 @@ impl Context {
             checkpoint: None,
             offload_copy: None,
             onload_copy: None,
-            prepared: None,
-            staged: None,
-            prefetched: false,
-            computation: None,
-            in_use: 0,
-            holders: Vec::new(),
-            busy: false,
-            acquired_at: None,
+            device: residency::OnDevice::Absent,
+            copying_host: false,
         })
     }
 
@@ -730,12 +708,12 @@ impl Context {
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
         // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.
-        while st.registry.layers.get(key).is_some_and(|l| l.busy) {
+        while st.registry.layers.get(key).is_some_and(|l| l.busy()) {
             st = self.wait(st)?;
         }
         let key = self.layer_key(&st, id)?;
         let layer = st.registry.layers.get(key).expect("checked");
-        if layer.in_use > 0 {
+        if layer.device.in_use().is_some() {
             return Err(Error::state(format!(
                 "layer {:?} is in use; release it first",
                 layer.name
@@ -751,7 +729,7 @@ impl Context {
             if let Some(group) = st.registry.groups.get_mut(layer.group) {
                 group.layers.remove(&key.id());
             }
-            st.budget.refund(layer.drop_device_copies());
+            st.budget.refund(layer.device.evict());
             st.schedule.forget(key);
             st.window.remove(key);
         }
@@ -797,16 +775,14 @@ impl Context {
                 st.schedule.record(key);
                 continue;
             }
-            if layer.busy {
+            if layer.busy() {
                 started.get_or_insert_with(Instant::now);
                 st = self.wait(st)?;
                 continue;
             }
-            let group = st
-                .registry
-                .groups
-                .get(layer.group)
-                .expect("layers belong to live groups");
+            let Some(group) = st.registry.groups.get(layer.group) else {
+                return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
+            };
             let tiers = group.tiers;
             if !group.onloaded {
                 let group_key = layer.group;
@@ -817,103 +793,60 @@ impl Context {
                 st.counters.implicit_onloads += 1;
                 continue;
             }
-            if layer.in_use > 0 {
-                let layer = st.registry.layers.get_mut(key).expect("checked");
-                layer.in_use += 1;
-                layer.holders.push(me);
-                st.counters.acquires += 1;
-                st.counters.resident_hits += 1;
-                add_stall(&mut st.counters, started);
-                return self.hand_out(&mut st, key, me, stream, &mut view);
-            }
-            if tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
+            // A layer in use has what it needs: another acquire joins that use.
+            let in_use = layer.device.in_use().is_some();
+            if !in_use && tiers.offload.device == Device::Cpu && layer.offload_copy.is_none() {
                 st = self.ensure_host_copy(st, key, tiers, Tier::Offload)?;
                 continue;
             }
-            if host_copy_missing(layer, &tiers, Tier::Onload) {
+            if !in_use && host_copy_missing(layer, &tiers, Tier::Onload) {
                 // The group's onload could not make this layer's copy: it tries again here, so a
                 // damaged file gives its error to its own layers only, at each of their acquires.
                 st = self.ensure_host_copy(st, key, tiers, Tier::Onload)?;
                 continue;
             }
-            if let Some(copy) = self.in_place_copy(layer).cloned() {
-                let layer = st.registry.layers.get_mut(key).expect("checked");
-                layer.computation = Some(Computation::Host(copy));
-                self.mark_acquired(layer, me);
-                return self.finish_hit(st, key, (me, stream), false, started, &mut view);
+            let in_place = self.in_place_copy(layer).cloned();
+            let needs_conversion = layer.needs_conversion();
+            let Some(layer) = st.registry.layers.get_mut(key) else {
+                continue;
+            };
+            if layer.device.join(me) {
+                self.count(&mut st, key, AcquireKind::ResidentHit, started);
+                return self.hand_out(&mut st, key, me, stream, &mut view);
+            }
+            if let Some(copy) = in_place {
+                layer.device.use_in_place(copy, me);
+                return self.finish_hit(
+                    st,
+                    key,
+                    (me, stream),
+                    AcquireKind::ResidentHit,
+                    started,
+                    &mut view,
+                );
             }
             // Decided on the copies, not on bytes: a layer whose tensors are all empty has copies
             // of 0 bytes, which must still be made before views can point into them.
-            if layer.prepared.is_some() && !layer.conversion_missing() {
+            if let Some(prefetched) = layer.device.take_for_use(needs_conversion, me) {
                 // Resident, and converted ahead when the forms differ: a hit, nothing moves.
-                let layer = st.registry.layers.get_mut(key).expect("checked");
-                let prefetched = std::mem::take(&mut layer.prefetched);
-                layer.computation = Some(match layer.staged.take() {
-                    Some(copy) => Computation::Converted(copy),
-                    None => Computation::Prepared,
-                });
-                self.mark_acquired(layer, me);
-                return self.finish_hit(st, key, (me, stream), prefetched, started, &mut view);
-            }
-            let plan = device_plan(layer);
-            let bytes = plan.bytes();
-            let source = nearest_source(layer, true);
-            let was_resident = layer.prepared.is_some();
-            let payload = layer.forms.preparing_payload();
-            let layer_name = layer.name.clone();
-            match self.make_room(&mut st, key, bytes, me, Purpose::Demand) {
-                Ok(()) => {}
-                Err(NoRoom::Wait) => {
-                    started.get_or_insert_with(Instant::now);
-                    st = self.wait(st)?;
-                    continue;
-                }
-                Err(NoRoom::Fail(e)) => return Err(e),
+                let kind = if prefetched {
+                    AcquireKind::PrefetchHit
+                } else {
+                    AcquireKind::ResidentHit
+                };
+                return self.finish_hit(st, key, (me, stream), kind, started, &mut view);
             }
             started.get_or_insert_with(Instant::now);
-            st.budget.charge(bytes);
-            // The engine works on the layers after this one while this one is filled.
-            self.request_prefetch(&mut st, Some(key));
-            let (mut st, result) =
-                self.fill_unlocked(st, key, source, plan, &layer_name, (bytes, Purpose::Demand));
-            let (prepared, converted) = match result {
-                Ok(filled) => filled,
-                Err((prepared, e)) => {
-                    // `bytes` paid for what this acquire made; a copy made here goes with it, and
-                    // only a copy that was resident before stays.
-                    if let Some(layer) = st.registry.layers.get_mut(key) {
-                        layer.prepared = prepared.filter(|_| was_resident);
-                    }
-                    st.budget.refund(bytes);
-                    return Err(e.context(format!("layer {layer_name:?}")));
+            let (guard, filled) = self.fill_layer(st, key, FillFor::Use(me));
+            st = guard;
+            match filled {
+                Ok(kind) => {
+                    self.count(&mut st, key, kind, started);
+                    return self.hand_out(&mut st, key, me, stream, &mut view);
                 }
-            };
-            let layer = st
-                .registry
-                .layers
-                .get_mut(key)
-                .expect("fill_unlocked checked it");
-            layer.prepared = Some(prepared);
-            layer.computation = Some(match converted {
-                Some(copy) => Computation::Converted(copy),
-                None => Computation::Prepared,
-            });
-            self.mark_acquired(layer, me);
-            // Filled ahead without its conversion (a layer further than the next): the bytes
-            // moved early, and only the conversion was left to this acquire.
-            let prefetched = std::mem::take(&mut layer.prefetched);
-            st.counters.acquires += 1;
-            if prefetched {
-                st.counters.prefetch_hits += 1;
-                st.window.remove(key);
-            } else if was_resident {
-                st.counters.resident_hits += 1;
-            } else {
-                st.counters.misses += 1;
-                st.counters.bytes_to_device += payload;
+                Err(NoRoom::Wait) => st = self.wait(st)?,
+                Err(NoRoom::Fail(e)) => return Err(e),
             }
-            add_stall(&mut st.counters, started);
-            return self.hand_out(&mut st, key, me, stream, &mut view);
         }
     }
 
@@ -934,7 +867,8 @@ impl Context {
     fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
         // First what answers for a resident layer, which every acquire of a pass asks about.
         let conversion_missing = layer.conversion_missing();
-        if !residency::needs_fill(layer.prepared.is_some(), conversion_missing, distance) {
+        let resident = layer.device.prepared().is_some();
+        if !residency::needs_fill(resident, conversion_missing, distance) {
             return false;
         }
         let Some(group) = st.registry.groups.get(layer.group) else {
@@ -952,20 +886,23 @@ impl Context {
         mut st: MutexGuard<'_, State>,
         key: Key,
         (me, stream): (ThreadId, usize),
-        prefetched: bool,
+        kind: AcquireKind,
         started: Option<Instant>,
         view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
-        st.counters.acquires += 1;
-        if prefetched {
-            st.counters.prefetch_hits += 1;
-            st.window.remove(key);
-        } else {
-            st.counters.resident_hits += 1;
-        }
-        add_stall(&mut st.counters, started);
-        self.request_prefetch(&mut st, None);
+        self.count(&mut st, key, kind, started);
+        self.request_prefetch(&mut st);
         self.hand_out(&mut st, key, me, stream, view)
+    }
+
+    /// The one place an acquire is counted, as `kind`, with the time since it first waited or
+    /// loaded as stall. A layer the engine filled ahead leaves its window.
+    fn count(&self, st: &mut State, key: Key, kind: AcquireKind, started: Option<Instant>) {
+        if kind == AcquireKind::PrefetchHit {
+            st.window.remove(key);
+        }
+        let stall = started.map_or(0, |started| started.elapsed().as_nanos() as u64);
+        st.counters.count_acquire(kind, stall);
     }
 
     /// Makes the caller's stream wait for the layer's fill, then hands out the views. If the
@@ -978,8 +915,15 @@ impl Context {
         stream: usize,
         view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
-        let layer = st.registry.layers.get(key).expect("checked");
-        let waited = computation_memory(layer).map_or(Ok(()), |memory| {
+        let Some((layer, in_use)) = st
+            .registry
+            .layers
+            .get(key)
+            .and_then(|l| Some((l, l.device.in_use()?)))
+        else {
+            return Err(Error::state("the layer is not in use"));
+        };
+        let waited = in_use.computation.memory().map_or(Ok(()), |memory| {
             self.backend
                 .ready_for(memory, stream)
                 .map_err(|e| e.context(format!("layer {:?}", layer.name)))
@@ -988,14 +932,13 @@ impl Context {
             self.end_use(st, key, me);
             return Err(e);
         }
-        Ok(self.emit_views(layer, view))
+        Ok(self.emit_views(layer, in_use, view))
     }
 
     /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
     /// computation form, if room can be made without evicting anything needed sooner. Returns
     /// false when it did not fit (the engine then stops prefetching until the next acquire).
     pub(super) fn prefetch(&self, key: Key) -> bool {
-        let me = current_thread();
         let mut st = self.lock();
         let Some(layer) = st.registry.layers.get(key) else {
             return true;
@@ -1003,162 +946,45 @@ impl Context {
         let Some(distance) = st.schedule.distances().of(key) else {
             return true;
         };
-        if layer.in_use > 0 || layer.busy || !self.needs_device_work(&st, layer, distance) {
+        if layer.device.in_use().is_some()
+            || layer.busy()
+            || !self.needs_device_work(&st, layer, distance)
+        {
             return true;
         }
         // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
-        self.drop_stale_prefetches(&mut st, None, true);
+        self.drop_stale_prefetches(&mut st, true);
         if !st.window.admits(st.budget.limit, &st.schedule, key) {
             return true;
         }
-        let Some(layer) = st.registry.layers.get(key) else {
-            return true;
-        };
-        let mut plan = device_plan(layer);
-        if !residency::converts_ahead(distance) {
-            plan.converted = None;
-        }
-        let bytes = plan.bytes();
-        let source = nearest_source(layer, true);
-        let was_resident = layer.prepared.is_some();
-        let payload = layer.forms.preparing_payload();
-        let layer_name = layer.name.clone();
-        if self
-            .make_room(&mut st, key, bytes, me, Purpose::Prefetch(distance))
-            .is_err()
-        {
+        let (mut st, filled) = self.fill_layer(st, key, FillFor::Ahead(distance));
+        if filled.is_err() {
+            // The acquire that needs this layer tries again and reports the error.
             return false;
         }
-        st.budget.charge(bytes);
-        let purpose = Purpose::Prefetch(distance);
-        let (mut st, result) =
-            self.fill_unlocked(st, key, source, plan, &layer_name, (bytes, purpose));
-        match result {
-            Ok((prepared, converted)) => {
-                let layer = st
-                    .registry
-                    .layers
-                    .get_mut(key)
-                    .expect("fill_unlocked checked it");
-                layer.prepared = Some(prepared);
-                layer.staged = converted;
-                // A layer filled ahead earlier and now only converted is in the window once.
-                layer.prefetched = true;
-                st.window.insert(key);
-                if !was_resident {
-                    st.counters.bytes_to_device += payload;
-                }
-                // The cap may have been lowered during the fill; under budget 0 the prediction
-                // may have moved past this layer, which then may not stay.
-                self.trim_to_cap(&mut st);
-                self.drop_stale_prefetches(&mut st, None, true);
-                true
-            }
-            Err((prepared, _)) => {
-                // The acquire that needs this layer tries again and reports the error.
-                if let Some(layer) = st.registry.layers.get_mut(key) {
-                    layer.prepared = prepared.filter(|_| was_resident);
-                }
-                st.budget.refund(bytes);
-                false
-            }
-        }
+        // The cap may have been lowered during the fill; under budget 0 the prediction may have
+        // moved past this layer, which then may not stay.
+        self.trim_to_cap(&mut st);
+        self.drop_stale_prefetches(&mut st, true);
+        true
     }
 
-    fn mark_acquired(&self, layer: &mut Layer, me: ThreadId) {
-        layer.in_use = 1;
-        layer.holders.push(me);
-        layer.acquired_at = Some(Stamp::now());
-    }
-
-    /// Fills a layer the caller paid `charged` bytes for without holding the lock: marks it busy
-    /// (and as the copy engine's fill, for a prefetch), takes its resident copy
-    /// along, fills, then takes the lock back, clears the marks, wakes the waiters and records the
-    /// spans. On `Ok` the layer is still registered; a layer gone meanwhile (busy layers are not
-    /// removed, but no panic is worth that promise) is an error, its resident copy refunded here.
-    fn fill_unlocked<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
-        key: Key,
-        source: Source,
-        plan: DevicePlan,
-        layer_name: &Arc<str>,
-        (charged, purpose): (u64, Purpose),
-    ) -> (MutexGuard<'a, State>, Filled) {
-        let layer = st
-            .registry
-            .layers
-            .get_mut(key)
-            .expect("checked by the caller");
-        let tensors = layer.tensors.clone();
-        let prepared = layer.prepared.take();
-        let resident = prepared.as_ref().map_or(0, DeviceCopy::bytes);
-        let by_engine = purpose != Purpose::Demand;
-        let filling = self.begin_fill(st, key, charged + resident, by_engine);
-
-        let mut spans = Vec::new();
-        let result = self.fill_device(&source, &tensors, prepared, plan, layer_name, &mut spans);
-        // Before the lock: once it is taken the group may be destroyed, and its host copies
-        // must then be gone with it rather than kept a moment longer by this thread.
-        drop(source);
-
-        let mut st = filling.end();
-        for span in spans {
-            st.trace.record(span);
-        }
-        if st.registry.layers.get(key).is_none() {
-            st.budget.refund(resident);
-            let gone = Error::handle(format!("layer {layer_name:?} was removed during its fill"));
-            return (st, Err((None, gone)));
-        }
-        (st, result)
-    }
-
-    /// Fills the prepared copy (unless it is resident) and the converted one (if the forms differ).
-    /// On failure hands back the prepared copy it was given, so nothing resident is lost.
-    fn fill_device(
+    fn emit_views(
         &self,
-        source: &Source,
-        tensors: &[TensorMeta],
-        prepared: Option<DeviceCopy>,
-        plan: DevicePlan,
-        layer_name: &Arc<str>,
-        spans: &mut Vec<Span>,
-    ) -> Filled {
-        let prepared = match (prepared, plan.prepared) {
-            (Some(copy), _) => copy,
-            (None, Some(Layout { slots, size })) => self
-                .make_prepared(source, tensors, &slots, size, layer_name, spans)
-                .map_err(|e| (None, e))?,
-            (None, None) => unreachable!("a layer without a prepared copy plans one"),
-        };
-        let converted = match plan.converted {
-            Some(Layout { slots, size }) => {
-                match self.make_converted(&prepared, &slots, size, layer_name, spans) {
-                    Ok(copy) => Some(copy),
-                    Err(e) => return Err((Some(prepared), e)),
-                }
-            }
-            None => None,
-        };
-        Ok((prepared, converted))
-    }
-
-    fn emit_views(&self, layer: &Layer, mut view: impl FnMut(usize, View<'_>)) -> usize {
-        let (base, slots, device) = match layer.computation.as_ref().expect("layer is in use") {
-            Computation::Host(copy) => (
+        layer: &Layer,
+        in_use: &InUse,
+        mut view: impl FnMut(usize, View<'_>),
+    ) -> usize {
+        let (base, slots, device) = match &in_use.computation {
+            Computation::Host { copy, .. } => (
                 copy.buffer.as_slice().as_ptr() as u64,
                 &copy.slots,
                 Device::Cpu,
             ),
-            Computation::Prepared => {
-                let copy = layer
-                    .prepared
-                    .as_ref()
-                    .expect("in-use layers keep their prepared copy");
-                (copy.memory.addr, &copy.slots, self.backend.device())
-            }
-            Computation::Converted(copy) => (copy.memory.addr, &copy.slots, self.backend.device()),
+            Computation::Prepared(copy)
+            | Computation::Converted {
+                converted: copy, ..
+            } => (copy.memory.addr, &copy.slots, self.backend.device()),
         };
         let device_index = self.backend.device_index();
         for (i, (meta, slot)) in layer.tensors.iter().zip(slots).enumerate() {
@@ -1186,14 +1012,16 @@ impl Context {
         let me = current_thread();
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
-        let layer = st.registry.layers.get(key).expect("checked");
-        if layer.in_use == 0 {
+        let Some(layer) = st.registry.layers.get(key) else {
+            return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
+        };
+        let Some(in_use) = layer.device.in_use() else {
             return Err(Error::state(format!(
                 "layer {:?} is not acquired: release without acquire, or released twice",
                 layer.name
             )));
-        }
-        if let Some(memory) = computation_memory(layer) {
+        };
+        if let Some(memory) = in_use.computation.memory() {
             self.backend
                 .used_until(memory, stream)
                 .map_err(|e| e.context(format!("layer {:?}", layer.name)))?;
@@ -1202,7 +1030,8 @@ impl Context {
         Ok(())
     }
 
-    /// Ends one use of an acquired layer by thread `me`.
+    /// Ends one use of an acquired layer by thread `me`. At the last, the converted copy is
+    /// freed, and the resident one too unless `residency::stays_after_use`.
     fn end_use(&self, st: &mut State, key: Key, me: ThreadId) {
         let limit = st.budget.limit;
         let State {
@@ -1211,32 +1040,24 @@ impl Context {
             trace,
             ..
         } = st;
-        let layer = registry.layers.get_mut(key).expect("checked");
-        layer.in_use -= 1;
-        let holder = layer.holders.iter().position(|&h| h == me).unwrap_or(0);
-        layer.holders.swap_remove(holder);
-        if layer.in_use > 0 {
+        let Some(layer) = registry.layers.get_mut(key) else {
             return;
-        }
-        if let Some(start) = layer.acquired_at.take() {
-            trace.record(Span {
-                track: Track::Compute,
-                name: layer.name.clone(),
-                what: "compute",
-                start,
-                end: Stamp::now(),
-                bytes: 0,
-            });
-        }
-        if let Some(Computation::Converted(copy)) = layer.computation.take() {
-            budget.refund(copy.bytes());
-        }
+        };
         let onloaded = registry.groups.get(layer.group).is_some_and(|g| g.onloaded);
-        if !residency::stays_after_use(limit, onloaded) {
-            if let Some(copy) = layer.prepared.take() {
-                budget.refund(copy.bytes());
-            }
-        } else if budget.over_cap() {
+        let keep = residency::stays_after_use(limit, onloaded);
+        let Some(ended) = layer.device.end_use(me, keep) else {
+            return;
+        };
+        trace.record(Span {
+            track: Track::Compute,
+            name: layer.name.clone(),
+            what: "compute",
+            start: ended.since,
+            end: Stamp::now(),
+            bytes: 0,
+        });
+        budget.refund(ended.freed);
+        if keep && budget.over_cap() {
             // The cap was lowered while layers were in use: they leave as they are released.
             self.trim_to_cap(st);
         }
@@ -1284,15 +1105,6 @@ impl Context {
     }
 }
 
-/// The device memory an acquired layer's views point into, if they point into device memory.
-fn computation_memory(layer: &Layer) -> Option<&crate::backend::DeviceMemory> {
-    match layer.computation.as_ref()? {
-        Computation::Host(_) => None,
-        Computation::Prepared => layer.prepared.as_ref().map(|copy| &copy.memory),
-        Computation::Converted(copy) => Some(&copy.memory),
-    }
-}
-
 /// The nearest host copy of a layer, and the tier whose form it holds: its onload copy (when
 /// `onload_first`), else its offload copy.
 fn nearest_host_copy(layer: &Layer, onload_first: bool) -> Option<(&Arc<HostCopy>, Tier)> {
@@ -1327,30 +1139,6 @@ fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
         (Some((copy, _)), _) => Source::Host(copy.clone()),
         (None, Some(infos)) => Source::Disk(infos.clone()),
         (None, None) => unreachable!("host layers always keep their offload copy"),
-    }
-}
-
-/// A device fill's outcome: the prepared copy and the converted one (when the forms differ), or
-/// the error with the prepared copy the fill was given back, so nothing resident is lost.
-type Filled = std::result::Result<(DeviceCopy, Option<DeviceCopy>), (Option<DeviceCopy>, Error)>;
-
-/// What using a layer must add on the device: the prepared copy unless resident, and a converted
-/// copy when the computation form differs from the preparing one and none was staged ahead.
-fn device_plan(layer: &Layer) -> DevicePlan {
-    let forms = &layer.forms;
-    let converted = layer
-        .conversion_missing()
-        .then(|| forms.computation.clone());
-    DevicePlan {
-        prepared: layer.prepared.is_none().then(|| forms.preparing.clone()),
-        converted,
-    }
-}
-
-/// Counts the time since an acquire first waited or loaded as stall.
-fn add_stall(counters: &mut Counters, started: Option<Instant>) {
-    if let Some(started) = started {
-        counters.stall_ns += started.elapsed().as_nanos() as u64;
     }
 }
 

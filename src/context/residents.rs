@@ -35,12 +35,11 @@ impl residency::Residents for Layers<'_> {
     }
 
     fn candidates(&self) -> impl Iterator<Item = Candidate> + '_ {
-        self.st.registry.layers.iter().map(|(key, l)| Candidate {
-            key,
-            resident: l.prepared.is_some() || l.staged.is_some(),
-            pinned: l.in_use > 0 || l.busy,
-            prefetched: l.prefetched,
-        })
+        self.st
+            .registry
+            .layers
+            .iter()
+            .map(|(key, l)| l.device.candidate(key, l.copying_host))
     }
 
     fn evict(&mut self, victim: Key) {
@@ -48,7 +47,7 @@ impl residency::Residents for Layers<'_> {
         let Some(layer) = st.registry.layers.get_mut(victim) else {
             return;
         };
-        let freed = layer.drop_device_copies();
+        let freed = layer.device.evict();
         st.budget.refund(freed);
         st.window.remove(victim);
         st.counters.evictions += 1;
@@ -73,11 +72,15 @@ impl residency::Residents for Layers<'_> {
             held_by_me: registry
                 .layers
                 .iter()
-                .filter(|(_, l)| l.in_use > 0 && l.holders.contains(&me))
+                .filter(|(_, l)| l.device.in_use().is_some_and(|u| u.holders.contains(&me)))
                 .count() as u64,
             onloading_here: registry.groups.iter().any(|(_, g)| g.loading == Some(me)),
             others_active: registry.layers.iter().any(|(k, l)| {
-                k != key && (l.busy || (l.in_use > 0 && l.holders.iter().any(|&h| h != me)))
+                k != key
+                    && (l.busy()
+                        || l.device
+                            .in_use()
+                            .is_some_and(|u| u.holders.iter().any(|&h| h != me)))
             }),
         }
     }
@@ -102,13 +105,11 @@ impl Context {
         me: ThreadId,
         purpose: Purpose,
     ) -> Result<(), NoRoom> {
-        let own = st.registry.layers.get(key).map_or(0, |l| {
-            [&l.prepared, &l.staged]
-                .into_iter()
-                .flatten()
-                .map(|c| c.bytes())
-                .sum()
-        });
+        let own = st
+            .registry
+            .layers
+            .get(key)
+            .map_or(0, |l| l.device.resident_bytes());
         let request = Request {
             key,
             bytes,
@@ -151,28 +152,19 @@ impl Context {
     }
 
     /// Frees what the engine filled ahead that budget 0 may no longer keep (`Window::stale`).
-    pub(super) fn drop_stale_prefetches(
-        &self,
-        st: &mut State,
-        also_keep: Option<Key>,
-        keep_current: bool,
-    ) {
+    pub(super) fn drop_stale_prefetches(&self, st: &mut State, keep_current: bool) {
         let registry = &st.registry;
-        let stale = st.window.stale(
-            st.budget.limit,
-            &st.schedule,
-            also_keep,
-            keep_current,
-            |key| {
+        let stale = st
+            .window
+            .stale(st.budget.limit, &st.schedule, keep_current, |key| {
                 registry
                     .layers
                     .get(key)
-                    .is_some_and(|l| l.in_use > 0 || l.busy)
-            },
-        );
+                    .is_some_and(|l| l.device.in_use().is_some() || l.busy())
+            });
         for key in stale {
             if let Some(layer) = st.registry.layers.get_mut(key) {
-                st.budget.refund(layer.drop_device_copies());
+                st.budget.refund(layer.device.evict());
             }
             st.window.remove(key);
         }

@@ -25,11 +25,13 @@
 //!   still predicted next), so trimming to the cap keeps the layers the engine filled ahead.
 
 mod simulate;
+mod state;
 #[cfg(test)]
 mod tests;
 mod window;
 
 pub use simulate::{LayerBytes, Simulation};
+pub use state::{Computation, Ended, InUse, OnDevice, Taken};
 pub use window::Window;
 
 use crate::budget::{Budget, Limit};

@@ -179,7 +179,7 @@ impl Simulation {
     fn fill_ahead(&mut self) {
         let stale = self
             .window
-            .stale(self.budget.limit, &self.schedule, None, true, |k| {
+            .stale(self.budget.limit, &self.schedule, true, |k| {
                 self.using == Some(k.index as usize)
             });
         for k in stale {

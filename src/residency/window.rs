@@ -39,14 +39,13 @@ impl Window {
     }
 
     /// Under budget 0, the layers filled ahead that may no longer stay: those no longer predicted
-    /// within the depth, unless `also_keep` (an acquire is filling it from that copy), the current
-    /// layer when `keep_current` (an acquire may be waiting for the engine to fill it), or
-    /// `pinned` (in use or being filled). Nothing under any other limit.
+    /// within the depth, unless the current layer when `keep_current` (an acquire may be waiting
+    /// for the engine to fill it), or `pinned` (in use or being filled: a fill holds the copy).
+    /// Nothing under any other limit.
     pub fn stale(
         &self,
         limit: Limit,
         schedule: &Schedule,
-        also_keep: Option<Key>,
         keep_current: bool,
         pinned: impl Fn(Key) -> bool,
     ) -> Vec<Key> {
@@ -54,7 +53,7 @@ impl Window {
             return Vec::new();
         }
         let current = schedule.current().filter(|_| keep_current);
-        let keep: Vec<Key> = schedule.upcoming(self.depth).chain(also_keep).collect();
+        let keep: Vec<Key> = schedule.upcoming(self.depth).collect();
         self.filled
             .iter()
             .copied()
