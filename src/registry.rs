@@ -328,10 +328,10 @@ pub struct Layer {
     /// The onload tier in host memory while the group is onloaded, when it differs from offload.
     pub onload_copy: Option<Arc<HostCopy>>,
     /// Its copies on the compute device, and whether it is being filled or in use.
-    pub device: OnDevice,
+    pub(crate) device: OnDevice,
     /// A host copy (offload or onload tier) is being made for it without the context lock: a
     /// mark of its own, since one can be made while the device copy is in use.
-    pub copying_host: bool,
+    pub(crate) copying_host: bool,
 }
 
 impl Layer {

@@ -38,7 +38,7 @@ pub struct Counters {
 
 /// How an acquire was served: what `Counters::count_acquire` adds it to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcquireKind {
+pub(crate) enum AcquireKind {
     /// In use already, resident, or read in place: nothing moved.
     ResidentHit,
     /// The copy engine had filled it ahead.
@@ -49,7 +49,7 @@ pub enum AcquireKind {
 
 impl Counters {
     /// Counts one acquire of `kind` that stalled `stall_ns`.
-    pub fn count_acquire(&mut self, kind: AcquireKind, stall_ns: u64) {
+    pub(crate) fn count_acquire(&mut self, kind: AcquireKind, stall_ns: u64) {
         self.acquires += 1;
         self.stall_ns += stall_ns;
         match kind {

@@ -4,14 +4,23 @@
 //! handoff is a hit when the prediction was right and the fill finished, and a wait (stall) only
 //! when it has not finished yet.
 //!
-//! On a GPU the same interface is a copy stream with events; here the "stream" is this thread.
-//! The worker holds the context only while it fills a layer, so dropping the last handle to a
-//! context stops it even when it is idle.
+//! The worker is one thread on every device: it runs the fill path (`fill.rs`) for each layer in
+//! turn; on a GPU the bytes it moves go through the backend's copy stream and its events, so an
+//! acquire of a layer it filled waits on the device, not on this thread. The worker holds the
+//! context only while it fills a layer, so dropping the last handle to a context stops it even
+//! when it is idle.
+//!
+//! Its queue holds only what `Window::targets` picked (`crate::residency`); its body, `prefetch`,
+//! is below with the loop.
 
+use super::fill::FillFor;
 use super::{Context, State};
 use crate::error::panic_message;
 use crate::log::Level;
 use crate::registry::Key;
+use crate::registry::Layer;
+use crate::residency;
+use crate::tiers::Device;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -142,5 +151,57 @@ impl Context {
         if !wanted.is_empty() {
             self.engine.submit(&self.self_ref, &wanted);
         }
+    }
+
+    /// Whether the copy engine has work to do ahead for a layer predicted `distance` acquires
+    /// away: bytes to move, or (for the next layer only) a conversion to make.
+    pub(super) fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
+        // First what answers for a resident layer, which every acquire of a pass asks about.
+        let conversion_missing = layer.conversion_missing();
+        let resident = layer.device.prepared().is_some();
+        if !residency::needs_fill(resident, conversion_missing, distance) {
+            return false;
+        }
+        let Some(group) = st.registry.groups.get(layer.group) else {
+            return false;
+        };
+        // A host offload tier is read from the file once, by the acquire that needs it; the
+        // engine does not read around it.
+        let host_ready = group.tiers.offload.device != Device::Cpu || layer.offload_copy.is_some();
+        group.onloaded && host_ready && self.in_place_copy(layer).is_none()
+    }
+
+    /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
+    /// computation form, if room can be made without evicting anything needed sooner. Returns
+    /// false when it did not fit (the engine then stops prefetching until the next acquire).
+    pub(super) fn prefetch(&self, key: Key) -> bool {
+        let mut st = self.lock();
+        let Some(layer) = st.registry.layers.get(key) else {
+            return true;
+        };
+        let Some(distance) = st.schedule.distances().of(key) else {
+            return true;
+        };
+        if layer.device.in_use().is_some()
+            || layer.busy()
+            || !self.needs_device_work(&st, layer, distance)
+        {
+            return true;
+        }
+        // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
+        self.drop_stale_prefetches(&mut st, true);
+        if !st.window.admits(st.budget.limit, &st.schedule, key) {
+            return true;
+        }
+        let (mut st, filled) = self.fill_layer(st, key, FillFor::Ahead(distance));
+        if filled.is_err() {
+            // The acquire that needs this layer tries again and reports the error.
+            return false;
+        }
+        // The cap may have been lowered during the fill; under budget 0 the prediction may have
+        // moved past this layer, which then may not stay.
+        self.trim_to_cap(&mut st);
+        self.drop_stale_prefetches(&mut st, true);
+        true
     }
 }

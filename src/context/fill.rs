@@ -5,7 +5,8 @@
 
 use super::inflight::Filling;
 use super::residents::NoRoom;
-use super::{nearest_source, Context, State};
+use super::transfer::{nearest_source, Source};
+use super::{Context, State};
 use crate::error::Error;
 use crate::registry::{DeviceCopy, Key, Layout, TensorMeta};
 use crate::residency::{self, Computation, Purpose};
@@ -164,7 +165,7 @@ impl Context {
     /// On failure hands back the prepared copy, so nothing resident is lost.
     fn fill_device(
         &self,
-        source: &super::load::Source,
+        source: &Source,
         tensors: &[TensorMeta],
         resident: Option<DeviceCopy>,
         plan: Plan,

@@ -57,7 +57,7 @@ impl Context {
         while_locked: impl FnOnce(&mut State),
     ) -> (Filling<'a>, Taken) {
         let taken = match st.registry.layers.get_mut(key) {
-            Some(layer) => layer.device.begin_fill(by_engine),
+            Some(layer) => layer.device.begin_fill(),
             None => Taken {
                 prepared: None,
                 prefetched: false,

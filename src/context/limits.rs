@@ -48,10 +48,4 @@ impl Context {
         });
         Ok(())
     }
-
-    /// Hands queued log messages to the log callback. The C ABI calls this as each call on the
-    /// context returns; Rust callers call it where they hold no strata lock.
-    pub fn flush_log(&self) {
-        self.logger.flush();
-    }
 }

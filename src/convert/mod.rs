@@ -6,6 +6,21 @@
 //! underflow) it is written down at the function that makes it.
 //!
 //! Data is little-endian, as safetensors stores it, and may sit at any byte alignment.
+//!
+//! Where conversions happen (the first three through this module, on the host):
+//! 1. Registering host tensors, into the offload tier's form: `Context::register_host`
+//!    (`context/register.rs`), on the caller's thread, without the context lock.
+//! 2. Making a host copy (offload or onload tier, from the checkpoint or another host copy):
+//!    `HostSink` in `context/transfer.rs`, on the thread that needs it (an onload, an acquire),
+//!    without the lock; a large tensor is split over the context's host threads (`Engine`).
+//! 3. Uploading to the compute device (`Backend::upload`, `upload_part`), on the thread that
+//!    fills (an acquire, or the copy engine's worker), without the lock. On the CPU device the
+//!    conversion writes straight into the device buffer; on CUDA, when the preparing dtype
+//!    differs from the source, the tensor is converted on the host into pinned staging, then copied.
+//! 4. Preparing form to computation form, on the device (`Backend::convert`, called by
+//!    `context/transfer.rs` `make_converted`, same thread): on CUDA a PTX kernel, a
+//!    device-to-device copy when the forms match, the quantize kernel into scaled fp8, or a round
+//!    trip through the host for a dtype no kernel reads (f64); on the CPU device, this module.
 
 mod fp8;
 mod ieee;

@@ -7,6 +7,9 @@
 //! what a context does. Changing the policy means editing this file; `tests.rs` says whether it is
 //! still optimal on a repeating pass and on a diffusion pipeline.
 //!
+//! A layer's place on the device is a type too (`state.rs`, `OnDevice`): absent, being filled,
+//! resident, in use, with transitions that carry the copies from one state to the next.
+//!
 //! The policy:
 //! - **Belady over the learned schedule.** The victim is the evictable layer whose next use the
 //!   schedule predicts furthest away (`Schedule::eviction_rank`): layers off the predicted path
@@ -31,8 +34,8 @@ mod tests;
 mod window;
 
 pub use simulate::{LayerBytes, Simulation};
-pub use state::{Computation, Ended, InUse, OnDevice, Taken};
-pub use window::Window;
+pub(crate) use state::{Computation, InUse, OnDevice, Taken};
+pub(crate) use window::Window;
 
 use crate::budget::{Budget, Limit};
 use crate::registry::Key;
@@ -40,7 +43,7 @@ use crate::schedule::{Distances, Schedule};
 
 /// What the eviction rule reads of one layer.
 #[derive(Clone, Copy, Debug)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub key: Key,
     /// It holds a resident or converted-ahead copy on the device: something to free.
     pub resident: bool,
@@ -52,7 +55,7 @@ pub struct Candidate {
 
 /// Which layers an eviction must leave.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Protect {
+pub(crate) struct Protect {
     /// The layer room is being made for.
     pub keep: Option<Key>,
     /// Layers predicted nearer than this many acquires stay (a prefetch evicts only later ones).
@@ -63,7 +66,7 @@ pub struct Protect {
 
 /// The layer to evict among `candidates`: the evictable one whose next use is predicted furthest
 /// away; `None` when none may go. Ties go to the last candidate, in the order given.
-pub fn victim(
+pub(crate) fn victim(
     candidates: impl IntoIterator<Item = Candidate>,
     schedule: &Schedule,
     distances: &Distances,
@@ -84,7 +87,7 @@ pub fn victim(
 }
 
 /// What the rules read of a context, and the one thing they ask it to do: evict.
-pub trait Residents {
+pub(crate) trait Residents {
     fn budget(&self) -> &Budget;
     fn schedule(&self) -> &Schedule;
     /// Every layer, as the eviction rule sees it.
@@ -101,7 +104,7 @@ pub trait Residents {
 
 /// Who holds what, for the rule that only a thread holding nothing may wait for room.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Holdings {
+pub(crate) struct Holdings {
     /// Layers in use by the requesting thread.
     pub held_by_me: u64,
     /// The requesting thread is onloading a group (a call from its progress callback): that
@@ -114,14 +117,14 @@ pub struct Holdings {
 /// Who needs the room: an acquire (which may wait, and may overcommit with one layer larger than
 /// the budget) or the copy engine filling a layer at this predicted distance (which may not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Purpose {
+pub(crate) enum Purpose {
     Demand,
     Prefetch(u32),
 }
 
 /// A request for `bytes` more on the device for layer `key`, which holds `own` there already.
 #[derive(Clone, Copy, Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub key: Key,
     pub bytes: u64,
     pub own: u64,
@@ -132,21 +135,21 @@ pub struct Request {
 
 /// Room made: the bytes fit, or one layer larger than the whole budget is held alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granted {
+pub(crate) enum Granted {
     Fits,
     Overcommit { footprint: u64 },
 }
 
 /// Why room could not be made right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NoRoom {
+pub(crate) enum NoRoom {
     /// Other threads hold layers in use or are filling: wait for a release, then ask again.
     Wait,
     Refused(Refusal),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The layer alone (`footprint`: its copies and the request) is larger than the budget, and
     /// the request may not overcommit (strict budget, or a prefetch).
     TooLarge { footprint: u64 },
@@ -161,7 +164,10 @@ pub enum Refusal {
 /// the bytes fit, or says why they cannot. The layer's whole footprint (`own` + `bytes`) is what
 /// may exceed the cap alone. A prefetch evicts only layers predicted after its own, never waits
 /// and never overcommits: the engine's depth shrinks instead.
-pub fn make_room(residents: &mut impl Residents, request: Request) -> Result<Granted, NoRoom> {
+pub(crate) fn make_room(
+    residents: &mut impl Residents,
+    request: Request,
+) -> Result<Granted, NoRoom> {
     let footprint = request.own + request.bytes;
     let too_large = residents.budget().exceeds_cap_alone(footprint);
     if too_large && (request.strict || request.purpose != Purpose::Demand) {
@@ -206,7 +212,7 @@ pub fn make_room(residents: &mut impl Residents, request: Request) -> Result<Gra
 /// Evicts unused resident layers until the budget holds no more than its cap (or nothing can go);
 /// returns how many went. Under budget 0 the layers the copy engine filled ahead stay: they are
 /// the prefetch window the budget allows.
-pub fn trim_to_cap(residents: &mut impl Residents) -> usize {
+pub(crate) fn trim_to_cap(residents: &mut impl Residents) -> usize {
     if !residents.budget().over_cap() {
         return 0;
     }
@@ -224,7 +230,7 @@ pub fn trim_to_cap(residents: &mut impl Residents) -> usize {
 
 /// Evicts one unused layer, the furthest predicted use first, when the device itself ran out of
 /// memory under the budget (another program took some); false when none is left.
-pub fn evict_for_memory(residents: &mut impl Residents) -> bool {
+pub(crate) fn evict_for_memory(residents: &mut impl Residents) -> bool {
     let distances = residents.schedule().distances();
     evict_one(residents, &distances, Protect::default())
 }
@@ -247,19 +253,19 @@ fn evict_one(residents: &mut impl Residents, distances: &Distances, protect: Pro
 
 /// Whether a layer's resident copy stays on the device after its last use ends: not under budget
 /// 0, which keeps nothing between uses, nor once its group is offloaded.
-pub fn stays_after_use(limit: Limit, group_onloaded: bool) -> bool {
+pub(crate) fn stays_after_use(limit: Limit, group_onloaded: bool) -> bool {
     limit != Limit::Minimal && group_onloaded
 }
 
 /// Whether a layer predicted `distance` acquires away is converted ahead into its computation
 /// form: only the next one, since that form is the larger (bf16 from fp8), and converting takes
 /// little time next to moving the bytes.
-pub fn converts_ahead(distance: u32) -> bool {
+pub(crate) fn converts_ahead(distance: u32) -> bool {
     distance <= 1
 }
 
 /// Whether the copy engine has work ahead for a layer predicted `distance` acquires away: bytes
 /// to move, or (for the layer converted ahead) a conversion to make.
-pub fn needs_fill(resident: bool, conversion_missing: bool, distance: u32) -> bool {
+pub(crate) fn needs_fill(resident: bool, conversion_missing: bool, distance: u32) -> bool {
     !resident || (converts_ahead(distance) && conversion_missing)
 }

@@ -12,13 +12,13 @@ use std::thread::ThreadId;
 
 /// Where a layer stands on the compute device.
 #[derive(Default)]
-pub enum OnDevice {
+pub(crate) enum OnDevice {
     /// No copy on the device.
     #[default]
     Absent,
     /// A thread moves its bytes without the context lock; the copy it had travels with the fill
     /// (`Taken`), and comes back when the fill ends. Others wait for it, nothing evicts it.
-    Filling { by_engine: bool },
+    Filling,
     /// Held between uses: the preparing-tier copy, and the computation form the copy engine
     /// converted ahead for the next acquire (when the forms differ).
     Resident {
@@ -30,7 +30,7 @@ pub enum OnDevice {
     InUse(InUse),
 }
 
-pub struct InUse {
+pub(crate) struct InUse {
     pub computation: Computation,
     /// The threads that acquired it and have not released it yet, one entry per acquire.
     pub holders: Vec<ThreadId>,
@@ -39,7 +39,7 @@ pub struct InUse {
 }
 
 /// What an acquired layer's views point into.
-pub enum Computation {
+pub(crate) enum Computation {
     /// A host copy handed out in place (the device reads host memory); a resident copy made
     /// earlier stays aside.
     Host {
@@ -57,7 +57,7 @@ pub enum Computation {
 
 impl Computation {
     /// The device memory the views point into, if they point into device memory.
-    pub fn memory(&self) -> Option<&crate::backend::DeviceMemory> {
+    pub(crate) fn memory(&self) -> Option<&crate::backend::DeviceMemory> {
         match self {
             Computation::Host { .. } => None,
             Computation::Prepared(copy)
@@ -80,7 +80,7 @@ impl Computation {
 }
 
 /// What a fill took along when it began.
-pub struct Taken {
+pub(crate) struct Taken {
     /// The resident copy, which the fill keeps and converts from instead of filling it again.
     pub prepared: Option<DeviceCopy>,
     /// The layer had been filled ahead by the copy engine.
@@ -88,7 +88,7 @@ pub struct Taken {
 }
 
 /// The last use of a layer ended.
-pub struct Ended {
+pub(crate) struct Ended {
     pub since: Stamp,
     /// Device bytes freed: the converted copy, and the resident one when it may not stay.
     pub freed: u64,
@@ -96,7 +96,7 @@ pub struct Ended {
 
 impl OnDevice {
     /// Bytes of the copies held between uses (resident and converted ahead): what eviction frees.
-    pub fn resident_bytes(&self) -> u64 {
+    pub(crate) fn resident_bytes(&self) -> u64 {
         match self {
             OnDevice::Resident {
                 prepared, ready, ..
@@ -106,7 +106,7 @@ impl OnDevice {
     }
 
     /// The resident (preparing-tier) copy, when there is one outside a use.
-    pub fn prepared(&self) -> Option<&DeviceCopy> {
+    pub(crate) fn prepared(&self) -> Option<&DeviceCopy> {
         match self {
             OnDevice::Resident { prepared, .. } => Some(prepared),
             _ => None,
@@ -114,37 +114,27 @@ impl OnDevice {
     }
 
     /// Whether the computation form is ready beside the resident copy.
-    pub fn converted_ahead(&self) -> bool {
+    pub(crate) fn converted_ahead(&self) -> bool {
         matches!(self, OnDevice::Resident { ready: Some(_), .. })
     }
 
-    pub fn in_use(&self) -> Option<&InUse> {
+    pub(crate) fn in_use(&self) -> Option<&InUse> {
         match self {
             OnDevice::InUse(in_use) => Some(in_use),
             _ => None,
         }
     }
 
-    pub fn is_filling(&self) -> bool {
-        matches!(self, OnDevice::Filling { .. })
-    }
-
-    pub fn is_filling_by_engine(&self) -> bool {
-        matches!(
-            self,
-            OnDevice::Filling {
-                by_engine: true,
-                ..
-            }
-        )
+    pub(crate) fn is_filling(&self) -> bool {
+        matches!(self, OnDevice::Filling)
     }
 
     /// The layer as the eviction rule sees it. `busy`: a host copy is being made for it.
-    pub fn candidate(&self, key: Key, busy: bool) -> Candidate {
+    pub(crate) fn candidate(&self, key: Key, busy: bool) -> Candidate {
         Candidate {
             key,
             resident: matches!(self, OnDevice::Resident { .. }),
-            pinned: busy || matches!(self, OnDevice::Filling { .. } | OnDevice::InUse(_)),
+            pinned: busy || matches!(self, OnDevice::Filling | OnDevice::InUse(_)),
             prefetched: matches!(
                 self,
                 OnDevice::Resident {
@@ -157,7 +147,7 @@ impl OnDevice {
 
     /// Frees the copies held between uses; returns their bytes for the budget. A layer in use
     /// or being filled keeps its copies.
-    pub fn evict(&mut self) -> u64 {
+    pub(crate) fn evict(&mut self) -> u64 {
         if !matches!(self, OnDevice::Resident { .. }) {
             return 0;
         }
@@ -168,8 +158,8 @@ impl OnDevice {
 
     /// A fill begins: the layer is marked filling, and its resident copy (if any) goes with the
     /// fill. Only a layer absent or resident without its computation form ahead is filled.
-    pub fn begin_fill(&mut self, by_engine: bool) -> Taken {
-        match std::mem::replace(self, OnDevice::Filling { by_engine }) {
+    pub(crate) fn begin_fill(&mut self) -> Taken {
+        match std::mem::replace(self, OnDevice::Filling) {
             OnDevice::Resident {
                 prepared,
                 ready,
@@ -185,7 +175,7 @@ impl OnDevice {
                 prepared: None,
                 prefetched: false,
             },
-            OnDevice::Filling { .. } | OnDevice::InUse(_) => {
+            OnDevice::Filling | OnDevice::InUse(_) => {
                 unreachable!("a layer in use or being filled is not filled again")
             }
         }
@@ -193,14 +183,14 @@ impl OnDevice {
 
     /// The fill ended (its guard clears the mark, whatever the outcome): absent until the filler
     /// puts back what it made, under the same lock.
-    pub fn end_fill(&mut self) {
+    pub(crate) fn end_fill(&mut self) {
         if self.is_filling() {
             *self = OnDevice::Absent;
         }
     }
 
     /// Puts back a resident copy a fill took along and did not use (`prefetched` as `Taken` said).
-    pub fn restore(&mut self, prepared: Option<DeviceCopy>, prefetched: bool) {
+    pub(crate) fn restore(&mut self, prepared: Option<DeviceCopy>, prefetched: bool) {
         *self = match prepared {
             Some(prepared) => OnDevice::Resident {
                 prepared,
@@ -212,7 +202,7 @@ impl OnDevice {
     }
 
     /// The copy engine's fill ended: the layer is resident, filled ahead.
-    pub fn finish_fill_ahead(&mut self, prepared: DeviceCopy, ready: Option<DeviceCopy>) {
+    pub(crate) fn finish_fill_ahead(&mut self, prepared: DeviceCopy, ready: Option<DeviceCopy>) {
         *self = OnDevice::Resident {
             prepared,
             ready,
@@ -221,7 +211,7 @@ impl OnDevice {
     }
 
     /// An acquire's fill ended: the layer is in use by `me`.
-    pub fn finish_fill_for_use(&mut self, computation: Computation, me: ThreadId) {
+    pub(crate) fn finish_fill_for_use(&mut self, computation: Computation, me: ThreadId) {
         *self = OnDevice::InUse(InUse {
             computation,
             holders: vec![me],
@@ -232,7 +222,7 @@ impl OnDevice {
     /// An acquire takes the resident copy (and the form converted ahead) without moving bytes;
     /// `needs_conversion`: the computation form differs from the preparing one. Returns whether
     /// the copy engine had filled it ahead, or `None` (unchanged) when it is not ready for use.
-    pub fn take_for_use(&mut self, needs_conversion: bool, me: ThreadId) -> Option<bool> {
+    pub(crate) fn take_for_use(&mut self, needs_conversion: bool, me: ThreadId) -> Option<bool> {
         match std::mem::take(self) {
             OnDevice::Resident {
                 prepared,
@@ -257,7 +247,7 @@ impl OnDevice {
     }
 
     /// Hands a host copy out in place: in use, any resident copy kept aside.
-    pub fn use_in_place(&mut self, copy: Arc<HostCopy>, me: ThreadId) {
+    pub(crate) fn use_in_place(&mut self, copy: Arc<HostCopy>, me: ThreadId) {
         let resident = match std::mem::take(self) {
             OnDevice::Resident { prepared, .. } => Some(prepared),
             _ => None,
@@ -266,7 +256,7 @@ impl OnDevice {
     }
 
     /// Another acquire of a layer in use; false when it is not in use.
-    pub fn join(&mut self, me: ThreadId) -> bool {
+    pub(crate) fn join(&mut self, me: ThreadId) -> bool {
         match self {
             OnDevice::InUse(in_use) => {
                 in_use.holders.push(me);
@@ -278,7 +268,7 @@ impl OnDevice {
 
     /// Ends one use by `me`. At the last, the converted copy is freed, and the resident one
     /// too unless `keep`; the layer is then resident or absent.
-    pub fn end_use(&mut self, me: ThreadId, keep: bool) -> Option<Ended> {
+    pub(crate) fn end_use(&mut self, me: ThreadId, keep: bool) -> Option<Ended> {
         let mut in_use = match std::mem::take(self) {
             OnDevice::InUse(in_use) => in_use,
             other => {

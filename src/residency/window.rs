@@ -8,13 +8,13 @@ use crate::schedule::Schedule;
 
 /// The layers the copy engine filled ahead that no acquire has taken yet, in fill order.
 #[derive(Debug, Default)]
-pub struct Window {
+pub(crate) struct Window {
     depth: usize,
     filled: Vec<Key>,
 }
 
 impl Window {
-    pub fn new(prefetch_depth: u32) -> Window {
+    pub(crate) fn new(prefetch_depth: u32) -> Window {
         Window {
             depth: prefetch_depth as usize,
             filled: Vec::new(),
@@ -24,7 +24,11 @@ impl Window {
     /// The layers the engine should bring ahead now, nearest first: those predicted within
     /// `prefetch_depth` that `work(key, distance)` says have something missing (see
     /// `super::needs_fill`), or nothing without a depth.
-    pub fn targets(&self, schedule: &Schedule, mut work: impl FnMut(Key, u32) -> bool) -> Vec<Key> {
+    pub(crate) fn targets(
+        &self,
+        schedule: &Schedule,
+        mut work: impl FnMut(Key, u32) -> bool,
+    ) -> Vec<Key> {
         if self.depth == 0 {
             return Vec::new();
         }
@@ -42,7 +46,7 @@ impl Window {
     /// within the depth, unless the current layer when `keep_current` (an acquire may be waiting
     /// for the engine to fill it), or `pinned` (in use or being filled: a fill holds the copy).
     /// Nothing under any other limit.
-    pub fn stale(
+    pub(crate) fn stale(
         &self,
         limit: Limit,
         schedule: &Schedule,
@@ -64,7 +68,7 @@ impl Window {
     /// Whether the engine may fill `key` ahead now. Under budget 0 only a layer still predicted
     /// within the depth (or the current one, which an acquire may be waiting for) while the
     /// window has room; any layer under other limits, where the budget alone bounds the window.
-    pub fn admits(&self, limit: Limit, schedule: &Schedule, key: Key) -> bool {
+    pub(crate) fn admits(&self, limit: Limit, schedule: &Schedule, key: Key) -> bool {
         if limit != Limit::Minimal {
             return true;
         }
@@ -74,7 +78,7 @@ impl Window {
     }
 
     /// A fill ahead ended: the layer is in the window (once, however often it was filled).
-    pub fn insert(&mut self, key: Key) {
+    pub(crate) fn insert(&mut self, key: Key) {
         if !self.filled.contains(&key) {
             self.filled.push(key);
         }
@@ -82,7 +86,7 @@ impl Window {
 
     /// An acquire took the layer, or its copies went: it leaves the window. Returns whether it
     /// was there (a prefetch hit, for an acquire).
-    pub fn remove(&mut self, key: Key) -> bool {
+    pub(crate) fn remove(&mut self, key: Key) -> bool {
         let before = self.filled.len();
         self.filled.retain(|&k| k != key);
         self.filled.len() != before

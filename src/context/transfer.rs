@@ -1,5 +1,8 @@
 //! Moving a layer's bytes between tiers, done without the context lock while the layer is marked
-//! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
+//! (`inflight.rs`): where the bytes come from (`Source`: a host copy or the checkpoint), where they
+//! go (`Sink`: a host buffer or device memory), host copies, and the device copies with their
+//! memory. One exception to "without the lock": when the device itself runs out of memory under
+//! the budget, `allocate_device` takes the lock to evict a layer and tries again.
 
 use super::Context;
 use crate::backend::{
@@ -10,8 +13,9 @@ use crate::convert::TensorBytes;
 use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::CountedBuffer;
 use crate::log::Level;
-use crate::registry::{DeviceCopy, HostBytes, HostCopy, TensorMeta};
+use crate::registry::{DeviceCopy, HostBytes, HostCopy, Layer, TensorMeta};
 use crate::store::LayerKey;
+use crate::tiers::{Device, Tier, Tiers};
 use crate::trace::{Span, Stamp, Track};
 use once_cell::sync::Lazy;
 use std::ffi::CStr;
@@ -346,5 +350,45 @@ fn panic_if_armed(tensor: &CStr) {
     };
     if armed {
         panic!("injected fill panic after tensor {tensor:?} (STRATA_FAULT_PANIC_FILL)");
+    }
+}
+
+/// The nearest host copy of a layer, and the tier whose form it holds: its onload copy (when
+/// `onload_first`), else its offload copy.
+pub(super) fn nearest_host_copy(
+    layer: &Layer,
+    onload_first: bool,
+) -> Option<(&Arc<HostCopy>, Tier)> {
+    let onload = layer.onload_copy.as_ref().filter(|_| onload_first);
+    onload.map(|copy| (copy, Tier::Onload)).or_else(|| {
+        layer
+            .offload_copy
+            .as_ref()
+            .map(|copy| (copy, Tier::Offload))
+    })
+}
+
+/// Whether the layer lacks the host copy `tier` (Offload or Onload) asks for: that tier is in RAM,
+/// and for Onload, the offload copy is not already in its form.
+pub(super) fn host_copy_missing(layer: &Layer, tiers: &Tiers, tier: Tier) -> bool {
+    tiers.placement(tier).device == Device::Cpu
+        && match tier {
+            Tier::Offload => layer.offload_copy.is_none(),
+            _ => {
+                layer.onload_copy.is_none()
+                    && !layer
+                        .offload_copy
+                        .as_ref()
+                        .is_some_and(|c| c.slots == layer.forms.get(tier).slots)
+            }
+        }
+}
+
+/// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.
+pub(super) fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
+    match (nearest_host_copy(layer, onload_first), &layer.checkpoint) {
+        (Some((copy, _)), _) => Source::Host(copy.clone()),
+        (None, Some(infos)) => Source::Disk(infos.clone()),
+        (None, None) => unreachable!("host layers always keep their offload copy"),
     }
 }
