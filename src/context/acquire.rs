@@ -8,7 +8,7 @@ use super::transfer::{host_copy_missing, nearest_host_copy};
 use super::{current_thread, Context, State, View};
 use crate::error::{Error, Result};
 use crate::registry::{HostCopy, Key, Layer};
-use crate::residency::{self, Computation, InUse};
+use crate::residency::{self, Computation};
 use crate::stats::AcquireKind;
 use crate::tiers::{Device, Tier};
 use crate::trace::{Span, Stamp, Track};
@@ -182,15 +182,15 @@ impl Context {
         stream: usize,
         view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
-        let Some((layer, in_use)) = st
+        let Some((layer, computation)) = st
             .registry
             .layers
             .get(key)
-            .and_then(|l| Some((l, l.device.in_use()?)))
+            .and_then(|l| Some((l, l.device.computation()?)))
         else {
             return Err(Error::state("the layer is not in use"));
         };
-        let waited = in_use.computation.memory().map_or(Ok(()), |memory| {
+        let waited = computation.memory().map_or(Ok(()), |memory| {
             self.backend
                 .ready_for(memory, stream)
                 .map_err(|e| e.context(format!("layer {:?}", layer.name)))
@@ -199,25 +199,22 @@ impl Context {
             self.end_use(st, key, me);
             return Err(e);
         }
-        Ok(self.emit_views(layer, in_use, view))
+        Ok(self.emit_views(layer, computation, view))
     }
 
     pub(super) fn emit_views(
         &self,
         layer: &Layer,
-        in_use: &InUse,
+        computation: Computation<'_>,
         mut view: impl FnMut(usize, View<'_>),
     ) -> usize {
-        let (base, slots, device) = match &in_use.computation {
-            Computation::Host { copy, .. } => (
+        let (base, slots, device) = match computation {
+            Computation::Host(copy) => (
                 copy.buffer.as_slice().as_ptr() as u64,
                 &copy.slots,
                 Device::Cpu,
             ),
-            Computation::Prepared(copy)
-            | Computation::Converted {
-                converted: copy, ..
-            } => (copy.memory.addr, &copy.slots, self.backend.device()),
+            Computation::Device(copy) => (copy.memory.addr, &copy.slots, self.backend.device()),
         };
         let device_index = self.backend.device_index();
         for (i, (meta, slot)) in layer.tensors.iter().zip(slots).enumerate() {
@@ -248,13 +245,13 @@ impl Context {
         let Some(layer) = st.registry.layers.get(key) else {
             return Err(Error::handle(format!("layer id {id:#x} was unregistered")));
         };
-        let Some(in_use) = layer.device.in_use() else {
+        let Some(computation) = layer.device.computation() else {
             return Err(Error::state(format!(
                 "layer {:?} is not acquired: release without acquire, or released twice",
                 layer.name
             )));
         };
-        if let Some(memory) = in_use.computation.memory() {
+        if let Some(memory) = computation.memory() {
             self.backend
                 .used_until(memory, stream)
                 .map_err(|e| e.context(format!("layer {:?}", layer.name)))?;
@@ -289,7 +286,10 @@ impl Context {
             end: Stamp::now(),
             bytes: 0,
         });
-        budget.refund(ended.freed);
+        // Each copy freed is refunded (and sampled for the timeline) on its own, as it goes.
+        for freed in [ended.converted, ended.prepared].into_iter().flatten() {
+            budget.refund(freed);
+        }
         if keep && budget.over_cap() {
             // The cap was lowered while layers were in use: they leave as they are released.
             self.trim_to_cap(st);

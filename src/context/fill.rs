@@ -9,7 +9,7 @@ use super::transfer::{nearest_source, Source};
 use super::{Context, State};
 use crate::error::Error;
 use crate::registry::{DeviceCopy, Key, Layout, TensorMeta};
-use crate::residency::{self, Computation, Purpose};
+use crate::residency::{self, Purpose};
 use crate::stats::AcquireKind;
 use crate::trace::Span;
 use std::sync::{Arc, MutexGuard};
@@ -124,14 +124,7 @@ impl Context {
         }
         let kind = match purpose {
             FillFor::Use(me) => {
-                let computation = match converted {
-                    Some(converted) => Computation::Converted {
-                        prepared,
-                        converted,
-                    },
-                    None => Computation::Prepared(prepared),
-                };
-                layer.device.finish_fill_for_use(computation, me);
+                layer.device.finish_fill_for_use(prepared, converted, me);
                 // Filled ahead without its conversion (a layer further than the next): the bytes
                 // moved early, and only the conversion was left to this acquire.
                 if taken.prefetched {

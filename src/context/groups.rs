@@ -127,8 +127,10 @@ impl Context {
                 .expect("group lists live layers");
             l.onload_copy = None;
             // A layer in use keeps its copies until its release, which frees them.
-            let freed = l.device.evict();
-            st.budget.refund(freed);
+            if l.device.in_use().is_none() {
+                let freed = l.device.evict();
+                st.budget.refund(freed);
+            }
         }
         self.wake(st.waiters);
         Ok(())

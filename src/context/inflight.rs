@@ -1,4 +1,4 @@
-//! In-flight marks: a layer being filled on the device (its state `OnDevice::Filling`), the layer
+//! In-flight marks: a layer being filled on the device (`OnDevice::begin_fill`), the layer
 //! the copy engine fills, a host copy being made, a group being onloaded. Others wait while one is
 //! set, so each is set by one guard and cleared when the guard ends or is dropped: a panic
 //! mid-fill (caught at the C boundary, or in the copy engine) leaves no mark that later acquires,

@@ -78,7 +78,7 @@ impl Context {
             checkpoint: None,
             offload_copy: None,
             onload_copy: None,
-            device: OnDevice::Absent,
+            device: OnDevice::default(),
             copying_host: false,
         })
     }

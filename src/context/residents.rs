@@ -72,7 +72,11 @@ impl residency::Residents for Layers<'_> {
             held_by_me: registry
                 .layers
                 .iter()
-                .filter(|(_, l)| l.device.in_use().is_some_and(|u| u.holders.contains(&me)))
+                .filter(|(_, l)| {
+                    l.device
+                        .in_use()
+                        .is_some_and(|u| u.holders.iter().any(|h| h == me))
+                })
                 .count() as u64,
             onloading_here: registry.groups.iter().any(|(_, g)| g.loading == Some(me)),
             others_active: registry.layers.iter().any(|(k, l)| {
@@ -80,7 +84,7 @@ impl residency::Residents for Layers<'_> {
                     && (l.busy()
                         || l.device
                             .in_use()
-                            .is_some_and(|u| u.holders.iter().any(|&h| h != me)))
+                            .is_some_and(|u| u.holders.iter().any(|h| h != me)))
             }),
         }
     }

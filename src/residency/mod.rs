@@ -8,7 +8,8 @@
 //! still optimal on a repeating pass and on a diffusion pipeline.
 //!
 //! A layer's place on the device is a type too (`state.rs`, `OnDevice`): absent, being filled,
-//! resident, in use, with transitions that carry the copies from one state to the next.
+//! resident, in use, its copies and stage private, changed only by transitions that keep them
+//! consistent.
 //!
 //! The policy:
 //! - **Belady over the learned schedule.** The victim is the evictable layer whose next use the
@@ -34,7 +35,7 @@ mod tests;
 mod window;
 
 pub use simulate::{LayerBytes, Simulation};
-pub(crate) use state::{Computation, InUse, OnDevice, Taken};
+pub(crate) use state::{Computation, OnDevice, Taken};
 pub(crate) use window::Window;
 
 use crate::budget::{Budget, Limit};
