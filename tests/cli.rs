@@ -62,7 +62,7 @@ fn bench_measures_a_generated_model_against_its_limits() {
         "--width",
         "128",
         "--passes",
-        "3",
+        "6",
         "--vram-limit",
         "50%",
         "--compute-ms",
@@ -85,10 +85,17 @@ fn bench_measures_a_generated_model_against_its_limits() {
     assert_eq!(report["vram_limit"].as_u64().unwrap(), model / 2);
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
+    // Each layer moves at most once per pass, but a pass may start with layers the one before
+    // left resident and end having filled layers ahead for the next: averaged over the 4 timed
+    // passes (after 2 warm-ups), at most what the budget holds comes on top of the model.
+    let timed_passes = 4;
     for run in runs {
         let moved = run["bytes_per_pass"].as_u64().unwrap();
         let bound = run["bytes_lower_bound"].as_u64().unwrap();
-        assert!(moved > 0 && moved <= model, "{run}");
+        assert!(
+            moved > 0 && moved <= model + model / 2 / timed_passes,
+            "{run}"
+        );
         assert!(bound <= model, "{run}");
         assert!(run["vram_peak"].as_u64().unwrap() <= model / 2, "{run}");
         assert!(run["overlap"].as_f64().unwrap() > 0.0, "{run}");
