@@ -16,6 +16,7 @@ pub mod log;
 pub mod registry;
 pub mod residency;
 pub mod schedule;
+pub mod slot;
 pub mod stats;
 pub mod tiers;
 pub mod trace;

@@ -1,11 +1,12 @@
 //! Groups, layers and their tensors, behind ids that are never reused: a stale, made-up or foreign
 //! id is an error, never a wrong object.
 
-use crate::backend::{DeviceMemory, TensorSlot};
+use crate::backend::DeviceMemory;
 use crate::checkpoint::TensorInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
+use crate::slot::TensorSlot;
 use crate::tiers::{Tier, Tiers};
 use crate::trace::Stamp;
 use std::collections::HashMap;
@@ -261,7 +262,7 @@ pub struct Forms {
 impl Forms {
     pub fn new(tensors: &[TensorMeta], tiers: &Tiers) -> Forms {
         let of = |tier| {
-            let (slots, size) = crate::backend::layout(
+            let (slots, size) = crate::slot::layout(
                 tensors
                     .iter()
                     .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),

@@ -2,15 +2,14 @@
 //! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
 
 use super::Context;
-use crate::backend::{
-    convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
-};
+use crate::backend::{Backend, DeviceMemory};
 use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
 use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
+use crate::slot::{convert_into_slot, convert_into_slot_part, slot_contents, TensorSlot};
 use crate::trace::{Span, Stamp, Track};
 use once_cell::sync::Lazy;
 use std::ffi::CStr;
@@ -66,7 +65,7 @@ impl Sink for HostSink<'_> {
 
 struct DeviceSink<'a> {
     backend: &'a dyn Backend,
-    memory: &'a DeviceMemory,
+    memory: &'a mut DeviceMemory,
     slots: &'a [TensorSlot],
 }
 
@@ -245,11 +244,11 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.allocate_device(size)?;
+        let mut memory = self.allocate_device(size)?;
         let started = Stamp::now();
         let mut sink = DeviceSink {
             backend: &*self.backend,
-            memory: &memory,
+            memory: &mut memory,
             slots,
         };
         self.fill_from_source(source, tensors, &mut sink, spans)?;
@@ -276,11 +275,11 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.allocate_device(size)?;
+        let mut memory = self.allocate_device(size)?;
         let started = Stamp::now();
         for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
             self.backend
-                .convert(&prepared.memory, src_slot, &memory, dst_slot)?;
+                .convert(&prepared.memory, src_slot, &mut memory, dst_slot)?;
         }
         spans.push(Span {
             track: Track::Copy,

@@ -8,7 +8,7 @@ mod inflight;
 mod limits;
 mod load;
 
-use crate::backend::{convert_into_slot, cpu::CpuBackend, Backend};
+use crate::backend::{cpu::CpuBackend, Backend};
 use crate::budget::{Budget, Limit};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::ReadMode;
@@ -21,6 +21,7 @@ use crate::registry::{
     Computation, DeviceCopy, Forms, Group, HostCopy, Key, Layer, Layout, Registry, TensorMeta,
 };
 use crate::schedule::Schedule;
+use crate::slot::convert_into_slot;
 use crate::stats::{Counters, Stats};
 use crate::tiers::{Device, RawTiers, Tier, Tiers};
 use crate::trace::memory_tracks;

@@ -17,12 +17,13 @@
 
 mod driver;
 
-use super::{slot_contents, Backend, DeviceMemory, TensorSlot};
+use super::{Backend, DeviceMemory};
 use crate::convert::{Engine, TensorBytes};
 use crate::dtype::DType;
 use crate::error::{Error, Result, STRATA_ERR_BUDGET, STRATA_ERR_OUT_OF_MEMORY};
 use crate::host::{CountedBuffer, HostBuffer, MemoryCounter};
 use crate::log::{Level, Logger};
+use crate::slot::{scales_to_bytes, slot_contents, write_scales, TensorSlot, SCALE_BYTES};
 use crate::tiers::Device;
 use driver::{Event, Function, Module, PinnedBuffer, PrimaryContext, Stream};
 use std::any::Any;
@@ -577,12 +578,14 @@ impl Shared {
             return Ok(false);
         }
         let scales_at = crate::host::align_up(src.bytes.len());
-        let Some(scratch) = self.scratch(scales_at + src.scales.len() * 4)? else {
+        let Some(scratch) = self.scratch(scales_at + src.scales.len() * SCALE_BYTES)? else {
             return Ok(false);
         };
         self.push(src.bytes, scratch.pointer)?;
-        let scale_bytes: Vec<u8> = src.scales.iter().flat_map(|s| s.to_ne_bytes()).collect();
-        self.push(&scale_bytes, scratch.pointer + scales_at as u64)?;
+        self.push(
+            &scales_to_bytes(src.scales),
+            scratch.pointer + scales_at as u64,
+        )?;
         let tensor = DeviceTensor {
             data: scratch.pointer,
             dtype: src.dtype,
@@ -759,7 +762,7 @@ impl Shared {
     /// (from f64).
     fn converted_on_host(&self, src: TensorBytes<'_>, slot: &TensorSlot) -> Result<CountedBuffer> {
         let data = slot.data_bytes();
-        let mut out = CountedBuffer::staging(data + slot.scale_count() * 4, &self.res().host)?;
+        let mut out = CountedBuffer::staging(data + slot.scale_bytes(), &self.res().host)?;
         let (bytes, scale_bytes) = out.buffer.as_mut_slice().split_at_mut(data);
         let scales = crate::convert::convert_with(
             src,
@@ -769,9 +772,7 @@ impl Shared {
             slot.repr.quant,
             self.res().conversions,
         )?;
-        for (out, scale) in scale_bytes.chunks_exact_mut(4).zip(scales) {
-            out.copy_from_slice(&scale.to_ne_bytes());
-        }
+        write_scales(scale_bytes, &scales);
         Ok(out)
     }
 }
@@ -866,9 +867,14 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()> {
+    fn upload(
+        &self,
+        src: TensorBytes<'_>,
+        dst: &mut DeviceMemory,
+        slot: &TensorSlot,
+    ) -> Result<()> {
         let buffer = self.buffer(dst)?;
-        check_slot(slot, dst)?;
+        slot.check_in(dst.len)?;
         let shared = &self.shared;
         let _bound = shared.context.bind()?;
         // Bytes cross in the preparing tier's form, converted on the host first when the host
@@ -880,7 +886,7 @@ impl Backend for CudaBackend {
                 return Err(Error::invalid("tensor bytes do not fill their slot"));
             }
             shared.push(src.bytes, dst.addr + slot.offset as u64)?;
-            let scales: Vec<u8> = src.scales.iter().flat_map(|s| s.to_ne_bytes()).collect();
+            let scales = scales_to_bytes(src.scales);
             shared.push(&scales, dst.addr + slot.scales_offset as u64)?;
         } else if !shared.quantized_on_device(src, dst.addr, slot)? {
             let converted = shared.converted_on_host(src, slot)?;
@@ -894,24 +900,21 @@ impl Backend for CudaBackend {
     fn upload_part(
         &self,
         src: TensorBytes<'_>,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         slot: &TensorSlot,
         first_element: usize,
     ) -> Result<()> {
         let buffer = self.buffer(dst)?;
-        check_slot(slot, dst)?;
-        if slot.scale_count() != 0 || !src.scales.is_empty() {
+        if !src.scales.is_empty() {
             return Err(Error::invalid(
                 "a scaled tensor converts whole, not in parts",
             ));
         }
         let count = src.bytes.len() / src.dtype.size();
-        if first_element + count > slot.numel {
-            return Err(Error::invalid("tensor part lies outside its slot"));
-        }
+        slot.check_part(dst.len, first_element, count)?;
         let shared = &self.shared;
         let _bound = shared.context.bind()?;
-        let at = dst.addr + (slot.offset + first_element * slot.repr.dtype.size()) as u64;
+        let at = dst.addr + slot.part_range(first_element, count).start as u64;
         if src.dtype == slot.repr.dtype {
             shared.push(src.bytes, at)?;
         } else {
@@ -928,7 +931,7 @@ impl Backend for CudaBackend {
         buffer.written()
     }
 
-    fn host_writable<'a>(&self, _dst: &'a DeviceMemory) -> Option<&'a mut [u8]> {
+    fn host_writable<'a>(&self, _dst: &'a mut DeviceMemory) -> Option<&'a mut [u8]> {
         None
     }
 
@@ -936,12 +939,12 @@ impl Backend for CudaBackend {
         &self,
         src: &DeviceMemory,
         src_slot: &TensorSlot,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         dst_slot: &TensorSlot,
     ) -> Result<()> {
         let buffer = self.buffer(dst)?;
-        check_slot(src_slot, src)?;
-        check_slot(dst_slot, dst)?;
+        src_slot.check_in(src.len)?;
+        dst_slot.check_in(dst.len)?;
         if src_slot.numel != dst_slot.numel || src_slot.rows != dst_slot.rows {
             return Err(Error::invalid(
                 "conversion between slots of different shapes",
@@ -963,7 +966,7 @@ impl Backend for CudaBackend {
                 driver::copy_on_device(
                     dst.addr + dst_slot.scales_offset as u64,
                     src.addr + src_slot.scales_offset as u64,
-                    scale_count * 4,
+                    src_slot.scale_bytes(),
                     stream,
                 )?;
             }
@@ -1013,8 +1016,10 @@ impl Backend for CudaBackend {
                 scales_offset: src_slot.data_bytes(),
                 ..*src_slot
             };
-            let mut host =
-                CountedBuffer::new(local.scales_offset + scale_count * 4, &shared.res().host)?;
+            let mut host = CountedBuffer::new(
+                local.scales_offset + local.scale_bytes(),
+                &shared.res().host,
+            )?;
             let (data, scales) = host.buffer.as_mut_slice().split_at_mut(local.scales_offset);
             stream.copy_to_host(data, src.addr + src_slot.offset as u64)?;
             stream.copy_to_host(scales, src.addr + src_slot.scales_offset as u64)?;
@@ -1165,17 +1170,6 @@ impl Buffer {
     fn written(&self) -> Result<()> {
         self.ready().record(self.shared.res().stream.0)
     }
-}
-
-/// Refuses a slot that does not lie inside its buffer before any copy or kernel touches it.
-fn check_slot(slot: &TensorSlot, memory: &DeviceMemory) -> Result<()> {
-    let data_end = slot.offset + slot.data_bytes();
-    let scales_end = slot.scales_offset + slot.scale_count() * 4;
-    let overlap = slot.scale_count() > 0 && data_end > slot.scales_offset;
-    if overlap || data_end > memory.len || scales_end > memory.len {
-        return Err(Error::invalid("tensor slot lies outside its buffer"));
-    }
-    Ok(())
 }
 
 /// The staging ring's buffers take a quarter of `host_limit` at most, within bounds that keep
