@@ -151,7 +151,7 @@ impl<T> Arena<T> {
 }
 
 /// Most dimensions a tensor may have (the size of `strata_tensor_view.shape`).
-pub const STRATA_MAX_DIMS: usize = 8;
+pub(crate) const MAX_DIMS: usize = 8;
 
 /// One tensor of a layer as registered: its name, stored dtype and shape.
 pub struct TensorMeta {
@@ -169,11 +169,11 @@ impl TensorMeta {
     pub fn new(name: &str, dtype: DType, shape: Vec<i64>) -> Result<TensorMeta> {
         let name = CString::new(name)
             .map_err(|_| Error::invalid(format!("tensor name {name:?} contains a NUL byte")))?;
-        if shape.len() > STRATA_MAX_DIMS {
+        if shape.len() > MAX_DIMS {
             return Err(Error::invalid(format!(
                 "tensor {name:?} has {} dimensions; at most {} are supported",
                 shape.len(),
-                STRATA_MAX_DIMS
+                MAX_DIMS
             )));
         }
         let mut numel: usize = 1;

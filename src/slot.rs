@@ -23,7 +23,7 @@ pub struct TensorSlot {
 }
 
 /// Bytes one scale takes in a buffer.
-pub const SCALE_BYTES: usize = std::mem::size_of::<f32>();
+pub(crate) const SCALE_BYTES: usize = std::mem::size_of::<f32>();
 
 impl TensorSlot {
     pub fn data_bytes(&self) -> usize {

@@ -2,7 +2,7 @@
 //! engine author is told about budget decisions.
 
 use super::{Context, NoRoom, State};
-use crate::budget::{Limit, STRATA_UNLIMITED};
+use crate::budget::{Limit, UNLIMITED};
 use crate::error::{Error, Result};
 use crate::log::Level;
 use crate::registry::Key;
@@ -48,7 +48,7 @@ impl Context {
         let old = self.host.limit();
         self.host.set_limit(bytes);
         let shown = |b: u64| match b {
-            STRATA_UNLIMITED => "unlimited".to_string(),
+            UNLIMITED => "unlimited".to_string(),
             b => format!("{b} bytes"),
         };
         self.logger.log(Level::Info, || {

@@ -5,7 +5,7 @@ use super::Context;
 use crate::backend::{Backend, DeviceMemory};
 use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
-use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
+use crate::error::{ErrorKind, Result};
 use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
@@ -213,7 +213,7 @@ impl Context {
     fn allocate_device(&self, bytes: usize) -> Result<DeviceMemory> {
         loop {
             match self.backend.allocate(bytes) {
-                Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
+                Err(e) if e.kind == ErrorKind::OutOfMemory => {
                     let mut st = self.lock();
                     let distances = st.schedule.distances();
                     if !self.evict_one(&mut st, None, &distances, 0, false) {

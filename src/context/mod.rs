@@ -23,7 +23,7 @@ use crate::registry::{
 use crate::schedule::Schedule;
 use crate::slot::convert_into_slot;
 use crate::stats::{Counters, Stats};
-use crate::tiers::{Device, RawTiers, Tier, Tiers};
+use crate::tiers::{Device, Tier, Tiers};
 use crate::trace::memory_tracks;
 use crate::trace::{Span, Stamp, Trace, Track};
 use engine::CopyEngine;
@@ -34,13 +34,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
-
-/// Refuse layers that would exceed the budget instead of overcommitting.
-pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
-/// Read the disk tier with O_DIRECT, past the page cache, so that a cold stream of a model larger
-/// than RAM does not push everything else out of it (the bytes are read into aligned bounce
-/// buffers, then copied). Where the file system refuses O_DIRECT (tmpfs), reads stay buffered.
-pub const STRATA_FLAG_DIRECT_IO: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -196,7 +189,7 @@ impl Context {
     }
 
     /// Takes no more calls, wakes every thread waiting inside a call (each returns
-    /// STRATA_ERR_INVALID_HANDLE at once), and waits for the copy engine's worker to end. The
+    /// ErrorKind::InvalidHandle at once), and waits for the copy engine's worker to end. The
     /// worker may hold the context mid-fill, and the last handle dropped there would leave it
     /// running unjoined after destroy returned: a host that unloads the library next would unmap
     /// its code. Calls running without waiting (a fill, an onload) end as they would have.
@@ -230,7 +223,7 @@ impl Context {
     }
 
     /// Waits for a layer to stop being busy or in use, or for memory. A context destroyed before
-    /// or meanwhile ends the wait with STRATA_ERR_INVALID_HANDLE: `close` wakes every waiter.
+    /// or meanwhile ends the wait with ErrorKind::InvalidHandle: `close` wakes every waiter.
     fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>> {
         let destroyed = || Error::handle("the context was destroyed while this call waited");
         if self.is_closed() {
@@ -257,12 +250,12 @@ impl Context {
 
     // ----- groups -----
 
-    pub fn create_group(&self, name: &str, raw: &RawTiers) -> Result<u64> {
-        let tiers = Tiers::resolve(raw, self.backend.device())?;
+    pub fn create_group(&self, name: &str, tiers: &Tiers) -> Result<u64> {
+        tiers.check(self.backend.device())?;
         let mut st = self.lock();
         let key = st.registry.groups.insert(Group {
             name: name.to_owned(),
-            tiers,
+            tiers: *tiers,
             onloaded: false,
             loading: None,
             layers: Default::default(),
@@ -384,7 +377,7 @@ impl Context {
 
     /// Waits until no onload runs on the group and none of its layers is being filled; returns at
     /// once when the group is gone (callers look it up again). An onload run by this very thread
-    /// (a call from its progress callback) would never end while this waits: STRATA_ERR_STATE.
+    /// (a call from its progress callback) would never end while this waits: ErrorKind::State.
     fn wait_until_group_idle<'a>(
         &self,
         mut st: MutexGuard<'a, State>,
@@ -783,7 +776,7 @@ impl Context {
             };
             if capacity < layer.tensors.len() {
                 return Err(Error::new(
-                    crate::error::STRATA_ERR_BUFFER_TOO_SMALL,
+                    crate::error::ErrorKind::BufferTooSmall,
                     format!(
                         "layer {:?} has {} tensors; the views array holds {capacity}",
                         layer.name,

@@ -1,9 +1,9 @@
 //! Acquire and release: the calls a forward hook makes around each layer.
 
+use super::consts::{strata_status, STRATA_MAX_DIMS};
 use super::context::{context, strata_context};
 use super::{boundary, out_arg};
-use crate::error::{strata_status, Error};
-use crate::registry::STRATA_MAX_DIMS;
+use crate::error::Error;
 use std::ffi::{c_char, c_void};
 
 /// One tensor of an acquired layer, valid from acquire to release.

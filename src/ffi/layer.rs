@@ -1,11 +1,12 @@
 //! Layers: the unit of acquire and release, registered from host tensors or a checkpoint.
 
 use super::checkpoint::{checkpoint, strata_checkpoint};
+use super::consts::strata_status;
 use super::context::{context, strata_context};
 use super::{boundary, out_arg, slice_arg, str_arg};
 use crate::context::HostTensorIn;
 use crate::dtype::DType;
-use crate::error::{strata_status, Error};
+use crate::error::Error;
 use std::ffi::{c_char, c_void};
 
 /// A tensor in the caller's memory, for strata_layer_register_host.
@@ -42,11 +43,11 @@ pub extern "C" fn strata_layer_register_host(
             let tensor_name = str_arg(t.name, &format!("tensors[{i}].name"))?;
             let dtype = DType::from_abi_concrete(t.dtype)
                 .map_err(|e| e.context(format!("tensor {tensor_name:?}")))?;
-            if t.ndim as usize > crate::registry::STRATA_MAX_DIMS {
+            if t.ndim as usize > super::consts::STRATA_MAX_DIMS {
                 return Err(Error::invalid(format!(
                     "tensor {tensor_name:?} has {} dimensions; at most {} are supported",
                     t.ndim,
-                    crate::registry::STRATA_MAX_DIMS
+                    super::consts::STRATA_MAX_DIMS
                 )));
             }
             let shape =

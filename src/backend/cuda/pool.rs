@@ -6,7 +6,7 @@
 
 use super::driver::{self, Event};
 use super::{lock, CallerStream, Shared};
-use crate::error::{Error, Result, STRATA_ERR_OUT_OF_MEMORY};
+use crate::error::{Error, ErrorKind, Result};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -192,7 +192,7 @@ impl Shared {
                 let ready = self.event()?;
                 match self.fresh(&mut pool, bytes) {
                     Ok(pointer) => (pointer, ready),
-                    Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
+                    Err(e) if e.kind == ErrorKind::OutOfMemory => {
                         self.recycle([ready]);
                         return Ok(None);
                     }
@@ -234,7 +234,7 @@ impl Shared {
                     pool.allocations += 1;
                     return Ok(pointer);
                 }
-                Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY && retry => {
+                Err(e) if e.kind == ErrorKind::OutOfMemory && retry => {
                     self.release_all(pool)?;
                 }
                 Err(e) => return Err(e),

@@ -6,7 +6,7 @@
 use super::driver::{self, Event, PinnedBuffer};
 use super::pinned::PIN_CHUNK_BYTES;
 use super::{lock, Shared};
-use crate::error::{Result, STRATA_ERR_BUDGET};
+use crate::error::{ErrorKind, Result};
 use crate::host::{HostBuffer, MemoryCounter};
 use crate::log::Level;
 use std::sync::atomic::Ordering;
@@ -93,7 +93,7 @@ impl Shared {
         if ring.is_none() {
             match self.make_ring() {
                 Ok(made) => *ring = Some(made),
-                Err(e) if e.status == STRATA_ERR_BUDGET => {
+                Err(e) if e.kind == ErrorKind::Budget => {
                     // host_limit leaves no room for staging: the driver stages pageable memory
                     // itself, and has read it when the call returns.
                     self.warn_pageable(&e.message);

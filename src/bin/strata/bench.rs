@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use strata::checkpoint::Checkpoint;
 use strata::checkpoint::ReadMode;
 use strata::context::Context;
+use strata::dtype::DType;
 use strata::error::{Error, Result};
 
 const BENCH_USAGE: &str = "strata bench: stream a checkpoint under a budget and measure the overlap
@@ -65,8 +66,8 @@ struct BenchConfig {
     depth: u32,
     passes: usize,
     compute: Option<Duration>,
-    preparing: u32,
-    computation: u32,
+    preparing: Option<DType>,
+    computation: Option<DType>,
     prefix: String,
     keep: u32,
     layers: usize,
@@ -130,7 +131,7 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         vram_limit: args.get("--vram-limit").unwrap_or("0").to_owned(),
         host_limit: match args.get("--host-limit") {
             Some(size) => parse_bytes(size)?,
-            None => strata::budget::STRATA_UNLIMITED,
+            None => u64::MAX,
         },
         depth: args.count("--prefetch", 2)? as u32,
         passes,
@@ -519,7 +520,7 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         human_bytes(peak_rss),
         human_bytes(host_peak.unwrap_or(0)),
         match config.host_limit {
-            strata::budget::STRATA_UNLIMITED => "unlimited".to_owned(),
+            u64::MAX => "unlimited".to_owned(),
             limit => human_bytes(limit),
         },
         human_bytes(rows.iter().filter_map(|r| r["vram_peak"].as_u64()).max().unwrap_or(0)),
