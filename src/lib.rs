@@ -20,3 +20,6 @@ pub mod slot;
 pub mod stats;
 pub mod tiers;
 pub mod trace;
+
+pub use backend::StreamHandle;
+pub use registry::{GroupId, LayerId};

@@ -26,6 +26,28 @@ pub fn next_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A group's id, as `Context::create_group` hands it out: never reused in the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupId(pub u64);
+
+/// A layer's id, as registration hands it out: never reused in the process, nor shared with a
+/// group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerId(pub u64);
+
+/// Ids show as the number they wrap (`{id:#x}` in messages).
+impl std::fmt::LowerHex for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::LowerHex for LayerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 /// Hashes ids, which are sequential: one multiply by an odd constant spreads them over every bit
 /// (consecutive ids land in distinct buckets), where the default SipHash costs more than the
 /// rest of an acquire's lookup.

@@ -32,6 +32,11 @@ use crate::slot::TensorSlot;
 use crate::tiers::Device;
 use std::any::Any;
 
+/// A caller's stream, as the caller names it: on CUDA a `CUstream` (the default, NULL, is the
+/// legacy default stream); the CPU ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamHandle(pub usize);
+
 /// Memory on the compute device. `addr` is what the caller's kernels receive.
 pub struct DeviceMemory {
     pub addr: u64,
@@ -123,20 +128,20 @@ pub trait Backend: Send + Sync {
     /// Refuses a caller's stream the device cannot order work on (on CUDA, one of another
     /// context, or one being captured into a graph). Called first by acquire and release, from
     /// the caller's thread, without the lock: an error refuses the call before anything changes.
-    fn check_stream(&self, _stream: usize) -> Result<()> {
+    fn check_stream(&self, _stream: StreamHandle) -> Result<()> {
         Ok(())
     }
     /// Makes the work the caller enqueues on `stream` from now on see `memory`'s last fill,
     /// without blocking the host. Called by acquire from the caller's thread with the context lock
     /// held; an error ends the use just begun and fails the acquire.
-    fn ready_for(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
+    fn ready_for(&self, _memory: &DeviceMemory, _stream: StreamHandle) -> Result<()> {
         Ok(())
     }
     /// Ends the caller's use of `memory` on `stream`: the memory is written again, or freed, only
     /// after the work enqueued there so far has run. Called by release from the caller's thread
     /// with the context lock held, without blocking the host; an error fails the release, and the
     /// layer stays acquired.
-    fn used_until(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
+    fn used_until(&self, _memory: &DeviceMemory, _stream: StreamHandle) -> Result<()> {
         Ok(())
     }
 }

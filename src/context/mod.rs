@@ -8,7 +8,7 @@ mod inflight;
 mod limits;
 mod load;
 
-use crate::backend::{cpu::CpuBackend, Backend};
+use crate::backend::{cpu::CpuBackend, Backend, StreamHandle};
 use crate::budget::{Budget, Limit};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::ReadMode;
@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::host::{CountedBuffer, MemoryCounter};
 use crate::log::{Level, LogCallback, Logger, ProgressSink};
 use crate::registry::{
-    Computation, DeviceCopy, Forms, Group, HostCopy, Key, Layer, Layout, Registry, TensorMeta,
+    Computation, DeviceCopy, Forms, Group, GroupId, HostCopy, Key, Layer, LayerId, Layout,
+    Registry, TensorMeta,
 };
 use crate::schedule::Schedule;
 use crate::slot::convert_into_slot;
@@ -250,7 +251,7 @@ impl Context {
 
     // ----- groups -----
 
-    pub fn create_group(&self, name: &str, tiers: &Tiers) -> Result<u64> {
+    pub fn create_group(&self, name: &str, tiers: &Tiers) -> Result<GroupId> {
         tiers.check(self.backend.device())?;
         let mut st = self.lock();
         let key = st.registry.groups.insert(Group {
@@ -260,11 +261,11 @@ impl Context {
             loading: None,
             layers: Default::default(),
         });
-        Ok(key.id())
+        Ok(GroupId(key.id()))
     }
 
-    fn group_key(&self, st: &State, id: u64) -> Result<Key> {
-        st.registry.groups.key(id).ok_or_else(|| {
+    fn group_key(&self, st: &State, id: GroupId) -> Result<Key> {
+        st.registry.groups.key(id.0).ok_or_else(|| {
             Error::handle(format!(
                 "group id {id:#x} is not a group of this context (destroyed, never created, or another context's)"
             ))
@@ -272,7 +273,7 @@ impl Context {
     }
 
     /// Destroys a group and its layers; refused while any of them is in use.
-    pub fn destroy_group(&self, id: u64) -> Result<()> {
+    pub fn destroy_group(&self, id: GroupId) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         // An onload is a call still running (perhaps the very one whose progress callback is
@@ -339,7 +340,7 @@ impl Context {
     /// Onloads a group. A layer whose copy cannot be made (its file damaged, host memory short)
     /// does not hold the others back: they are onloaded, the group counts as onloaded, the first
     /// such error is returned, and each failed layer tries again at its own acquire.
-    pub fn onload_group(&self, id: u64) -> Result<()> {
+    pub fn onload_group(&self, id: GroupId) -> Result<()> {
         let key = {
             let st = self.lock();
             self.group_key(&st, id)?
@@ -350,7 +351,7 @@ impl Context {
         }
     }
 
-    pub fn offload_group(&self, id: u64) -> Result<()> {
+    pub fn offload_group(&self, id: GroupId) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         st = self.wait_until_group_idle(st, key)?;
@@ -520,7 +521,7 @@ impl Context {
     // ----- layers -----
 
     /// Checks that `group` exists and `name` is free; returns the group and its tiers.
-    fn check_new_layer(&self, st: &State, group: u64, name: &str) -> Result<(Key, Tiers)> {
+    fn check_new_layer(&self, st: &State, group: GroupId, name: &str) -> Result<(Key, Tiers)> {
         let key = self.group_key(st, group)?;
         if st.registry.layer_names.contains_key(name) {
             return Err(Error::invalid(format!(
@@ -530,7 +531,7 @@ impl Context {
         Ok((key, st.registry.groups.get(key).expect("checked").tiers))
     }
 
-    fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<u64> {
+    fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<LayerId> {
         if st.registry.layer_names.contains_key(&*layer.name) {
             return Err(Error::invalid(format!(
                 "a layer named {:?} is already registered",
@@ -551,7 +552,7 @@ impl Context {
         // acquire onloads again (only this layer has work to do) rather than reading around the
         // onload tier from the offload one.
         group.onloaded = false;
-        Ok(key.id())
+        Ok(LayerId(key.id()))
     }
 
     fn new_layer(name: &str, group: Key, tiers: &Tiers, tensors: Vec<TensorMeta>) -> Result<Layer> {
@@ -587,10 +588,10 @@ impl Context {
     /// Registers a layer from host tensors; their bytes are copied into the offload tier's form.
     pub fn register_host(
         &self,
-        group: u64,
+        group: GroupId,
         name: &str,
         tensors: &[HostTensorIn<'_>],
-    ) -> Result<u64> {
+    ) -> Result<LayerId> {
         let (group_key, tiers) = self.check_new_layer(&self.lock(), group, name)?;
         if tiers.offload.device == Device::Disk || tiers.onload.device == Device::Disk {
             return Err(Error::invalid(
@@ -639,11 +640,11 @@ impl Context {
     /// Registers a layer whose tensors stay in `checkpoint` until a tier needs them.
     pub fn register_checkpoint(
         &self,
-        group: u64,
+        group: GroupId,
         checkpoint: &Checkpoint,
         name: &str,
         tensor_names: &[&str],
-    ) -> Result<u64> {
+    ) -> Result<LayerId> {
         let layer = {
             let st = self.lock();
             let (key, tiers) = self.check_new_layer(&st, group, name)?;
@@ -658,7 +659,7 @@ impl Context {
     /// All or nothing: a name clash registers no layer. Returns the number of layers.
     pub fn register_checkpoint_prefix(
         &self,
-        group: u64,
+        group: GroupId,
         checkpoint: &Checkpoint,
         prefix: &str,
         keep_components: u32,
@@ -696,30 +697,30 @@ impl Context {
         Ok(layers.len())
     }
 
-    pub fn find_layer(&self, name: &str) -> Result<u64> {
+    pub fn find_layer(&self, name: &str) -> Result<LayerId> {
         let st = self.lock();
         st.registry
             .layer_names
             .get(name)
-            .map(|&key| key.id())
+            .map(|&key| LayerId(key.id()))
             .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
     }
 
-    fn layer_key(&self, st: &State, id: u64) -> Result<Key> {
-        st.registry.layers.key(id).ok_or_else(|| {
+    fn layer_key(&self, st: &State, id: LayerId) -> Result<Key> {
+        st.registry.layers.key(id.0).ok_or_else(|| {
             Error::handle(format!(
                 "layer id {id:#x} is not a layer of this context (unregistered, never registered, or another context's)"
             ))
         })
     }
 
-    pub fn tensor_count(&self, id: u64) -> Result<usize> {
+    pub fn tensor_count(&self, id: LayerId) -> Result<usize> {
         let st = self.lock();
         let key = self.layer_key(&st, id)?;
         Ok(st.registry.layers.get(key).expect("checked").tensors.len())
     }
 
-    pub fn unregister_layer(&self, id: u64) -> Result<()> {
+    pub fn unregister_layer(&self, id: LayerId) -> Result<()> {
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
         // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.
@@ -758,8 +759,8 @@ impl Context {
     /// `STRATA_ERR_BUFFER_TOO_SMALL`, and nothing is acquired.
     pub fn acquire(
         &self,
-        id: u64,
-        stream: usize,
+        id: LayerId,
+        stream: StreamHandle,
         capacity: usize,
         mut view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
@@ -944,7 +945,7 @@ impl Context {
         &self,
         mut st: MutexGuard<'_, State>,
         key: Key,
-        (me, stream): (ThreadId, usize),
+        (me, stream): (ThreadId, StreamHandle),
         prefetched: bool,
         started: Option<Instant>,
         view: impl FnMut(usize, View<'_>),
@@ -968,7 +969,7 @@ impl Context {
         st: &mut State,
         key: Key,
         me: ThreadId,
-        stream: usize,
+        stream: StreamHandle,
         view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
         let layer = st.registry.layers.get(key).expect("checked");
@@ -1270,7 +1271,7 @@ impl Context {
     /// Ends one use of a layer. When the last use ends, conversion temporaries are freed, and the
     /// prepared copy too when nothing may stay resident (budget 0, or the group was offloaded).
     /// On a GPU the memory is reused only after the work enqueued on `stream` so far has run.
-    pub fn release(&self, id: u64, stream: usize) -> Result<()> {
+    pub fn release(&self, id: LayerId, stream: StreamHandle) -> Result<()> {
         self.backend.check_stream(stream)?;
         let me = current_thread();
         let mut st = self.lock();

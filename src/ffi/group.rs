@@ -6,6 +6,7 @@ use super::{boundary, boundary_value, out_arg, read_sized, str_arg, Versioned};
 use crate::convert::Quant;
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::registry::GroupId;
 use crate::tiers::{Device, Placement, Tiers};
 
 /// Where a tier keeps a layer: a STRATA_DEVICE_* and a STRATA_DTYPE_*. Zeroed means "the usual
@@ -105,7 +106,7 @@ pub extern "C" fn strata_group_create(
         let tiers = read_sized(tiers, "tiers", default_tiers())?;
         let out = out_arg(group_out, "group_out")?;
         let tiers = tiers_from(&tiers, ctx.options().compute)?;
-        *out = ctx.create_group(name, &tiers)?;
+        *out = ctx.create_group(name, &tiers)?.0;
         Ok(())
     })
 }
@@ -117,7 +118,9 @@ pub extern "C" fn strata_group_create(
 /// (as are strata_group_offload and strata_group_destroy of it there).
 #[no_mangle]
 pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> strata_status {
-    boundary("strata_group_onload", || context(ctx)?.onload_group(group))
+    boundary("strata_group_onload", || {
+        context(ctx)?.onload_group(GroupId(group))
+    })
 }
 
 /// Moves a group's layers back to their offload tier: resident copies leave the device (layers in
@@ -126,7 +129,7 @@ pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> s
 #[no_mangle]
 pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_offload", || {
-        context(ctx)?.offload_group(group)
+        context(ctx)?.offload_group(GroupId(group))
     })
 }
 
@@ -135,6 +138,6 @@ pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> 
 #[no_mangle]
 pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_destroy", || {
-        context(ctx)?.destroy_group(group)
+        context(ctx)?.destroy_group(GroupId(group))
     })
 }

@@ -28,7 +28,7 @@ mod pinned;
 mod pool;
 mod staging;
 
-use super::{Backend, DeviceMemory};
+use super::{Backend, DeviceMemory, StreamHandle};
 use crate::convert::{Engine, TensorBytes};
 use crate::error::{Error, Result};
 use crate::host::MemoryCounter;
@@ -307,7 +307,8 @@ impl Backend for CudaBackend {
         buffer.written()
     }
 
-    fn check_stream(&self, stream: usize) -> Result<()> {
+    fn check_stream(&self, stream: StreamHandle) -> Result<()> {
+        let stream = stream.0;
         let raw = stream as cudarc::driver::sys::CUstream;
         let ours = self.shared.context.raw;
         // NULL, CU_STREAM_LEGACY (1) and CU_STREAM_PER_THREAD (2) name a default stream of the
@@ -338,18 +339,18 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn ready_for(&self, memory: &DeviceMemory, stream: usize) -> Result<()> {
+    fn ready_for(&self, memory: &DeviceMemory, stream: StreamHandle) -> Result<()> {
         let buffer = self.buffer(memory)?;
         let _bound = self.shared.context.bind()?;
         buffer
             .ready()
-            .make_wait(stream as cudarc::driver::sys::CUstream)
+            .make_wait(stream.0 as cudarc::driver::sys::CUstream)
     }
 
-    fn used_until(&self, memory: &DeviceMemory, stream: usize) -> Result<()> {
+    fn used_until(&self, memory: &DeviceMemory, stream: StreamHandle) -> Result<()> {
         let buffer = self.buffer(memory)?;
         let _bound = self.shared.context.bind()?;
-        buffer.used_until(stream)
+        buffer.used_until(stream.0)
     }
 
     fn pin_host(&self, bytes: &[u8]) -> Option<Box<dyn Any + Send + Sync>> {

@@ -15,6 +15,7 @@ use strata::checkpoint::ReadMode;
 use strata::context::Context;
 use strata::dtype::DType;
 use strata::error::{Error, Result};
+use strata::StreamHandle;
 
 const BENCH_USAGE: &str = "strata bench: stream a checkpoint under a budget and measure the overlap
 
@@ -234,7 +235,7 @@ fn run(
         let mut computing = Duration::ZERO;
         for &id in &ids {
             let before = (pass == 0).then(|| ctx.stats().vram_in_use);
-            ctx.acquire(id, 0, usize::MAX, |_, _| {})?;
+            ctx.acquire(id, StreamHandle::default(), usize::MAX, |_, _| {})?;
             if let Some(before) = before {
                 largest_acquire = largest_acquire.max(ctx.stats().vram_in_use - before);
             }
@@ -243,7 +244,10 @@ fn run(
             computing += t.elapsed();
             held.push_back(id);
             if held.len() > setting.held {
-                ctx.release(held.pop_front().expect("just pushed"), 0)?;
+                ctx.release(
+                    held.pop_front().expect("just pushed"),
+                    StreamHandle::default(),
+                )?;
             }
         }
         if pass < WARM_UP_PASSES {
@@ -256,7 +260,7 @@ fn run(
         progress.update(phase, pass as u64 + 1, config.passes as u64);
     }
     for id in held {
-        ctx.release(id, 0)?;
+        ctx.release(id, StreamHandle::default())?;
     }
     let stats = ctx.stats();
     let usage = Usage::now();

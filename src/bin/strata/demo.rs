@@ -12,6 +12,7 @@ use strata::dtype::DType;
 use strata::error::{Error, Result};
 use strata::stats::Stats;
 use strata::tiers::{Device, Placement, Tiers};
+use strata::{GroupId, LayerId, StreamHandle};
 
 /// A limit meaning "no limit" (`vram_limit`, `host_limit`).
 const UNLIMITED: u64 = u64::MAX;
@@ -147,11 +148,11 @@ pub(crate) fn write_model(
 }
 
 /// One pass: x <- normalize(W x + b) through every layer, reading the bf16 views strata hands out.
-fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Result<()> {
+fn run_pass(ctx: &Context, layers: &[LayerId], width: usize, x: &mut Vec<f32>) -> Result<()> {
     for &layer in layers {
         let mut weight: &[u16] = &[];
         let mut bias: &[u16] = &[];
-        ctx.acquire(layer, 0, 2, |i, view| {
+        ctx.acquire(layer, StreamHandle::default(), 2, |i, view| {
             // SAFETY: on the CPU device a view's bytes are host memory, valid and unchanged until
             // the release below; bf16 data is 2-byte aligned (strata aligns every tensor to 64).
             let values = unsafe {
@@ -175,7 +176,7 @@ fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Re
                     + bf16(b)
             })
             .collect();
-        ctx.release(layer, 0)?;
+        ctx.release(layer, StreamHandle::default())?;
         let norm = (y.iter().map(|v| v * v).sum::<f32>() / width as f32)
             .sqrt()
             .max(1e-6);
@@ -195,7 +196,7 @@ pub fn streaming_context(
     preparing: Option<DType>,
     computation: Option<DType>,
     read_mode: ReadMode,
-) -> Result<(Arc<Context>, u64)> {
+) -> Result<(Arc<Context>, GroupId)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
         device_index: 0,
