@@ -81,7 +81,7 @@ impl DType {
     }
 
     /// Maps a safetensors dtype; the ones strata does not handle are `UNSUPPORTED`.
-    pub fn from_safetensors(dtype: safetensors::Dtype) -> Result<DType> {
+    pub(crate) fn from_safetensors(dtype: safetensors::Dtype) -> Result<DType> {
         use safetensors::Dtype as S;
         Ok(match dtype {
             S::F32 => DType::F32,

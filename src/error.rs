@@ -107,7 +107,7 @@ impl Error {
 impl std::error::Error for Error {}
 
 /// What a caught panic said: its message when it carried one (`panic!` with text or a format).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -71,7 +71,7 @@ enum Sink {
 }
 
 /// A context's log: a callback, else stderr up to the level `STRATA_LOG` names, else nothing.
-pub struct Logger {
+pub(crate) struct Logger {
     sink: Sink,
     /// Whether the queue may hold messages: lets `flush` skip the queue's lock on every call.
     pending: AtomicBool,

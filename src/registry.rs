@@ -236,7 +236,7 @@ impl TensorMeta {
 pub struct HostCopy {
     /// Keeps the buffer pinned for direct uploads (a GPU); declared first, so it unpins before
     /// the buffer is freed.
-    pub pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub _pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
     pub buffer: CountedBuffer,
     pub slots: Vec<TensorSlot>,
 }
@@ -362,11 +362,6 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Bytes of the tensors as stored.
-    pub fn source_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
-    }
-
     /// Whether the computation form differs from the preparing one, so using the layer needs a
     /// converted copy beside the resident one.
     pub fn needs_conversion(&self) -> bool {

@@ -201,7 +201,7 @@ impl Context {
         };
         self.fill_from_source(source, tensors, &mut sink, spans)?;
         Ok(HostCopy {
-            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            _pinned: self.backend.pin_host(buffer.buffer.as_slice()),
             buffer,
             slots,
         })

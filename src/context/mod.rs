@@ -628,7 +628,7 @@ impl Context {
             )?;
         }
         layer.offload_copy = Some(Arc::new(HostCopy {
-            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            _pinned: self.backend.pin_host(buffer.buffer.as_slice()),
             buffer,
             slots,
         }));

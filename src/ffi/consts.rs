@@ -153,7 +153,7 @@ impl DType {
     }
 
     /// Reads an ABI number: `Ok(None)` for `STRATA_DTYPE_SOURCE`.
-    pub fn from_abi(value: u32) -> Result<Option<DType>> {
+    pub(crate) fn from_abi(value: u32) -> Result<Option<DType>> {
         Ok(Some(match value {
             STRATA_DTYPE_SOURCE => return Ok(None),
             STRATA_DTYPE_F32 => DType::F32,
@@ -173,7 +173,7 @@ impl DType {
     }
 
     /// Like `from_abi`, but `SOURCE` is not allowed (a tensor's own dtype).
-    pub fn from_abi_concrete(value: u32) -> Result<DType> {
+    pub(crate) fn from_abi_concrete(value: u32) -> Result<DType> {
         DType::from_abi(value)?
             .ok_or_else(|| Error::invalid("a tensor's dtype cannot be STRATA_DTYPE_SOURCE"))
     }
@@ -189,7 +189,7 @@ impl Device {
     }
 
     /// Reads an ABI number: `Ok(None)` for `STRATA_DEVICE_DEFAULT`.
-    pub fn from_abi(value: u32) -> Result<Option<Device>> {
+    pub(crate) fn from_abi(value: u32) -> Result<Option<Device>> {
         match value {
             STRATA_DEVICE_DEFAULT => Ok(None),
             STRATA_DEVICE_DISK => Ok(Some(Device::Disk)),
@@ -201,7 +201,7 @@ impl Device {
 }
 
 impl Quant {
-    pub fn from_abi(v: u32) -> Result<Quant> {
+    pub(crate) fn from_abi(v: u32) -> Result<Quant> {
         match v {
             STRATA_QUANT_NONE => Ok(Quant::None),
             STRATA_QUANT_PER_TENSOR => Ok(Quant::PerTensor),

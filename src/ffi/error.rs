@@ -28,7 +28,7 @@ const STATUS_NAMES: [&str; 15] = [
 ];
 
 /// The C name of a status, NUL-terminated; unknown numbers get a fixed placeholder.
-pub fn status_name(status: strata_status) -> &'static str {
+pub(crate) fn status_name(status: strata_status) -> &'static str {
     STATUS_NAMES
         .get(status as usize)
         .copied()

@@ -573,7 +573,7 @@ fn plain_parallel_read(path: &Path, mode: ReadMode) -> Result<f64> {
             .map(|first| {
                 let file = &file;
                 scope.spawn(move || -> Result<()> {
-                    let mut buffer = strata::host::HostBuffer::new(PLAIN_CHUNK)?;
+                    let mut buffer = strata::HostBuffer::new(PLAIN_CHUNK)?;
                     for chunk in (first..chunks).step_by(PLAIN_READERS) {
                         let offset = chunk * PLAIN_CHUNK as u64;
                         let mut done = 0;

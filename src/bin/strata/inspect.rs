@@ -10,9 +10,9 @@ use strata::context::layer_name_of;
 use strata::convert::Quant;
 use strata::dtype::DType;
 use strata::error::{Error, Result};
-use strata::registry::{Forms, TensorMeta};
 use strata::residency::{LayerBytes, Simulation};
 use strata::tiers::{Device, Placement, Tiers};
+use strata::{Forms, TensorMeta};
 
 const INSPECT_USAGE: &str = "strata inspect: a checkpoint's layers, tensors, dtypes and bytes
 
