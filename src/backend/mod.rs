@@ -63,9 +63,9 @@ pub trait Backend: Send + Sync {
     /// any other error fails the fill.
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory>;
     /// The most device memory the backend may hold, in use and kept for reuse: the budget's cap
-    /// (it may also keep as much as the budget has held in use since). Called with the context
-    /// lock held, at creation and by `set_vram_limit` after it evicted down to the new limit; may
-    /// block to give memory back. An error fails that call.
+    /// (it may also keep as much as the budget has held in use since). Called once when the
+    /// context is made, then by `set_vram_limit` with the context lock held, after it evicted
+    /// down to the new limit; may block to give memory back. An error fails that call.
     fn set_memory_cap(&self, _bytes: u64) -> Result<()> {
         Ok(())
     }
