@@ -1,4 +1,5 @@
-//! Devices, placements and the four tiers of a group, resolved against a context's compute device.
+//! Devices, placements and the four tiers of a group, and the rules a context checks them by
+//! (the C ABI resolves its DEFAULT device before: `ffi::group`).
 
 use crate::convert::Quant;
 use crate::dtype::DType;
