@@ -190,3 +190,100 @@ pub fn slot_contents<'a>(slot: &TensorSlot, buffer: &'a [u8]) -> Result<(&'a [u8
         read_scales(&buffer[slot.scales_range()]),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Quant;
+    use crate::dtype::DType;
+
+    fn repr(dtype: DType, quant: Quant) -> Repr {
+        Repr { dtype, quant }
+    }
+
+    #[test]
+    fn scales_follow_their_data_and_read_back_exactly() {
+        // A 2x4 f32 tensor quantized per channel: 8 bytes of fp8, then 2 scales.
+        let (slots, size) = layout([
+            (8, 2, repr(DType::F8E4M3, Quant::PerChannel)),
+            (3, 1, repr(DType::F32, Quant::None)),
+        ]);
+        let (fp8, plain) = (slots[0], slots[1]);
+        assert_eq!((fp8.data_range(), fp8.scale_bytes()), (0..8, 8));
+        assert!(fp8.scales_offset >= 8 && plain.offset >= fp8.scales_range().end);
+        assert_eq!(size, crate::host::align_up(plain.data_range().end));
+        let mut buffer = vec![0xAA; size];
+        let values: Vec<u8> = [1.0f32, -2.0, 4.0, 8.0, 0.5, 0.25, -1.0, 2.0]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let src = TensorBytes {
+            bytes: &values,
+            dtype: DType::F32,
+            scales: &[],
+        };
+        convert_into_slot(src, &fp8, &mut buffer, Engine::default()).unwrap();
+        let (data, scales) = slot_contents(&fp8, &buffer).unwrap();
+        assert_eq!(data, &buffer[0..8]);
+        // Each row's absmax maps to fp8's largest value, 448.
+        assert_eq!(scales, vec![8.0 / 448.0, 2.0 / 448.0]);
+        assert_eq!(read_scales(&scales_to_bytes(&scales)), scales);
+        assert!(
+            buffer[fp8.scales_range().end..plain.offset]
+                .iter()
+                .all(|&b| b == 0xAA),
+            "padding untouched"
+        );
+    }
+
+    #[test]
+    fn slots_outside_their_buffer_or_into_their_scales_are_refused() {
+        let (slots, size) = layout([(4, 1, repr(DType::F8E4M3, Quant::PerTensor))]);
+        let slot = slots[0];
+        assert!(slot.check_in(size).is_ok());
+        assert!(slot.check_in(slot.scales_range().end - 1).is_err());
+        let into_scales = TensorSlot {
+            scales_offset: 2,
+            ..slot
+        };
+        assert!(into_scales.check_in(size).is_err());
+        // Unscaled, the scales' offset bounds nothing.
+        let plain = TensorSlot {
+            repr: repr(DType::F8E4M3, Quant::None),
+            scales_offset: 0,
+            ..slot
+        };
+        assert!(plain.check_in(4).is_ok());
+        let mut buffer = vec![0; size];
+        let src = TensorBytes {
+            bytes: &[0; 16],
+            dtype: DType::F32,
+            scales: &[],
+        };
+        assert!(convert_into_slot(src, &slot, &mut buffer[..4], Engine::default()).is_err());
+        assert!(slot_contents(&slot, &buffer[..4]).is_err());
+    }
+
+    #[test]
+    fn parts_land_in_place_and_never_past_their_slot() {
+        let (slots, size) = layout([(4, 1, repr(DType::BF16, Quant::None))]);
+        let slot = slots[0];
+        let mut buffer = vec![0; size];
+        let part = [1.0f32.to_ne_bytes(), 2.0f32.to_ne_bytes()].concat();
+        let src = || TensorBytes {
+            bytes: &part,
+            dtype: DType::F32,
+            scales: &[],
+        };
+        convert_into_slot_part(src(), &slot, &mut buffer, 2, Engine::default()).unwrap();
+        // bf16 1.0 and 2.0 as elements 2 and 3; elements 0 and 1 untouched.
+        let expected = [0u16, 0, 0x3F80, 0x4000].map(u16::to_ne_bytes).concat();
+        assert_eq!(&buffer[slot.data_range()], expected.as_slice());
+        assert!(convert_into_slot_part(src(), &slot, &mut buffer, 3, Engine::default()).is_err());
+        let scaled = TensorSlot {
+            repr: repr(DType::F8E4M3, Quant::PerTensor),
+            ..slot
+        };
+        assert!(scaled.check_part(size, 0, 1).is_err());
+    }
+}
