@@ -60,11 +60,10 @@ use std::ptr;
 use std::time::Instant;
 use strata::ffi::acquire::{strata_acquire_for_compute, strata_release, strata_tensor_view};
 use strata::ffi::checkpoint::{strata_checkpoint_close, strata_checkpoint_open};
-use strata::ffi::consts::STRATA_QUANT_PER_CHANNEL;
-use strata::ffi::consts::STRATA_UNLIMITED;
-use strata::ffi::consts::{strata_status, STRATA_OK};
-use strata::ffi::consts::{STRATA_DEVICE_CPU, STRATA_DEVICE_CUDA, STRATA_DEVICE_DISK};
-use strata::ffi::consts::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN};
+use strata::ffi::consts::{
+    strata_status, STRATA_DEVICE_CPU, STRATA_DEVICE_CUDA, STRATA_DEVICE_DISK, STRATA_DTYPE_BF16,
+    STRATA_DTYPE_F8_E4M3FN, STRATA_OK, STRATA_QUANT_PER_CHANNEL, STRATA_UNLIMITED,
+};
 use strata::ffi::context::{
     strata_context, strata_context_create, strata_context_destroy, strata_context_set_vram_limit,
     strata_options_default,
