@@ -4,6 +4,10 @@
 //! default thread count) against a memcpy split the same way on the same pool.
 //!
 //! Run: cargo bench --bench convert [-- SUBSTRING], which runs only the cases whose label has it.
+//! `-- --cpu-time`: time the one-thread columns (reference, one thread, and their memcpy) by the
+//! CPU time of the benchmark's thread instead of the wall clock, which on a machine shared with
+//! other work leaves out the time the thread waited for a core (the pool columns stay on the wall
+//! clock: CPU time does not show parallelism).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -54,13 +58,41 @@ fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
     }
 }
 
-fn best_of(mut run: impl FnMut()) -> Duration {
+#[derive(Clone, Copy)]
+enum Clock {
+    Wall,
+    /// CPU time of the calling thread (for work that stays on it).
+    Thread,
+}
+
+impl Clock {
+    fn now(self) -> Duration {
+        match self {
+            Clock::Wall => START.elapsed(),
+            Clock::Thread => {
+                let mut now = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `now` is a valid timespec for the call to fill.
+                let status =
+                    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+                assert_eq!(status, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+                Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+            }
+        }
+    }
+}
+
+static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn best_of_by(clock: Clock, mut run: impl FnMut()) -> Duration {
     run();
     (0..RUNS)
         .map(|_| {
-            let start = Instant::now();
+            let start = clock.now();
             run();
-            start.elapsed()
+            clock.now() - start
         })
         .min()
         .unwrap()
@@ -74,7 +106,10 @@ fn gb_per_s(bytes: usize, time: Duration) -> f64 {
 fn parallel_copy(threads: usize, dst: &mut [u8], src: &[u8]) {
     let piece = dst.len().div_ceil(threads);
     let parts: Vec<_> = dst.chunks_mut(piece).zip(src.chunks(piece)).collect();
-    host_threads::run_parts(threads, parts, |(dst, src)| dst.copy_from_slice(src));
+    host_threads::run_parts(threads, "copy", parts, |(dst, src)| {
+        dst.copy_from_slice(src);
+        dst.len()
+    });
 }
 
 /// `dst[i]` = the first byte of the `ratio`-byte element `i` of `src`: the traffic of a
@@ -96,15 +131,24 @@ fn narrowing_copy(dst: &mut [u8], src: &[u8], ratio: usize) {
 
 fn main() {
     let threads = host_threads::default_threads();
+    let one_thread_clock = if std::env::args().any(|arg| arg == "--cpu-time") {
+        Clock::Thread
+    } else {
+        Clock::Wall
+    };
     let mut dst = vec![0u8; OUTPUT_BYTES];
     let memcpy_src = vec![1u8; OUTPUT_BYTES];
     let memcpy = gb_per_s(
         OUTPUT_BYTES,
-        best_of(|| dst.copy_from_slice(black_box(&memcpy_src))),
+        best_of_by(one_thread_clock, || {
+            dst.copy_from_slice(black_box(&memcpy_src))
+        }),
     );
     let pool_memcpy = gb_per_s(
         OUTPUT_BYTES,
-        best_of(|| parallel_copy(threads, &mut dst, black_box(&memcpy_src))),
+        best_of_by(Clock::Wall, || {
+            parallel_copy(threads, &mut dst, black_box(&memcpy_src))
+        }),
     );
     println!(
         "memcpy: one thread {memcpy:.2} GB/s; {threads} threads on the pool {pool_memcpy:.2} GB/s"
@@ -115,7 +159,9 @@ fn main() {
         let wide = vec![1u8; OUTPUT_BYTES * ratio];
         let narrowing = gb_per_s(
             OUTPUT_BYTES,
-            best_of(|| narrowing_copy(&mut dst, black_box(&wide), ratio)),
+            best_of_by(one_thread_clock, || {
+                narrowing_copy(&mut dst, black_box(&wide), ratio)
+            }),
         );
         println!(
             "read {ratio} bytes, write 1 (no arithmetic): one thread {narrowing:.2} GB/s of output, {:.2}x memcpy",
@@ -207,17 +253,17 @@ fn main() {
             dtype: src_dtype,
             scales: &scales,
         };
-        let mut rate = |engine: Engine| {
+        let mut rate = |engine: Engine, clock: Clock| {
             gb_per_s(
                 OUTPUT_BYTES,
-                best_of(|| {
+                best_of_by(clock, || {
                     convert_with(black_box(src), rows, &mut dst, dst_dtype, quant, engine).unwrap();
                 }),
             )
         };
-        let reference = rate(Engine::reference());
-        let single = rate(Engine::with_threads(1));
-        let pooled = rate(Engine::with_threads(threads));
+        let reference = rate(Engine::reference(), one_thread_clock);
+        let single = rate(Engine::with_threads(1), one_thread_clock);
+        let pooled = rate(Engine::with_threads(threads), Clock::Wall);
         println!(
             "{label:<40} {reference:>6.2} ({:.2}x) {single:>6.2} ({:.2}x memcpy) {pooled:>8.2} ({:.2}x pool memcpy)",
             reference / memcpy,

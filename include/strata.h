@@ -157,6 +157,11 @@ typedef struct strata_checkpoint strata_checkpoint;
 typedef struct strata_context strata_context;
 
 /**
+ * An opaque host store. Thread-safe: any thread may use it, and any number of contexts.
+ */
+typedef struct strata_store strata_store;
+
+/**
  * A status number as the C ABI returns it: `STRATA_OK` (0) or one of the `STRATA_ERR_*` below.
  */
 typedef uint32_t strata_status;
@@ -390,6 +395,82 @@ typedef struct strata_stats {
    */
   uint64_t device_allocations;
 } strata_stats;
+
+/**
+ * Options for `strata_store_create`. Start from `strata_store_options_default()`.
+ */
+typedef struct strata_store_options {
+  /**
+   * sizeof(strata_store_options): lets the struct grow without breaking old callers.
+   */
+  uint32_t struct_size;
+  /**
+   * Permissions of a named store's file when this call creates it; 0 = 0600 (this user only).
+   */
+  uint32_t mode;
+  /**
+   * Bytes of host memory the store may hold; STRATA_UNLIMITED. A named store reserves this
+   * much in shared memory when it is created (STRATA_UNLIMITED: the checkpoint's size plus a
+   * page per tensor); an attach uses the size its creator chose.
+   */
+  uint64_t host_limit;
+  /**
+   * NULL: a store within this process. Else a named store, shared by every process that
+   * creates one by this name (1 to 100 of A-Z a-z 0-9 . _ -): the first creates it, the
+   * others attach to it.
+   */
+  const char *name;
+  /**
+   * Named stores: the checkpoint they hold layers of (a path as strata_checkpoint_open takes).
+   * Its files' device, inode, size and modification time are recorded at creation; an attach
+   * with other files is STRATA_ERR_STATE. Ignored by a store within a process.
+   */
+  const char *checkpoint;
+  /**
+   * Named stores: the directory of their files; NULL = /dev/shm.
+   */
+  const char *dir;
+} strata_store_options;
+
+/**
+ * A store's counters. Set `struct_size` to sizeof(strata_store_stats) first.
+ */
+typedef struct strata_store_stats {
+  uint32_t struct_size;
+  /**
+   * 1 when this call's process created the named store, 0 when it attached to one (and for
+   * a store within a process, 1).
+   */
+  uint32_t created;
+  /**
+   * Bytes of layers the store holds now (a named store: for every process), at most so far,
+   * and its limit.
+   */
+  uint64_t host_in_use;
+  uint64_t host_peak;
+  uint64_t host_limit;
+  /**
+   * Layers held now.
+   */
+  uint64_t layers;
+  /**
+   * Layers filled from the checkpoint (a named store: by every process), and their bytes.
+   */
+  uint64_t fills;
+  uint64_t bytes_filled;
+  /**
+   * Copies this process got from the store without filling them.
+   */
+  uint64_t shared;
+  /**
+   * Times a context of this process waited for another user's fill.
+   */
+  uint64_t waits;
+  /**
+   * Fills taken over from a process that died while filling (named stores).
+   */
+  uint64_t takeovers;
+} strata_store_stats;
 
 /**
  * Success.
@@ -671,6 +752,39 @@ strata_status strata_stats_get(struct strata_context *ctx, struct strata_stats *
  * trace JSON, which Perfetto and chrome://tracing open.
  */
 strata_status strata_trace_write(struct strata_context *ctx, const char *path);
+
+/**
+ * A store within this process, unlimited; the named-store fields empty, mode 0600.
+ */
+struct strata_store_options strata_store_options_default(void);
+
+/**
+ * Creates a store, or attaches to the named store of that name. Named: a store whose processes
+ * have all gone (a crashed run) is replaced, never trusted; one made for other checkpoint files
+ * or by another strata version is STRATA_ERR_STATE; a directory without room for the whole
+ * store is STRATA_ERR_OUT_OF_MEMORY here, never a crash later.
+ */
+strata_status strata_store_create(const struct strata_store_options *opts,
+                                  struct strata_store **out);
+
+/**
+ * Gives up the caller's handle. The store lives on while contexts attached to it hold its
+ * layers; a named store's file goes with the last process that used it. NULL is a no-op.
+ */
+void strata_store_destroy(struct strata_store *store);
+
+/**
+ * Makes the host copies `ctx` reads from checkpoints from now on come from `store`, shared with
+ * the other contexts using it (copies made before stay the context's own). The context keeps
+ * the store alive. Once per context: a second attach is STRATA_ERR_STATE. Views of layers whose
+ * host copy is the store's are shared with other contexts: read them, never write them.
+ */
+strata_status strata_context_attach_store(struct strata_context *ctx, struct strata_store *store);
+
+/**
+ * Fills `out` (whose struct_size the caller set) with the store's counters.
+ */
+strata_status strata_store_stats_get(struct strata_store *store, struct strata_store_stats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

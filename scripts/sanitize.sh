@@ -55,6 +55,7 @@ ln -s "$lib_dir/libstrata.so" "$work/$soname"
 args_for() {
   case "$1" in
     stream_checkpoint) echo "model.safetensors trace.json" ;;
+    shared_store) echo "model.safetensors" ;;
     stress) echo "$stress_seconds 4" ;;
     *) echo "" ;;
   esac

@@ -15,6 +15,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::trace::{self, Span, Stamp, Track};
+
 /// Work smaller than this (bytes read or written, whichever is larger) stays on the calling
 /// thread: waking a worker costs more than converting it.
 pub(crate) const PARALLEL_MIN_BYTES: usize = 1 << 20;
@@ -47,19 +49,44 @@ pub fn default_threads() -> usize {
 
 /// Runs `work` on every item of `parts`, on up to `threads` threads of the shared pool of that
 /// size; with one thread or one part, on the calling thread. Returns when all are done.
-pub fn run_parts<T: Send>(threads: usize, parts: Vec<T>, work: impl Fn(T) + Sync) {
+///
+/// Each part run on the pool is a span of the timeline on its worker's `Track::Convert` row
+/// (see [`trace::record_pool_span`]), named `label`, with the bytes `work` returns (what it
+/// wrote, or read if it writes nothing). Work on the calling thread is already inside the
+/// caller's own span.
+pub fn run_parts<T: Send>(
+    threads: usize,
+    label: &'static str,
+    parts: Vec<T>,
+    work: impl Fn(T) -> usize + Sync,
+) {
+    let on_caller = |parts: Vec<T>| {
+        for part in parts {
+            work(part);
+        }
+    };
     if threads <= 1 || parts.len() <= 1 {
-        parts.into_iter().for_each(work);
-        return;
+        return on_caller(parts);
     }
     let Some(pool) = pool(threads) else {
-        parts.into_iter().for_each(work);
-        return;
+        return on_caller(parts);
     };
     let work = &work;
     pool.scope(|scope| {
         for part in parts {
-            scope.spawn(move |_| work(part));
+            scope.spawn(move |_| {
+                let start = Stamp::now();
+                let bytes = work(part);
+                let worker = rayon::current_thread_index().unwrap_or(0);
+                trace::record_pool_span(Span {
+                    track: Track::Convert(u16::try_from(worker).unwrap_or(u16::MAX)),
+                    name: label.into(),
+                    what: "convert",
+                    start,
+                    end: Stamp::now(),
+                    bytes: bytes as u64,
+                });
+            });
         }
     });
 }
@@ -101,10 +128,11 @@ mod tests {
     fn every_part_runs_once_on_the_pool_and_the_pool_persists() {
         let runs: Vec<AtomicUsize> = (0..10).map(|_| AtomicUsize::new(0)).collect();
         let names = Mutex::new(Vec::new());
-        run_parts(3, runs.iter().collect(), |count| {
+        run_parts(3, "count", runs.iter().collect(), |count| {
             count.fetch_add(1, Ordering::Relaxed);
             let name = std::thread::current().name().map(str::to_owned);
             names.lock().unwrap().push(name);
+            0
         });
         assert!(runs.iter().all(|count| count.load(Ordering::Relaxed) == 1));
         assert!(names.into_inner().unwrap().iter().all(|name| name
@@ -115,13 +143,46 @@ mod tests {
     }
 
     #[test]
+    fn each_part_run_on_the_pool_is_a_span_on_its_workers_row_of_the_timeline() {
+        let trace = trace::Trace::default();
+        let sizes = vec![1000usize, 2000, 3000, 4000];
+        run_parts(2, "timeline test part", sizes.clone(), |bytes| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            bytes
+        });
+        let json = trace.to_chrome_json(&[]);
+        let parts: Vec<&str> = json
+            .lines()
+            .filter(|line| line.contains("\"name\":\"timeline test part\",\"cat\":\"convert\""))
+            .collect();
+        assert_eq!(parts.len(), sizes.len(), "{json}");
+        for bytes in sizes {
+            let args = format!("\"args\":{{\"bytes\":{bytes}}}");
+            assert!(parts.iter().any(|line| line.contains(&args)), "{json}");
+        }
+        // Workers 0 and 1 of the pool are tracks 10 and 11, named for the timeline.
+        assert!(parts
+            .iter()
+            .all(|line| line.contains("\"tid\":10,") || line.contains("\"tid\":11,")));
+        assert!(
+            json.contains("\"args\":{\"name\":\"convert 0\"}")
+                || json.contains("\"args\":{\"name\":\"convert 1\"}")
+        );
+        assert!(trace.to_svg(&[]).contains("timeline test part"));
+        // A trace begun later shows none of it; work on the calling thread is no pool span.
+        let later = trace::Trace::default();
+        run_parts(1, "timeline test part", vec![10usize], |bytes| bytes);
+        assert!(!later.to_chrome_json(&[]).contains("timeline test part"));
+    }
+
+    #[test]
     fn one_thread_or_one_part_stays_on_the_calling_thread() {
         let caller = std::thread::current().id();
-        run_parts(1, vec![(); 4], |()| {
-            assert_eq!(std::thread::current().id(), caller)
-        });
-        run_parts(4, vec![()], |()| {
-            assert_eq!(std::thread::current().id(), caller)
-        });
+        let on_caller = |()| {
+            assert_eq!(std::thread::current().id(), caller);
+            0
+        };
+        run_parts(1, "caller", vec![(); 4], on_caller);
+        run_parts(4, "caller", vec![()], on_caller);
     }
 }

@@ -19,8 +19,8 @@
 //! - For tests only: fault injection (`checkpoint::inject_read_faults`,
 //!   `context::inject_fill_panics`), and the few internals below the facade they measure.
 //!
-//! Everything else (backends, budget, host memory, registry, schedule, slot layout, trace) is
-//! internal to the crate.
+//! Everything else (backends, budget, host memory, registry, schedule, slot layout, host stores,
+//! trace) is internal to the crate.
 
 pub(crate) mod backend;
 pub(crate) mod budget;
@@ -38,6 +38,7 @@ pub mod residency;
 pub(crate) mod schedule;
 pub(crate) mod slot;
 pub mod stats;
+pub(crate) mod store;
 pub mod tiers;
 pub(crate) mod trace;
 

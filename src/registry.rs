@@ -6,9 +6,9 @@ use crate::checkpoint::TensorInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
+use crate::residency::OnDevice;
 use crate::slot::TensorSlot;
 use crate::tiers::{Tier, Tiers};
-use crate::trace::Stamp;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -237,8 +237,24 @@ pub struct HostCopy {
     /// Keeps the buffer pinned for direct uploads (a GPU); declared first, so it unpins before
     /// the buffer is freed.
     pub _pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
-    pub buffer: CountedBuffer,
+    pub buffer: HostBytes,
     pub slots: Vec<TensorSlot>,
+}
+
+/// Where a host copy's bytes are: a buffer of the context's own, or a layer of a host store that
+/// other contexts (and processes) share, read-only.
+pub enum HostBytes {
+    Own(CountedBuffer),
+    Store(crate::store::Lease),
+}
+
+impl HostBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            HostBytes::Own(buffer) => buffer.buffer.as_slice(),
+            HostBytes::Store(lease) => lease.as_slice(),
+        }
+    }
 }
 
 /// A copy of a layer on the compute device, charged to the budget while it lives.
@@ -251,16 +267,6 @@ impl DeviceCopy {
     pub fn bytes(&self) -> u64 {
         self.memory.len as u64
     }
-}
-
-/// What `acquire_for_compute` handed out for a layer in use.
-pub enum Computation {
-    /// A host copy already in the computation form, read in place (CPU device).
-    Host(Arc<HostCopy>),
-    /// The prepared copy itself: preparing and computation forms are the same.
-    Prepared,
-    /// A conversion of the prepared copy into the computation form, freed at release.
-    Converted(DeviceCopy),
 }
 
 /// Where each tensor sits, and in which form, in a buffer holding the layer in one tier.
@@ -344,21 +350,11 @@ pub struct Layer {
     pub offload_copy: Option<Arc<HostCopy>>,
     /// The onload tier in host memory while the group is onloaded, when it differs from offload.
     pub onload_copy: Option<Arc<HostCopy>>,
-    /// The preparing tier on the compute device.
-    pub prepared: Option<DeviceCopy>,
-    /// The computation form, converted ahead by the copy engine for the next acquire to take.
-    pub staged: Option<DeviceCopy>,
-    /// The copy engine filled this layer ahead of its use and no acquire has taken it yet.
-    pub prefetched: bool,
-    /// Set while the layer is in use.
-    pub computation: Option<Computation>,
-    pub in_use: u32,
-    /// Threads that acquired the layer and have not released it yet (one entry per acquire).
-    pub holders: Vec<ThreadId>,
-    /// A thread is moving this layer's bytes without the context lock; others wait for it.
-    pub busy: bool,
-    /// When the first of the current acquires returned, for the trace's compute span.
-    pub acquired_at: Option<Stamp>,
+    /// Its copies on the compute device, and whether it is being filled or in use.
+    pub(crate) device: OnDevice,
+    /// A host copy (offload or onload tier) is being made for it without the context lock: a
+    /// mark of its own, since one can be made while the device copy is in use.
+    pub(crate) copying_host: bool,
 }
 
 impl Layer {
@@ -370,18 +366,12 @@ impl Layer {
 
     /// Whether that converted copy is still to be made before the layer can be used.
     pub fn conversion_missing(&self) -> bool {
-        self.needs_conversion() && self.staged.is_none()
+        self.needs_conversion() && !self.device.converted_ahead()
     }
 
-    /// Frees the copies on the compute device that are not in use (resident and staged); returns
-    /// their bytes for the budget to refund.
-    pub fn drop_device_copies(&mut self) -> u64 {
-        self.prefetched = false;
-        [self.prepared.take(), self.staged.take()]
-            .into_iter()
-            .flatten()
-            .map(|copy| copy.bytes())
-            .sum()
+    /// A thread moves this layer's bytes without the context lock: others wait for it.
+    pub fn busy(&self) -> bool {
+        self.copying_host || self.device.is_filling()
     }
 }
 

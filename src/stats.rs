@@ -35,3 +35,27 @@ pub struct Counters {
     pub evictions: u64,
     pub implicit_onloads: u64,
 }
+
+/// How an acquire was served: what `Counters::count_acquire` adds it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcquireKind {
+    /// In use already, resident, or read in place: nothing moved.
+    ResidentHit,
+    /// The copy engine had filled it ahead.
+    PrefetchHit,
+    /// Its bytes moved to the device for this acquire.
+    Miss,
+}
+
+impl Counters {
+    /// Counts one acquire of `kind` that stalled `stall_ns`.
+    pub(crate) fn count_acquire(&mut self, kind: AcquireKind, stall_ns: u64) {
+        self.acquires += 1;
+        self.stall_ns += stall_ns;
+        match kind {
+            AcquireKind::ResidentHit => self.resident_hits += 1,
+            AcquireKind::PrefetchHit => self.prefetch_hits += 1,
+            AcquireKind::Miss => self.misses += 1,
+        }
+    }
+}

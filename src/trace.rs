@@ -1,7 +1,9 @@
 //! A bounded timeline of compute and copy spans, written as Chrome-trace JSON (Perfetto opens it).
 
 use once_cell::sync::{Lazy, OnceCell};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Spans kept at most; older ones are dropped first so a long run cannot grow without bound.
@@ -153,6 +155,21 @@ fn copy_color(what: &str) -> &'static str {
     }
 }
 
+/// Spans of the host conversion pool's workers. The pool is process-wide, shared by every
+/// context (see `host_threads`), so its work is recorded here, once, and each trace shows the
+/// part of it that falls in its own time.
+static POOL_SPANS: Mutex<VecDeque<Span>> = Mutex::new(VecDeque::new());
+
+/// Records work one conversion pool worker did (a span on a `Track::Convert` row), for every
+/// trace whose time it falls in. Bounded like a trace: the oldest spans go first.
+pub fn record_pool_span(span: Span) {
+    let mut spans = POOL_SPANS.lock().unwrap_or_else(PoisonError::into_inner);
+    if spans.len() == MAX_SPANS {
+        spans.pop_front();
+    }
+    spans.push_back(span);
+}
+
 #[derive(Clone, Debug)]
 pub struct Span {
     pub track: Track,
@@ -197,6 +214,21 @@ impl Trace {
         self.spans.iter()
     }
 
+    /// This trace with the host conversion pool's spans since it began (see
+    /// [`record_pool_span`]): what the timeline shows.
+    fn with_pool_spans(&self) -> Trace {
+        let mut merged = Trace {
+            origin: self.origin,
+            spans: self.spans.clone(),
+            dropped: self.dropped,
+        };
+        let pool = POOL_SPANS.lock().unwrap_or_else(PoisonError::into_inner);
+        for span in pool.iter().filter(|span| span.start >= self.origin) {
+            merged.record(span.clone());
+        }
+        merged
+    }
+
     /// Tracks that have spans, in display order.
     fn tracks(&self) -> Vec<Track> {
         let mut tracks: Vec<Track> = self.spans.iter().map(|s| s.track).collect();
@@ -233,6 +265,10 @@ impl Trace {
     /// The timeline as Chrome trace-event JSON: one process, a thread per track, a counter per
     /// memory track (and one for its limit), and an instant event where each pass starts.
     pub fn to_chrome_json(&self, memory: &[MemoryTrack<'_>]) -> String {
+        self.with_pool_spans().chrome_json(memory)
+    }
+
+    fn chrome_json(&self, memory: &[MemoryTrack<'_>]) -> String {
         let mut out = String::from("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[\n");
         out.push_str(
             "{\"name\":\"process_name\",\"ph\":\"M\",\"pid\":1,\"args\":{\"name\":\"strata\"}},\n",
@@ -354,6 +390,10 @@ impl Trace {
     /// ran) in red, labelled with what they waited for, then a step chart per memory track against
     /// its limit line, pass boundaries across all rows, a time axis and a legend.
     pub fn to_svg(&self, memory: &[MemoryTrack<'_>]) -> String {
+        self.with_pool_spans().svg(memory)
+    }
+
+    fn svg(&self, memory: &[MemoryTrack<'_>]) -> String {
         const WIDTH: f64 = 1400.0;
         const LEFT: f64 = 110.0;
         const RIGHT: f64 = 20.0;

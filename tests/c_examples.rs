@@ -97,6 +97,7 @@ fn every_example_compiles_and_runs() {
         let trace = dir.path().join("trace.json");
         let args: Vec<&Path> = match name.as_str() {
             "stream_checkpoint" => vec![&model, &trace],
+            "shared_store" => vec![&model],
             // Seconds and threads: a short run of what it does for as long as it is asked.
             "stress" => vec![Path::new("1.5"), Path::new("4")],
             _ => Vec::new(),

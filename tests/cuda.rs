@@ -1357,6 +1357,88 @@ fn several_contexts_share_one_device() {
     checked_passes(&gpu, 1, 2);
 }
 
+/// Two contexts on the device over one host store: each layer is read from disk once, held and
+/// pinned once (the second context finds the range registered already, portably), and both
+/// stream it exactly; the copy is unpinned and freed only after both are done with it.
+#[test]
+fn contexts_over_one_store_stream_from_one_pinned_copy() {
+    let Some(gpu) = gpu("contexts_over_one_store_stream_from_one_pinned_copy") else {
+        return;
+    };
+    let dir = TempDir::new("cuda-store");
+    let path = dir.path("model.safetensors");
+    // 2 MiB of f32 per weight: large enough to be pinned in place.
+    let (rows, cols, layers) = (1024, 512, 3);
+    let file: Vec<_> = (0..layers)
+        .map(|layer| {
+            let values = weights(rows * cols, 40 + layer as u64, 0.05);
+            let shape = vec![rows, cols];
+            (
+                format!("blocks.{layer}.weight"),
+                safetensors::Dtype::F32,
+                shape,
+                f32_bytes(&values),
+            )
+        })
+        .collect();
+    write_safetensors(&path, &file);
+    let t = tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.onload = place(STRATA_DEVICE_CPU, STRATA_DTYPE_SOURCE);
+        t.computation.dtype = STRATA_DTYPE_BF16;
+    });
+    let cpu = Ctx::new(STRATA_UNLIMITED);
+    cpu.register_prefix(cpu.group(&t), &path, "blocks.", 2);
+    let options = strata::ffi::store::strata_store_options_default();
+    let mut store = ptr::null_mut();
+    ok(strata::ffi::store::strata_store_create(
+        &options, &mut store,
+    ));
+    let contexts: Vec<Ctx> = (0..2)
+        .map(|_| {
+            let ctx = cuda_context(|o| o.vram_limit = 0);
+            ok(strata::ffi::store::strata_context_attach_store(
+                ctx.0, store,
+            ));
+            ctx.register_prefix(ctx.group(&t), &path, "blocks.", 2);
+            ctx
+        })
+        .collect();
+    for round in 0..2 {
+        for layer in 0..layers {
+            let name = format!("blocks.{layer}");
+            let reference = cpu_bytes(&cpu, cpu.find(&name));
+            for ctx in &contexts {
+                let got = gpu_bytes(&gpu, ctx, ctx.find(&name));
+                assert!(got == reference, "{name}, round {round}");
+            }
+        }
+    }
+    let mut stats = strata::ffi::store::strata_store_stats {
+        struct_size: std::mem::size_of::<strata::ffi::store::strata_store_stats>() as u32,
+        ..Default::default()
+    };
+    ok(strata::ffi::store::strata_store_stats_get(
+        store, &mut stats,
+    ));
+    assert_eq!((stats.fills, stats.layers), (layers as u64, layers as u64));
+    let read: u64 = contexts.iter().map(|c| c.stats().bytes_from_disk).sum();
+    assert_eq!(read, (layers * rows * cols * 4) as u64, "read once");
+    strata::ffi::store::strata_store_destroy(store);
+    // The first context goes while the second still streams from the copy it pinned.
+    let mut contexts = contexts.into_iter();
+    drop(contexts.next());
+    let second = contexts.next().unwrap();
+    for layer in 0..layers {
+        let name = format!("blocks.{layer}");
+        let got = gpu_bytes(&gpu, &second, second.find(&name));
+        assert!(
+            got == cpu_bytes(&cpu, cpu.find(&name)),
+            "{name} after the first left"
+        );
+    }
+}
+
 #[test]
 fn a_context_per_thread() {
     let Some(gpu) = gpu("a_context_per_thread") else {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use strata::ffi::store::*;
 
 /// What a probe may find: the group whose onload runs on the probing thread, or none.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -315,6 +316,54 @@ impl Probe {
             "strata_group_destroy (another group)",
             strata_group_destroy(ctx, group),
             &[STRATA_OK],
+        );
+
+        // A host store, attached to a context of its own (attaching is once per context).
+        let store_options = strata_store_options_default();
+        self.record(
+            "strata_store_options_default",
+            if store_options.struct_size as usize == std::mem::size_of::<strata_store_options>() {
+                STRATA_OK
+            } else {
+                STRATA_ERR_INVALID_ARGUMENT
+            },
+            &[STRATA_OK],
+        );
+        let mut store = std::ptr::null_mut();
+        self.record(
+            "strata_store_create",
+            strata_store_create(&store_options, &mut store),
+            &[STRATA_OK],
+        );
+        let mut user = std::ptr::null_mut();
+        ok(strata_context_create(&strata_options_default(), &mut user));
+        self.record(
+            "strata_context_attach_store",
+            strata_context_attach_store(user, store),
+            &[STRATA_OK],
+        );
+        let mut store_stats = strata_store_stats {
+            struct_size: std::mem::size_of::<strata_store_stats>() as u32,
+            ..Default::default()
+        };
+        self.record(
+            "strata_store_stats_get",
+            strata_store_stats_get(store, &mut store_stats),
+            &[STRATA_OK],
+        );
+        strata_context_destroy(user);
+        self.record(
+            "strata_store_destroy (a second destroy says the handle is gone)",
+            {
+                strata_store_destroy(store);
+                strata_store_destroy(store);
+                if last_error().contains("not live") {
+                    STRATA_ERR_INVALID_HANDLE
+                } else {
+                    STRATA_OK
+                }
+            },
+            &[STRATA_ERR_INVALID_HANDLE],
         );
 
         // Stats and the trace.

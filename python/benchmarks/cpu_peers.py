@@ -2,19 +2,23 @@
 weights from its config) saved as safetensors, then run through each configuration in a fresh
 process, each paired with an unmanaged run just before and just after it:
 
-    python3 python/benchmarks/cpu_peers.py                 # 4 blocks (~0.2 GiB), 5 forwards each
+    python3 python/benchmarks/cpu_peers.py                 # 4 blocks (~0.3 GiB), 5 forwards each
     python3 python/benchmarks/cpu_peers.py --layers 32     # ~1.7 GiB, the size of issue 22
     python3 python/benchmarks/cpu_peers.py --small --steps 2   # seconds (the test's mode)
 
 Per configuration: median seconds per forward, its ratio to the mean of the two unmanaged runs
-around it, peak RSS of its process (VmHWM, so it includes torch's own), and whether its
-output equals the unmanaged one bit for bit (fp8 storage is compared by max |diff| instead).
+around it, the median CPU seconds (user + system, all threads) and minor page faults per forward
+(CPU seconds vary less than wall time with other load on the machine), peak RSS of its process
+(VmHWM, so it includes torch's own), and whether its output equals the unmanaged one bit for bit
+(fp8 storage is compared by max |diff| instead). On a machine other work keeps busy, torch's
+threads wait on each other at every barrier: OMP_NUM_THREADS=1 gives steadier figures.
 Needs torch, diffusers, accelerate; prints "cpu_peers: OK" when every exact configuration matched.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,15 +112,21 @@ def run_one(name, folder, small, layers, steps, model_bytes):
                                        num_blocks_per_group=1 if level == "block_level" else None,
                                        offload_to_disk_path=offload)
     args = inputs(small)
-    times, out = [], None
+    times, cpu, faults, out = [], [], [], None
     for _ in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         out = model(**args)[0]
         times.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        faults.append(after.ru_minflt - before.ru_minflt)
     expected = torch.load(os.path.join(folder, "expected.pt"))
     diff = (out.float() - expected.float()).abs().max().item()
     peak = peak_rss_mib()
-    print(json.dumps(dict(name=name, median=statistics.median(times), peak_mib=peak,
+    print(json.dumps(dict(name=name, median=statistics.median(times),
+                          cpu=statistics.median(cpu), faults=statistics.median(faults),
+                          peak_mib=peak,
                           identical=bool(torch.equal(out, expected)), max_diff=diff)))
 
 
@@ -167,7 +177,8 @@ def main():
         model_bytes = save(folder, args.small, args.layers)
         print(f"QwenImageTransformer2DModel, {model_bytes / 2**20:.1f} MiB bf16, "
               f"{args.steps} forwards per run, the CPU ({os.cpu_count()} cores)")
-        print(f"{'configuration':52} {'s/forward':>10} {'x unmanaged':>12} {'peak RSS':>10}  output")
+        print(f"{'configuration':52} {'s/forward':>10} {'x unmanaged':>12} {'CPU-s':>6} "
+              f"{'faults':>7} {'peak RSS':>10}  output")
         before = child("unmanaged", folder, args, model_bytes)
         for name in args.configs.split(","):
             measured = child(name, folder, args, model_bytes)
@@ -179,9 +190,11 @@ def main():
             else:
                 verdict = f"max |diff| {measured['max_diff']:.3g}"
             print(f"{CONFIGS[name]:52} {measured['median']:10.4f} {ratio:12.2f} "
+                  f"{measured['cpu']:6.2f} {measured['faults']:7.0f} "
                   f"{measured['peak_mib']:8.0f} MiB  {verdict}", flush=True)
             before = after
         print(f"{CONFIGS['unmanaged']:52} {before['median']:10.4f} {1.0:12.2f} "
+              f"{before['cpu']:6.2f} {before['faults']:7.0f} "
               f"{before['peak_mib']:8.0f} MiB  identical")
     if not ok:
         raise SystemExit("cpu_peers: an exact configuration's output differs")

@@ -190,9 +190,13 @@ class _Owned:
         return self._handle
 
     def close(self):
-        if getattr(self, "_handle", None) is not None:
-            self._destroy(self._handle)
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            self._destroy(handle)
             self._handle = None
+            # Calls prepared with this very object (strata.torch's per-layer arguments) pass
+            # NULL from now on, which strata refuses, instead of the destroyed handle.
+            handle.value = None
 
     __del__ = close
 

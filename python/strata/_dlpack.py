@@ -74,31 +74,45 @@ def device_of(device, device_index):
     return (KDL_CPU, 0)
 
 
+class Layout:
+    """What a DLPack tensor over a strata view holds besides its address: made once, it makes
+    capsules over any address of that layout with one malloc, one pack and one PyCapsule."""
+
+    def __init__(self, dtype, shape, device, device_index):
+        if dtype not in DTYPE_CODES:
+            raise BufferError(f"strata dtype {DType(dtype).name} has no DLPack code")
+        code, bits = DTYPE_CODES[dtype]
+        ndim = len(shape)
+        strides = [1] * ndim
+        for i in range(ndim - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        device_type, device_id = device_of(device, device_index)
+        self.ndim = ndim
+        self.fields = (device_type, device_id, ndim, code, bits, 1)
+        self.dims = struct.pack(f"={2 * ndim}q", *shape, *strides)
+
+    def capsule(self, data, versioned=False):
+        """(capsule, block): a DLPack capsule over `data` (an address), compact row-major. A
+        versioned capsule is flagged read-only (numpy honours it): the bytes may be the
+        resident copy that later acquires hand out again."""
+        head, name = (_VERSIONED, _NAME_VERSIONED) if versioned else (_MANAGED, _NAME)
+        size = head.size + len(self.dims)
+        block = _malloc(size)
+        if not block:
+            raise MemoryError("malloc failed for a DLPack tensor")
+        dims = block + head.size
+        tensor = (data, *self.fields, dims, dims + 8 * self.ndim, 0)
+        if versioned:
+            packed = head.pack(*DLPACK_VERSION, 0, _FREE_ADDRESS, _FLAG_READ_ONLY, *tensor)
+        else:
+            packed = head.pack(*tensor, 0, _FREE_ADDRESS)
+        C.memmove(block, packed + self.dims, size)
+        return _capsule_new(block, name, None), block
+
+
 def capsule(data, dtype, shape, device, device_index, versioned):
-    """(capsule, block): a DLPack capsule over `data` (an address), compact row-major. A
-    versioned capsule is flagged read-only (numpy honours it): the bytes may be the resident
-    copy that later acquires hand out again."""
-    if dtype not in DTYPE_CODES:
-        raise BufferError(f"strata dtype {DType(dtype).name} has no DLPack code")
-    code, bits = DTYPE_CODES[dtype]
-    ndim = len(shape)
-    strides = [1] * ndim
-    for i in range(ndim - 2, -1, -1):
-        strides[i] = strides[i + 1] * shape[i + 1]
-    device_type, device_id = device_of(device, device_index)
-    head, name = (_VERSIONED, _NAME_VERSIONED) if versioned else (_MANAGED, _NAME)
-    block = _malloc(head.size + 16 * ndim)
-    if not block:
-        raise MemoryError("malloc failed for a DLPack tensor")
-    dims = block + head.size
-    tensor = (data, device_type, device_id, ndim, code, bits, 1, dims, dims + 8 * ndim, 0)
-    if versioned:
-        packed = head.pack(*DLPACK_VERSION, 0, _FREE_ADDRESS, _FLAG_READ_ONLY, *tensor)
-    else:
-        packed = head.pack(*tensor, 0, _FREE_ADDRESS)
-    packed += struct.pack(f"={2 * ndim}q", *shape, *strides)
-    C.memmove(block, packed, len(packed))
-    return _capsule_new(block, name, None), block
+    """Layout(dtype, shape, device, device_index).capsule(data, versioned)."""
+    return Layout(dtype, shape, device, device_index).capsule(data, versioned)
 
 
 def retire(capsules):

@@ -70,9 +70,10 @@ def _context_for(device, vram_limit, prefetch_depth):
 
 
 class _ViewsLease(_core.Lease):
-    """The Lease the TensorViews of an acquire the hooks made point to, made only when an
-    address changed (TensorViews and DLPack imports cost tens of microseconds): its views are
-    imported at once, then it is marked released, so that they refuse any later use."""
+    """The Lease the TensorViews of an acquire the hooks made point to, made only for a
+    layer's first import or a change of its views' layout (TensorViews cost microseconds
+    each): its views are imported at once, then it is marked released, so that they refuse
+    any later use."""
 
     def __init__(self, context, entry, stream):
         self.context, self.layer, self.stream = context, entry.layer, stream
@@ -86,11 +87,10 @@ class _ViewsLease(_core.Lease):
         self.capsules = []
 
 
-# strata_acquire_for_compute and strata_release with plain integer arguments: ctypes converts
-# these faster than the structure pointers of the prototypes in _lib (every call pays it).
-_ACQUIRE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p, C.c_void_p, C.c_size_t,
-                       C.c_void_p)
-_RELEASE = C.CFUNCTYPE(C.c_uint32, C.c_void_p, C.c_uint64, C.c_void_p)
+# strata_acquire_for_compute and strata_release with no argtypes, called with the ctypes
+# objects each _Layer prepares once (a cdecl function takes arguments beyond its argtypes as
+# they are): converting six Python integers through argtypes cost more than the C calls.
+_STATUS_ONLY = C.CFUNCTYPE(C.c_uint32)
 _VIEW_WORDS = C.sizeof(strata_tensor_view) // 8
 _DATA_WORD = strata_tensor_view.data.offset // 8
 
@@ -98,7 +98,7 @@ _DATA_WORD = strata_tensor_view.data.offset // 8
 class _Layer:
     """One strata layer: its parameters and the calls holding it now."""
 
-    def __init__(self, layer, params):
+    def __init__(self, layer, params, handle):
         self.layer = layer
         self.params = params  # strata tensor name -> (Parameter, original device, placeholder)
         self.placeholders = [(param, placeholder) for param, _, placeholder in params.values()]
@@ -107,16 +107,36 @@ class _Layer:
         # to read the data addresses without making a structure per view.
         self.raw = (strata_tensor_view * capacity)()
         self.words = (C.c_uint64 * (capacity * _VIEW_WORDS)).from_buffer(self.raw)
-        self.raw_address, self.capacity = C.addressof(self.raw), capacity
         self.count = C.c_size_t()
-        self.count_address = C.addressof(self.count)
+        # The arguments of strata_acquire_for_compute and strata_release, per stream pointer
+        # (None on the CPU). `handle` is the context's own c_void_p, which its close() sets to
+        # NULL, so that these calls fail cleanly once the context is gone.
+        self.handle, self.id, self.capacity = handle, C.c_uint64(layer.id), C.c_size_t(capacity)
+        self.count_pointer = C.pointer(self.count)
+        self.stream_args = {}
+        self.cpu_args = self.args_for(None)
         self.addresses = None  # the data addresses the tensors of `bound` are over
         self.bound = []       # [(Parameter, torch tensor over strata's bytes)], in view order
+        # The views' words other than their addresses (names, dtypes, shapes), as the first
+        # import read them, and [(Parameter, _dlpack.Layout)] in view order: an acquire that
+        # hands out the same layout at other addresses imports its tensors from these.
+        self.layout_words = None
+        self.layouts = []
         # stream -> the number of calls in progress on it (the owner's, those of modules inside
         # it, re-entries, other threads' on the same stream), which share one strata lease of
         # that stream. The parameters point at strata's bytes while this is not empty.
         self.leases = {}
         self.lock = threading.Lock()
+
+    def args_for(self, pointer):
+        """(acquire's arguments, release's) on the stream at `pointer` (None: the CPU's)."""
+        args = self.stream_args.get(pointer)
+        if args is None:
+            stream = None if pointer is None else C.c_void_p(pointer)
+            args = ((self.handle, self.id, stream, self.raw, self.capacity, self.count_pointer),
+                    (self.handle, self.id, stream))
+            self.stream_args[pointer] = args
+        return args
 
 
 class ManagedModule:
@@ -128,8 +148,9 @@ class ManagedModule:
         self.layers = {}
         self.wrapped = []  # (module, the instance `forward` it had or None), to undo
         functions = _core.lib()
-        self._acquire = _ACQUIRE(C.cast(functions.strata_acquire_for_compute, C.c_void_p).value)
-        self._release = _RELEASE(C.cast(functions.strata_release, C.c_void_p).value)
+        self._acquire = _STATUS_ONLY(C.cast(functions.strata_acquire_for_compute,
+                                            C.c_void_p).value)
+        self._release = _STATUS_ONLY(C.cast(functions.strata_release, C.c_void_p).value)
 
     def stats(self):
         return self.context.stats()
@@ -195,10 +216,11 @@ class ManagedModule:
         """Acquires the layer for `stream`, which does not hold it, under entry.lock."""
         held = entry.leases
         pointer = None if stream is None else stream.cuda_stream
-        status = self._acquire(self.context.handle, entry.layer.id, pointer,
-                               entry.raw_address, entry.capacity, entry.count_address)
+        acquire_args, release_args = (entry.cpu_args if pointer is None
+                                      else entry.args_for(pointer))
+        status = self._acquire(*acquire_args)
         if status:
-            check(status)
+            self._check(status)
         first = not held
         held[stream] = 1
         if not first:
@@ -210,29 +232,59 @@ class ManagedModule:
             # hands them out.
             addresses = entry.words[_DATA_WORD:entry.count.value * _VIEW_WORDS:_VIEW_WORDS]
             if addresses != entry.addresses:
-                lease = _ViewsLease(self.context, entry, pointer)
-                try:
-                    entry.bound = [(entry.params[view.name][0], torch.from_dlpack(view))
-                                   for view in lease.views]
-                finally:
-                    lease.retire()
-                entry.addresses = addresses
+                _import(self.context, entry, pointer, addresses)
             for param, tensor in entry.bound:
                 param.data = tensor
         except BaseException:
             del held[stream]
-            entry.addresses, entry.bound = None, []
+            entry.addresses, entry.bound, entry.layout_words = None, [], None
             for param, placeholder in entry.placeholders:
                 param.data = placeholder
-            self._release(self.context.handle, entry.layer.id, pointer)
+            self._release(*release_args)
             raise
 
     def _leave(self, entry, stream):
         """Releases the layer for `stream`, whose last call ended."""
-        status = self._release(self.context.handle, entry.layer.id,
-                               None if stream is None else stream.cuda_stream)
+        status = self._release(*(entry.cpu_args if stream is None
+                                 else entry.args_for(stream.cuda_stream))[1])
         if status:
-            check(status)
+            self._check(status)
+
+    def _check(self, status):
+        """Raises for a failed acquire or release: the context's own error once it is closed
+        (the calls then pass NULL), strata's otherwise."""
+        self.context.handle  # raises InvalidHandleError once the context is closed
+        check(status)
+
+
+def _import(context, entry, pointer, addresses):
+    """Points entry.bound at torch tensors over the views just acquired, at `addresses` (on a
+    failure, _enter forgets what entry holds)."""
+    words = entry.words[:entry.count.value * _VIEW_WORDS]
+    del words[_DATA_WORD::_VIEW_WORDS]
+    if words == entry.layout_words:
+        # Only the addresses changed: a capsule per tensor straight from its layout, without
+        # TensorViews (the views' names and shapes are those the first import read).
+        bound = []
+        for (param, layout), address in zip(entry.layouts, addresses):
+            made = layout.capsule(address)
+            try:
+                bound.append((param, torch.from_dlpack(made[0])))
+            except BaseException:
+                _dlpack.retire([made])  # torch did not take the block: free it
+                raise
+    else:
+        lease = _ViewsLease(context, entry, pointer)
+        try:
+            views = lease.views
+            bound = [(entry.params[view.name][0], torch.from_dlpack(view)) for view in views]
+        finally:
+            lease.retire()
+        entry.layouts = [(param, _dlpack.Layout(view.dtype, view.shape, view.device,
+                                                view.device_index))
+                         for (param, _), view in zip(bound, views)]
+        entry.layout_words = words
+    entry.bound, entry.addresses = bound, addresses
 
 
 def _matching_modules(module, module_types):
@@ -366,7 +418,8 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
         raise
     for unit, layer, names, aliases in registered:
         entry = _Layer(layer, {name: _park(module, aliases[id(p)], p, device)
-                               for name, p in zip(names, unit.params.values())})
+                               for name, p in zip(names, unit.params.values())},
+                       context.handle)
         managed.layers[unit.name] = entry
         for sub in unit.owners + unit.inner:
             managed._wrap(sub, entry)

@@ -120,6 +120,39 @@ class Torch(unittest.TestCase):
         self.assertGreater(stats.evictions, 0)
         self.assertEqual(stats.vram_limit, 3 * 1024)
 
+    def test_a_layer_refilled_at_other_addresses_computes_right(self):
+        # The hooks reuse a layer's torch tensors while an acquire hands out the addresses they
+        # are over; a layer evicted and filled again elsewhere must be imported afresh.
+        m = model(torch.bfloat16)
+        expected = model(torch.bfloat16).float()(self.ids)
+        managed = st.enable_vram_management(m, vram_limit="3KiB", device="cpu",
+                                            tiers=dict(computation_dtype=torch.float32))
+        seen = {name: set() for name in managed.layers}
+        for _ in range(4):
+            self.assertTrue(torch.equal(m(self.ids), expected))
+            for name, entry in managed.layers.items():
+                seen[name].add(tuple(entry.addresses))
+                # what the parameters get on the next call is over the addresses last handed out
+                self.assertEqual([t.data_ptr() for _, t in entry.bound], entry.addresses)
+        self.assertTrue(any(len(addresses) > 1 for addresses in seen.values()), seen)
+        # Everything evicted, then filled again while other memory is held.
+        managed.context.set_vram_limit(0)
+        hold = [torch.empty(64, 64) for _ in range(16)]
+        managed.context.set_vram_limit(None)
+        for _ in range(2):
+            self.assertTrue(torch.equal(m(self.ids), expected))
+        del hold
+
+    def test_a_call_after_its_context_closed_raises(self):
+        m = model(torch.float32)
+        ctx = strata.Context(compute_device="cpu")
+        st.enable_vram_management(m, context=ctx, device="cpu")
+        m(self.ids)
+        ctx.close()
+        with self.assertRaises(strata.InvalidHandleError):
+            m(self.ids)
+        self.assertEqual(m.embed.weight.stride(), (0, 0))  # no call holds its bytes
+
     def test_stored_dtype_computation_is_bit_identical(self):
         m = model(torch.bfloat16)
         expected = m(self.ids)

@@ -171,6 +171,19 @@ impl ShardFile {
         (self.identity.device, self.identity.inode)
     }
 
+    /// Device, inode, size and modification time (seconds, nanoseconds) at open: what a host
+    /// store compares to tell whether two processes opened the same files.
+    pub fn identity_words(&self) -> [u64; 5] {
+        let identity = &self.identity;
+        [
+            identity.device,
+            identity.inode,
+            identity.len,
+            identity.modified.0 as u64,
+            identity.modified.1 as u64,
+        ]
+    }
+
     /// Reads exactly `dst.len()` bytes at absolute `offset`.
     ///
     /// A file shorter than at open is `IO` (truncated), one otherwise changed in place is `FORMAT`

@@ -4,14 +4,23 @@
 //! handoff is a hit when the prediction was right and the fill finished, and a wait (stall) only
 //! when it has not finished yet.
 //!
-//! On a GPU the same interface is a copy stream with events; here the "stream" is this thread.
-//! The worker holds the context only while it fills a layer, so dropping the last handle to a
-//! context stops it even when it is idle.
+//! The worker is one thread on every device: it runs the fill path (`fill.rs`) for each layer in
+//! turn; on a GPU the bytes it moves go through the backend's copy stream and its events, so an
+//! acquire of a layer it filled waits on the device, not on this thread. The worker holds the
+//! context only while it fills a layer, so dropping the last handle to a context stops it even
+//! when it is idle.
+//!
+//! Its queue holds only what `Window::targets` picked (`crate::residency`); its body, `prefetch`,
+//! is below with the loop.
 
+use super::fill::FillFor;
 use super::{Context, State};
 use crate::error::panic_message;
 use crate::log::Level;
 use crate::registry::Key;
+use crate::registry::Layer;
+use crate::residency;
+use crate::tiers::Device;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -124,55 +133,75 @@ fn run(queue: &Queue, context: &Weak<Context>) {
 
 impl Context {
     /// Asks the copy engine for the layers predicted after the one just acquired that are not
-    /// ready yet. Under budget 0, prefetched layers the prediction has moved past are dropped.
-    ///
-    /// `filling`: the layer the calling acquire is about to fill, planned from the copy the engine
-    /// filled ahead for it. It stays whatever the prediction says: other threads' acquires may
-    /// have moved the prediction past it since, and its fill counts on that copy.
-    pub(super) fn request_prefetch(&self, st: &mut State, filling: Option<Key>) {
-        let depth = self.options.prefetch_depth as usize;
-        if depth == 0 {
+    /// ready yet (`Window::targets`). Under budget 0, prefetched layers the prediction has moved
+    /// past are dropped first; a layer an acquire is filling is not among them, whatever the
+    /// prediction says (other threads may have moved it past), since its fill holds its copy.
+    pub(super) fn request_prefetch(&self, st: &mut State) {
+        if self.options.prefetch_depth == 0 {
             return;
         }
-        if st.budget.limit == crate::budget::Limit::Minimal && !st.prefetched.is_empty() {
-            let keep: Vec<Key> = st.schedule.upcoming(depth).chain(filling).collect();
-            self.drop_stale_prefetches(st, &keep, true);
-        }
-        // A plain loop: this runs on every acquire, and over resident layers finds nothing.
-        let mut wanted = Vec::new();
-        for (distance, key) in (1..).zip(st.schedule.upcoming(depth)) {
-            let Some(layer) = st.registry.layers.get(key) else {
-                continue;
-            };
-            if layer.in_use == 0 && !layer.busy && self.needs_device_work(st, layer, distance) {
-                wanted.push(key);
-            }
-        }
+        self.drop_stale_prefetches(st, true);
+        let wanted = st.window.targets(&st.schedule, |key, distance| {
+            st.registry.layers.get(key).is_some_and(|layer| {
+                layer.device.in_use().is_none()
+                    && !layer.busy()
+                    && self.needs_device_work(st, layer, distance)
+            })
+        });
         if !wanted.is_empty() {
             self.engine.submit(&self.self_ref, &wanted);
         }
     }
 
-    /// Frees what the engine filled ahead for layers not in `keep` (those predicted next: budget
-    /// 0 keeps nothing else between uses). With `keep_current`, the current layer stays: an
-    /// acquire may be waiting for the engine to fill it.
-    pub(super) fn drop_stale_prefetches(&self, st: &mut State, keep: &[Key], keep_current: bool) {
-        let current = st.schedule.current().filter(|_| keep_current);
-        let State {
-            registry,
-            budget,
-            prefetched,
-            ..
-        } = st;
-        prefetched.retain(|&key| {
-            let Some(layer) = registry.layers.get_mut(key) else {
-                return false;
-            };
-            if keep.contains(&key) || Some(key) == current || layer.in_use > 0 || layer.busy {
-                return true;
-            }
-            budget.refund(layer.drop_device_copies());
-            false
-        });
+    /// Whether the copy engine has work to do ahead for a layer predicted `distance` acquires
+    /// away: bytes to move, or (for the next layer only) a conversion to make.
+    pub(super) fn needs_device_work(&self, st: &State, layer: &Layer, distance: u32) -> bool {
+        // First what answers for a resident layer, which every acquire of a pass asks about.
+        let conversion_missing = layer.conversion_missing();
+        let resident = layer.device.prepared().is_some();
+        if !residency::needs_fill(resident, conversion_missing, distance) {
+            return false;
+        }
+        let Some(group) = st.registry.groups.get(layer.group) else {
+            return false;
+        };
+        // A host offload tier is read from the file once, by the acquire that needs it; the
+        // engine does not read around it.
+        let host_ready = group.tiers.offload.device != Device::Cpu || layer.offload_copy.is_some();
+        group.onloaded && host_ready && self.in_place_copy(layer).is_none()
+    }
+
+    /// Fills a layer predicted to be used soon, as the copy engine: its resident copy and its
+    /// computation form, if room can be made without evicting anything needed sooner. Returns
+    /// false when it did not fit (the engine then stops prefetching until the next acquire).
+    pub(super) fn prefetch(&self, key: Key) -> bool {
+        let mut st = self.lock();
+        let Some(layer) = st.registry.layers.get(key) else {
+            return true;
+        };
+        let Some(distance) = st.schedule.distances().of(key) else {
+            return true;
+        };
+        if layer.device.in_use().is_some()
+            || layer.busy()
+            || !self.needs_device_work(&st, layer, distance)
+        {
+            return true;
+        }
+        // Budget 0 holds at most prefetch_depth layers ahead, this fill included.
+        self.drop_stale_prefetches(&mut st, true);
+        if !st.window.admits(st.budget.limit, &st.schedule, key) {
+            return true;
+        }
+        let (mut st, filled) = self.fill_layer(st, key, FillFor::Ahead(distance));
+        if filled.is_err() {
+            // The acquire that needs this layer tries again and reports the error.
+            return false;
+        }
+        // The cap may have been lowered during the fill; under budget 0 the prediction may have
+        // moved past this layer, which then may not stay.
+        self.trim_to_cap(&mut st);
+        self.drop_stale_prefetches(&mut st, true);
+        true
     }
 }

@@ -1,25 +1,39 @@
-//! In-flight marks: a layer being filled, the layer the copy engine fills, a group being onloaded.
-//! Others wait while one is set, so each is set by one guard and cleared when the guard ends or
-//! is dropped: a panic mid-fill (caught at the C boundary, or in the copy engine) leaves no mark
-//! that later acquires, offloads or `set_vram_limit` would wait on forever.
+//! In-flight marks: a layer being filled on the device (`OnDevice::begin_fill`), the layer
+//! the copy engine fills, a host copy being made, a group being onloaded. Others wait while one is
+//! set, so each is set by one guard and cleared when the guard ends or is dropped: a panic
+//! mid-fill (caught at the C boundary, or in the copy engine) leaves no mark that later acquires,
+//! offloads or `set_vram_limit` would wait on forever.
 //!
-//! A guard takes the context's lock guard when it begins and lets go of it, and takes the lock
-//! again only to end: so while it lives this thread holds no lock of its own, and its drop, which
-//! locks, cannot deadlock on one held further up the same thread.
+//! A fill's guard holds the context's lock while `begin_fill` runs what the caller does before the
+//! bytes move (asking the copy engine for the next layers, which then sees the layer filling), lets
+//! go of it, and takes it again only to end: its drop uses the lock it holds, or locks, so it
+//! cannot deadlock on a lock held further up the same thread.
 
 use super::{current_thread, Context, State};
 use crate::registry::Key;
+use crate::residency::Taken;
 use std::sync::MutexGuard;
 
-/// A layer marked busy while its bytes move without the lock.
+/// What a fill is making.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Making {
+    /// The layer's device copies, by an acquire or (`by_engine`) by the copy engine.
+    Device { by_engine: bool },
+    /// A host copy (offload or onload tier).
+    Host,
+}
+
+/// A layer whose bytes move without the lock.
 #[must_use = "a fill ends with `end`, which takes the lock back and clears the mark"]
 pub(super) struct Filling<'a> {
     context: &'a Context,
+    /// The lock, until `unlock`.
+    locked: Option<MutexGuard<'a, State>>,
     key: Key,
+    making: Making,
     /// Device bytes charged for this fill plus those of the resident copy it took along: what
     /// the budget gets back when the fill never ends (both copies are freed by the unwinding).
     held_bytes: u64,
-    by_engine: bool,
     ended: bool,
 }
 
@@ -32,27 +46,58 @@ pub(super) struct Onloading<'a> {
 }
 
 impl Context {
-    /// Marks `key` busy (and, for the copy engine, as the engine's fill) and lets go of the lock.
-    /// `held_bytes`: the device bytes this fill holds (see `Filling::held_bytes`).
+    /// Marks `key` filling on the device (and, for the copy engine, as the engine's fill), with
+    /// `charged` bytes paid for it; its resident copy comes out with the returned `Taken`. Runs
+    /// `while_locked` with the mark set, then lets go of the lock.
     pub(super) fn begin_fill<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
         key: Key,
-        held_bytes: u64,
-        by_engine: bool,
-    ) -> Filling<'a> {
-        if let Some(layer) = st.registry.layers.get_mut(key) {
-            layer.busy = true;
-        }
+        (charged, by_engine): (u64, bool),
+        while_locked: impl FnOnce(&mut State),
+    ) -> (Filling<'a>, Taken) {
+        let taken = match st.registry.layers.get_mut(key) {
+            Some(layer) => layer.device.begin_fill(),
+            None => Taken {
+                prepared: None,
+                prefetched: false,
+            },
+        };
         if by_engine {
             st.engine_filling = Some(key);
+        }
+        let resident = taken.prepared.as_ref().map_or(0, |copy| copy.bytes());
+        let mut filling = Filling {
+            context: self,
+            locked: Some(st),
+            key,
+            making: Making::Device { by_engine },
+            held_bytes: charged + resident,
+            ended: false,
+        };
+        if let Some(st) = filling.locked.as_deref_mut() {
+            while_locked(st);
+        }
+        filling.locked = None;
+        (filling, taken)
+    }
+
+    /// Marks `key` as having a host copy made, and lets go of the lock.
+    pub(super) fn begin_host_copy<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        key: Key,
+    ) -> Filling<'a> {
+        if let Some(layer) = st.registry.layers.get_mut(key) {
+            layer.copying_host = true;
         }
         drop(st);
         Filling {
             context: self,
+            locked: None,
             key,
-            held_bytes,
-            by_engine,
+            making: Making::Host,
+            held_bytes: 0,
             ended: false,
         }
     }
@@ -76,20 +121,31 @@ impl Context {
 }
 
 impl<'a> Filling<'a> {
-    /// Takes the lock back and clears the marks: the fill has ended, whatever its outcome.
+    /// Takes the lock back and clears the marks: the fill has ended, whatever its outcome. A
+    /// device fill's layer is absent until the caller puts back what it made, under this lock.
     pub(super) fn end(mut self) -> MutexGuard<'a, State> {
-        let mut st = self.context.lock();
+        let mut st = self.locked.take().unwrap_or_else(|| self.context.lock());
         self.clear(&mut st);
         self.ended = true;
         st
     }
 
     fn clear(&self, st: &mut State) {
-        if let Some(layer) = st.registry.layers.get_mut(self.key) {
-            layer.busy = false;
-        }
-        if self.by_engine {
-            st.engine_filling = None;
+        let layer = st.registry.layers.get_mut(self.key);
+        match self.making {
+            Making::Host => {
+                if let Some(layer) = layer {
+                    layer.copying_host = false;
+                }
+            }
+            Making::Device { by_engine } => {
+                if let Some(layer) = layer {
+                    layer.device.end_fill();
+                }
+                if by_engine {
+                    st.engine_filling = None;
+                }
+            }
         }
         self.context.wake(st.waiters);
     }
@@ -101,7 +157,7 @@ impl Drop for Filling<'_> {
             return;
         }
         // Unwinding from a panic mid-fill: what the fill held on the device was freed on the way.
-        let mut st = self.context.lock();
+        let mut st = self.locked.take().unwrap_or_else(|| self.context.lock());
         st.budget.refund(self.held_bytes);
         self.clear(&mut st);
     }

@@ -6,6 +6,21 @@
 //! underflow) it is written down at the function that makes it.
 //!
 //! Data is little-endian, as safetensors stores it, and may sit at any byte alignment.
+//!
+//! Where conversions happen (the first three through this module, on the host):
+//! 1. Registering host tensors, into the offload tier's form: `Context::register_host`
+//!    (`context/register.rs`), on the caller's thread, without the context lock.
+//! 2. Making a host copy (offload or onload tier, from the checkpoint or another host copy):
+//!    `HostSink` in `context/transfer.rs`, on the thread that needs it (an onload, an acquire),
+//!    without the lock; a large tensor is split over the context's host threads (`Engine`).
+//! 3. Uploading to the compute device (`Backend::upload`, `upload_part`), on the thread that
+//!    fills (an acquire, or the copy engine's worker), without the lock. On the CPU device the
+//!    conversion writes straight into the device buffer; on CUDA, when the preparing dtype
+//!    differs from the source, the tensor is converted on the host into pinned staging, then copied.
+//! 4. Preparing form to computation form, on the device (`Backend::convert`, called by
+//!    `context/transfer.rs` `make_converted`, same thread): on CUDA a PTX kernel, a
+//!    device-to-device copy when the forms match, the quantize kernel into scaled fp8, or a round
+//!    trip through the host for a dtype no kernel reads (f64); on the CPU device, this module.
 
 mod fp8;
 mod ieee;
@@ -242,7 +257,7 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
         .enumerate()
         .map(|(index, out)| (index * per_part, out))
         .collect();
-    host_threads::run_parts(threads, pieces, |(start, out)| {
+    host_threads::run_parts(threads, "cast", pieces, |(start, out)| {
         let range = start..start + out.len() / dst_dtype.size();
         match src.dtype {
             // Table lookups beat decoding the codes (which vectorised is a gather or arithmetic).
@@ -261,6 +276,7 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
                 None => simd::cast(isa, src, range, out, dst_dtype),
             },
         }
+        out.len()
     });
 }
 
@@ -309,10 +325,13 @@ fn quantize_blocks(
             .step_by(per_part)
             .map(|start| start..(start + per_part).min(numel))
             .collect();
-        host_threads::run_parts(threads, ranges, |range| {
+        let size = src.dtype.size();
+        host_threads::run_parts(threads, "absmax", ranges, |range| {
+            let read = range.len() * size;
             let absmax = simd::absmax(isa, src, range);
             let mut largest = part_absmax.lock().unwrap_or_else(|p| p.into_inner());
             *largest = largest.max(absmax);
+            read
         });
         let scale = scale_for(part_absmax.into_inner().unwrap_or(0.0), format);
         let pieces: Vec<_> = dst
@@ -320,8 +339,10 @@ fn quantize_blocks(
             .enumerate()
             .map(|(index, out)| (index * per_part, out))
             .collect();
-        host_threads::run_parts(threads, pieces, |(start, out)| {
-            simd::quantize(isa, src, start..start + out.len(), out, format, scale)
+        host_threads::run_parts(threads, "quantize", pieces, |(start, out)| {
+            let range = start..start + out.len();
+            simd::quantize(isa, src, range, out, format, scale, false);
+            out.len()
         });
         scales[0] = scale;
         return Ok(scales);
@@ -341,17 +362,31 @@ fn quantize_blocks(
         .enumerate()
         .map(|(index, (scales, out))| (index * groups_per_part, scales, out))
         .collect();
-    host_threads::run_parts(threads, pieces, |(first_group, scales, out)| {
-        for (index, scale) in scales.iter_mut().enumerate() {
-            let start = (first_group + index) * group_len;
-            let range = start..start + group_len;
-            *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
-            let out = &mut out[index * group_len..(index + 1) * group_len];
-            simd::quantize(isa, src, range, out, format, *scale);
-        }
-    });
+    host_threads::run_parts(
+        threads,
+        "quantize rows",
+        pieces,
+        |(first_group, scales, out)| {
+            let part_groups = scales.len();
+            for (index, scale) in scales.iter_mut().enumerate() {
+                let start = (first_group + index) * group_len;
+                let range = start..start + group_len;
+                *scale = scale_for(simd::absmax(isa, src, range.clone()), format);
+                let out = &mut out[index * group_len..(index + 1) * group_len];
+                // Fetching the next row pays while it stays cached until its absmax pass.
+                let prefetch_next = index + 1 < part_groups
+                    && group_len * src.dtype.size() <= PREFETCH_MAX_ROW_BYTES;
+                simd::quantize(isa, src, range, out, format, *scale, prefetch_next);
+            }
+            out.len()
+        },
+    );
     Ok(scales)
 }
+
+/// Largest row whose bytes quantization fetches ahead (see `simd::prefetch`): a quarter of a
+/// typical 1-2 MiB L2 cache, so that the row is still there when its absmax pass reads it.
+const PREFETCH_MAX_ROW_BYTES: usize = 256 << 10;
 
 /// The scale that maps `absmax` onto the format's largest value; 1.0 where that is 0 (see
 /// [`convert`]).

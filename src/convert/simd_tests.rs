@@ -4,6 +4,7 @@
 //! ties, at lengths that leave every size of tail, from unaligned buffers.
 
 use super::ieee;
+use super::simd;
 use super::*;
 
 const FLOATS: [DType; 6] = [
@@ -424,6 +425,72 @@ fn the_kernels_f16_rounding_matches_half_for_every_sign_exponent_and_top_mantiss
                 "f32 {:#010x}",
                 x.to_bits()
             );
+        }
+    }
+}
+
+/// Scales of every size the quantizer meets: absmax / max for a spread of f16 and bf16 values
+/// (every 257th positive finite code), and scales that are not: powers of two, ones that round
+/// every quotient, the smallest normal and subnormal, the largest.
+fn quantization_scales() -> Vec<f32> {
+    let mut scales = vec![
+        1.0,
+        2f32.powi(-83),
+        2f32.powi(100),
+        3.0,
+        0.1,
+        1.0 / 448.0,
+        1.0 / 57344.0,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        1e-40,
+        f32::MAX,
+    ];
+    // The positive finite codes end at 0x7C00 (f16) and 0x7F80 (bf16).
+    let f16_values = (1..0x7C00u16).step_by(257).map(ieee::f16_bits_to_f32);
+    let bf16_values = (1..0x7F80u16).step_by(257).map(ieee::bf16_bits_to_f32);
+    for absmax in f16_values.chain(bf16_values) {
+        for format in [&fp8::E4M3FN, &fp8::E5M2] {
+            scales.push(absmax / format.max_value());
+        }
+    }
+    scales
+}
+
+#[test]
+fn the_quantize_kernel_divides_like_the_reference_for_every_16_bit_dividend_and_many_scales() {
+    // The other tests reach the kernel only with the scales of their data.
+    let codes = all_16_bit_codes();
+    let scales = quantization_scales();
+    for src_dtype in [DType::F16, DType::BF16] {
+        let source = Source {
+            bytes: &codes,
+            dtype: Float::of(src_dtype).unwrap(),
+            scales: &[],
+            row_len: 1 << 16,
+        };
+        let mut values = vec![0.0f32; 1 << 16];
+        source.decode(0, &mut values, &mut vec![0; 1 << 16]);
+        for format in [&fp8::E4M3FN, &fp8::E5M2] {
+            for &scale in &scales {
+                let expected: Vec<u8> = values
+                    .iter()
+                    .map(|&x| format.encode_f32(x / scale))
+                    .collect();
+                for isa in Isa::available() {
+                    let mut got = vec![0x5Au8; 1 << 16];
+                    simd::quantize(isa, &source, 0..1 << 16, &mut got, format, scale, false);
+                    if let Some(at) = (0..got.len()).find(|&i| got[i] != expected[i]) {
+                        panic!(
+                            "{src_dtype:?} {:#06x} / {scale:e} ({:#010x}) on {isa:?}: code {:#04x}, the division gives {:#04x}",
+                            at,
+                            scale.to_bits(),
+                            got[at],
+                            expected[at]
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod group;
 pub mod layer;
 pub mod log;
 pub mod stats;
+pub mod store;
 
 use crate::error::{panic_message, Error, Result};
 use consts::{strata_status, STRATA_ERR_PANIC, STRATA_OK};

@@ -1,9 +1,12 @@
 //! A context's residency replayed without a device: one thread acquiring and releasing layers in
 //! turn, the copy engine (with `prefetch_depth > 0`) finishing its fills ahead during each use.
-//! It runs the same `victim` rule and the same schedule as a context, so `strata plan` predicts
-//! the bytes a real run moves and the layers it keeps.
+//! It runs the same rules as a context (`make_room`, `trim_to_cap`, the `Window`), so `strata
+//! plan` predicts the bytes a real run moves and the layers it keeps.
 
-use super::{victim, Candidate, Protect};
+use super::{
+    converts_ahead, make_room, needs_fill, stays_after_use, trim_to_cap, Candidate, Granted,
+    Holdings, Purpose, Request, Residents, Window,
+};
 use crate::budget::{Budget, Limit};
 use crate::registry::Key;
 use crate::schedule::Schedule;
@@ -33,9 +36,7 @@ pub struct Simulation {
     copies: Vec<Copies>,
     budget: Budget,
     schedule: Schedule,
-    prefetch_depth: usize,
-    /// Layers filled ahead that no acquire has taken yet, in fill order.
-    prefetched: Vec<usize>,
+    window: Window,
     /// The layer in use: pinned while the engine fills ahead.
     using: Option<usize>,
     moved: u64,
@@ -49,6 +50,42 @@ fn key(index: usize) -> Key {
     }
 }
 
+impl Residents for Simulation {
+    fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    fn candidates(&self) -> impl Iterator<Item = Candidate> + '_ {
+        self.copies.iter().enumerate().map(|(i, c)| Candidate {
+            key: key(i),
+            resident: c.resident || c.staged,
+            pinned: self.using == Some(i),
+            prefetched: c.prefetched,
+        })
+    }
+
+    fn evict(&mut self, key: Key) {
+        self.free(key.index as usize);
+    }
+
+    fn engine_filling(&self) -> bool {
+        false
+    }
+
+    fn holdings(&self, key: Key) -> Holdings {
+        let held = self.using.filter(|&i| i != key.index as usize);
+        Holdings {
+            held_by_me: held.is_some() as u64,
+            onloading_here: false,
+            others_active: false,
+        }
+    }
+}
+
 impl Simulation {
     /// Layers `sizes` (indexed as the trace names them) under `vram_limit` (as the C ABI takes it:
     /// 0 is budget 0, `u64::MAX` unlimited).
@@ -58,8 +95,7 @@ impl Simulation {
             copies: vec![Copies::default(); sizes.len()],
             budget: Budget::new(Limit::from_abi(vram_limit)),
             schedule: Schedule::default(),
-            prefetch_depth: prefetch_depth as usize,
-            prefetched: Vec::new(),
+            window: Window::new(prefetch_depth),
             using: None,
             moved: 0,
             overcommitted: false,
@@ -105,12 +141,17 @@ impl Simulation {
         if !(c.resident && taken_ahead) {
             let bytes = if c.resident { 0 } else { size.prepared } + size.converted;
             let own = if c.resident { size.prepared } else { 0 };
-            let footprint = own + bytes;
-            // A demand may evict anything unused and, alone, overcommit.
-            while !self.budget.fits(bytes) && self.evict(Some(index), 0, false) {}
-            if !self.budget.fits(bytes) {
-                self.overcommitted |= self.budget.exceeds_cap_alone(footprint);
-            }
+            let request = Request {
+                key: key(index),
+                bytes,
+                own,
+                purpose: Purpose::Demand,
+                strict: false,
+            };
+            // One thread holding nothing always gets room: it may evict every other layer, and
+            // only a layer larger than the whole budget overcommits.
+            let granted = make_room(self, request);
+            self.overcommitted |= matches!(granted, Ok(Granted::Overcommit { .. }));
             self.budget.charge(bytes);
             if !c.resident {
                 self.moved += size.payload;
@@ -119,55 +160,61 @@ impl Simulation {
         let c = &mut self.copies[index];
         c.resident = true;
         c.staged = false;
-        if std::mem::take(&mut c.prefetched) {
-            self.prefetched.retain(|&i| i != index);
-        }
+        c.prefetched = false;
+        self.window.remove(key(index));
     }
 
     fn release(&mut self, index: usize) {
         self.budget.refund(self.sizes[index].converted);
-        if self.budget.limit == Limit::Minimal {
+        if !stays_after_use(self.budget.limit, true) {
             self.copies[index].resident = false;
             self.budget.refund(self.sizes[index].prepared);
         } else if self.budget.over_cap() {
-            self.trim_to_cap();
+            trim_to_cap(self);
         }
     }
 
     /// The copy engine's work for the layers predicted next, nearest first, as if each fill ended
     /// before the use did: a fill that does not fit stops the rest.
     fn fill_ahead(&mut self) {
-        if self.prefetch_depth == 0 {
-            return;
+        let stale = self
+            .window
+            .stale(self.budget.limit, &self.schedule, true, |k| {
+                self.using == Some(k.index as usize)
+            });
+        for k in stale {
+            self.free(k.index as usize);
         }
-        let upcoming: Vec<usize> = self
-            .schedule
-            .upcoming(self.prefetch_depth)
-            .map(|k| k.index as usize)
-            .collect();
-        let minimal = self.budget.limit == Limit::Minimal;
-        if minimal {
-            self.drop_stale_prefetches(&upcoming);
-        }
-        for (distance, &index) in (1u32..).zip(&upcoming) {
+        let targets = self
+            .window
+            .targets(&self.schedule, |k, distance| self.needs_fill(k, distance));
+        let distances = self.schedule.distances();
+        // As the engine works through its queue: each layer looked at again when its turn comes.
+        for k in targets {
+            let Some(distance) = distances.of(k) else {
+                continue;
+            };
+            if !self.needs_fill(k, distance)
+                || !self.window.admits(self.budget.limit, &self.schedule, k)
+            {
+                continue;
+            }
+            let index = k.index as usize;
             let size = self.sizes[index];
             let c = self.copies[index];
-            let convert = distance <= 1 && size.converted > 0 && !c.staged;
-            if c.resident && !convert {
-                continue;
-            }
-            if minimal && self.prefetched.len() >= self.prefetch_depth {
-                continue;
-            }
+            let convert = converts_ahead(distance) && size.converted > 0 && !c.staged;
             let bytes = if c.resident { 0 } else { size.prepared }
                 + if convert { size.converted } else { 0 };
             let own = if c.resident { size.prepared } else { 0 }
                 + if c.staged { size.converted } else { 0 };
-            if self.budget.exceeds_cap_alone(own + bytes) {
-                return;
-            }
-            while !self.budget.fits(bytes) && self.evict(Some(index), distance + 1, false) {}
-            if !self.budget.fits(bytes) {
+            let request = Request {
+                key: k,
+                bytes,
+                own,
+                purpose: Purpose::Prefetch(distance),
+                strict: false,
+            };
+            if make_room(self, request).is_err() {
                 return;
             }
             self.budget.charge(bytes);
@@ -177,52 +224,16 @@ impl Simulation {
             let c = &mut self.copies[index];
             c.resident = true;
             c.staged |= convert;
-            if !std::mem::replace(&mut c.prefetched, true) {
-                self.prefetched.push(index);
-            }
-            self.trim_to_cap();
+            c.prefetched = true;
+            self.window.insert(k);
+            trim_to_cap(self);
         }
     }
 
-    /// Under budget 0, frees what was filled ahead for layers no longer predicted next.
-    fn drop_stale_prefetches(&mut self, upcoming: &[usize]) {
-        let current = self.schedule.current().map(|k| k.index as usize);
-        let stale: Vec<usize> = self
-            .prefetched
-            .iter()
-            .copied()
-            .filter(|i| !upcoming.contains(i) && Some(*i) != current)
-            .collect();
-        for index in stale {
-            self.free(index);
-        }
-    }
-
-    fn trim_to_cap(&mut self) {
-        let keep_window = self.budget.limit == Limit::Minimal;
-        while self.budget.over_cap() && self.evict(None, 0, keep_window) {}
-    }
-
-    fn evict(&mut self, keep: Option<usize>, nearest_allowed: u32, keep_prefetched: bool) -> bool {
-        let distances = self.schedule.distances();
-        let candidates = self.copies.iter().enumerate().map(|(i, c)| Candidate {
-            key: key(i),
-            resident: c.resident || c.staged,
-            pinned: self.using == Some(i),
-            prefetched: c.prefetched,
-        });
-        let protect = Protect {
-            keep: keep.map(key),
-            nearest_allowed,
-            keep_prefetched,
-        };
-        match victim(candidates, &self.schedule, &distances, protect) {
-            Some(k) => {
-                self.free(k.index as usize);
-                true
-            }
-            None => false,
-        }
+    fn needs_fill(&self, k: Key, distance: u32) -> bool {
+        let c = self.copies[k.index as usize];
+        let conversion_missing = self.sizes[k.index as usize].converted > 0 && !c.staged;
+        needs_fill(c.resident, conversion_missing, distance)
     }
 
     /// Frees a layer's resident and converted-ahead copies.
@@ -232,6 +243,6 @@ impl Simulation {
         let freed =
             if c.resident { size.prepared } else { 0 } + if c.staged { size.converted } else { 0 };
         self.budget.refund(freed);
-        self.prefetched.retain(|&i| i != index);
+        self.window.remove(key(index));
     }
 }

@@ -8,49 +8,6 @@ fn key(index: u32) -> Key {
     }
 }
 
-/// Replays `trace` against a cache of `capacity` equal layers evicting by the schedule's rank;
-/// returns the misses per pass of `pass_len` acquires.
-fn misses_per_pass(trace: &[u32], capacity: usize, pass_len: usize) -> Vec<usize> {
-    let mut schedule = Schedule::default();
-    let mut resident: Vec<Key> = Vec::new();
-    let mut misses = vec![0; trace.len().div_ceil(pass_len)];
-    for (tick, &layer) in trace.iter().enumerate() {
-        let layer = key(layer);
-        schedule.record(layer);
-        if resident.contains(&layer) {
-            continue;
-        }
-        misses[tick / pass_len] += 1;
-        if resident.len() == capacity {
-            let distances = schedule.distances();
-            let victim = (0..resident.len())
-                .filter(|&i| resident[i] != layer)
-                .max_by_key(|&i| schedule.eviction_rank(resident[i], &distances))
-                .unwrap();
-            resident.swap_remove(victim);
-        }
-        resident.push(layer);
-    }
-    misses
-}
-
-#[test]
-fn a_repeating_pass_misses_only_what_cannot_stay() {
-    // 10 layers, room for 4 (one of them the layer in use): the bound for a repeating pass is
-    // layers - (capacity - 1) misses per pass, within one layer; LRU would miss all 10.
-    let (layers, capacity, passes) = (10u32, 4, 6);
-    let trace: Vec<u32> = (0..passes).flat_map(|_| 0..layers).collect();
-    let misses = misses_per_pass(&trace, capacity, layers as usize);
-    assert_eq!(misses[0], layers as usize);
-    let bound = layers as usize - (capacity - 1);
-    for (pass, &m) in misses.iter().enumerate().skip(1) {
-        assert!(
-            m.abs_diff(bound) <= 1,
-            "pass {pass}: {m} misses, bound {bound}"
-        );
-    }
-}
-
 #[test]
 fn upcoming_follows_the_learned_cycle() {
     let mut schedule = Schedule::default();

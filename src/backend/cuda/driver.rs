@@ -355,17 +355,31 @@ impl Drop for PinnedBuffer {
     }
 }
 
-/// Registers existing host memory as page-locked, in place. Call with the context bound.
-pub(super) fn register_host(start: *const u8, len: usize) -> Result<()> {
-    // SAFETY: the range is a live allocation of the caller's, which unregisters it before
-    // freeing it.
-    check(
-        unsafe {
-            sys::cuMemHostRegister_v2(start as *mut c_void, len, sys::CU_MEMHOSTREGISTER_PORTABLE)
+/// Registers existing host memory as page-locked, in place, for every CUDA context of the
+/// process (portable). Call with the context bound. `Ok(false)`: the range was registered
+/// already (a host store's layer another context pinned), and stays so until its registrant
+/// unregisters it. Memory mapped read-only (a named host store) is registered as such.
+pub(super) fn register_host(start: *const u8, len: usize) -> Result<bool> {
+    let register = |flags| {
+        // SAFETY: the range is a live allocation of the caller's, which unregisters it before
+        // freeing it.
+        unsafe { sys::cuMemHostRegister_v2(start as *mut c_void, len, flags) }
+    };
+    let mut result = register(sys::CU_MEMHOSTREGISTER_PORTABLE);
+    if result == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED {
+        return Ok(false);
+    }
+    if result != sys::CUresult::CUDA_SUCCESS {
+        let read_only = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_READ_ONLY;
+        if register(read_only) == sys::CUresult::CUDA_SUCCESS {
+            result = sys::CUresult::CUDA_SUCCESS;
         }
-        .result(),
+    }
+    check(
+        result.result(),
         &format!("pinning {len} bytes of host memory"),
-    )
+    )?;
+    Ok(true)
 }
 
 /// Undoes `register_host` for the range starting at `start`. Call with the context bound.

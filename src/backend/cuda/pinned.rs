@@ -48,14 +48,23 @@ impl Shared {
             // SAFETY: `offset` < `len`, within the page-rounded allocation (host copies this
             // large are whole-page mappings).
             let chunk = unsafe { start.add(offset) };
-            if let Err(e) = driver::register_host(chunk, (len - offset).min(PIN_CHUNK_BYTES)) {
-                for &done in &chunks {
-                    driver::unregister_host(done);
+            match driver::register_host(chunk, (len - offset).min(PIN_CHUNK_BYTES)) {
+                Ok(true) => chunks.push(chunk),
+                // Pinned by the host store's first user: used as pinned, left to it to unpin.
+                Ok(false) if offset == 0 => break,
+                failed => {
+                    for &done in &chunks {
+                        driver::unregister_host(done);
+                    }
+                    let e = failed.err().unwrap_or_else(|| {
+                        Error::device(format!(
+                            "pinning {len} bytes at {start:p}: part of the range was pinned already"
+                        ))
+                    });
+                    shared.warn_unpinned(&e);
+                    return None;
                 }
-                shared.warn_unpinned(&e);
-                return None;
             }
-            chunks.push(chunk);
         }
         drop(bound);
         lock(&shared.res().pinned).insert(start as usize, start as usize + bytes.len());

@@ -1,5 +1,8 @@
 //! Moving a layer's bytes between tiers, done without the context lock while the layer is marked
-//! busy: reading from the checkpoint, filling host copies, uploading and converting on the device.
+//! (`inflight.rs`): where the bytes come from (`Source`: a host copy or the checkpoint), where they
+//! go (`Sink`: a host buffer or device memory), host copies, and the device copies with their
+//! memory. One exception to "without the lock": when the device itself runs out of memory under
+//! the budget, `allocate_device` takes the lock to evict a layer and tries again.
 
 use super::Context;
 use crate::backend::{Backend, DeviceMemory};
@@ -8,8 +11,10 @@ use crate::convert::TensorBytes;
 use crate::error::{ErrorKind, Result};
 use crate::host::CountedBuffer;
 use crate::log::Level;
-use crate::registry::{DeviceCopy, HostCopy, TensorMeta};
+use crate::registry::{DeviceCopy, HostBytes, HostCopy, Layer, TensorMeta};
 use crate::slot::{convert_into_slot, convert_into_slot_part, slot_contents, TensorSlot};
+use crate::store::LayerKey;
+use crate::tiers::{Device, Tier, Tiers};
 use crate::trace::{Span, Stamp, Track};
 use once_cell::sync::Lazy;
 use std::ffi::CStr;
@@ -103,7 +108,7 @@ impl Context {
         let infos = match source {
             Source::Host(copy) => {
                 for (i, (meta, slot)) in tensors.iter().zip(&copy.slots).enumerate() {
-                    let (bytes, scales) = slot_contents(slot, copy.buffer.buffer.as_slice())?;
+                    let (bytes, scales) = slot_contents(slot, copy.buffer.as_slice())?;
                     let src = TensorBytes {
                         bytes,
                         dtype: slot.repr.dtype,
@@ -193,16 +198,31 @@ impl Context {
         size: usize,
         spans: &mut Vec<Span>,
     ) -> Result<HostCopy> {
-        let mut buffer = CountedBuffer::new(size, &self.host)?;
-        let mut sink = HostSink {
-            buffer: buffer.buffer.as_mut_slice(),
-            slots: &slots,
-            conversions: super::conversions(self.options()),
+        let fill = |buffer: &mut [u8], spans: &mut Vec<Span>| {
+            let mut sink = HostSink {
+                buffer,
+                slots: &slots,
+                conversions: super::conversions(self.options()),
+            };
+            self.fill_from_source(source, tensors, &mut sink, spans)
         };
-        self.fill_from_source(source, tensors, &mut sink, spans)?;
+        // With a host store, a copy read from the checkpoint is the store's: the first context
+        // to need it fills it, the others wait for that fill and share it.
+        if let (Some(store), Source::Disk(infos)) = (self.store.get(), source) {
+            let key = LayerKey::new(infos, tensors, &slots, size);
+            if let Some(lease) = store.layer(&key, size, |buffer| fill(buffer, spans))? {
+                return Ok(HostCopy {
+                    _pinned: lease.pin_for(&*self.backend),
+                    buffer: HostBytes::Store(lease),
+                    slots,
+                });
+            }
+        }
+        let mut buffer = CountedBuffer::new(size, &self.host)?;
+        fill(buffer.buffer.as_mut_slice(), spans)?;
         Ok(HostCopy {
             _pinned: self.backend.pin_host(buffer.buffer.as_slice()),
-            buffer,
+            buffer: HostBytes::Own(buffer),
             slots,
         })
     }
@@ -214,9 +234,7 @@ impl Context {
         loop {
             match self.backend.allocate(bytes) {
                 Err(e) if e.kind == ErrorKind::OutOfMemory => {
-                    let mut st = self.lock();
-                    let distances = st.schedule.distances();
-                    if !self.evict_one(&mut st, None, &distances, 0, false) {
+                    if !self.evict_for_memory(&mut self.lock()) {
                         return Err(e.context(
                             "the device is out of memory (another program may be using it) and \
                              no unused layer is left to evict",
@@ -331,5 +349,45 @@ fn panic_if_armed(tensor: &CStr) {
     };
     if armed {
         panic!("injected fill panic after tensor {tensor:?} (STRATA_FAULT_PANIC_FILL)");
+    }
+}
+
+/// The nearest host copy of a layer, and the tier whose form it holds: its onload copy (when
+/// `onload_first`), else its offload copy.
+pub(super) fn nearest_host_copy(
+    layer: &Layer,
+    onload_first: bool,
+) -> Option<(&Arc<HostCopy>, Tier)> {
+    let onload = layer.onload_copy.as_ref().filter(|_| onload_first);
+    onload.map(|copy| (copy, Tier::Onload)).or_else(|| {
+        layer
+            .offload_copy
+            .as_ref()
+            .map(|copy| (copy, Tier::Offload))
+    })
+}
+
+/// Whether the layer lacks the host copy `tier` (Offload or Onload) asks for: that tier is in RAM,
+/// and for Onload, the offload copy is not already in its form.
+pub(super) fn host_copy_missing(layer: &Layer, tiers: &Tiers, tier: Tier) -> bool {
+    tiers.placement(tier).device == Device::Cpu
+        && match tier {
+            Tier::Offload => layer.offload_copy.is_none(),
+            _ => {
+                layer.onload_copy.is_none()
+                    && !layer
+                        .offload_copy
+                        .as_ref()
+                        .is_some_and(|c| c.slots == layer.forms.get(tier).slots)
+            }
+        }
+}
+
+/// The nearest host-side source of a layer's bytes: its onload copy, its offload copy, or the file.
+pub(super) fn nearest_source(layer: &Layer, onload_first: bool) -> Source {
+    match (nearest_host_copy(layer, onload_first), &layer.checkpoint) {
+        (Some((copy, _)), _) => Source::Host(copy.clone()),
+        (None, Some(infos)) => Source::Disk(infos.clone()),
+        (None, None) => unreachable!("host layers always keep their offload copy"),
     }
 }
