@@ -58,12 +58,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::time::Instant;
-use strata::budget::STRATA_UNLIMITED;
-use strata::convert::STRATA_QUANT_PER_CHANNEL;
-use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN};
-use strata::error::{strata_status, STRATA_OK};
 use strata::ffi::acquire::{strata_acquire_for_compute, strata_release, strata_tensor_view};
 use strata::ffi::checkpoint::{strata_checkpoint_close, strata_checkpoint_open};
+use strata::ffi::consts::{
+    strata_status, STRATA_DEVICE_CPU, STRATA_DEVICE_CUDA, STRATA_DEVICE_DISK, STRATA_DTYPE_BF16,
+    STRATA_DTYPE_F8_E4M3FN, STRATA_OK, STRATA_QUANT_PER_CHANNEL, STRATA_UNLIMITED,
+};
 use strata::ffi::context::{
     strata_context, strata_context_create, strata_context_destroy, strata_context_set_vram_limit,
     strata_options_default,
@@ -75,7 +75,6 @@ use strata::ffi::layer::{
     strata_layer_register_host,
 };
 use strata::ffi::stats::{strata_stats, strata_stats_get};
-use strata::tiers::{STRATA_DEVICE_CPU, STRATA_DEVICE_CUDA, STRATA_DEVICE_DISK};
 
 /// The limits' copy size.
 const COPY_BYTES: usize = 256 << 20;

@@ -26,14 +26,13 @@ use std::path::{Path, PathBuf};
 use std::ptr;
 use std::time::Instant;
 use strata::checkpoint::Checkpoint;
-use strata::error::STRATA_OK;
 use strata::ffi::acquire::{strata_acquire_for_compute, strata_release, strata_tensor_view};
 use strata::ffi::checkpoint::{strata_checkpoint_close, strata_checkpoint_open};
+use strata::ffi::consts::{STRATA_DEVICE_DISK, STRATA_OK};
 use strata::ffi::context::{strata_context_create, strata_context_destroy, strata_options_default};
 use strata::ffi::group::{strata_group_create, strata_tiers_default};
 use strata::ffi::layer::{strata_group_register_checkpoint, strata_layer_find};
 use strata::ffi::stats::{strata_stats, strata_stats_get};
-use strata::tiers::STRATA_DEVICE_DISK;
 
 /// One block: a bf16 [ROWS, COLS] weight (32 MiB: four read chunks, as real DiT weights span
 /// many) and an f32 [ROWS] bias.

@@ -2,8 +2,8 @@
 
 use crate::trace::{MemorySamples, Stamp};
 
-/// `vram_limit` meaning "no limit".
-pub const STRATA_UNLIMITED: u64 = u64::MAX;
+/// A limit meaning "no limit" (`vram_limit`, `host_limit`).
+pub(crate) const UNLIMITED: u64 = u64::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -16,7 +16,7 @@ pub enum Limit {
 impl Limit {
     pub fn from_abi(vram_limit: u64) -> Limit {
         match vram_limit {
-            STRATA_UNLIMITED => Limit::Unlimited,
+            UNLIMITED => Limit::Unlimited,
             0 => Limit::Minimal,
             n => Limit::Bytes(n),
         }
@@ -24,7 +24,7 @@ impl Limit {
 
     pub fn to_abi(self) -> u64 {
         match self {
-            Limit::Unlimited => STRATA_UNLIMITED,
+            Limit::Unlimited => UNLIMITED,
             Limit::Minimal => 0,
             Limit::Bytes(n) => n,
         }
@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn zero_and_unlimited_never_refuse() {
-        for limit in [0, STRATA_UNLIMITED] {
+        for limit in [0, UNLIMITED] {
             let mut budget = Budget::new(Limit::from_abi(limit));
             budget.charge(1 << 40);
             assert_eq!(budget.over_cap(), limit == 0);

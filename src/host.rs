@@ -569,7 +569,7 @@ impl Drop for CountedBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{STRATA_ERR_BUDGET, STRATA_ERR_OUT_OF_MEMORY};
+    use crate::error::ErrorKind;
 
     #[test]
     fn buffers_small_and_mapped_are_zeroed_aligned_and_writable() {
@@ -596,7 +596,7 @@ mod tests {
         counter.try_charge(60).unwrap();
         counter.try_charge(40).unwrap();
         let error = counter.try_charge(1).unwrap_err();
-        assert_eq!(error.status, STRATA_ERR_BUDGET, "{error}");
+        assert_eq!(error.kind, ErrorKind::Budget, "{error}");
         assert!(error.message.contains("host_limit (100 bytes)"), "{error}");
         assert!(error.message.contains("100 bytes are held"), "{error}");
         assert_eq!(counter.in_use(), 100, "a refused charge holds nothing");
@@ -606,10 +606,7 @@ mod tests {
         // A charge whose sum overflows is over any limit, even "unlimited".
         let unlimited = MemoryCounter::default();
         unlimited.try_charge(u64::MAX).unwrap();
-        assert_eq!(
-            unlimited.try_charge(1).unwrap_err().status,
-            STRATA_ERR_BUDGET
-        );
+        assert_eq!(unlimited.try_charge(1).unwrap_err().kind, ErrorKind::Budget);
     }
 
     #[test]
@@ -634,7 +631,7 @@ mod tests {
         let first = CountedBuffer::new(3000, &counter).unwrap();
         assert_eq!(first.buffer.len(), 3000);
         let error = CountedBuffer::new(2000, &counter).err().unwrap();
-        assert_eq!(error.status, STRATA_ERR_BUDGET);
+        assert_eq!(error.kind, ErrorKind::Budget);
         assert_eq!(counter.in_use(), 3000);
         drop(first);
         let second = CountedBuffer::new(4096, &counter).unwrap();
@@ -644,7 +641,7 @@ mod tests {
         // An allocation the system refuses gives its charge back.
         counter.set_limit(u64::MAX);
         let error = CountedBuffer::new(usize::MAX, &counter).err().unwrap();
-        assert_eq!(error.status, STRATA_ERR_OUT_OF_MEMORY);
+        assert_eq!(error.kind, ErrorKind::OutOfMemory);
         assert_eq!(counter.in_use(), 0);
     }
 
@@ -760,8 +757,8 @@ mod tests {
         assert_eq!(counter.in_use(), 12 << 20);
         assert!(counter.in_use() + counter.banked() <= 16 << 20);
         assert_eq!(
-            CountedBuffer::new(5 << 20, &counter).err().unwrap().status,
-            STRATA_ERR_BUDGET
+            CountedBuffer::new(5 << 20, &counter).err().unwrap().kind,
+            ErrorKind::Budget
         );
         drop(copy);
         counter.release_banked();

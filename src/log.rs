@@ -11,28 +11,15 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Something failed.
-pub const STRATA_LOG_ERROR: u32 = 1;
-/// Something works, but not as configured (overcommit, a checkpoint changed on disk).
-pub const STRATA_LOG_WARN: u32 = 2;
-/// A decision worth knowing about (a layer refused for the budget, a new limit).
-pub const STRATA_LOG_INFO: u32 = 3;
-/// Every eviction, and other detail.
-pub const STRATA_LOG_DEBUG: u32 = 4;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    Error = STRATA_LOG_ERROR as isize,
-    Warn = STRATA_LOG_WARN as isize,
-    Info = STRATA_LOG_INFO as isize,
-    Debug = STRATA_LOG_DEBUG as isize,
+    Error,
+    Warn,
+    Info,
+    Debug,
 }
 
 impl Level {
-    pub fn to_abi(self) -> u32 {
-        self as u32
-    }
-
     fn name(self) -> &'static str {
         match self {
             Level::Error => "error",
@@ -84,7 +71,7 @@ enum Sink {
 }
 
 /// A context's log: a callback, else stderr up to the level `STRATA_LOG` names, else nothing.
-pub struct Logger {
+pub(crate) struct Logger {
     sink: Sink,
     /// Whether the queue may hold messages: lets `flush` skip the queue's lock on every call.
     pending: AtomicBool,

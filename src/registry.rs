@@ -1,12 +1,13 @@
 //! Groups, layers and their tensors, behind ids that are never reused: a stale, made-up or foreign
 //! id is an error, never a wrong object.
 
-use crate::backend::{DeviceMemory, TensorSlot};
+use crate::backend::DeviceMemory;
 use crate::checkpoint::TensorInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
 use crate::residency::OnDevice;
+use crate::slot::TensorSlot;
 use crate::tiers::{Tier, Tiers};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -23,6 +24,28 @@ use std::thread::ThreadId;
 pub fn next_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A group's id, as `Context::create_group` hands it out: never reused in the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupId(pub u64);
+
+/// A layer's id, as registration hands it out: never reused in the process, nor shared with a
+/// group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerId(pub u64);
+
+/// Ids show as the number they wrap (`{id:#x}` in messages).
+impl std::fmt::LowerHex for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::LowerHex for LayerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.0, f)
+    }
 }
 
 /// Hashes ids, which are sequential: one multiply by an odd constant spreads them over every bit
@@ -150,7 +173,7 @@ impl<T> Arena<T> {
 }
 
 /// Most dimensions a tensor may have (the size of `strata_tensor_view.shape`).
-pub const STRATA_MAX_DIMS: usize = 8;
+pub(crate) const MAX_DIMS: usize = 8;
 
 /// One tensor of a layer as registered: its name, stored dtype and shape.
 pub struct TensorMeta {
@@ -168,11 +191,11 @@ impl TensorMeta {
     pub fn new(name: &str, dtype: DType, shape: Vec<i64>) -> Result<TensorMeta> {
         let name = CString::new(name)
             .map_err(|_| Error::invalid(format!("tensor name {name:?} contains a NUL byte")))?;
-        if shape.len() > STRATA_MAX_DIMS {
+        if shape.len() > MAX_DIMS {
             return Err(Error::invalid(format!(
                 "tensor {name:?} has {} dimensions; at most {} are supported",
                 shape.len(),
-                STRATA_MAX_DIMS
+                MAX_DIMS
             )));
         }
         let mut numel: usize = 1;
@@ -213,7 +236,7 @@ impl TensorMeta {
 pub struct HostCopy {
     /// Keeps the buffer pinned for direct uploads (a GPU); declared first, so it unpins before
     /// the buffer is freed.
-    pub pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub _pinned: Option<Box<dyn std::any::Any + Send + Sync>>,
     pub buffer: HostBytes,
     pub slots: Vec<TensorSlot>,
 }
@@ -267,7 +290,7 @@ pub struct Forms {
 impl Forms {
     pub fn new(tensors: &[TensorMeta], tiers: &Tiers) -> Forms {
         let of = |tier| {
-            let (slots, size) = crate::backend::layout(
+            let (slots, size) = crate::slot::layout(
                 tensors
                     .iter()
                     .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),
@@ -335,11 +358,6 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// Bytes of the tensors as stored.
-    pub fn source_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
-    }
-
     /// Whether the computation form differs from the preparing one, so using the layer needs a
     /// converted copy beside the resident one.
     pub fn needs_conversion(&self) -> bool {

@@ -1,15 +1,9 @@
-//! Devices, placements and the four tiers of a group, resolved against a context's compute device.
+//! Devices, placements and the four tiers of a group, and the rules a context checks them by
+//! (the C ABI resolves its DEFAULT device before: `ffi::group`).
 
 use crate::convert::Quant;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-
-/// The usual place: the CPU for offload and onload, the compute device for preparing and computation.
-pub const STRATA_DEVICE_DEFAULT: u32 = 0;
-/// The checkpoint file itself: bytes are read when a tier transition needs them.
-pub const STRATA_DEVICE_DISK: u32 = 1;
-pub const STRATA_DEVICE_CPU: u32 = 2;
-pub const STRATA_DEVICE_CUDA: u32 = 3;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
@@ -19,25 +13,6 @@ pub enum Device {
 }
 
 impl Device {
-    pub fn to_abi(self) -> u32 {
-        match self {
-            Device::Disk => STRATA_DEVICE_DISK,
-            Device::Cpu => STRATA_DEVICE_CPU,
-            Device::Cuda => STRATA_DEVICE_CUDA,
-        }
-    }
-
-    /// Reads an ABI number: `Ok(None)` for `STRATA_DEVICE_DEFAULT`.
-    pub fn from_abi(value: u32) -> Result<Option<Device>> {
-        match value {
-            STRATA_DEVICE_DEFAULT => Ok(None),
-            STRATA_DEVICE_DISK => Ok(Some(Device::Disk)),
-            STRATA_DEVICE_CPU => Ok(Some(Device::Cpu)),
-            STRATA_DEVICE_CUDA => Ok(Some(Device::Cuda)),
-            other => Err(Error::invalid(format!("unknown device {other}"))),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Device::Disk => "disk",
@@ -91,24 +66,15 @@ impl Repr {
     }
 }
 
-/// The four placements as the C caller wrote them (device and dtype numbers), before resolution.
-pub struct RawTiers {
-    pub placements: [(u32, u32); 4],
-    pub quant: u32,
-}
-
 impl Tiers {
-    /// Validates the caller's numbers and resolves `DEFAULT` for a context computing on `compute`.
-    pub fn resolve(raw: &RawTiers, compute: Device) -> Result<Tiers> {
+    /// Refuses tiers a context computing on `compute` cannot keep: a tier dtype that is not a
+    /// float one, a host tier (offload, onload) off the disk and the cpu, a device tier
+    /// (preparing, computation) off `compute`, an onload tier on disk below an offload on the cpu.
+    pub fn check(&self, compute: Device) -> Result<()> {
         let names = ["offload", "onload", "preparing", "computation"];
-        let mut resolved = [Placement {
-            device: Device::Cpu,
-            dtype: None,
-        }; 4];
-        for (i, &(device, dtype)) in raw.placements.iter().enumerate() {
-            let tier = names[i];
-            let dtype = DType::from_abi(dtype).map_err(|e| e.context(format!("{tier} tier")))?;
-            if let Some(dtype) = dtype.filter(|d| !d.is_float()) {
+        let placements = [self.offload, self.onload, self.preparing, self.computation];
+        for (i, (tier, placement)) in names.into_iter().zip(placements).enumerate() {
+            if let Some(dtype) = placement.dtype.filter(|d| !d.is_float()) {
                 // Integer tensors keep their stored dtype in every tier; an integer tier dtype
                 // would ask for float tensors to be cast to integers, which strata does not do.
                 return Err(Error::invalid(format!(
@@ -117,13 +83,8 @@ impl Tiers {
                     dtype.name()
                 )));
             }
-            let device = Device::from_abi(device).map_err(|e| e.context(format!("{tier} tier")))?;
+            let device = placement.device;
             let host_tier = i < 2;
-            let device = match device {
-                None if host_tier => Device::Cpu,
-                None => compute,
-                Some(d) => d,
-            };
             let allowed = if host_tier {
                 matches!(device, Device::Disk | Device::Cpu)
             } else {
@@ -140,22 +101,13 @@ impl Tiers {
                     device.name()
                 )));
             }
-            resolved[i] = Placement { device, dtype };
         }
-        let quant = Quant::from_abi(raw.quant)?;
-        let [offload, onload, preparing, computation] = resolved;
-        if offload.device == Device::Cpu && onload.device == Device::Disk {
+        if self.offload.device == Device::Cpu && self.onload.device == Device::Disk {
             return Err(Error::invalid(
                 "the onload tier cannot be on disk when the offload tier is on the cpu",
             ));
         }
-        Ok(Tiers {
-            offload,
-            onload,
-            preparing,
-            computation,
-            quant,
-        })
+        Ok(())
     }
 
     pub fn placement(&self, tier: Tier) -> Placement {

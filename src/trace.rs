@@ -656,7 +656,7 @@ pub fn memory_tracks<'a>(
     host: &'a MemorySamples,
     host_limit: u64,
 ) -> [MemoryTrack<'a>; 2] {
-    use crate::budget::{Limit, STRATA_UNLIMITED};
+    use crate::budget::{Limit, UNLIMITED};
     let device_limit = match budget.limit {
         Limit::Bytes(n) => Some(n),
         Limit::Unlimited | Limit::Minimal => None,
@@ -674,9 +674,9 @@ pub fn memory_tracks<'a>(
         MemoryTrack {
             name: "host memory",
             samples: host,
-            limit: (host_limit != STRATA_UNLIMITED).then_some(host_limit),
+            limit: (host_limit != UNLIMITED).then_some(host_limit),
             limit_label: match host_limit {
-                STRATA_UNLIMITED => "host_limit unlimited".to_owned(),
+                UNLIMITED => "host_limit unlimited".to_owned(),
                 n => format!("host_limit {}", mib(n)),
             },
         },

@@ -1184,7 +1184,7 @@ fn takes_direct_io(dir: &std::path::Path) -> bool {
         .open(&probe);
     let read = opened.is_ok_and(|file| {
         // An aligned buffer: a page of a fresh anonymous mapping.
-        let mut buffer = strata::host::HostBuffer::new(1 << 20).unwrap();
+        let mut buffer = strata::HostBuffer::new(1 << 20).unwrap();
         file.read_at(&mut buffer.as_mut_slice()[..4096], 4096)
             .is_ok_and(|n| n == 4096)
     });

@@ -23,17 +23,13 @@ use std::ffi::{c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, RwLock};
-use strata::budget::STRATA_UNLIMITED;
-use strata::context::STRATA_FLAG_STRICT_BUDGET;
-use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F32};
-use strata::error::*;
+use strata::ffi::consts::*;
 use strata::ffi::acquire::*;
 use strata::ffi::context::*;
 use strata::ffi::error::*;
 use strata::ffi::group::*;
 use strata::ffi::layer::*;
 use strata::ffi::stats::*;
-use strata::registry::STRATA_MAX_DIMS;
 
 /// Elements per tensor: 1 KiB of f32, so a few layers fill the small budgets the header picks.
 const ELEMENTS: usize = 256;

@@ -1,12 +1,11 @@
 //! The CPU as a compute device: RAM is the compute tier and conversions run on the host. It is a
 //! real device, not a mock: every test without a GPU drives the whole engine through it.
 
-use super::{
-    convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
-};
+use super::{Backend, DeviceMemory};
 use crate::convert::{Engine, TensorBytes};
 use crate::error::Result;
 use crate::host::{HostBuffer, PageBank, BANKED_MIN};
+use crate::slot::{convert_into_slot, convert_into_slot_part, slot_contents, TensorSlot};
 use crate::tiers::Device;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -99,10 +98,9 @@ fn bytes(memory: &DeviceMemory) -> &[u8] {
 }
 
 /// All bytes of memory this backend allocated, to fill.
-#[allow(clippy::mut_from_ref)]
-fn bytes_mut(memory: &DeviceMemory) -> &mut [u8] {
-    // SAFETY: as in `bytes`; the engine hands a buffer being filled to one writer at a time and
-    // gives out no views of it until the fill is done.
+fn bytes_mut(memory: &mut DeviceMemory) -> &mut [u8] {
+    // SAFETY: as in `bytes`; `&mut` makes the caller the only one using `memory` (the fill that
+    // owns it: no view of it is handed out until the fill is done).
     unsafe { std::slice::from_raw_parts_mut(memory.addr as *mut u8, memory.len) }
 }
 
@@ -143,21 +141,26 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()> {
+    fn upload(
+        &self,
+        src: TensorBytes<'_>,
+        dst: &mut DeviceMemory,
+        slot: &TensorSlot,
+    ) -> Result<()> {
         convert_into_slot(src, slot, bytes_mut(dst), self.conversions)
     }
 
     fn upload_part(
         &self,
         src: TensorBytes<'_>,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         slot: &TensorSlot,
         first_element: usize,
     ) -> Result<()> {
         convert_into_slot_part(src, slot, bytes_mut(dst), first_element, self.conversions)
     }
 
-    fn host_writable<'a>(&self, dst: &'a DeviceMemory) -> Option<&'a mut [u8]> {
+    fn host_writable<'a>(&self, dst: &'a mut DeviceMemory) -> Option<&'a mut [u8]> {
         Some(bytes_mut(dst))
     }
 
@@ -165,7 +168,7 @@ impl Backend for CpuBackend {
         &self,
         src: &DeviceMemory,
         src_slot: &TensorSlot,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         dst_slot: &TensorSlot,
     ) -> Result<()> {
         let (data, scales) = slot_contents(src_slot, bytes(src))?;
@@ -214,8 +217,8 @@ mod tests {
         let pass = |backend: &CpuBackend| {
             let mut live = std::collections::VecDeque::new();
             for &size in sizes.iter().cycle().take(12) {
-                let memory = backend.allocate(size).unwrap();
-                backend.host_writable(&memory).unwrap().fill(7);
+                let mut memory = backend.allocate(size).unwrap();
+                backend.host_writable(&mut memory).unwrap().fill(7);
                 live.push_back(memory);
                 if live.len() > 2 {
                     live.pop_front();
@@ -259,13 +262,13 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(held(&backend), (0, 10 << 20));
-        let c = backend.allocate(10 << 20).unwrap();
+        let mut c = backend.allocate(10 << 20).unwrap();
         assert_eq!(
             backend.allocations(),
             2,
             "made of the two freed buffers' pages"
         );
-        assert!(backend.host_writable(&c).unwrap().len() == 10 << 20);
+        assert!(backend.host_writable(&mut c).unwrap().len() == 10 << 20);
         drop(c);
         assert_eq!(held(&backend), (0, 10 << 20));
     }

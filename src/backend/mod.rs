@@ -1,137 +1,41 @@
 //! The compute device as the engine sees it: memory it can allocate, and the two ways bytes get
 //! into that memory (an upload from host memory, a conversion already on the device). The engine,
-//! the budget and the schedule use only this trait, never a concrete backend.
+//! the budget and the schedule use only this trait, never a concrete backend; the layout of a
+//! layer in a buffer is the backend-independent `crate::slot`.
+//!
+//! # The contract a backend keeps
+//!
+//! - **Threads.** Any thread that calls into the context may call any method (several at once):
+//!   the callers' threads, and the copy engine's worker, which fills layers ahead.
+//! - **The context lock.** Methods that only record or look (`ready_for`, `used_until`,
+//!   `set_memory_cap`, `release_idle`, `allocations`, and dropping a `DeviceMemory` at eviction)
+//!   may be called with the context lock held, so they must never call back into the context.
+//!   Fills (`allocate`, the transfers, `pin_host`) run without it, so a slow copy never holds up
+//!   other layers. Each method's doc says which.
+//! - **Blocking.** Only fills and memory give-backs may block the host, never on the caller's
+//!   own work: ordering with the caller's stream goes through `ready_for`/`used_until`, which
+//!   enqueue waits on the device.
+//! - **One writer per fill.** The transfers take `&mut DeviceMemory`: the fill that allocated the
+//!   memory owns it alone until it installs it, and no view of it is handed out before.
+//! - **Errors.** `allocate`'s `OUT_OF_MEMORY` means "evict and retry"; every other error fails the
+//!   one call it came from, and leaves the backend usable. Each method's doc says what the
+//!   caller does.
+//! - **Freeing.** Dropping a `DeviceMemory` gives it back; the backend reuses or frees it only
+//!   after the work enqueued on the streams that used it (see `used_until`) has run.
 
 pub mod cpu;
 pub mod cuda;
 
 use crate::convert::{Engine, TensorBytes};
 use crate::error::{Error, Result};
-use crate::tiers::{Device, Repr};
+use crate::slot::TensorSlot;
+use crate::tiers::Device;
 use std::any::Any;
 
-/// Where one tensor sits inside a buffer (host copy or device memory), and in which form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TensorSlot {
-    pub offset: usize,
-    pub repr: Repr,
-    pub numel: usize,
-    /// Size of dimension 0 for tensors of two or more dimensions, else 1: the per-channel groups.
-    pub rows: usize,
-    /// Where the `repr.scale_count(rows)` f32 scales start (only meaningful when there are some).
-    pub scales_offset: usize,
-}
-
-impl TensorSlot {
-    pub fn data_bytes(&self) -> usize {
-        self.numel * self.repr.dtype.size()
-    }
-    pub fn scale_count(&self) -> usize {
-        self.repr.scale_count(self.rows)
-    }
-}
-
-/// Lays tensors out one after another in one buffer, each part aligned; returns the slots and the
-/// total size. `shapes` gives (numel, rows, repr) per tensor.
-pub fn layout(shapes: impl IntoIterator<Item = (usize, usize, Repr)>) -> (Vec<TensorSlot>, usize) {
-    let mut offset = 0;
-    let mut slots = Vec::new();
-    for (numel, rows, repr) in shapes {
-        let data_offset = offset;
-        offset = crate::host::align_up(offset + numel * repr.dtype.size());
-        let scales_offset = offset;
-        offset = crate::host::align_up(offset + repr.scale_count(rows) * 4);
-        slots.push(TensorSlot {
-            offset: data_offset,
-            repr,
-            numel,
-            rows,
-            scales_offset,
-        });
-    }
-    (slots, offset)
-}
-
-/// Converts `src` into `slot`'s form inside `buffer` (the whole buffer the slot lies in), writing
-/// the data and, for scaled fp8, the scales after it.
-pub fn convert_into_slot(
-    src: TensorBytes<'_>,
-    slot: &TensorSlot,
-    buffer: &mut [u8],
-    engine: Engine,
-) -> Result<()> {
-    let scales_end = slot.scales_offset + slot.scale_count() * 4;
-    if slot.offset + slot.data_bytes() > slot.scales_offset || scales_end > buffer.len() {
-        return Err(Error::invalid("tensor slot lies outside its buffer"));
-    }
-    let (data, rest) = buffer.split_at_mut(slot.scales_offset);
-    let data = &mut data[slot.offset..slot.offset + slot.data_bytes()];
-    let scales = crate::convert::convert_with(
-        src,
-        slot.rows,
-        data,
-        slot.repr.dtype,
-        slot.repr.quant,
-        engine,
-    )?;
-    if scales.len() != slot.scale_count() {
-        return Err(Error::invalid(
-            "conversion produced an unexpected number of scales",
-        ));
-    }
-    for (out, scale) in rest.chunks_exact_mut(4).zip(scales) {
-        out.copy_from_slice(&scale.to_ne_bytes());
-    }
-    Ok(())
-}
-
-/// Converts a run of whole elements of an unscaled source into `slot`'s data, starting at element
-/// `first_element`: a tensor streamed through a staging area smaller than itself. Only for slots
-/// without scales, whose conversion is element by element.
-pub fn convert_into_slot_part(
-    src: TensorBytes<'_>,
-    slot: &TensorSlot,
-    buffer: &mut [u8],
-    first_element: usize,
-    engine: Engine,
-) -> Result<()> {
-    if slot.scale_count() != 0 || !src.scales.is_empty() {
-        return Err(Error::invalid(
-            "a scaled tensor converts whole, not in parts",
-        ));
-    }
-    let size = slot.repr.dtype.size();
-    let count = src.bytes.len() / src.dtype.size();
-    let start = slot.offset + first_element * size;
-    if first_element + count > slot.numel || start + count * size > buffer.len() {
-        return Err(Error::invalid("tensor part lies outside its slot"));
-    }
-    crate::convert::convert_with(
-        src,
-        1,
-        &mut buffer[start..start + count * size],
-        slot.repr.dtype,
-        crate::convert::Quant::None,
-        engine,
-    )?;
-    Ok(())
-}
-
-/// A slot's data bytes and its scales, read from the buffer the slot lies in.
-pub fn slot_contents<'a>(slot: &TensorSlot, buffer: &'a [u8]) -> Result<(&'a [u8], Vec<f32>)> {
-    let scales_end = slot.scales_offset + slot.scale_count() * 4;
-    if slot.offset + slot.data_bytes() > buffer.len() || scales_end > buffer.len() {
-        return Err(Error::invalid("tensor slot lies outside its buffer"));
-    }
-    let scales = buffer[slot.scales_offset..scales_end]
-        .chunks_exact(4)
-        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((
-        &buffer[slot.offset..slot.offset + slot.data_bytes()],
-        scales,
-    ))
-}
+/// A caller's stream, as the caller names it: on CUDA a `CUstream` (the default, NULL, is the
+/// legacy default stream); the CPU ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamHandle(pub usize);
 
 /// Memory on the compute device. `addr` is what the caller's kernels receive.
 pub struct DeviceMemory {
@@ -142,77 +46,104 @@ pub struct DeviceMemory {
 }
 
 pub trait Backend: Send + Sync {
+    // Identity: fixed for the backend's life; cheap, never block, callable anywhere.
+
     fn device(&self) -> Device;
     fn device_index(&self) -> i32;
     /// True when code computing on this device can read strata's host buffers in place, so a host
     /// copy already in the computation dtype is handed out without a copy.
     fn reads_host_memory(&self) -> bool;
+
+    // Memory.
+
+    /// Fresh device memory of `bytes`, for one fill. Called without the context lock, from the
+    /// acquiring thread or the copy engine; may block (it may wait for the device to finish with
+    /// pooled memory before giving it back to the driver). `OUT_OF_MEMORY` makes the caller evict
+    /// an unused resident layer (taking the context lock) and call again, until none is left;
+    /// any other error fails the fill.
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory>;
+    /// The most device memory the backend may hold, in use and kept for reuse: the budget's cap
+    /// (it may also keep as much as the budget has held in use since). Called once when the
+    /// context is made, then by `set_vram_limit` with the context lock held, after it evicted
+    /// down to the new limit; may block to give memory back. An error fails that call.
+    fn set_memory_cap(&self, _bytes: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Gives back what the backend keeps for reuse beside the layers (pooled buffers, staging
+    /// memory): called with the context lock held once the last group is gone, so that nothing
+    /// stays held for nothing. May block. An error is only logged: the group is gone either way.
+    fn release_idle(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Device allocations made from the system so far (cuMemAlloc on CUDA; on the CPU, buffers
+    /// that needed fresh pages mapped): flat once a repeating pass is warm. For the statistics,
+    /// with or without the context lock; never blocks.
+    fn allocations(&self) -> u64;
+
+    // Transfer: writes into memory one fill owns. Called without the context lock, from the
+    // thread doing the fill (an acquiring thread or the copy engine), while the layer is marked
+    // busy; `&mut` makes that fill the only writer. Each may block the host for staging (a ring
+    // slot to free up, a conversion through the host). An error fails the fill: the caller drops
+    // `dst` and refunds its bytes, and the acquire (or the prefetch) reports it.
+
     /// Writes `src` (host memory) into `dst` at `slot`, converted to `slot.repr`.
-    fn upload(&self, src: TensorBytes<'_>, dst: &DeviceMemory, slot: &TensorSlot) -> Result<()>;
+    fn upload(&self, src: TensorBytes<'_>, dst: &mut DeviceMemory, slot: &TensorSlot)
+        -> Result<()>;
     /// Writes part of an unscaled tensor, whole elements from `first_element` on (see
-    /// `convert_into_slot_part`): how a tensor larger than the staging area arrives.
+    /// `slot::convert_into_slot_part`): how a tensor larger than the staging area arrives.
     fn upload_part(
         &self,
         src: TensorBytes<'_>,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         slot: &TensorSlot,
         first_element: usize,
     ) -> Result<()>;
     /// The device memory as host bytes, when the host can write it directly (the CPU device):
-    /// a read from the checkpoint then lands in place, with no staging at all. The engine fills a
-    /// buffer from one thread at a time and hands out no views of it until the fill is done.
-    #[allow(clippy::mut_from_ref)]
-    fn host_writable<'a>(&self, dst: &'a DeviceMemory) -> Option<&'a mut [u8]>;
+    /// a read from the checkpoint then lands in place, with no staging at all. None otherwise.
+    fn host_writable<'a>(&self, dst: &'a mut DeviceMemory) -> Option<&'a mut [u8]>;
     /// Converts a tensor already on the device into another slot on the device.
     fn convert(
         &self,
         src: &DeviceMemory,
         src_slot: &TensorSlot,
-        dst: &DeviceMemory,
+        dst: &mut DeviceMemory,
         dst_slot: &TensorSlot,
     ) -> Result<()>;
-
-    /// Refuses a caller's stream the device cannot order work on (on CUDA, one of another
-    /// context), before anything changes. A device whose fills are done when they return (the
-    /// CPU) ignores streams.
-    fn check_stream(&self, _stream: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Makes the work the caller enqueues on `stream` from now on see `memory`'s last fill,
-    /// without blocking the host.
-    fn ready_for(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Ends the caller's use of `memory` on `stream`: the memory is written again, or freed, only
-    /// after the work enqueued there so far has run.
-    fn used_until(&self, _memory: &DeviceMemory, _stream: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Pins a host copy in place, so uploads from it go straight to the device; the guard
-    /// unpins it and must be dropped before the memory is freed. None when the device has no use
-    /// for it, or pinning was refused (then uploads are staged).
-    fn pin_host(&self, _bytes: &[u8]) -> Option<Box<dyn Any + Send + Sync>> {
-        None
-    }
     /// Host memory the device keeps for its own staging under `host_limit` (counted against
-    /// it): what a fill may stage beside it is the rest.
+    /// it): what a fill may stage beside it is the rest. Called during a fill, without the lock.
     fn staging_host_bytes(&self, _host_limit: u64) -> u64 {
         0
     }
-    /// The most device memory the backend may hold, in use and kept for reuse: the budget's cap
-    /// (it may also keep as much as the budget has held in use since).
-    fn set_memory_cap(&self, _bytes: u64) -> Result<()> {
+    /// Pins a host copy in place, so uploads from it go straight to the device; the guard
+    /// unpins it and must be dropped before the memory is freed. Called without the context lock
+    /// when a host copy is made; may block. None when the device has no use for it, or pinning
+    /// was refused (then uploads are staged, and the backend says so in the log).
+    fn pin_host(&self, _bytes: &[u8]) -> Option<Box<dyn Any + Send + Sync>> {
+        None
+    }
+
+    // Ordering with the caller's stream. A device whose fills are done when they return (the
+    // CPU) ignores streams.
+
+    /// Refuses a caller's stream the device cannot order work on (on CUDA, one of another
+    /// context, or one being captured into a graph). Called first by acquire and release, from
+    /// the caller's thread, without the lock: an error refuses the call before anything changes.
+    fn check_stream(&self, _stream: StreamHandle) -> Result<()> {
         Ok(())
     }
-    /// Gives back what the backend keeps for reuse beside the layers (pooled buffers, staging
-    /// memory): called once the last group is gone, so that nothing stays held for nothing.
-    fn release_idle(&self) -> Result<()> {
+    /// Makes the work the caller enqueues on `stream` from now on see `memory`'s last fill,
+    /// without blocking the host. Called by acquire from the caller's thread with the context lock
+    /// held; an error ends the use just begun and fails the acquire.
+    fn ready_for(&self, _memory: &DeviceMemory, _stream: StreamHandle) -> Result<()> {
         Ok(())
     }
-    /// Device allocations made from the system so far (cuMemAlloc on CUDA; on the CPU, buffers
-    /// that needed fresh pages mapped): flat once a repeating pass is warm.
-    fn allocations(&self) -> u64;
+    /// Ends the caller's use of `memory` on `stream`: the memory is written again, or freed, only
+    /// after the work enqueued there so far has run. Called by release from the caller's thread
+    /// with the context lock held, without blocking the host; an error fails the release, and the
+    /// layer stays acquired.
+    fn used_until(&self, _memory: &DeviceMemory, _stream: StreamHandle) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The CUDA device `index`. Checks that the driver library loads before any other CUDA call:

@@ -1,5 +1,5 @@
 use super::*;
-use crate::error::{STRATA_ERR_FORMAT, STRATA_ERR_IO, STRATA_ERR_NOT_FOUND};
+use crate::error::ErrorKind;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -81,8 +81,8 @@ fn open_error(path: &Path) -> Error {
     }
 }
 
-fn assert_error(error: &Error, status: u32, needles: &[&str]) {
-    assert_eq!(error.status, status, "{error}");
+fn assert_error(error: &Error, kind: ErrorKind, needles: &[&str]) {
+    assert_eq!(error.kind, kind, "{error}");
     for needle in needles {
         assert!(error.message.contains(needle), "{needle:?} not in {error}");
     }
@@ -294,7 +294,7 @@ fn paths_and_names_with_spaces_and_non_ascii_work() {
     let error = open_error(&model.join("absent é.safetensors"));
     assert_error(
         &error,
-        STRATA_ERR_NOT_FOUND,
+        ErrorKind::NotFound,
         &["modèle 1/absent é.safetensors"],
     );
 }
@@ -438,7 +438,7 @@ fn broken_headers_are_format_errors_naming_the_file_and_the_fault() {
         let error = open_error(&path);
         assert_error(
             &error,
-            STRATA_ERR_FORMAT,
+            ErrorKind::Format,
             &[&format!("{name}.safetensors"), fault],
         );
     }
@@ -449,7 +449,7 @@ fn broken_headers_are_format_errors_naming_the_file_and_the_fault() {
     let error = open_error(&shards.0);
     assert_error(
         &error,
-        STRATA_ERR_FORMAT,
+        ErrorKind::Format,
         &["sub.safetensors", "not a regular file"],
     );
 }
@@ -481,23 +481,23 @@ fn unsupported_dtypes_are_listed_without_a_dtype() {
 fn missing_things_are_not_found() {
     let dir = TempDir::new("missing");
     let error = open_error(&dir.path("missing.safetensors"));
-    assert_error(&error, STRATA_ERR_NOT_FOUND, &["missing.safetensors"]);
+    assert_error(&error, ErrorKind::NotFound, &["missing.safetensors"]);
 
     let error = open_error(&dir.0);
-    assert_error(&error, STRATA_ERR_NOT_FOUND, &["no .safetensors file"]);
+    assert_error(&error, ErrorKind::NotFound, &["no .safetensors file"]);
     std::fs::write(dir.path("config.json"), "{}").unwrap();
-    assert_eq!(open_error(&dir.0).status, STRATA_ERR_NOT_FOUND);
+    assert_eq!(open_error(&dir.0).kind, ErrorKind::NotFound);
 
     let index = dir.path("a.safetensors.index.json");
     std::fs::write(&index, r#"{"weight_map": {"x": "gone.safetensors"}}"#).unwrap();
     let error = open_error(&index);
     assert_error(
         &error,
-        STRATA_ERR_NOT_FOUND,
+        ErrorKind::NotFound,
         &["gone.safetensors", "a.safetensors.index.json"],
     );
     std::fs::write(&index, r#"{"weight_map": {}}"#).unwrap();
-    assert_eq!(open_error(&index).status, STRATA_ERR_NOT_FOUND);
+    assert_eq!(open_error(&index).kind, ErrorKind::NotFound);
 }
 
 #[test]
@@ -520,7 +520,7 @@ fn lying_indexes_and_duplicate_tensors_are_format_errors() {
         let error = open_error(&index);
         assert_error(
             &error,
-            STRATA_ERR_FORMAT,
+            ErrorKind::Format,
             &["a.safetensors.index.json", fault],
         );
     }
@@ -530,7 +530,7 @@ fn lying_indexes_and_duplicate_tensors_are_format_errors() {
     let error = open_error(&dir.0);
     assert_error(
         &error,
-        STRATA_ERR_FORMAT,
+        ErrorKind::Format,
         &[
             "\"y\"",
             "more than one shard",
@@ -549,7 +549,7 @@ fn an_unreadable_file_is_an_io_error() {
     // Root reads whatever the mode says; there is nothing to test then.
     if std::fs::File::open(&path).is_err() {
         let error = open_error(&path);
-        assert_error(&error, STRATA_ERR_IO, &["locked.safetensors"]);
+        assert_error(&error, ErrorKind::Io, &["locked.safetensors"]);
     }
 }
 
@@ -565,12 +565,12 @@ fn reads_outside_the_file_are_errors() {
     let error = file.read_at(len - 4, &mut buffer).unwrap_err();
     assert_error(
         &error,
-        STRATA_ERR_IO,
+        ErrorKind::Io,
         &["small.safetensors", "offset", "8 bytes"],
     );
     assert_eq!(
-        file.read_at(u64::MAX, &mut buffer).unwrap_err().status,
-        STRATA_ERR_IO
+        file.read_at(u64::MAX, &mut buffer).unwrap_err().kind,
+        ErrorKind::Io
     );
     file.read_at(len, &mut []).unwrap();
 }
@@ -597,7 +597,7 @@ fn a_file_truncated_after_open_fails_its_reads_without_crashing() {
     // Even the tensor that still lies within the file is refused: the file is not the one opened.
     for info in checkpoint.tensors() {
         let error = read_tensor(info).unwrap_err();
-        assert_error(&error, STRATA_ERR_IO, &["doomed.safetensors", "truncated"]);
+        assert_error(&error, ErrorKind::Io, &["doomed.safetensors", "truncated"]);
     }
 }
 
@@ -619,7 +619,7 @@ fn a_file_rewritten_in_place_is_refused() {
     let error = read_tensor(info).unwrap_err();
     assert_error(
         &error,
-        STRATA_ERR_FORMAT,
+        ErrorKind::Format,
         &["rewritten.safetensors", "changed since it was opened"],
     );
 }
@@ -639,24 +639,24 @@ fn every_field_fstat_gives_that_a_change_moves_is_compared() {
     assert!(opened.check(&opened, path).is_ok());
     // Each field changed alone, as a rewrite would change it, and what the message must name.
     type Change = fn(&mut Identity);
-    let cases: [(Change, u32, &str); 8] = [
-        (|now| now.device = 9, STRATA_ERR_FORMAT, "device"),
-        (|now| now.inode = 9, STRATA_ERR_FORMAT, "inode"),
-        (|now| now.len = 101, STRATA_ERR_FORMAT, "size"),
-        (|now| now.len = 99, STRATA_ERR_IO, "truncated"),
+    let cases: [(Change, ErrorKind, &str); 8] = [
+        (|now| now.device = 9, ErrorKind::Format, "device"),
+        (|now| now.inode = 9, ErrorKind::Format, "inode"),
+        (|now| now.len = 101, ErrorKind::Format, "size"),
+        (|now| now.len = 99, ErrorKind::Io, "truncated"),
         (
             |now| now.modified.0 += 1,
-            STRATA_ERR_FORMAT,
+            ErrorKind::Format,
             "modification time",
         ),
         // Nanoseconds alone: a rewrite within the same second.
         (
             |now| now.modified.1 += 1,
-            STRATA_ERR_FORMAT,
+            ErrorKind::Format,
             "modification time",
         ),
-        (|now| now.changed.0 += 1, STRATA_ERR_FORMAT, "change time"),
-        (|now| now.changed.1 += 1, STRATA_ERR_FORMAT, "change time"),
+        (|now| now.changed.0 += 1, ErrorKind::Format, "change time"),
+        (|now| now.changed.1 += 1, ErrorKind::Format, "change time"),
     ];
     for (change, status, named) in cases {
         let mut now = opened;
@@ -737,7 +737,7 @@ fn reads_split_into_chunks_in_flight_at_once_return_every_byte() {
     let error = info.read_into(&mut buffer[1..]).unwrap_err();
     assert_error(
         &error,
-        crate::error::STRATA_ERR_INVALID_ARGUMENT,
+        crate::error::ErrorKind::InvalidArgument,
         &["tensor t", "100003"],
     );
 }
@@ -783,7 +783,7 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
         .unwrap_err();
     assert_error(
         &error,
-        crate::error::STRATA_ERR_INVALID_ARGUMENT,
+        crate::error::ErrorKind::InvalidArgument,
         &["big", "empty staging"],
     );
     // The consumer's error stops the stream and comes back as it was.
@@ -820,7 +820,7 @@ fn a_file_changed_while_streaming_fails_the_next_piece() {
     assert_eq!(pieces, 1);
     assert_error(
         &error,
-        STRATA_ERR_FORMAT,
+        ErrorKind::Format,
         &[
             "tensor t",
             "moving.safetensors",
@@ -847,7 +847,7 @@ fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offs
     let error = info.read_into(&mut buffer).unwrap_err();
     assert_error(
         &error,
-        STRATA_ERR_IO,
+        ErrorKind::Io,
         &[
             "tensor t",
             "flaky.safetensors",
@@ -866,7 +866,7 @@ fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offs
     let error = checkpoint.files()[0]
         .read_at_in_chunks(0, &mut whole, 512)
         .unwrap_err();
-    assert_error(&error, STRATA_ERR_IO, &["flaky.safetensors", "at offset"]);
+    assert_error(&error, ErrorKind::Io, &["flaky.safetensors", "at offset"]);
     inject_read_faults(unique, 0);
     checkpoint.files()[0]
         .read_at_in_chunks(0, &mut whole, 512)

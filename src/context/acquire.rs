@@ -6,8 +6,9 @@ use super::fill::FillFor;
 use super::residents::NoRoom;
 use super::transfer::{host_copy_missing, nearest_host_copy};
 use super::{current_thread, Context, State, View};
-use crate::error::{Error, Result};
-use crate::registry::{HostCopy, Key, Layer};
+use crate::backend::StreamHandle;
+use crate::error::{Error, ErrorKind, Result};
+use crate::registry::{HostCopy, Key, Layer, LayerId};
 use crate::residency::{self, Computation};
 use crate::stats::AcquireKind;
 use crate::tiers::{Device, Tier};
@@ -19,11 +20,11 @@ use std::time::Instant;
 impl Context {
     /// Makes a layer available in its computation form and calls `view` for each tensor.
     /// `capacity` is how many views the caller has room for; fewer than the layer's tensors is
-    /// `STRATA_ERR_BUFFER_TOO_SMALL`, and nothing is acquired.
+    /// `ErrorKind::BufferTooSmall`, and nothing is acquired.
     pub fn acquire(
         &self,
-        id: u64,
-        stream: usize,
+        id: LayerId,
+        stream: StreamHandle,
         capacity: usize,
         mut view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
@@ -40,7 +41,7 @@ impl Context {
             };
             if capacity < layer.tensors.len() {
                 return Err(Error::new(
-                    crate::error::STRATA_ERR_BUFFER_TOO_SMALL,
+                    ErrorKind::BufferTooSmall,
                     format!(
                         "layer {:?} has {} tensors; the views array holds {capacity}",
                         layer.name,
@@ -146,7 +147,7 @@ impl Context {
         &self,
         mut st: MutexGuard<'_, State>,
         key: Key,
-        (me, stream): (ThreadId, usize),
+        (me, stream): (ThreadId, StreamHandle),
         kind: AcquireKind,
         started: Option<Instant>,
         view: impl FnMut(usize, View<'_>),
@@ -179,7 +180,7 @@ impl Context {
         st: &mut State,
         key: Key,
         me: ThreadId,
-        stream: usize,
+        stream: StreamHandle,
         view: impl FnMut(usize, View<'_>),
     ) -> Result<usize> {
         let Some((layer, computation)) = st
@@ -237,7 +238,7 @@ impl Context {
     /// Ends one use of a layer. When the last use ends, conversion temporaries are freed, and the
     /// prepared copy too when nothing may stay resident (budget 0, or the group was offloaded).
     /// On a GPU the memory is reused only after the work enqueued on `stream` so far has run.
-    pub fn release(&self, id: u64, stream: usize) -> Result<()> {
+    pub fn release(&self, id: LayerId, stream: StreamHandle) -> Result<()> {
         self.backend.check_stream(stream)?;
         let me = current_thread();
         let mut st = self.lock();

@@ -5,26 +5,26 @@ use super::transfer::{host_copy_missing, nearest_source};
 use super::{current_thread, Context, State};
 use crate::error::{Error, Result};
 use crate::log::Level;
-use crate::registry::{Group, Key, Layout};
-use crate::tiers::{Device, RawTiers, Tier, Tiers};
+use crate::registry::{Group, GroupId, Key, Layout};
+use crate::tiers::{Device, Tier, Tiers};
 use std::sync::{Arc, MutexGuard};
 
 impl Context {
-    pub fn create_group(&self, name: &str, raw: &RawTiers) -> Result<u64> {
-        let tiers = Tiers::resolve(raw, self.backend.device())?;
+    pub fn create_group(&self, name: &str, tiers: &Tiers) -> Result<GroupId> {
+        tiers.check(self.backend.device())?;
         let mut st = self.lock();
         let key = st.registry.groups.insert(Group {
             name: name.to_owned(),
-            tiers,
+            tiers: *tiers,
             onloaded: false,
             loading: None,
             layers: Default::default(),
         });
-        Ok(key.id())
+        Ok(GroupId(key.id()))
     }
 
-    pub(super) fn group_key(&self, st: &State, id: u64) -> Result<Key> {
-        st.registry.groups.key(id).ok_or_else(|| {
+    pub(super) fn group_key(&self, st: &State, id: GroupId) -> Result<Key> {
+        st.registry.groups.key(id.0).ok_or_else(|| {
             Error::handle(format!(
                 "group id {id:#x} is not a group of this context (destroyed, never created, or another context's)"
             ))
@@ -32,7 +32,7 @@ impl Context {
     }
 
     /// Destroys a group and its layers; refused while any of them is in use.
-    pub fn destroy_group(&self, id: u64) -> Result<()> {
+    pub fn destroy_group(&self, id: GroupId) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         // An onload is a call still running (perhaps the very one whose progress callback is
@@ -99,7 +99,7 @@ impl Context {
     /// Onloads a group. A layer whose copy cannot be made (its file damaged, host memory short)
     /// does not hold the others back: they are onloaded, the group counts as onloaded, the first
     /// such error is returned, and each failed layer tries again at its own acquire.
-    pub fn onload_group(&self, id: u64) -> Result<()> {
+    pub fn onload_group(&self, id: GroupId) -> Result<()> {
         let key = {
             let st = self.lock();
             self.group_key(&st, id)?
@@ -110,7 +110,7 @@ impl Context {
         }
     }
 
-    pub fn offload_group(&self, id: u64) -> Result<()> {
+    pub fn offload_group(&self, id: GroupId) -> Result<()> {
         let mut st = self.lock();
         let key = self.group_key(&st, id)?;
         st = self.wait_until_group_idle(st, key)?;
@@ -138,7 +138,7 @@ impl Context {
 
     /// Waits until no onload runs on the group and none of its layers is being filled; returns at
     /// once when the group is gone (callers look it up again). An onload run by this very thread
-    /// (a call from its progress callback) would never end while this waits: STRATA_ERR_STATE.
+    /// (a call from its progress callback) would never end while this waits: ErrorKind::State.
     pub(super) fn wait_until_group_idle<'a>(
         &self,
         mut st: MutexGuard<'a, State>,

@@ -1,7 +1,7 @@
 //! The live limits: the device budget and the host limit changed while layers are in use.
 
 use super::Context;
-use crate::budget::{Limit, STRATA_UNLIMITED};
+use crate::budget::{Limit, UNLIMITED};
 use crate::error::Result;
 use crate::log::Level;
 
@@ -40,7 +40,7 @@ impl Context {
         let old = self.host.limit();
         self.host.set_limit(bytes);
         let shown = |b: u64| match b {
-            STRATA_UNLIMITED => "unlimited".to_string(),
+            UNLIMITED => "unlimited".to_string(),
             b => format!("{b} bytes"),
         };
         self.logger.log(Level::Info, || {

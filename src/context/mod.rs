@@ -87,13 +87,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::ThreadId;
 pub use transfer::inject_fill_panics;
 
-/// Refuse layers that would exceed the budget instead of overcommitting.
-pub const STRATA_FLAG_STRICT_BUDGET: u32 = 1;
-/// Read the disk tier with O_DIRECT, past the page cache, so that a cold stream of a model larger
-/// than RAM does not push everything else out of it (the bytes are read into aligned bounce
-/// buffers, then copied). Where the file system refuses O_DIRECT (tmpfs), reads stay buffered.
-pub const STRATA_FLAG_DIRECT_IO: u32 = 2;
-
 #[derive(Clone, Debug)]
 pub struct Options {
     pub compute: Device,
@@ -220,7 +213,7 @@ impl Context {
     }
 
     /// Takes no more calls, wakes every thread waiting inside a call (each returns
-    /// STRATA_ERR_INVALID_HANDLE at once), and waits for the copy engine's worker to end. The
+    /// ErrorKind::InvalidHandle at once), and waits for the copy engine's worker to end. The
     /// worker may hold the context mid-fill, and the last handle dropped there would leave it
     /// running unjoined after destroy returned: a host that unloads the library next would unmap
     /// its code. Calls running without waiting (a fill, an onload) end as they would have.
@@ -234,7 +227,7 @@ impl Context {
 
     /// Makes the host copies this context reads from checkpoints from now on come from `store`,
     /// shared with the other contexts that use it. Once per context.
-    pub fn attach_store(&self, store: Arc<Store>) -> Result<()> {
+    pub(crate) fn attach_store(&self, store: Arc<Store>) -> Result<()> {
         self.store
             .set(store)
             .map_err(|_| Error::state("a host store is already attached to this context"))
@@ -268,7 +261,7 @@ impl Context {
     }
 
     /// Waits for a layer to stop being busy or in use, or for memory. A context destroyed before
-    /// or meanwhile ends the wait with STRATA_ERR_INVALID_HANDLE: `close` wakes every waiter.
+    /// or meanwhile ends the wait with ErrorKind::InvalidHandle: `close` wakes every waiter.
     fn wait<'a>(&self, mut guard: MutexGuard<'a, State>) -> Result<MutexGuard<'a, State>> {
         let destroyed = || Error::handle("the context was destroyed while this call waited");
         if self.is_closed() {

@@ -2,13 +2,15 @@
 //! tensor names or by prefix; finding and unregistering them.
 
 use super::{conversions, Context, HostTensorIn, State};
-use crate::backend::convert_into_slot;
 use crate::checkpoint::Checkpoint;
 use crate::convert::TensorBytes;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
-use crate::registry::{Forms, HostBytes, HostCopy, Key, Layer, Layout, TensorMeta};
+use crate::registry::{
+    Forms, GroupId, HostBytes, HostCopy, Key, Layer, LayerId, Layout, TensorMeta,
+};
 use crate::residency::OnDevice;
+use crate::slot::convert_into_slot;
 use crate::tiers::{Device, Tiers};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ impl Context {
     pub(super) fn check_new_layer(
         &self,
         st: &State,
-        group: u64,
+        group: GroupId,
         name: &str,
     ) -> Result<(Key, Tiers)> {
         let key = self.group_key(st, group)?;
@@ -30,7 +32,7 @@ impl Context {
         Ok((key, st.registry.groups.get(key).expect("checked").tiers))
     }
 
-    pub(super) fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<u64> {
+    pub(super) fn insert_layer(&self, st: &mut State, layer: Layer) -> Result<LayerId> {
         if st.registry.layer_names.contains_key(&*layer.name) {
             return Err(Error::invalid(format!(
                 "a layer named {:?} is already registered",
@@ -51,7 +53,7 @@ impl Context {
         // acquire onloads again (only this layer has work to do) rather than reading around the
         // onload tier from the offload one.
         group.onloaded = false;
-        Ok(key.id())
+        Ok(LayerId(key.id()))
     }
 
     pub(super) fn new_layer(
@@ -86,10 +88,10 @@ impl Context {
     /// Registers a layer from host tensors; their bytes are copied into the offload tier's form.
     pub fn register_host(
         &self,
-        group: u64,
+        group: GroupId,
         name: &str,
         tensors: &[HostTensorIn<'_>],
-    ) -> Result<u64> {
+    ) -> Result<LayerId> {
         let (group_key, tiers) = self.check_new_layer(&self.lock(), group, name)?;
         if tiers.offload.device == Device::Disk || tiers.onload.device == Device::Disk {
             return Err(Error::invalid(
@@ -126,7 +128,7 @@ impl Context {
             )?;
         }
         layer.offload_copy = Some(Arc::new(HostCopy {
-            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            _pinned: self.backend.pin_host(buffer.buffer.as_slice()),
             buffer: HostBytes::Own(buffer),
             slots,
         }));
@@ -138,11 +140,11 @@ impl Context {
     /// Registers a layer whose tensors stay in `checkpoint` until a tier needs them.
     pub fn register_checkpoint(
         &self,
-        group: u64,
+        group: GroupId,
         checkpoint: &Checkpoint,
         name: &str,
         tensor_names: &[&str],
-    ) -> Result<u64> {
+    ) -> Result<LayerId> {
         let layer = {
             let st = self.lock();
             let (key, tiers) = self.check_new_layer(&st, group, name)?;
@@ -157,7 +159,7 @@ impl Context {
     /// All or nothing: a name clash registers no layer. Returns the number of layers.
     pub fn register_checkpoint_prefix(
         &self,
-        group: u64,
+        group: GroupId,
         checkpoint: &Checkpoint,
         prefix: &str,
         keep_components: u32,
@@ -195,30 +197,30 @@ impl Context {
         Ok(layers.len())
     }
 
-    pub fn find_layer(&self, name: &str) -> Result<u64> {
+    pub fn find_layer(&self, name: &str) -> Result<LayerId> {
         let st = self.lock();
         st.registry
             .layer_names
             .get(name)
-            .map(|&key| key.id())
+            .map(|&key| LayerId(key.id()))
             .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
     }
 
-    pub(super) fn layer_key(&self, st: &State, id: u64) -> Result<Key> {
-        st.registry.layers.key(id).ok_or_else(|| {
+    pub(super) fn layer_key(&self, st: &State, id: LayerId) -> Result<Key> {
+        st.registry.layers.key(id.0).ok_or_else(|| {
             Error::handle(format!(
                 "layer id {id:#x} is not a layer of this context (unregistered, never registered, or another context's)"
             ))
         })
     }
 
-    pub fn tensor_count(&self, id: u64) -> Result<usize> {
+    pub fn tensor_count(&self, id: LayerId) -> Result<usize> {
         let st = self.lock();
         let key = self.layer_key(&st, id)?;
         Ok(st.registry.layers.get(key).expect("checked").tensors.len())
     }
 
-    pub fn unregister_layer(&self, id: u64) -> Result<()> {
+    pub fn unregister_layer(&self, id: LayerId) -> Result<()> {
         let mut st = self.lock();
         let key = self.layer_key(&st, id)?;
         // As in destroy_group: a fill (a prefetch the caller cannot see) ends on its own.

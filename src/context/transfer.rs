@@ -5,15 +5,14 @@
 //! the budget, `allocate_device` takes the lock to evict a layer and tries again.
 
 use super::Context;
-use crate::backend::{
-    convert_into_slot, convert_into_slot_part, slot_contents, Backend, DeviceMemory, TensorSlot,
-};
+use crate::backend::{Backend, DeviceMemory};
 use crate::checkpoint::TensorInfo;
 use crate::convert::TensorBytes;
-use crate::error::{Result, STRATA_ERR_OUT_OF_MEMORY};
+use crate::error::{ErrorKind, Result};
 use crate::host::CountedBuffer;
 use crate::log::Level;
 use crate::registry::{DeviceCopy, HostBytes, HostCopy, Layer, TensorMeta};
+use crate::slot::{convert_into_slot, convert_into_slot_part, slot_contents, TensorSlot};
 use crate::store::LayerKey;
 use crate::tiers::{Device, Tier, Tiers};
 use crate::trace::{Span, Stamp, Track};
@@ -71,7 +70,7 @@ impl Sink for HostSink<'_> {
 
 struct DeviceSink<'a> {
     backend: &'a dyn Backend,
-    memory: &'a DeviceMemory,
+    memory: &'a mut DeviceMemory,
     slots: &'a [TensorSlot],
 }
 
@@ -213,7 +212,7 @@ impl Context {
             let key = LayerKey::new(infos, tensors, &slots, size);
             if let Some(lease) = store.layer(&key, size, |buffer| fill(buffer, spans))? {
                 return Ok(HostCopy {
-                    pinned: lease.pin_for(&*self.backend),
+                    _pinned: lease.pin_for(&*self.backend),
                     buffer: HostBytes::Store(lease),
                     slots,
                 });
@@ -222,7 +221,7 @@ impl Context {
         let mut buffer = CountedBuffer::new(size, &self.host)?;
         fill(buffer.buffer.as_mut_slice(), spans)?;
         Ok(HostCopy {
-            pinned: self.backend.pin_host(buffer.buffer.as_slice()),
+            _pinned: self.backend.pin_host(buffer.buffer.as_slice()),
             buffer: HostBytes::Own(buffer),
             slots,
         })
@@ -234,7 +233,7 @@ impl Context {
     fn allocate_device(&self, bytes: usize) -> Result<DeviceMemory> {
         loop {
             match self.backend.allocate(bytes) {
-                Err(e) if e.status == STRATA_ERR_OUT_OF_MEMORY => {
+                Err(e) if e.kind == ErrorKind::OutOfMemory => {
                     if !self.evict_for_memory(&mut self.lock()) {
                         return Err(e.context(
                             "the device is out of memory (another program may be using it) and \
@@ -263,11 +262,11 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.allocate_device(size)?;
+        let mut memory = self.allocate_device(size)?;
         let started = Stamp::now();
         let mut sink = DeviceSink {
             backend: &*self.backend,
-            memory: &memory,
+            memory: &mut memory,
             slots,
         };
         self.fill_from_source(source, tensors, &mut sink, spans)?;
@@ -294,11 +293,11 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let memory = self.allocate_device(size)?;
+        let mut memory = self.allocate_device(size)?;
         let started = Stamp::now();
         for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
             self.backend
-                .convert(&prepared.memory, src_slot, &memory, dst_slot)?;
+                .convert(&prepared.memory, src_slot, &mut memory, dst_slot)?;
         }
         spans.push(Span {
             track: Track::Copy,

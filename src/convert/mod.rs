@@ -45,38 +45,12 @@ use simd::Isa;
 
 pub use fp8::{f32_to_fp8, f64_to_fp8, fp8_to_f32};
 
-/// fp8 storage as a plain cast (what DiffSynth does).
-pub const STRATA_QUANT_NONE: u32 = 0;
-/// fp8 storage scaled by one absmax scale per tensor.
-pub const STRATA_QUANT_PER_TENSOR: u32 = 1;
-/// fp8 storage scaled by one absmax scale per output row (dimension 0): the most accurate.
-pub const STRATA_QUANT_PER_CHANNEL: u32 = 2;
-
-/// fp8 storage mode, as the C ABI's STRATA_QUANT_* numbers name it.
+/// fp8 storage mode (`STRATA_QUANT_*` in the C ABI).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Quant {
     None,
     PerTensor,
     PerChannel,
-}
-
-impl Quant {
-    pub fn from_abi(v: u32) -> Result<Quant> {
-        match v {
-            STRATA_QUANT_NONE => Ok(Quant::None),
-            STRATA_QUANT_PER_TENSOR => Ok(Quant::PerTensor),
-            STRATA_QUANT_PER_CHANNEL => Ok(Quant::PerChannel),
-            _ => Err(Error::invalid(format!("unknown quantization mode {v}"))),
-        }
-    }
-
-    pub fn to_abi(self) -> u32 {
-        match self {
-            Quant::None => STRATA_QUANT_NONE,
-            Quant::PerTensor => STRATA_QUANT_PER_TENSOR,
-            Quant::PerChannel => STRATA_QUANT_PER_CHANNEL,
-        }
-    }
 }
 
 /// A tensor's bytes in `dtype`. `scales` is empty for plain data, has 1 entry when the fp8 data was

@@ -1,9 +1,11 @@
 //! Acquire and release: the calls a forward hook makes around each layer.
 
+use super::consts::{strata_status, STRATA_MAX_DIMS};
 use super::context::{context, strata_context};
 use super::{boundary, out_arg};
-use crate::error::{strata_status, Error};
-use crate::registry::STRATA_MAX_DIMS;
+use crate::backend::StreamHandle;
+use crate::error::Error;
+use crate::registry::LayerId;
 use std::ffi::{c_char, c_void};
 
 /// One tensor of an acquired layer, valid from acquire to release.
@@ -45,7 +47,7 @@ pub extern "C" fn strata_acquire_for_compute(
         if views.is_null() && capacity > 0 {
             return Err(Error::null("views"));
         }
-        let count = ctx.acquire(layer, stream as usize, capacity, |i, view| {
+        let count = ctx.acquire(LayerId(layer), stream_of(stream), capacity, |i, view| {
             // Element by element over the fixed length, which compiles to a few moves where a
             // copy of the slice's own length calls memcpy.
             let shape: [i64; STRATA_MAX_DIMS] =
@@ -77,6 +79,11 @@ pub extern "C" fn strata_release(
     stream: *mut c_void,
 ) -> strata_status {
     boundary("strata_release", || {
-        context(ctx)?.release(layer, stream as usize)
+        context(ctx)?.release(LayerId(layer), stream_of(stream))
     })
+}
+
+/// The caller's `CUstream` as strata carries it (the pointer's value; ignored on the CPU).
+fn stream_of(stream: *mut c_void) -> StreamHandle {
+    StreamHandle(stream as usize)
 }

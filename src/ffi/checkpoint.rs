@@ -1,9 +1,9 @@
 //! Checkpoints: safetensors files opened for lazy, positioned reads.
 
+use super::consts::strata_status;
 use super::context::{context, strata_context};
 use super::{boundary, boundary_void, out_arg, str_arg, Handles};
 use crate::checkpoint::Checkpoint;
-use crate::error::strata_status;
 use std::sync::Arc;
 
 /// An opaque open checkpoint. Thread-safe.

@@ -1,14 +1,17 @@
 //! Contexts: one compute device, its budget and everything registered on it.
 
+use super::consts::{
+    strata_status, STRATA_DEVICE_CPU, STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET,
+    STRATA_UNLIMITED,
+};
 use super::log::{log_callback, progress_sink, strata_log_fn, strata_progress_fn};
 use super::{
     boundary, boundary_value, boundary_void, out_arg, read_sized, write_sized, Handles, Versioned,
 };
-use crate::budget::STRATA_UNLIMITED;
 use crate::checkpoint::ReadMode;
-use crate::context::{Context, Options, STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET};
-use crate::error::{strata_status, Error};
-use crate::tiers::{Device, STRATA_DEVICE_CPU};
+use crate::context::{Context, Options};
+use crate::error::Error;
+use crate::tiers::Device;
 use std::ffi::c_void;
 use std::sync::{Arc, Weak};
 

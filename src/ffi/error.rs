@@ -1,12 +1,47 @@
 //! Version, status names and the thread's last error message.
 
+use super::consts::{
+    strata_status, STRATA_VERSION_MAJOR, STRATA_VERSION_MINOR, STRATA_VERSION_PATCH,
+};
 use super::{boundary_value, last_error};
-use crate::error::{status_name, strata_status};
+use crate::error::Error;
 use std::ffi::c_char;
+use std::fmt;
 
-pub const STRATA_VERSION_MAJOR: u32 = 0;
-pub const STRATA_VERSION_MINOR: u32 = 1;
-pub const STRATA_VERSION_PATCH: u32 = 0;
+/// Every status with its C name, indexed by number.
+const STATUS_NAMES: [&str; 15] = [
+    "STRATA_OK\0",
+    "STRATA_ERR_NULL_ARGUMENT\0",
+    "STRATA_ERR_INVALID_ARGUMENT\0",
+    "STRATA_ERR_INVALID_HANDLE\0",
+    "STRATA_ERR_NOT_FOUND\0",
+    "STRATA_ERR_IO\0",
+    "STRATA_ERR_FORMAT\0",
+    "STRATA_ERR_UNSUPPORTED\0",
+    "STRATA_ERR_OUT_OF_MEMORY\0",
+    "STRATA_ERR_BUDGET\0",
+    "STRATA_ERR_STATE\0",
+    "STRATA_ERR_NO_DEVICE\0",
+    "STRATA_ERR_DEVICE\0",
+    "STRATA_ERR_BUFFER_TOO_SMALL\0",
+    "STRATA_ERR_PANIC\0",
+];
+
+/// The C name of a status, NUL-terminated; unknown numbers get a fixed placeholder.
+pub(crate) fn status_name(status: strata_status) -> &'static str {
+    STATUS_NAMES
+        .get(status as usize)
+        .copied()
+        .unwrap_or("STRATA_ERR_UNKNOWN_STATUS\0")
+}
+
+/// An error shows as the C caller sees it: its status's name, then the message.
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = status_name(self.kind.to_abi());
+        write!(f, "{}: {}", &name[..name.len() - 1], self.message)
+    }
+}
 
 const fn parse_u32(s: &str) -> u32 {
     let bytes = s.as_bytes();

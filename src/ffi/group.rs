@@ -1,9 +1,13 @@
 //! Groups: sets of layers that share a tier configuration and are onloaded and offloaded together.
 
+use super::consts::strata_status;
 use super::context::{context, strata_context};
 use super::{boundary, boundary_value, out_arg, read_sized, str_arg, Versioned};
-use crate::error::strata_status;
-use crate::tiers::RawTiers;
+use crate::convert::Quant;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::registry::GroupId;
+use crate::tiers::{Device, Placement, Tiers};
 
 /// Where a tier keeps a layer: a STRATA_DEVICE_* and a STRATA_DTYPE_*. Zeroed means "the usual
 /// place, the stored dtype". STRATA_DTYPE_SOURCE on the onload and preparing tiers keeps the form
@@ -58,6 +62,35 @@ fn default_tiers() -> strata_tiers {
     }
 }
 
+/// The caller's numbers as tiers, with `STRATA_DEVICE_DEFAULT` resolved for a context computing
+/// on `compute` (the cpu for offload and onload, `compute` for preparing and computation).
+fn tiers_from(raw: &strata_tiers, compute: Device) -> Result<Tiers> {
+    let names = ["offload", "onload", "preparing", "computation"];
+    let raw_placements = [raw.offload, raw.onload, raw.preparing, raw.computation];
+    let mut placements = [Placement {
+        device: Device::Cpu,
+        dtype: None,
+    }; 4];
+    for (i, (tier, raw)) in names.into_iter().zip(raw_placements).enumerate() {
+        let in_tier = |e: crate::error::Error| e.context(format!("{tier} tier"));
+        let dtype = DType::from_abi(raw.dtype).map_err(in_tier)?;
+        let device = Device::from_abi(raw.device).map_err(in_tier)?;
+        let usual = if i < 2 { Device::Cpu } else { compute };
+        placements[i] = Placement {
+            device: device.unwrap_or(usual),
+            dtype,
+        };
+    }
+    let [offload, onload, preparing, computation] = placements;
+    Ok(Tiers {
+        offload,
+        onload,
+        preparing,
+        computation,
+        quant: Quant::from_abi(raw.quantization)?,
+    })
+}
+
 /// Creates a group (initially offloaded) and writes its id to `group_out`: an id no other group or
 /// layer, of any context, ever had or will have in this process.
 #[no_mangle]
@@ -72,17 +105,8 @@ pub extern "C" fn strata_group_create(
         let name = str_arg(name, "name")?;
         let tiers = read_sized(tiers, "tiers", default_tiers())?;
         let out = out_arg(group_out, "group_out")?;
-        let raw = RawTiers {
-            placements: [
-                tiers.offload,
-                tiers.onload,
-                tiers.preparing,
-                tiers.computation,
-            ]
-            .map(|p| (p.device, p.dtype)),
-            quant: tiers.quantization,
-        };
-        *out = ctx.create_group(name, &raw)?;
+        let tiers = tiers_from(&tiers, ctx.options().compute)?;
+        *out = ctx.create_group(name, &tiers)?.0;
         Ok(())
     })
 }
@@ -94,7 +118,9 @@ pub extern "C" fn strata_group_create(
 /// (as are strata_group_offload and strata_group_destroy of it there).
 #[no_mangle]
 pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> strata_status {
-    boundary("strata_group_onload", || context(ctx)?.onload_group(group))
+    boundary("strata_group_onload", || {
+        context(ctx)?.onload_group(GroupId(group))
+    })
 }
 
 /// Moves a group's layers back to their offload tier: resident copies leave the device (layers in
@@ -103,7 +129,7 @@ pub extern "C" fn strata_group_onload(ctx: *mut strata_context, group: u64) -> s
 #[no_mangle]
 pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_offload", || {
-        context(ctx)?.offload_group(group)
+        context(ctx)?.offload_group(GroupId(group))
     })
 }
 
@@ -112,6 +138,6 @@ pub extern "C" fn strata_group_offload(ctx: *mut strata_context, group: u64) -> 
 #[no_mangle]
 pub extern "C" fn strata_group_destroy(ctx: *mut strata_context, group: u64) -> strata_status {
     boundary("strata_group_destroy", || {
-        context(ctx)?.destroy_group(group)
+        context(ctx)?.destroy_group(GroupId(group))
     })
 }

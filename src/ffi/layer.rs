@@ -1,11 +1,13 @@
 //! Layers: the unit of acquire and release, registered from host tensors or a checkpoint.
 
 use super::checkpoint::{checkpoint, strata_checkpoint};
+use super::consts::strata_status;
 use super::context::{context, strata_context};
 use super::{boundary, out_arg, slice_arg, str_arg};
 use crate::context::HostTensorIn;
 use crate::dtype::DType;
-use crate::error::{strata_status, Error};
+use crate::error::Error;
+use crate::registry::{GroupId, LayerId};
 use std::ffi::{c_char, c_void};
 
 /// A tensor in the caller's memory, for strata_layer_register_host.
@@ -42,11 +44,11 @@ pub extern "C" fn strata_layer_register_host(
             let tensor_name = str_arg(t.name, &format!("tensors[{i}].name"))?;
             let dtype = DType::from_abi_concrete(t.dtype)
                 .map_err(|e| e.context(format!("tensor {tensor_name:?}")))?;
-            if t.ndim as usize > crate::registry::STRATA_MAX_DIMS {
+            if t.ndim as usize > super::consts::STRATA_MAX_DIMS {
                 return Err(Error::invalid(format!(
                     "tensor {tensor_name:?} has {} dimensions; at most {} are supported",
                     t.ndim,
-                    crate::registry::STRATA_MAX_DIMS
+                    super::consts::STRATA_MAX_DIMS
                 )));
             }
             let shape =
@@ -64,7 +66,7 @@ pub extern "C" fn strata_layer_register_host(
                 data,
             });
         }
-        *out = ctx.register_host(group, name, &inputs)?;
+        *out = ctx.register_host(GroupId(group), name, &inputs)?.0;
         Ok(())
     })
 }
@@ -90,7 +92,9 @@ pub extern "C" fn strata_layer_register_checkpoint(
             .map(|(i, &p)| str_arg(p, &format!("tensor_names[{i}]")))
             .collect::<crate::error::Result<Vec<_>>>()?;
         let out = out_arg(layer_out, "layer_out")?;
-        *out = ctx.register_checkpoint(group, &ckpt, name, &names)?;
+        *out = ctx
+            .register_checkpoint(GroupId(group), &ckpt, name, &names)?
+            .0;
         Ok(())
     })
 }
@@ -113,7 +117,7 @@ pub extern "C" fn strata_group_register_checkpoint(
         let ckpt = checkpoint(ckpt)?;
         let prefix = str_arg(prefix, "prefix")?;
         let out = out_arg(n_layers_out, "n_layers_out")?;
-        *out = ctx.register_checkpoint_prefix(group, &ckpt, prefix, keep_components)?;
+        *out = ctx.register_checkpoint_prefix(GroupId(group), &ckpt, prefix, keep_components)?;
         Ok(())
     })
 }
@@ -129,7 +133,7 @@ pub extern "C" fn strata_layer_find(
         let ctx = context(ctx)?;
         let name = str_arg(layer_name, "layer_name")?;
         let out = out_arg(layer_out, "layer_out")?;
-        *out = ctx.find_layer(name)?;
+        *out = ctx.find_layer(name)?.0;
         Ok(())
     })
 }
@@ -144,7 +148,7 @@ pub extern "C" fn strata_layer_tensor_count(
     boundary("strata_layer_tensor_count", || {
         let ctx = context(ctx)?;
         let out = out_arg(count_out, "count_out")?;
-        *out = ctx.tensor_count(layer)?;
+        *out = ctx.tensor_count(LayerId(layer))?;
         Ok(())
     })
 }
@@ -153,6 +157,6 @@ pub extern "C" fn strata_layer_tensor_count(
 #[no_mangle]
 pub extern "C" fn strata_layer_unregister(ctx: *mut strata_context, layer: u64) -> strata_status {
     boundary("strata_layer_unregister", || {
-        context(ctx)?.unregister_layer(layer)
+        context(ctx)?.unregister_layer(LayerId(layer))
     })
 }

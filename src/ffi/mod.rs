@@ -6,6 +6,8 @@
 // Exported functions take raw pointers from C by nature; each dereference is checked and commented.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+pub mod consts;
+
 pub mod acquire;
 pub mod checkpoint;
 pub mod context;
@@ -16,7 +18,8 @@ pub mod log;
 pub mod stats;
 pub mod store;
 
-use crate::error::{panic_message, strata_status, Error, Result, STRATA_ERR_PANIC, STRATA_OK};
+use crate::error::{panic_message, Error, Result};
+use consts::{strata_status, STRATA_ERR_PANIC, STRATA_OK};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr};
@@ -42,7 +45,7 @@ pub(crate) fn boundary(function: &str, body: impl FnOnce() -> Result<()>) -> str
         Ok(Ok(())) => STRATA_OK,
         Ok(Err(error)) => {
             set_last_error(format!("{function}: {}", error.message));
-            error.status
+            error.kind.to_abi()
         }
         Err(payload) => {
             let reason = panic_message(&*payload);
@@ -100,7 +103,7 @@ impl<T> Handles<T> {
             .and_then(|serial| serial.checked_mul(16))
             .ok_or_else(|| {
                 Error::new(
-                    crate::error::STRATA_ERR_OUT_OF_MEMORY,
+                    crate::error::ErrorKind::OutOfMemory,
                     format!("no {} handle is left to hand out", self.kind),
                 )
             })?;

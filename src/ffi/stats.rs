@@ -1,8 +1,9 @@
 //! Statistics and the timeline.
 
+use super::consts::strata_status;
 use super::context::{context, strata_context};
 use super::{boundary, str_arg, write_sized, Versioned};
-use crate::error::{strata_status, Error};
+use crate::error::Error;
 
 /// A context's counters. Set `struct_size` to sizeof(strata_stats) before strata_stats_get.
 #[repr(C)]

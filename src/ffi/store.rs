@@ -1,11 +1,11 @@
 //! Host stores: one host copy of each layer read from a checkpoint, shared by the contexts of a
 //! process, or (named) by the processes of a machine.
 
+use super::consts::{strata_status, STRATA_UNLIMITED};
 use super::context::{context, strata_context};
 use super::{boundary, boundary_value, boundary_void, out_arg, read_sized, str_arg, write_sized};
 use super::{Handles, Versioned};
-use crate::budget::STRATA_UNLIMITED;
-use crate::error::{strata_status, Error, Result};
+use crate::error::{Error, Result};
 use crate::store::{Store, StoreOptions, DEFAULT_DIR};
 use std::ffi::c_char;
 use std::path::PathBuf;

@@ -92,7 +92,7 @@ pub struct Schedule {
 }
 
 /// The furthest ahead the copy engine looks: a larger `prefetch_depth` is used as this.
-pub const STRATA_MAX_PREFETCH_DEPTH: usize = 32;
+pub(crate) const MAX_PREFETCH_DEPTH: usize = 32;
 
 /// The layers predicted next: see `Schedule::upcoming`.
 pub struct Upcoming<'a> {
@@ -105,7 +105,7 @@ pub struct Upcoming<'a> {
 
 impl Upcoming<'_> {
     /// Whether `key` was yielded already: the path walked again from the start, at most
-    /// `STRATA_MAX_PREFETCH_DEPTH` steps of one lookup each, which is cheaper than carrying a
+    /// `MAX_PREFETCH_DEPTH` steps of one lookup each, which is cheaper than carrying a
     /// list of them in every iterator.
     fn yielded(&self, key: Key) -> bool {
         let mut at = self.start;
@@ -213,7 +213,7 @@ impl Schedule {
     }
 
     /// The layers predicted to be acquired after the current one, nearest first, at most `depth`
-    /// (and at most `STRATA_MAX_PREFETCH_DEPTH`), each once; stops where the learned order stops or comes back
+    /// (and at most `MAX_PREFETCH_DEPTH`), each once; stops where the learned order stops or comes back
     /// to the current layer. Allocates nothing: it runs on every acquire.
     pub fn upcoming(&self, depth: usize) -> Upcoming<'_> {
         Upcoming {
@@ -221,7 +221,7 @@ impl Schedule {
             start: self.current,
             at: self.current,
             count: 0,
-            depth: depth.min(STRATA_MAX_PREFETCH_DEPTH),
+            depth: depth.min(MAX_PREFETCH_DEPTH),
         }
     }
 

@@ -3,9 +3,9 @@
 //! slots). Two contexts that register the same tensors with the same tier form share one copy;
 //! any difference, a rewritten file included, names other bytes.
 
-use crate::backend::TensorSlot;
 use crate::checkpoint::TensorInfo;
 use crate::registry::TensorMeta;
+use crate::slot::TensorSlot;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LayerKey {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::error::{Error, STRATA_ERR_BUDGET, STRATA_ERR_IO};
+use crate::error::{Error, ErrorKind};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Barrier;
 
@@ -59,7 +59,7 @@ fn threads_wanting_one_layer_fill_it_once_and_share_it() {
 fn a_failed_or_panicking_fill_leaves_the_layer_to_the_next_user() {
     let store = local(u64::MAX);
     let failed = store.layer(&key(2), 4096, |_| Err(Error::io("disk gone")));
-    assert_eq!(failed.err().unwrap().status, STRATA_ERR_IO);
+    assert_eq!(failed.err().unwrap().kind, ErrorKind::Io);
     assert_eq!(
         store.stats().host_in_use,
         0,
@@ -90,7 +90,7 @@ fn layers_over_the_store_limit_are_refused_with_budget() {
     };
     let held = store.layer(&key(3), 6000, fill).unwrap().unwrap();
     let refused = store.layer(&key(4), 6000, fill).err().unwrap();
-    assert_eq!(refused.status, STRATA_ERR_BUDGET);
+    assert_eq!(refused.kind, ErrorKind::Budget);
     assert!(
         refused.message.contains("host store"),
         "{}",

@@ -7,20 +7,17 @@ use std::ptr;
 
 pub mod programs;
 pub mod stress;
-pub use strata::budget::STRATA_UNLIMITED;
-pub use strata::context::{STRATA_FLAG_DIRECT_IO, STRATA_FLAG_STRICT_BUDGET};
-pub use strata::convert::{STRATA_QUANT_NONE, STRATA_QUANT_PER_CHANNEL, STRATA_QUANT_PER_TENSOR};
 pub use strata::dtype::*;
 pub use strata::error::*;
 pub use strata::ffi::acquire::*;
 pub use strata::ffi::checkpoint::*;
+pub use strata::ffi::consts::*;
 pub use strata::ffi::context::*;
 pub use strata::ffi::error::*;
 pub use strata::ffi::group::*;
 pub use strata::ffi::layer::*;
 pub use strata::ffi::log::*;
 pub use strata::ffi::stats::*;
-pub use strata::log::{STRATA_LOG_DEBUG, STRATA_LOG_ERROR, STRATA_LOG_INFO, STRATA_LOG_WARN};
 pub use strata::tiers::*;
 
 /// Fails the test with the library's own message when a call does not return `expected`.

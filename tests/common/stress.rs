@@ -686,7 +686,7 @@ impl SoakReport {
         );
         println!(
             "soak: the trace (at most {} spans, filled by pass {}) took {} KiB of that warm-up",
-            strata::trace::Trace::max_spans(),
+            strata::Trace::max_spans(),
             self.warmup_passes,
             (self.rss_warm as i64 - self.rss_early as i64) / 1024,
         );
@@ -720,7 +720,7 @@ pub fn rss_bytes() -> u64 {
 /// many, and the trace keeps the last `Trace::max_spans()`. Until then it grows by design, by about 100
 /// bytes a span.
 fn ring_fill_passes(layers: usize) -> usize {
-    strata::trace::Trace::max_spans().div_ceil(layers)
+    strata::Trace::max_spans().div_ceil(layers)
 }
 
 /// One thread repeats passes over 16 layers with prefetching on, under a budget that keeps only

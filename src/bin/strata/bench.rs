@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use strata::checkpoint::Checkpoint;
 use strata::checkpoint::ReadMode;
 use strata::context::Context;
+use strata::dtype::DType;
 use strata::error::{Error, Result};
+use strata::StreamHandle;
 
 const BENCH_USAGE: &str = "strata bench: stream a checkpoint under a budget and measure the overlap
 
@@ -65,8 +67,8 @@ struct BenchConfig {
     depth: u32,
     passes: usize,
     compute: Option<Duration>,
-    preparing: u32,
-    computation: u32,
+    preparing: Option<DType>,
+    computation: Option<DType>,
     prefix: String,
     keep: u32,
     layers: usize,
@@ -130,7 +132,7 @@ fn parse_bench(args: &[String]) -> Result<Option<BenchConfig>> {
         vram_limit: args.get("--vram-limit").unwrap_or("0").to_owned(),
         host_limit: match args.get("--host-limit") {
             Some(size) => parse_bytes(size)?,
-            None => strata::budget::STRATA_UNLIMITED,
+            None => u64::MAX,
         },
         depth: args.count("--prefetch", 2)? as u32,
         passes,
@@ -233,7 +235,7 @@ fn run(
         let mut computing = Duration::ZERO;
         for &id in &ids {
             let before = (pass == 0).then(|| ctx.stats().vram_in_use);
-            ctx.acquire(id, 0, usize::MAX, |_, _| {})?;
+            ctx.acquire(id, StreamHandle::default(), usize::MAX, |_, _| {})?;
             if let Some(before) = before {
                 largest_acquire = largest_acquire.max(ctx.stats().vram_in_use - before);
             }
@@ -242,7 +244,10 @@ fn run(
             computing += t.elapsed();
             held.push_back(id);
             if held.len() > setting.held {
-                ctx.release(held.pop_front().expect("just pushed"), 0)?;
+                ctx.release(
+                    held.pop_front().expect("just pushed"),
+                    StreamHandle::default(),
+                )?;
             }
         }
         if pass < WARM_UP_PASSES {
@@ -255,7 +260,7 @@ fn run(
         progress.update(phase, pass as u64 + 1, config.passes as u64);
     }
     for id in held {
-        ctx.release(id, 0)?;
+        ctx.release(id, StreamHandle::default())?;
     }
     let stats = ctx.stats();
     let usage = Usage::now();
@@ -519,7 +524,7 @@ fn measure(config: &BenchConfig, path: &Path, out: &Path, progress: &mut Progres
         human_bytes(peak_rss),
         human_bytes(host_peak.unwrap_or(0)),
         match config.host_limit {
-            strata::budget::STRATA_UNLIMITED => "unlimited".to_owned(),
+            u64::MAX => "unlimited".to_owned(),
             limit => human_bytes(limit),
         },
         human_bytes(rows.iter().filter_map(|r| r["vram_peak"].as_u64()).max().unwrap_or(0)),
@@ -568,7 +573,7 @@ fn plain_parallel_read(path: &Path, mode: ReadMode) -> Result<f64> {
             .map(|first| {
                 let file = &file;
                 scope.spawn(move || -> Result<()> {
-                    let mut buffer = strata::host::HostBuffer::new(PLAIN_CHUNK)?;
+                    let mut buffer = strata::HostBuffer::new(PLAIN_CHUNK)?;
                     for chunk in (first..chunks).step_by(PLAIN_READERS) {
                         let offset = chunk * PLAIN_CHUNK as u64;
                         let mut done = 0;

@@ -5,14 +5,17 @@ use crate::{human_bytes, output_dir, Args};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use strata::budget::STRATA_UNLIMITED;
 use strata::checkpoint::{Checkpoint, ReadMode};
 use strata::context::{Context, Options};
-use strata::convert::STRATA_QUANT_PER_CHANNEL;
-use strata::dtype::{STRATA_DTYPE_BF16, STRATA_DTYPE_F8_E4M3FN, STRATA_DTYPE_SOURCE};
+use strata::convert::Quant;
+use strata::dtype::DType;
 use strata::error::{Error, Result};
 use strata::stats::Stats;
-use strata::tiers::{Device, RawTiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
+use strata::tiers::{Device, Placement, Tiers};
+use strata::{GroupId, LayerId, StreamHandle};
+
+/// A limit meaning "no limit" (`vram_limit`, `host_limit`).
+const UNLIMITED: u64 = u64::MAX;
 
 const DEMO_USAGE: &str = "strata demo: stream a generated model under a budget and check the result
 
@@ -145,11 +148,11 @@ pub(crate) fn write_model(
 }
 
 /// One pass: x <- normalize(W x + b) through every layer, reading the bf16 views strata hands out.
-fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Result<()> {
+fn run_pass(ctx: &Context, layers: &[LayerId], width: usize, x: &mut Vec<f32>) -> Result<()> {
     for &layer in layers {
         let mut weight: &[u16] = &[];
         let mut bias: &[u16] = &[];
-        ctx.acquire(layer, 0, 2, |i, view| {
+        ctx.acquire(layer, StreamHandle::default(), 2, |i, view| {
             // SAFETY: on the CPU device a view's bytes are host memory, valid and unchanged until
             // the release below; bf16 data is 2-byte aligned (strata aligns every tensor to 64).
             let values = unsafe {
@@ -173,7 +176,7 @@ fn run_pass(ctx: &Context, layers: &[u64], width: usize, x: &mut Vec<f32>) -> Re
                     + bf16(b)
             })
             .collect();
-        ctx.release(layer, 0)?;
+        ctx.release(layer, StreamHandle::default())?;
         let norm = (y.iter().map(|v| v * v).sum::<f32>() / width as f32)
             .sqrt()
             .max(1e-6);
@@ -190,10 +193,10 @@ pub fn streaming_context(
     vram_limit: u64,
     host_limit: u64,
     prefetch_depth: u32,
-    preparing: u32,
-    computation: u32,
+    preparing: Option<DType>,
+    computation: Option<DType>,
     read_mode: ReadMode,
-) -> Result<(Arc<Context>, u64)> {
+) -> Result<(Arc<Context>, GroupId)> {
     let ctx = Context::new(Options {
         compute: Device::Cpu,
         device_index: 0,
@@ -207,14 +210,13 @@ pub fn streaming_context(
         log: None,
         progress: Default::default(),
     })?;
-    let tiers = RawTiers {
-        placements: [
-            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DEFAULT, preparing),
-            (STRATA_DEVICE_DEFAULT, computation),
-        ],
-        quant: STRATA_QUANT_PER_CHANNEL,
+    let on = |device, dtype| Placement { device, dtype };
+    let tiers = Tiers {
+        offload: on(Device::Disk, None),
+        onload: on(Device::Disk, None),
+        preparing: on(Device::Cpu, preparing),
+        computation: on(Device::Cpu, computation),
+        quant: Quant::PerChannel,
     };
     let group = ctx.create_group("model", &tiers)?;
     Ok((ctx, group))
@@ -227,10 +229,10 @@ fn streamed_run(
 ) -> Result<(Vec<f32>, Stats, Arc<Context>, f64)> {
     let (ctx, group) = streaming_context(
         vram_limit,
-        STRATA_UNLIMITED,
+        UNLIMITED,
         2,
-        STRATA_DTYPE_F8_E4M3FN,
-        STRATA_DTYPE_BF16,
+        Some(DType::F8E4M3),
+        Some(DType::BF16),
         config.read_mode,
     )?;
     ctx.register_checkpoint_prefix(group, checkpoint, "blocks.", 2)?;
@@ -283,7 +285,7 @@ pub fn demo(args: &[String]) -> Result<()> {
 
     let (streamed, stats, ctx, seconds) = streamed_run(&checkpoint, &config, vram_limit)?;
     let (resident, resident_stats, _, resident_seconds) =
-        streamed_run(&checkpoint, &config, STRATA_UNLIMITED)?;
+        streamed_run(&checkpoint, &config, UNLIMITED)?;
 
     let per_pass = |s: &Stats| s.bytes_to_device / config.passes as u64;
     println!("{:<40}{:>16}{:>16}", "", "streamed", "all resident");

@@ -10,9 +10,9 @@ use strata::context::layer_name_of;
 use strata::convert::Quant;
 use strata::dtype::DType;
 use strata::error::{Error, Result};
-use strata::registry::{Forms, TensorMeta};
 use strata::residency::{LayerBytes, Simulation};
-use strata::tiers::{Device, RawTiers, Tiers, STRATA_DEVICE_DEFAULT, STRATA_DEVICE_DISK};
+use strata::tiers::{Device, Placement, Tiers};
+use strata::{Forms, TensorMeta};
 
 const INSPECT_USAGE: &str = "strata inspect: a checkpoint's layers, tensors, dtypes and bytes
 
@@ -148,20 +148,21 @@ pub fn inspect(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn parse_dtype(text: &str) -> Result<u32> {
-    Ok(match text.to_ascii_lowercase().as_str() {
-        "source" => strata::dtype::STRATA_DTYPE_SOURCE,
-        "f32" => DType::F32.to_abi(),
-        "f16" => DType::F16.to_abi(),
-        "bf16" => DType::BF16.to_abi(),
-        "fp8" | "e4m3" | "f8_e4m3fn" => DType::F8E4M3.to_abi(),
-        "e5m2" | "f8_e5m2" => DType::F8E5M2.to_abi(),
+/// A tier dtype by name; None for "source" (the stored dtype).
+pub(crate) fn parse_dtype(text: &str) -> Result<Option<DType>> {
+    Ok(Some(match text.to_ascii_lowercase().as_str() {
+        "source" => return Ok(None),
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        "fp8" | "e4m3" | "f8_e4m3fn" => DType::F8E4M3,
+        "e5m2" | "f8_e5m2" => DType::F8E5M2,
         other => {
             return Err(Error::invalid(format!(
                 "unknown dtype {other:?}: source, bf16, f16, f32, fp8, e5m2"
             )))
         }
-    })
+    }))
 }
 
 fn parse_quant(text: &str) -> Result<Quant> {
@@ -210,22 +211,20 @@ pub fn plan(args: &[String]) -> Result<()> {
     let steps = args.number("--steps", 20)?;
     let prefetch = args.count("--prefetch", 2)?;
     let keep = args.count("--keep", 0)? as u32;
-    let raw = RawTiers {
-        placements: [
-            (STRATA_DEVICE_DISK, strata::dtype::STRATA_DTYPE_SOURCE),
-            (STRATA_DEVICE_DISK, strata::dtype::STRATA_DTYPE_SOURCE),
-            (
-                STRATA_DEVICE_DEFAULT,
-                parse_dtype(args.get("--preparing").unwrap_or("source"))?,
-            ),
-            (
-                STRATA_DEVICE_DEFAULT,
-                parse_dtype(args.get("--computation").unwrap_or("source"))?,
-            ),
-        ],
-        quant: parse_quant(args.get("--quant").unwrap_or("per-channel"))?.to_abi(),
+    let on = |device, dtype| Placement { device, dtype };
+    let tiers = Tiers {
+        offload: on(Device::Disk, None),
+        onload: on(Device::Disk, None),
+        preparing: on(
+            Device::Cuda,
+            parse_dtype(args.get("--preparing").unwrap_or("source"))?,
+        ),
+        computation: on(
+            Device::Cuda,
+            parse_dtype(args.get("--computation").unwrap_or("source"))?,
+        ),
+        quant: parse_quant(args.get("--quant").unwrap_or("per-channel"))?,
     };
-    let tiers = Tiers::resolve(&raw, Device::Cuda)?;
 
     let mut sized = Vec::new();
     for (name, tensors) in layers_of(&checkpoint, args.get("--prefix").unwrap_or(""), keep) {
