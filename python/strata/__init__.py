@@ -9,19 +9,20 @@
 
 The library is found from STRATA_LIBRARY, this package's folder, or the repository's build
 folder. PyTorch integration: strata.torch.enable_vram_management(module, vram_limit=...).
+Several contexts (one per GPU) share one host copy of a checkpoint through a strata.Store.
 """
 
-from ._core import (Checkpoint, Context, Group, Layer, Lease, Options, Stats, Tiers, TensorView,
-                    Views, parse_bytes, version)
+from ._core import (Checkpoint, Context, Group, Layer, Lease, Options, Stats, Store, StoreStats,
+                    Tiers, TensorView, Views, parse_bytes, version)
 from ._lib import FLAG_STRICT_BUDGET, MAX_DIMS, UNLIMITED, DType, Device, LogLevel, Quantization
 from .errors import (BudgetError, BufferTooSmallError, DeviceError, Error, FormatError,
                      InvalidArgumentError, InvalidHandleError, IoError, NoDeviceError,
                      NotFoundError, NullArgumentError, OutOfMemoryError, PanicError, StateError,
                      UnsupportedError, last_error)
 
-__all__ = ["Checkpoint", "Context", "Group", "Layer", "Lease", "Options", "Stats", "Tiers",
-           "TensorView", "Views", "parse_bytes", "version", "FLAG_STRICT_BUDGET", "MAX_DIMS",
-           "UNLIMITED", "DType", "Device", "LogLevel", "Quantization", "BudgetError",
+__all__ = ["Checkpoint", "Context", "Group", "Layer", "Lease", "Options", "Stats", "Store",
+           "StoreStats", "Tiers", "TensorView", "Views", "parse_bytes", "version",
+           "FLAG_STRICT_BUDGET", "MAX_DIMS", "UNLIMITED", "DType", "Device", "LogLevel", "Quantization", "BudgetError",
            "BufferTooSmallError", "DeviceError", "Error", "FormatError", "InvalidArgumentError",
            "InvalidHandleError", "IoError", "NoDeviceError", "NotFoundError", "NullArgumentError",
            "OutOfMemoryError", "PanicError", "StateError", "UnsupportedError", "last_error"]

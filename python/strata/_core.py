@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from . import _dlpack
 from ._lib import (FLAG_STRICT_BUDGET, LOG_FN, PROGRESS_FN, UNLIMITED, Device, DType,
                    LogLevel, Quantization, lib, strata_host_tensor, strata_options, strata_stats,
-                   strata_tensor_view, strata_tiers)
+                   strata_store_stats, strata_tensor_view, strata_tiers)
 from .errors import (InvalidArgumentError, InvalidHandleError, StateError, UnsupportedError,
                      check)
 
@@ -25,6 +25,13 @@ def parse_bytes(value):
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size in bytes: {value!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _optional(function):
+    """The library's `function`, which builds older than this binding lack (UnsupportedError)."""
+    if not hasattr(lib(), function):
+        raise UnsupportedError(f"this libstrata ({lib().path}) has no {function}", 7)
+    return getattr(lib(), function)
 
 
 def version():
@@ -211,12 +218,13 @@ class Context(_Owned):
     """One manager for one compute device: budget, copy engine, statistics.
 
     Context(compute_device="cpu", vram_limit="2GiB", ...) takes Options' keywords, or
-    Context(options=Options(...)). Use it as a context manager or call close(), which destroys
-    the context and everything registered on it."""
+    Context(options=Options(...)). store=: a Store attached at once (see attach_store). Use it
+    as a context manager or call close(), which destroys the context and everything registered
+    on it."""
 
     _what = "context"
 
-    def __init__(self, options=None, **kwargs):
+    def __init__(self, options=None, store=None, **kwargs):
         if options is None:
             options = Options(**kwargs)
         elif kwargs:
@@ -226,6 +234,12 @@ class Context(_Owned):
         handle = C.c_void_p()
         check(lib().strata_context_create(C.byref(options), C.byref(handle)))
         self._handle = handle
+        if store is not None:
+            try:
+                self.attach_store(store)
+            except BaseException:
+                self.close()
+                raise
 
     def _destroy(self, handle):
         lib().strata_context_destroy(handle)
@@ -265,9 +279,16 @@ class Context(_Owned):
         self._set_limit("strata_context_set_host_limit", value)
 
     def _set_limit(self, function, value):
-        if not hasattr(lib(), function):
-            raise UnsupportedError(f"this libstrata ({lib().path}) has no {function}", 7)
-        check(getattr(lib(), function)(self.handle, parse_bytes(value)))
+        check(_optional(function)(self.handle, parse_bytes(value)))
+
+    def attach_store(self, store):
+        """Makes the host copies this context reads from checkpoints from now on come from
+        `store` (a Store), shared with every other context using it; copies made before stay
+        the context's own. Once per context (a second is StateError). The context keeps the
+        store alive after store.close(). Views of shared copies are shared: never write them."""
+        if not isinstance(store, Store):
+            raise TypeError(f"not a strata.Store: {store!r}")
+        check(_optional("strata_context_attach_store")(self.handle, store.handle))
 
     def stats(self):
         out = Stats()
@@ -278,6 +299,64 @@ class Context(_Owned):
     def trace_write(self, path):
         """Writes the timeline as Chrome trace JSON (Perfetto opens it)."""
         check(lib().strata_trace_write(self.handle, str(path).encode()))
+
+
+class StoreStats(strata_store_stats):
+    """strata_store_stats: a store's counters (layers held, fills, waits, takeovers)."""
+
+    as_dict = Stats.as_dict
+
+    def __repr__(self):
+        return "StoreStats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+class Store(_Owned):
+    """A host store: one host copy of each checkpoint layer, shared by every context attached
+    to it (one per GPU), read from disk once and counted once against its own host_limit.
+
+    Store() is a store within this process. Store(name="dit", checkpoint=path) is a named
+    store, shared by every process of the machine that opens that name: the first creates it
+    (a file strata-NAME in `dir`, /dev/shm by default, created with `mode`, 0600 by default),
+    the others attach; one made from other files or by another strata version is StateError.
+    host_limit: bytes or "8GiB" (None: unlimited; a named store reserves it whole at creation,
+    OutOfMemoryError where the directory lacks the room). close() gives up this handle only:
+    contexts attached keep the store, and a named store's file goes with its last process."""
+
+    _what = "store"
+
+    def __init__(self, name=None, checkpoint=None, host_limit=None, dir=None, mode=None):
+        options = _optional("strata_store_options_default")()
+        if host_limit is not None:
+            options.host_limit = parse_bytes(host_limit)
+        if mode is not None:
+            options.mode = mode
+        # The encoded strings live in these locals until strata_store_create has returned.
+        name_bytes, checkpoint_bytes, dir_bytes = (None if v is None else str(v).encode()
+                                                   for v in (name, checkpoint, dir))
+        options.name, options.checkpoint, options.dir = name_bytes, checkpoint_bytes, dir_bytes
+        handle = C.c_void_p()
+        check(lib().strata_store_create(C.byref(options), C.byref(handle)))
+        self._handle = handle
+        self.name = name
+
+    def _destroy(self, handle):
+        lib().strata_store_destroy(handle)
+
+    def __repr__(self):
+        kind = "within this process" if self.name is None else f"named {self.name!r}"
+        state = "closed" if self._handle is None else "open"
+        return f"Store({kind}, {state})"
+
+    def stats(self):
+        out = StoreStats()
+        out.struct_size = C.sizeof(StoreStats)
+        check(lib().strata_store_stats_get(self.handle, C.byref(out)))
+        return out
+
+    @property
+    def created(self):
+        """Whether this process created the store (a named store), rather than attached."""
+        return bool(self.stats().created)
 
 
 class Group:

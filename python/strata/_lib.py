@@ -161,6 +161,18 @@ class strata_stats(C.Structure):
         "device_allocations")]
 
 
+class strata_store_options(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("mode", C.c_uint32), ("host_limit", C.c_uint64),
+                ("name", C.c_char_p), ("checkpoint", C.c_char_p), ("dir", C.c_char_p)]
+
+
+class strata_store_stats(C.Structure):
+    _fields_ = [("struct_size", C.c_uint32), ("created", C.c_uint32)] + [
+        (name, C.c_uint64) for name in ("host_in_use", "host_peak", "host_limit", "layers",
+                                        "fills", "bytes_filled", "shared", "waits",
+                                        "takeovers")]
+
+
 _P = C.c_void_p
 _STATUS = C.c_uint32
 _PROTOTYPES = {
@@ -200,6 +212,11 @@ _PROTOTYPES = {
 _OPTIONAL_PROTOTYPES = {
     "strata_context_set_vram_limit": (_STATUS, [_P, C.c_uint64]),
     "strata_context_set_host_limit": (_STATUS, [_P, C.c_uint64]),
+    "strata_store_options_default": (strata_store_options, []),
+    "strata_store_create": (_STATUS, [C.POINTER(strata_store_options), C.POINTER(_P)]),
+    "strata_store_destroy": (None, [_P]),
+    "strata_context_attach_store": (_STATUS, [_P, _P]),
+    "strata_store_stats_get": (_STATUS, [_P, C.POINTER(strata_store_stats)]),
 }
 
 _LIBRARY_FILE = {"darwin": "libstrata.dylib", "win32": "strata.dll"}.get(sys.platform,

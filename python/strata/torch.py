@@ -4,6 +4,13 @@
     strata.torch.enable_vram_management(model, vram_limit="8GiB")
     model(x)                          # each managed submodule acquires its layer, runs, releases
 
+One host copy for models on several GPUs (one context each), read from the checkpoint once:
+
+    store = strata.Store()            # strata.Store(name="dit", checkpoint=path): across processes
+    for gpu, model in enumerate(models):
+        strata.torch.enable_vram_management(model, checkpoint=path, store=store,
+                                            device=f"cuda:{gpu}", vram_limit="8GiB")
+
 Which parameters make a layer:
 - each outermost submodule of one of `module_types` is one strata layer holding all its
   parameters (a whole transformer block when its class is listed);
@@ -58,15 +65,15 @@ def _default_device():
         else torch.device("cpu")
 
 
-def _context_for(device, vram_limit, prefetch_depth):
+def _context_for(device, vram_limit, prefetch_depth, store):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _core.Context(compute_device="cuda", device_index=index, vram_limit=vram_limit,
-                             prefetch_depth=prefetch_depth)
+                             prefetch_depth=prefetch_depth, store=store)
     if device.type != "cpu":
         raise ValueError(f"strata computes on cpu or cuda, not {device}")
     return _core.Context(compute_device="cpu", vram_limit=vram_limit,
-                         prefetch_depth=prefetch_depth)
+                         prefetch_depth=prefetch_depth, store=store)
 
 
 class _ViewsLease(_core.Lease):
@@ -370,7 +377,7 @@ def _checkpoint_names(path):
 
 def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MODULE_TYPES,
                            checkpoint=None, checkpoint_prefix="", device=None, context=None,
-                           group_name="model", prefetch_depth=None):
+                           group_name="model", prefetch_depth=None, store=None):
     """Hands every parameter of `module` to strata, in layers by the rule of this module's
     docstring (`module_types` picks the layer owners; list whole blocks for coarser layers).
 
@@ -389,18 +396,29 @@ def enable_vram_management(module, vram_limit=None, tiers=None, module_types=MOD
       and then freed.
     device: the compute device (default: the current CUDA device, else the CPU).
     context: a strata.Context to share (a Pipeline does); else one is created.
+    store: a strata.Store the created context reads the checkpoint's host copies from, so that
+      several models over one checkpoint (one per GPU, or one per process with a named store)
+      hold one host copy, read from disk once. Needs `checkpoint`; with tiers None, the onload
+      tier is then the store's RAM (offload on disk, onload on the CPU). Like vram_limit, it
+      belongs to the context: with `context=`, attach it there (Context(store=...)).
     Returns the ManagedModule (also at module._strata_managed).
     """
     if "_strata_managed" in module.__dict__:
         raise ValueError("this module is already managed by strata")
     device = torch.device(device) if device is not None else _default_device()
+    if store is not None and checkpoint is None:
+        raise ValueError("a store shares the host copies of a checkpoint: pass checkpoint=")
     if tiers is None and checkpoint is not None:
-        tiers = dict(offload_device="disk", onload_device="disk")
+        tiers = dict(offload_device="disk",
+                     onload_device="disk" if store is None else "cpu")
     owns_context = context is None
     if owns_context:
-        context = _context_for(device, vram_limit, prefetch_depth)
+        context = _context_for(device, vram_limit, prefetch_depth, store)
     elif vram_limit is not None:
         raise ValueError("vram_limit belongs to the context: set it where the context is made")
+    elif store is not None:
+        raise ValueError("the store belongs to the context: attach it where the context is "
+                         "made (strata.Context(store=...), Pipeline(store=...))")
     if isinstance(tiers, dict):
         tiers = _core.Tiers(**tiers)
     group = context.group(group_name, tiers)
@@ -544,9 +562,9 @@ class Pipeline:
         pipe.load_models_to_device(["text_encoder"])   # onloads it, offloads the rest
     """
 
-    def __init__(self, vram_limit=None, device=None, prefetch_depth=None):
+    def __init__(self, vram_limit=None, device=None, prefetch_depth=None, store=None):
         self.device = torch.device(device) if device is not None else _default_device()
-        self.context = _context_for(self.device, vram_limit, prefetch_depth)
+        self.context = _context_for(self.device, vram_limit, prefetch_depth, store)
         self.models = {}
 
     def add(self, name, module, **kwargs):

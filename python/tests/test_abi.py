@@ -74,13 +74,19 @@ class Layouts(unittest.TestCase):
         for struct, name in ((_lib.strata_tiers, "strata_tiers"),
                              (_lib.strata_placement, "strata_placement"),
                              (_lib.strata_host_tensor, "strata_host_tensor"),
-                             (_lib.strata_tensor_view, "strata_tensor_view")):
+                             (_lib.strata_tensor_view, "strata_tensor_view"),
+                             (_lib.strata_store_options, "strata_store_options"),
+                             (_lib.strata_store_stats, "strata_store_stats")):
             ours, theirs = self.assertPrefix(struct, name)
             self.assertEqual(len(ours), len(theirs), name)
 
     def test_tiers_size_is_the_library_s(self):
         self.assertEqual(_lib.lib().strata_tiers_default().struct_size,
                          C.sizeof(_lib.strata_tiers))
+
+    def test_store_options_size_is_the_library_s(self):
+        self.assertEqual(_lib.lib().strata_store_options_default().struct_size,
+                         C.sizeof(_lib.strata_store_options))
 
     def test_options_size_is_at_least_the_library_s(self):
         # The binding already has the log/progress callbacks; a library built before they were

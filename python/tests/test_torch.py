@@ -198,6 +198,39 @@ class Torch(unittest.TestCase):
         self.assertEqual({p.device.type for p in empty.parameters()}, {"cpu"})
         self.assertTrue(torch.equal(empty(self.ids), expected))
 
+    def test_two_models_over_one_store_share_one_host_copy(self):
+        # As one model per GPU would: two contexts, one host copy read from the file once.
+        m = model(torch.bfloat16)
+        expected = m(self.ids)
+        weights = {k: safetensors_bytes(v) for k, v in m.state_dict().items()}
+        with tempfile.TemporaryDirectory() as tmp, strata.Store() as store:
+            path = os.path.join(tmp, "model.safetensors")
+            write_safetensors(path, {k: ("BF16", m.state_dict()[k].shape, data)
+                                     for k, data in weights.items()})
+            models, managed = [], []
+            for _ in range(2):
+                with torch.device("meta"):
+                    models.append(Model().to(torch.bfloat16).eval())
+                managed.append(st.enable_vram_management(models[-1], device="cpu",
+                                                         checkpoint=path, store=store,
+                                                         vram_limit="8KiB"))
+            for _ in range(2):
+                for empty in models:
+                    self.assertTrue(torch.equal(empty(self.ids), expected))
+            stats = store.stats()
+            layers = len(managed[0].layers)
+            self.assertEqual((stats.layers, stats.fills, stats.shared), (layers, layers, layers))
+            # the first model read every weight once; the second none
+            self.assertEqual([mm.stats().bytes_from_disk for mm in managed],
+                             [sum(len(data) for data in weights.values()), 0])
+            with self.assertRaises(ValueError):  # a store shares what a checkpoint holds
+                st.enable_vram_management(model(torch.bfloat16), device="cpu", store=store)
+            with strata.Context(compute_device="cpu") as ctx, self.assertRaises(ValueError):
+                st.enable_vram_management(model(torch.bfloat16), device="cpu", context=ctx,
+                                          checkpoint=path, store=store)
+            for empty in models:
+                st.disable_vram_management(empty)
+
     def test_release_on_exception_and_disable_restores(self):
         m = model(torch.float32)
         expected = m(self.ids)
