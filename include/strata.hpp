@@ -1,10 +1,10 @@
 /*
  * strata.hpp: C++17 wrappers over strata.h, header-only.
  *
- * RAII owners for the context, its groups and checkpoints, and an acquire guard that releases the
- * layer when it goes out of scope; failures throw strata::error (the status and the library's
- * message). The types are move-only, and nothing here changes the C ABI: get() gives the C handle
- * for any call not wrapped here.
+ * RAII owners for the context, its groups and checkpoints, host stores, and an acquire guard that
+ * releases the layer when it goes out of scope; failures throw strata::error (the status and the
+ * library's message). The types are move-only, and nothing here changes the C ABI: get() gives
+ * the C handle for any call not wrapped here.
  *
  *   strata::context ctx(options);                      // strata_context_create / _destroy
  *   strata::group dit = ctx.create_group("dit", tiers); // strata_group_create / _destroy
@@ -222,6 +222,39 @@ class group {
   uint64_t id_ = 0;
 };
 
+/* A host store (strata_store_create / _destroy): one host copy of each checkpoint layer, read
+   once, for every context attached to it (one per GPU); named (options.name), for every process
+   of the machine. Thread-safe. Contexts attached keep the store after this handle goes. */
+class store {
+ public:
+  explicit store(const strata_store_options &options = strata_store_options_default()) {
+    check(strata_store_create(&options, &store_));
+  }
+  store(store &&other) noexcept : store_(std::exchange(other.store_, nullptr)) {}
+  store &operator=(store &&other) noexcept {
+    if (this != &other) {
+      strata_store_destroy(store_);
+      store_ = std::exchange(other.store_, nullptr);
+    }
+    return *this;
+  }
+  store(const store &) = delete;
+  store &operator=(const store &) = delete;
+  ~store() { strata_store_destroy(store_); }
+
+  strata_store *get() const noexcept { return store_; }
+
+  strata_store_stats stats() const {
+    strata_store_stats stats{};
+    stats.struct_size = sizeof stats;
+    check(strata_store_stats_get(store_, &stats));
+    return stats;
+  }
+
+ private:
+  strata_store *store_ = nullptr;
+};
+
 /* One compute device, its budget and everything registered on it (strata_context_create /
    _destroy). Thread-safe like the C context: share it by reference. */
 class context {
@@ -267,6 +300,8 @@ class context {
     check(strata_checkpoint_open(ctx_, path.c_str(), &ckpt));
     return checkpoint(ckpt);
   }
+  /* Host copies read from checkpoints from now on come from `shared` (once per context). */
+  void attach_store(const store &shared) { check(strata_context_attach_store(ctx_, shared.get())); }
   uint64_t find_layer(const std::string &name) const {
     uint64_t id = 0;
     check(strata_layer_find(ctx_, name.c_str(), &id));
