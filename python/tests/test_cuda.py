@@ -5,11 +5,13 @@ and skips elsewhere. Bytes are read back with the driver API through ctypes: no 
 
 import array
 import ctypes as C
+import os
 import struct
+import tempfile
 import unittest
 
 import strata
-from support import bf16_bits, skipped
+from support import bf16_bits, skipped, write_safetensors
 
 VALUES = [1 / 3, 3.14159265, -2.7e-5, 1.00390625, 300.7, -0.0078125, 0.0, -1.5]
 
@@ -140,6 +142,36 @@ class CudaViews(unittest.TestCase):
         self.assertEqual(self.ctx.stats().vram_in_use, 0)
         with self.ctx.acquire(self.layer) as views:
             self.assertEqual(self.driver.read(views["w"]), bf16_bytes(VALUES))
+
+    def test_two_contexts_over_one_store_stream_exact_bytes_from_one_host_copy(self):
+        blocks = {f"blocks.{i}.weight": bytes((7 * i + at) % 251 for at in range(4096))
+                  for i in range(3)}
+        with tempfile.TemporaryDirectory() as tmp, strata.Store() as store:
+            path = os.path.join(tmp, "model.safetensors")
+            write_safetensors(path, {name: ("U8", (64, 64), data)
+                                     for name, data in blocks.items()})
+            # Room on the device for two of the three blocks: every pass evicts and uploads
+            # again from the store's copy.
+            contexts = [strata.Context(compute_device="cuda", vram_limit=2 * 4096, store=store)
+                        for _ in range(2)]
+            try:
+                for ctx in contexts:
+                    group = ctx.group("model", strata.Tiers(offload_device="disk",
+                                                            onload_device="cpu"))
+                    with ctx.open_checkpoint(path) as checkpoint:
+                        group.register_checkpoint(checkpoint, "blocks.", 2)
+                for _ in range(2):
+                    for name, data in blocks.items():
+                        for ctx in contexts:
+                            with ctx.acquire(ctx.find_layer(name.rsplit(".", 1)[0])) as views:
+                                self.assertEqual(self.driver.read(views[name]), data)
+                stats = store.stats()
+                self.assertEqual((stats.layers, stats.fills), (len(blocks), len(blocks)))
+                self.assertEqual(sum(c.stats().bytes_from_disk for c in contexts), 3 * 4096)
+                self.assertTrue(all(c.stats().evictions > 0 for c in contexts))
+            finally:
+                for ctx in contexts:
+                    ctx.close()
 
 
 if __name__ == "__main__":
