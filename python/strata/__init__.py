@@ -22,7 +22,8 @@ from .errors import (BudgetError, BufferTooSmallError, DeviceError, Error, Forma
 
 __all__ = ["Checkpoint", "Context", "Group", "Layer", "Lease", "Options", "Stats", "Store",
            "StoreStats", "Tiers", "TensorView", "Views", "parse_bytes", "version",
-           "FLAG_STRICT_BUDGET", "MAX_DIMS", "UNLIMITED", "DType", "Device", "LogLevel", "Quantization", "BudgetError",
-           "BufferTooSmallError", "DeviceError", "Error", "FormatError", "InvalidArgumentError",
-           "InvalidHandleError", "IoError", "NoDeviceError", "NotFoundError", "NullArgumentError",
-           "OutOfMemoryError", "PanicError", "StateError", "UnsupportedError", "last_error"]
+           "FLAG_STRICT_BUDGET", "MAX_DIMS", "UNLIMITED", "DType", "Device", "LogLevel",
+           "Quantization", "BudgetError", "BufferTooSmallError", "DeviceError", "Error",
+           "FormatError", "InvalidArgumentError", "InvalidHandleError", "IoError",
+           "NoDeviceError", "NotFoundError", "NullArgumentError", "OutOfMemoryError",
+           "PanicError", "StateError", "UnsupportedError", "last_error"]
