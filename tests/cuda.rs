@@ -28,12 +28,18 @@ const EMULATED: &str = "STRATA_TEST_EMULATED_CUDA";
 /// purpose, and the budget and leak checks read the driver's free memory.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// How many devices the emulated driver has in the child process that runs these tests on it.
+const EMULATED_DEVICES: &str = "2";
+
 struct Gpu {
+    /// The device's ordinal, whose primary context `context` is.
+    ordinal: i32,
     context: Arc<cudarc::driver::CudaContext>,
     checksum: sys::CUfunction,
     spin: sys::CUfunction,
     _module: sys::CUmodule,
-    _alone: std::sync::MutexGuard<'static, ()>,
+    /// Held by one Gpu of a test (the last of `gpus`).
+    _alone: Option<std::sync::MutexGuard<'static, ()>>,
 }
 
 /// Written past the test harness's capture, so that a passing run shows what did not run.
@@ -41,44 +47,68 @@ fn skipped(test: &str, why: &str) {
     common::skip(&format!("SKIPPED {test}: {why}"));
 }
 
-/// The GPU, or None (and a visible SKIPPED line) where there is none.
+/// The GPU (device 0), or None (and a visible SKIPPED line) where there is none.
 fn gpu(test: &str) -> Option<Gpu> {
+    gpus(test, 1).map(|mut gpus| gpus.remove(0))
+}
+
+/// Devices 0 to `count` - 1, or None (and a visible SKIPPED line) where there are fewer.
+fn gpus(test: &str, count: usize) -> Option<Vec<Gpu>> {
     // SAFETY: only tries to open the driver library.
     if !unsafe { sys::is_culib_present() } {
         skipped(test, "no CUDA driver (libcuda could not be loaded)");
         return None;
     }
-    if result::init().is_err() || result::device::get_count().unwrap_or(0) == 0 {
-        skipped(test, "the CUDA driver found no device");
+    let found = if result::init().is_ok() {
+        result::device::get_count().unwrap_or(0) as usize
+    } else {
+        0
+    };
+    if found < count.max(1) {
+        skipped(
+            test,
+            &format!("the CUDA driver found {found} devices, not {count}"),
+        );
         return None;
     }
     let alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let context = cudarc::driver::CudaContext::new(0).expect("device 0's primary context");
-    if std::env::var_os(EMULATED).is_some() {
-        let device = result::device::get(0).unwrap();
-        let name = result::device::get_name(device).unwrap();
-        assert!(
-            name.contains("emulated"),
-            "LD_LIBRARY_PATH did not make the emulated driver load: device {name}"
-        );
+    let mut gpus: Vec<Gpu> = (0..count as i32).map(Gpu::open).collect();
+    gpus.last_mut().unwrap()._alone = Some(alone);
+    Some(gpus)
+}
+
+impl Gpu {
+    fn open(ordinal: i32) -> Gpu {
+        let context = cudarc::driver::CudaContext::new(ordinal as usize)
+            .unwrap_or_else(|e| panic!("device {ordinal}'s primary context: {e}"));
+        if std::env::var_os(EMULATED).is_some() {
+            let device = result::device::get(ordinal).unwrap();
+            let name = result::device::get_name(device).unwrap();
+            assert!(
+                name.contains("emulated"),
+                "LD_LIBRARY_PATH did not make the emulated driver load: device {name}"
+            );
+        }
+        context.bind_to_thread().unwrap();
+        // SAFETY: NUL-terminated PTX text that outlives the call.
+        let module = unsafe { result::module::load_data(CHECKSUM_PTX.as_ptr() as *const c_void) }
+            .expect("the checksum kernel loads");
+        // SAFETY: a live module.
+        let checksum =
+            unsafe { result::module::get_function(module, cstr("strata_test_checksum")) }
+                .expect("the checksum kernel is there");
+        // SAFETY: a live module.
+        let spin = unsafe { result::module::get_function(module, cstr("strata_test_spin")) }
+            .expect("the spin kernel is there");
+        Gpu {
+            ordinal,
+            context,
+            checksum,
+            spin,
+            _module: module,
+            _alone: None,
+        }
     }
-    context.bind_to_thread().unwrap();
-    // SAFETY: NUL-terminated PTX text that outlives the call.
-    let module = unsafe { result::module::load_data(CHECKSUM_PTX.as_ptr() as *const c_void) }
-        .expect("the checksum kernel loads");
-    // SAFETY: a live module.
-    let checksum = unsafe { result::module::get_function(module, cstr("strata_test_checksum")) }
-        .expect("the checksum kernel is there");
-    // SAFETY: a live module.
-    let spin = unsafe { result::module::get_function(module, cstr("strata_test_spin")) }
-        .expect("the spin kernel is there");
-    Some(Gpu {
-        context,
-        checksum,
-        spin,
-        _module: module,
-        _alone: alone,
-    })
 }
 
 /// A non-blocking stream of the primary context, destroyed on drop.
@@ -197,6 +227,45 @@ impl Gpu {
     }
 }
 
+/// What the emulated driver saw on one device (tests/gpu/emulated_driver.cpp).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct EmulatedCounts {
+    allocations: u64,
+    /// Host-to-device bytes from memory pinned for the copying context, and from memory
+    /// pageable there (pinned by another context, not portably, counts as pageable).
+    pinned_upload_bytes: u64,
+    pageable_upload_bytes: u64,
+    /// Host bytes registered (pinned in place) from the device's contexts.
+    registered_bytes: u64,
+}
+
+/// Each device's counts so far, from the emulated driver; None on a real driver.
+fn emulated_counts(gpus: &[Gpu]) -> Option<Vec<EmulatedCounts>> {
+    std::env::var_os(EMULATED)?;
+    type Counts = unsafe extern "C" fn(i32, *mut EmulatedCounts) -> i32;
+    // SAFETY: libcuda.so is loaded already (the emulated driver, which cudarc opened by this
+    // name): this takes one more reference to it, released below; the symbol has the type of
+    // strata_emulated_cuda_counts.
+    unsafe {
+        let library = libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!library.is_null(), "the emulated driver is not loaded");
+        let symbol = libc::dlsym(library, c"strata_emulated_cuda_counts".as_ptr());
+        assert!(!symbol.is_null(), "the emulated driver has no counts");
+        let counts: Counts = std::mem::transmute::<*mut c_void, Counts>(symbol);
+        let each = gpus
+            .iter()
+            .map(|gpu| {
+                let mut out = EmulatedCounts::default();
+                assert_eq!(counts(gpu.ordinal, &mut out), 0);
+                out
+            })
+            .collect();
+        libc::dlclose(library);
+        Some(each)
+    }
+}
+
 /// What the checksum kernel computes, on the host.
 fn expected_checksum(bytes: &[u8]) -> u32 {
     bytes.chunks_exact(4).enumerate().fold(0u32, |sum, (i, w)| {
@@ -231,11 +300,14 @@ fn acquire_on(ctx: &Ctx, layer: u64, stream: sys::CUstream) -> Vec<strata_tensor
 
 /// Every tensor's bytes of a layer acquired on the legacy default stream, then released.
 fn gpu_bytes(gpu: &Gpu, ctx: &Ctx, layer: u64) -> Vec<Vec<u8>> {
+    // NULL names the default stream of the thread's current context: `gpu`'s.
+    gpu.bind();
     let views = acquire_on(ctx, layer, ptr::null_mut());
     let bytes = views
         .iter()
         .map(|v| {
             assert_eq!(v.device, STRATA_DEVICE_CUDA);
+            assert_eq!(v.device_index, gpu.ordinal);
             gpu.read(v.data, v.nbytes as usize)
         })
         .collect();
@@ -704,6 +776,35 @@ fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
     else {
         return;
     };
+    kernels_on_the_callers_stream_read_the_right_bytes(&gpu);
+}
+
+/// The same on device 1: strata's context allocates, uploads and converts there (the emulated
+/// driver faults a kernel that reaches another device's memory), and device 0 sees none of it.
+#[test]
+fn a_kernel_on_the_callers_stream_of_device_1_right_after_acquire_reads_the_right_bytes() {
+    let Some(gpus) = gpus(
+        "a_kernel_on_the_callers_stream_of_device_1_right_after_acquire_reads_the_right_bytes",
+        2,
+    ) else {
+        return;
+    };
+    let before = emulated_counts(&gpus);
+    kernels_on_the_callers_stream_read_the_right_bytes(&gpus[1]);
+    if let (Some(before), Some(after)) = (before, emulated_counts(&gpus)) {
+        // Device 0 saw only what the test itself did there (nothing).
+        assert_eq!(after[0], before[0], "strata worked on device 0");
+        assert!(
+            after[1].allocations > before[1].allocations,
+            "nothing allocated on device 1: {:?}",
+            after[1]
+        );
+    }
+}
+
+/// Acquires 24 layers on a stream of `gpu`'s device and runs the test's checksum kernel on each
+/// tensor right after the acquire, over 8 passes, for two prefetch depths and budgets.
+fn kernels_on_the_callers_stream_read_the_right_bytes(gpu: &Gpu) {
     let layers = 24;
     let (rows, cols) = (256, 1024);
     let t = tiers(|t| {
@@ -716,6 +817,7 @@ fn a_kernel_on_the_callers_stream_right_after_acquire_reads_the_right_bytes() {
     for prefetch_depth in [0, 2] {
         for vram_limit in [0u64, 3 * (rows * cols * 3) as u64] {
             let cuda = cuda_context(|o| {
+                o.device_index = gpu.ordinal;
                 o.vram_limit = vram_limit;
                 o.prefetch_depth = prefetch_depth;
             });
@@ -1365,6 +1467,62 @@ fn contexts_over_one_store_stream_from_one_pinned_copy() {
     let Some(gpu) = gpu("contexts_over_one_store_stream_from_one_pinned_copy") else {
         return;
     };
+    stream_over_one_store(&[&gpu, &gpu]);
+}
+
+/// The same with the contexts on devices 0 and 1: device 1 uploads from the copy that device 0's
+/// context pinned, as pinned memory (the registration is portable), into its own memory.
+#[test]
+fn contexts_on_two_devices_over_one_store_stream_from_one_pinned_copy() {
+    let Some(gpus) = gpus(
+        "contexts_on_two_devices_over_one_store_stream_from_one_pinned_copy",
+        2,
+    ) else {
+        return;
+    };
+    let before = emulated_counts(&gpus);
+    let layer_bytes = stream_over_one_store(&[&gpus[0], &gpus[1]]);
+    let Some((before, after)) = before.zip(emulated_counts(&gpus)) else {
+        return;
+    };
+    let delta: Vec<EmulatedCounts> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| EmulatedCounts {
+            allocations: a.allocations - b.allocations,
+            pinned_upload_bytes: a.pinned_upload_bytes - b.pinned_upload_bytes,
+            pageable_upload_bytes: a.pageable_upload_bytes - b.pageable_upload_bytes,
+            registered_bytes: a.registered_bytes - b.registered_bytes,
+        })
+        .collect();
+    eprintln!("per device: {delta:?}");
+    assert!(
+        delta.iter().all(|d| d.allocations > 0),
+        "both devices hold layers: {delta:?}"
+    );
+    if std::env::var_os("STRATA_EMULATED_CUDA_PINNABLE").is_none() {
+        // Pinned once, by the context that filled each layer first (device 0's), and used as
+        // pinned memory from both: each device uploaded every layer from pinned memory, none
+        // from pageable (which a registration pinned for device 0's context alone would be on
+        // device 1).
+        assert_eq!(
+            (delta[0].registered_bytes, delta[1].registered_bytes),
+            (layer_bytes, 0),
+            "{delta:?}"
+        );
+        assert!(
+            delta
+                .iter()
+                .all(|d| d.pinned_upload_bytes >= layer_bytes && d.pageable_upload_bytes == 0),
+            "{delta:?}"
+        );
+    }
+}
+
+/// Streams the layers of one checkpoint through a CUDA context per GPU of `gpus`, all over one
+/// host store, twice, then again in the last context after the first is gone; checks the bytes,
+/// one fill per layer and one read from disk. Returns the bytes of the layers' host copies.
+fn stream_over_one_store(gpus: &[&Gpu]) -> u64 {
     let dir = TempDir::new("cuda-store");
     let path = dir.path("model.safetensors");
     // 2 MiB of f32 per weight: large enough to be pinned in place.
@@ -1394,9 +1552,13 @@ fn contexts_over_one_store_stream_from_one_pinned_copy() {
     ok(strata::ffi::store::strata_store_create(
         &options, &mut store,
     ));
-    let contexts: Vec<Ctx> = (0..2)
-        .map(|_| {
-            let ctx = cuda_context(|o| o.vram_limit = 0);
+    let contexts: Vec<Ctx> = gpus
+        .iter()
+        .map(|gpu| {
+            let ctx = cuda_context(|o| {
+                o.device_index = gpu.ordinal;
+                o.vram_limit = 0;
+            });
             ok(strata::ffi::store::strata_context_attach_store(
                 ctx.0, store,
             ));
@@ -1408,8 +1570,8 @@ fn contexts_over_one_store_stream_from_one_pinned_copy() {
         for layer in 0..layers {
             let name = format!("blocks.{layer}");
             let reference = cpu_bytes(&cpu, cpu.find(&name));
-            for ctx in &contexts {
-                let got = gpu_bytes(&gpu, ctx, ctx.find(&name));
+            for (gpu, ctx) in gpus.iter().zip(&contexts) {
+                let got = gpu_bytes(gpu, ctx, ctx.find(&name));
                 assert!(got == reference, "{name}, round {round}");
             }
         }
@@ -1425,18 +1587,20 @@ fn contexts_over_one_store_stream_from_one_pinned_copy() {
     let read: u64 = contexts.iter().map(|c| c.stats().bytes_from_disk).sum();
     assert_eq!(read, (layers * rows * cols * 4) as u64, "read once");
     strata::ffi::store::strata_store_destroy(store);
-    // The first context goes while the second still streams from the copy it pinned.
+    // The first context goes while the others still stream from the copy it pinned.
     let mut contexts = contexts.into_iter();
     drop(contexts.next());
-    let second = contexts.next().unwrap();
-    for layer in 0..layers {
-        let name = format!("blocks.{layer}");
-        let got = gpu_bytes(&gpu, &second, second.find(&name));
-        assert!(
-            got == cpu_bytes(&cpu, cpu.find(&name)),
-            "{name} after the first left"
-        );
+    for (gpu, ctx) in gpus.iter().skip(1).zip(contexts) {
+        for layer in 0..layers {
+            let name = format!("blocks.{layer}");
+            let got = gpu_bytes(gpu, &ctx, ctx.find(&name));
+            assert!(
+                got == cpu_bytes(&cpu, cpu.find(&name)),
+                "{name} after the first left"
+            );
+        }
     }
+    (layers * rows * cols * 4) as u64
 }
 
 #[test]
@@ -1605,6 +1769,7 @@ fn every_gpu_test_passes_on_the_emulated_driver() {
             ])
             .env("LD_LIBRARY_PATH", dir.path())
             .env(EMULATED, "1")
+            .env("STRATA_EMULATED_CUDA_DEVICES", EMULATED_DEVICES)
             .env_remove("STRATA_EMULATED_CUDA_PINNABLE");
         if let Some(bytes) = pinnable {
             child.env("STRATA_EMULATED_CUDA_PINNABLE", bytes);

@@ -13,6 +13,13 @@
 //   (1 GiB by default), and fresh memory holds garbage, not zeros. Pinning host memory
 //   (cuMemHostAlloc, cuMemHostRegister) fails beyond STRATA_EMULATED_CUDA_PINNABLE bytes, as a
 //   memlock limit makes it fail.
+// - STRATA_EMULATED_CUDA_DEVICES devices (1 by default), each with its own memory (of
+//   STRATA_EMULATED_CUDA_MEMORY bytes), primary context and counts of allocations and uploads
+//   (strata_emulated_cuda_counts, for the tests). A kernel that reaches another device's memory
+//   poisons the driver, as a GPU without peer access faults. Pinned host memory is pinned for the
+//   context that pinned it, or for every context when pinned portably (CU_MEMHOSTALLOC_PORTABLE,
+//   CU_MEMHOSTREGISTER_PORTABLE): from any other context it is pageable memory, and copies from it
+//   are counted as such.
 // - A kernel or copy that reaches outside a live allocation, and memory (device, pinned or
 //   registered) freed while queued work still uses it, poison the driver as an illegal address
 //   does: every later call fails with CUDA_ERROR_ILLEGAL_ADDRESS, and stderr says what happened.
@@ -186,6 +193,7 @@ struct Event {
 
 struct Context {
   bool primary;
+  int device;
   int retained = 0;
   std::shared_ptr<Stream> legacy;
 };
@@ -194,6 +202,38 @@ struct Allocation {
   size_t len;
   unsigned char *backing;
   Context *context;
+  int device;
+};
+
+// Host memory pinned by cuMemHostAlloc or cuMemHostRegister, up to `end`: pinned for the context
+// `owner` only, unless portable.
+struct PinnedRange {
+  uintptr_t end;
+  Context *owner;
+  bool portable;
+};
+
+const unsigned PORTABLE = 1; // CU_MEMHOSTALLOC_PORTABLE and CU_MEMHOSTREGISTER_PORTABLE
+
+} // namespace
+
+// What one device has seen since cuInit, for the tests (strata_emulated_cuda_counts).
+struct strata_emulated_cuda_device_counts {
+  unsigned long long allocations;
+  // Host-to-device bytes copied from memory pinned for the copying context, and from memory that
+  // is pageable there.
+  unsigned long long pinned_upload_bytes;
+  unsigned long long pageable_upload_bytes;
+  // Host bytes cuMemHostRegister pinned in place from this device's contexts.
+  unsigned long long registered_bytes;
+};
+
+namespace {
+
+struct Device {
+  size_t used = 0;
+  Context primary;
+  strata_emulated_cuda_device_counts counts{};
 };
 
 struct Module {
@@ -285,14 +325,16 @@ struct Driver {
   std::condition_variable changed;
   bool initialized = false;
   std::string poisoned;
-  size_t total = 0, used = 0;
+  int device_count = 0;
+  // Each device's memory is `total` bytes. A deque: contexts point into it.
+  size_t total = 0;
+  std::deque<Device> devices;
   uintptr_t address_space = 0, address_space_end = 0, next_address = 0;
   std::map<uintptr_t, Allocation> allocations;
-  // Pinned host ranges, start -> end: cuMemHostAlloc's and cuMemHostRegister's.
-  std::map<uintptr_t, uintptr_t> host_allocations, registrations;
+  // Pinned host ranges by start: cuMemHostAlloc's and cuMemHostRegister's.
+  std::map<uintptr_t, PinnedRange> host_allocations, registrations;
   // Host memory pinned either way, and the most that may be (STRATA_EMULATED_CUDA_PINNABLE).
   size_t pinned_bytes = 0, pinnable = SIZE_MAX;
-  Context primary_context{true, 0, nullptr};
   std::set<Context *> contexts;
   std::map<Stream *, std::shared_ptr<Stream>> streams;
   std::map<Event *, std::shared_ptr<Event>> events;
@@ -327,6 +369,9 @@ void poison(std::unique_lock<std::mutex> &, const std::string &why) {
 
 Context *current() { return context_stack.empty() ? nullptr : context_stack.back(); }
 
+// Whether `device` names one of the devices (CUdevice is the ordinal here); call with the lock.
+bool is_device(CUdevice device) { return device >= 0 && device < driver.device_count; }
+
 // The common preconditions of a call made in the current context.
 CUresult ready_in_context() {
   if (!driver.initialized) return NOT_INITIALIZED;
@@ -336,17 +381,24 @@ CUresult ready_in_context() {
   return SUCCESS;
 }
 
-// Where [address, address + len) of device memory is backed on the host, or nullptr when it
-// does not lie inside one live allocation.
-unsigned char *backing_of(CUdeviceptr address, size_t len) {
+// The live allocation holding [address, address + len) whole, or none.
+std::map<uintptr_t, Allocation>::iterator allocation_of(CUdeviceptr address, size_t len) {
   auto it = driver.allocations.upper_bound((uintptr_t)address);
-  if (it == driver.allocations.begin()) return nullptr;
+  if (it == driver.allocations.begin()) return driver.allocations.end();
   --it;
   uintptr_t start = it->first;
   if (address < start || address + len > start + it->second.len || address + len < address) {
-    return nullptr;
+    return driver.allocations.end();
   }
-  return it->second.backing + (address - start);
+  return it;
+}
+
+// Where [address, address + len) of device memory is backed on the host, or nullptr when it
+// does not lie inside one live allocation.
+unsigned char *backing_of(CUdeviceptr address, size_t len) {
+  auto it = allocation_of(address, len);
+  if (it == driver.allocations.end()) return nullptr;
+  return it->second.backing + (address - it->first);
 }
 
 // count elements of size bytes each, as the length of a range: one that overflows reaches past
@@ -417,13 +469,14 @@ const char *in_flight(uintptr_t start, uintptr_t end, bool host) {
 }
 
 // Forgets a pinned range (`what` happened to it), unless queued work still reads it.
-CUresult forget_pinned(std::unique_lock<std::mutex> &lock, std::map<uintptr_t, uintptr_t> &ranges,
-                       std::map<uintptr_t, uintptr_t>::iterator range, const char *what) {
-  if (const char *op = in_flight(range->first, range->second, true)) {
+CUresult forget_pinned(std::unique_lock<std::mutex> &lock,
+                       std::map<uintptr_t, PinnedRange> &ranges,
+                       std::map<uintptr_t, PinnedRange>::iterator range, const char *what) {
+  if (const char *op = in_flight(range->first, range->second.end, true)) {
     poison(lock, std::string(what) + " while queued work reads it: " + op);
     return ILLEGAL_ADDRESS;
   }
-  driver.pinned_bytes -= range->second - range->first;
+  driver.pinned_bytes -= range->second.end - range->first;
   ranges.erase(range);
   return SUCCESS;
 }
@@ -572,12 +625,15 @@ CUresult check_device_range(CUdeviceptr address, size_t len) {
   return len == 0 || backing_of(address, len) ? SUCCESS : INVALID_VALUE;
 }
 
-// The pinned range holding [start, start + len) whole, if one does.
-bool pinned(uintptr_t start, size_t len) {
+// Whether [start, start + len) lies whole in one range pinned for `context`: pinned portably,
+// or by that context.
+bool pinned(uintptr_t start, size_t len, const Context *context) {
   for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
     auto it = ranges->upper_bound(start);
-    if (it != ranges->begin() && start + len >= start && start + len <= (--it)->second) {
-      return true;
+    if (it == ranges->begin()) continue;
+    const PinnedRange &range = (--it)->second;
+    if (start + len >= start && start + len <= range.end) {
+      return range.portable || range.owner == context;
     }
   }
   return false;
@@ -626,7 +682,7 @@ void tear_down(std::unique_lock<std::mutex> &lock, Context *context) {
   if (context->primary && context->retained > 0) return;
   for (auto it = driver.allocations.begin(); it != driver.allocations.end();) {
     if (it->second.context == context) {
-      driver.used -= it->second.len;
+      driver.devices[it->second.device].used -= it->second.len;
       std::free(it->second.backing);
       it = driver.allocations.erase(it);
     } else {
@@ -684,6 +740,11 @@ CUresult cuInit(unsigned flags) {
     if (space == MAP_FAILED) return OUT_OF_MEMORY;
     driver.address_space = driver.next_address = (uintptr_t)space;
     driver.address_space_end = (uintptr_t)space + span;
+    driver.device_count = (int)std::max<size_t>(1, env_bytes("STRATA_EMULATED_CUDA_DEVICES", 1));
+    for (int d = 0; d < driver.device_count; d++) {
+      driver.devices.emplace_back();
+      driver.devices.back().primary = Context{true, d, 0, nullptr};
+    }
     driver.initialized = true;
   }
   return SUCCESS;
@@ -699,7 +760,7 @@ CUresult cuDeviceGetCount(int *count) {
   Locked l;
   if (!driver.initialized) return NOT_INITIALIZED;
   if (!count) return INVALID_VALUE;
-  *count = 1;
+  *count = driver.device_count;
   return SUCCESS;
 }
 
@@ -707,20 +768,22 @@ CUresult cuDeviceGet(CUdevice *device, int ordinal) {
   Locked l;
   if (!driver.initialized) return NOT_INITIALIZED;
   if (!device) return INVALID_VALUE;
-  if (ordinal != 0) return INVALID_DEVICE;
-  *device = 0;
+  if (!is_device(ordinal)) return INVALID_DEVICE;
+  *device = ordinal;
   return SUCCESS;
 }
 
 CUresult cuDeviceGetName(char *name, int len, CUdevice device) {
-  if (device != 0) return INVALID_DEVICE;
+  Locked l;
+  if (!is_device(device)) return INVALID_DEVICE;
   if (!name || len <= 0) return INVALID_VALUE;
-  std::snprintf(name, (size_t)len, "%s", "strata emulated CUDA device");
+  std::snprintf(name, (size_t)len, "strata emulated CUDA device %d", device);
   return SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
-  if (device != 0) return INVALID_DEVICE;
+  Locked l;
+  if (!is_device(device)) return INVALID_DEVICE;
   if (!value) return INVALID_VALUE;
   // Compute capability 9.0; everything else (memory pools included) reads as absent.
   *value = attribute == ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? 9 : 0;
@@ -728,9 +791,9 @@ CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice device) {
 }
 
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice device) {
-  if (device != 0) return INVALID_DEVICE;
-  if (!bytes) return INVALID_VALUE;
   Locked l;
+  if (!is_device(device)) return INVALID_DEVICE;
+  if (!bytes) return INVALID_VALUE;
   *bytes = driver.total;
   return SUCCESS;
 }
@@ -738,40 +801,59 @@ CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice device) {
 CUresult cuDevicePrimaryCtxRetain(Context **context, CUdevice device) {
   Locked l;
   if (!driver.initialized) return NOT_INITIALIZED;
-  if (device != 0) return INVALID_DEVICE;
+  if (!is_device(device)) return INVALID_DEVICE;
   if (!context) return INVALID_VALUE;
   // The first retain, and the first after the last release, makes it anew (unless the release
   // is still waiting for its work, which then keeps it).
-  Context &primary = driver.primary_context;
+  Context &primary = driver.devices[device].primary;
   if (primary.retained++ == 0 && (!primary.legacy || primary.legacy->destroyed)) {
     primary.legacy = new_stream(&primary);
     driver.contexts.insert(&primary);
   }
-  *context = &driver.primary_context;
+  *context = &primary;
   return SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice device) {
   Locked l;
   if (!driver.initialized) return NOT_INITIALIZED;
-  if (device != 0) return INVALID_DEVICE;
-  if (driver.primary_context.retained == 0) return INVALID_CONTEXT;
+  if (!is_device(device)) return INVALID_DEVICE;
+  Context &primary = driver.devices[device].primary;
+  if (primary.retained == 0) return INVALID_CONTEXT;
   // At zero the real driver destroys it: its memory, streams, events and modules are gone, and a
   // thread that still has it current can make no call until it is retained again.
-  if (--driver.primary_context.retained == 0) tear_down(l.lock, &driver.primary_context);
+  if (--primary.retained == 0) tear_down(l.lock, &primary);
   return SUCCESS;
 }
 
 CUresult cuCtxCreate_v2(Context **context, unsigned, CUdevice device) {
   Locked l;
   if (!driver.initialized) return NOT_INITIALIZED;
-  if (device != 0) return INVALID_DEVICE;
+  if (!is_device(device)) return INVALID_DEVICE;
   if (!context) return INVALID_VALUE;
-  Context *created = new Context{false, 0, nullptr};
+  Context *created = new Context{false, device, 0, nullptr};
   created->legacy = new_stream(created);
   driver.contexts.insert(created);
   context_stack.push_back(created);
   *context = created;
+  return SUCCESS;
+}
+
+CUresult cuCtxGetDevice(CUdevice *device) {
+  Locked l;
+  if (CUresult r = ready_in_context()) return r;
+  if (!device) return INVALID_VALUE;
+  *device = current()->device;
+  return SUCCESS;
+}
+
+// Not a CUDA entry point: what `device` has seen since cuInit, for the tests.
+CUresult strata_emulated_cuda_counts(CUdevice device, strata_emulated_cuda_device_counts *out) {
+  Locked l;
+  if (!driver.initialized) return NOT_INITIALIZED;
+  if (!is_device(device)) return INVALID_DEVICE;
+  if (!out) return INVALID_VALUE;
+  *out = driver.devices[device].counts;
   return SUCCESS;
 }
 
@@ -840,7 +922,7 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (!free || !total) return INVALID_VALUE;
-  *free = driver.total - driver.used;
+  *free = driver.total - driver.devices[current()->device].used;
   *total = driver.total;
   return SUCCESS;
 }
@@ -851,7 +933,8 @@ CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
   if (CUresult r = capture_allows_unsafe_call()) return r;
   if (!pointer || bytes == 0) return INVALID_VALUE;
   size_t charged = (bytes + 511) / 512 * 512;
-  if (charged > driver.total - driver.used) return OUT_OF_MEMORY;
+  Device &device = driver.devices[current()->device];
+  if (charged > driver.total - device.used) return OUT_OF_MEMORY;
   if (charged > driver.address_space_end - driver.next_address) return OUT_OF_MEMORY;
   unsigned char *backing = (unsigned char *)std::malloc(charged);
   if (!backing) return OUT_OF_MEMORY;
@@ -860,8 +943,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
   if (charged <= ((size_t)128 << 20)) std::memset(backing, 0xCD, charged);
   uintptr_t address = driver.next_address;
   driver.next_address += charged;
-  driver.used += charged;
-  driver.allocations[address] = Allocation{charged, backing, current()};
+  device.used += charged;
+  device.counts.allocations++;
+  driver.allocations[address] = Allocation{charged, backing, current(), current()->device};
   *pointer = address;
   return SUCCESS;
 }
@@ -876,13 +960,13 @@ CUresult cuMemFree_v2(CUdeviceptr pointer) {
     poison(l.lock, std::string("device memory freed while queued work still uses it: ") + what);
     return ILLEGAL_ADDRESS;
   }
-  driver.used -= it->second.len;
+  driver.devices[it->second.device].used -= it->second.len;
   std::free(it->second.backing);
   driver.allocations.erase(it);
   return SUCCESS;
 }
 
-CUresult cuMemHostAlloc(void **pointer, size_t bytes, unsigned) {
+CUresult cuMemHostAlloc(void **pointer, size_t bytes, unsigned flags) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (CUresult r = capture_allows_unsafe_call()) return r;
@@ -892,7 +976,8 @@ CUresult cuMemHostAlloc(void **pointer, size_t bytes, unsigned) {
   void *memory = std::malloc(bytes);
   if (!memory) return OUT_OF_MEMORY;
   driver.pinned_bytes += bytes;
-  driver.host_allocations[(uintptr_t)memory] = (uintptr_t)memory + bytes;
+  driver.host_allocations[(uintptr_t)memory] =
+      PinnedRange{(uintptr_t)memory + bytes, current(), (flags & PORTABLE) != 0};
   *pointer = memory;
   return SUCCESS;
 }
@@ -910,7 +995,7 @@ CUresult cuMemFreeHost(void *pointer) {
   return forgotten;
 }
 
-CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
+CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned flags) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (CUresult r = capture_allows_unsafe_call()) return r;
@@ -919,12 +1004,15 @@ CUresult cuMemHostRegister_v2(void *pointer, size_t bytes, unsigned) {
   if (end < start) return INVALID_VALUE;
   for (auto *ranges : {&driver.host_allocations, &driver.registrations}) {
     for (auto &range : *ranges) {
-      if (overlaps(start, end, range.first, range.second)) return HOST_MEMORY_ALREADY_REGISTERED;
+      if (overlaps(start, end, range.first, range.second.end)) {
+        return HOST_MEMORY_ALREADY_REGISTERED;
+      }
     }
   }
   if (bytes > driver.pinnable - driver.pinned_bytes) return OUT_OF_MEMORY;
   driver.pinned_bytes += bytes;
-  driver.registrations[start] = end;
+  driver.registrations[start] = PinnedRange{end, current(), (flags & PORTABLE) != 0};
+  driver.devices[current()->device].counts.registered_bytes += bytes;
   return SUCCESS;
 }
 
@@ -948,7 +1036,9 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, vo
   Op op;
   op.what = "a host-to-device copy";
   op.device = std::vector<DeviceRange>{{dst, bytes}};
-  if (pinned((uintptr_t)src, bytes)) {
+  strata_emulated_cuda_device_counts &counts = driver.devices[stream->context->device].counts;
+  if (pinned((uintptr_t)src, bytes, stream->context)) {
+    counts.pinned_upload_bytes += bytes;
     op.host_start = (uintptr_t)src;
     op.host_end = (uintptr_t)src + bytes;
     // The copy reads the host bytes when the stream gets to it: bytes changed before then are a
@@ -961,6 +1051,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t bytes, vo
       std::memcpy(p[0], src, bytes);
     };
   } else {
+    counts.pageable_upload_bytes += bytes;
     // Pageable memory: the driver has read the bytes on return, and may or may not have waited
     // for the stream first; each way is taken half the time, so code must be right under both.
     if (stream->capture == CAPTURE_NONE && thread_random()() % 2 == 0) wait_idle(l.lock, *stream);
@@ -1027,7 +1118,7 @@ CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t bytes, void *ha
   if (bytes == 0) return SUCCESS;
   if (!dst) return INVALID_VALUE;
   if (CUresult r = check_device_range(src, bytes)) return r;
-  bool to_pinned = pinned((uintptr_t)dst, bytes);
+  bool to_pinned = pinned((uintptr_t)dst, bytes, stream->context);
   if (!to_pinned) {
     if (CUresult r = capture_allows_unsafe_call()) return r;
   }
@@ -1407,10 +1498,20 @@ CUresult cuLaunchKernel(Function *function, unsigned grid_x, unsigned grid_y, un
   }
   }
   for (const DeviceRange &range : op.device) {
-    if (range.len && !backing_of(range.address, range.len)) {
-      char why[160];
+    if (range.len == 0) continue;
+    auto allocation = allocation_of(range.address, range.len);
+    char why[200] = "";
+    if (allocation == driver.allocations.end()) {
       std::snprintf(why, sizeof why, "%s was launched on 0x%llx + %zu, outside live device memory",
                     op.what, range.address, range.len);
+    } else if (allocation->second.device != stream->context->device) {
+      std::snprintf(why, sizeof why,
+                    "%s on device %d was launched on 0x%llx + %zu, memory of device %d (no peer "
+                    "access)",
+                    op.what, stream->context->device, range.address, range.len,
+                    allocation->second.device);
+    }
+    if (*why) {
       poison(l.lock, why);
       return SUCCESS; // a kernel's bad access shows at the next synchronising call
     }
