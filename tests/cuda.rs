@@ -64,7 +64,7 @@ fn gpus(test: &str, count: usize) -> Option<Vec<Gpu>> {
     } else {
         0
     };
-    if found < count.max(1) {
+    if found < count {
         skipped(
             test,
             &format!("the CUDA driver found {found} devices, not {count}"),
@@ -238,6 +238,26 @@ struct EmulatedCounts {
     pageable_upload_bytes: u64,
     /// Host bytes registered (pinned in place) from the device's contexts.
     registered_bytes: u64,
+}
+
+/// Runs `work`, and returns what it returned with what each device of `gpus` counted meanwhile
+/// on the emulated driver (None on a real one).
+fn counting<R>(gpus: &[Gpu], work: impl FnOnce() -> R) -> (R, Option<Vec<EmulatedCounts>>) {
+    let before = emulated_counts(gpus);
+    let got = work();
+    let during = before.zip(emulated_counts(gpus)).map(|(before, after)| {
+        before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| EmulatedCounts {
+                allocations: a.allocations - b.allocations,
+                pinned_upload_bytes: a.pinned_upload_bytes - b.pinned_upload_bytes,
+                pageable_upload_bytes: a.pageable_upload_bytes - b.pageable_upload_bytes,
+                registered_bytes: a.registered_bytes - b.registered_bytes,
+            })
+            .collect()
+    });
+    (got, during)
 }
 
 /// Each device's counts so far, from the emulated driver; None on a real driver.
@@ -789,16 +809,16 @@ fn a_kernel_on_the_callers_stream_of_device_1_right_after_acquire_reads_the_righ
     ) else {
         return;
     };
-    let before = emulated_counts(&gpus);
-    kernels_on_the_callers_stream_read_the_right_bytes(&gpus[1]);
-    if let (Some(before), Some(after)) = (before, emulated_counts(&gpus)) {
-        // Device 0 saw only what the test itself did there (nothing).
-        assert_eq!(after[0], before[0], "strata worked on device 0");
-        assert!(
-            after[1].allocations > before[1].allocations,
-            "nothing allocated on device 1: {:?}",
-            after[1]
+    let ((), counts) = counting(&gpus, || {
+        kernels_on_the_callers_stream_read_the_right_bytes(&gpus[1])
+    });
+    if let Some(counts) = counts {
+        assert_eq!(
+            counts[0],
+            EmulatedCounts::default(),
+            "strata worked on device 0"
         );
+        assert!(counts[1].allocations > 0, "{counts:?}");
     }
 }
 
@@ -1480,21 +1500,10 @@ fn contexts_on_two_devices_over_one_store_stream_from_one_pinned_copy() {
     ) else {
         return;
     };
-    let before = emulated_counts(&gpus);
-    let layer_bytes = stream_over_one_store(&[&gpus[0], &gpus[1]]);
-    let Some((before, after)) = before.zip(emulated_counts(&gpus)) else {
+    let (layer_bytes, delta) = counting(&gpus, || stream_over_one_store(&[&gpus[0], &gpus[1]]));
+    let Some(delta) = delta else {
         return;
     };
-    let delta: Vec<EmulatedCounts> = before
-        .iter()
-        .zip(&after)
-        .map(|(b, a)| EmulatedCounts {
-            allocations: a.allocations - b.allocations,
-            pinned_upload_bytes: a.pinned_upload_bytes - b.pinned_upload_bytes,
-            pageable_upload_bytes: a.pageable_upload_bytes - b.pageable_upload_bytes,
-            registered_bytes: a.registered_bytes - b.registered_bytes,
-        })
-        .collect();
     eprintln!("per device: {delta:?}");
     assert!(
         delta.iter().all(|d| d.allocations > 0),
@@ -1739,8 +1748,9 @@ fn threads_acquiring_random_layers_under_a_tiny_budget_see_exact_bytes() {
 }
 
 /// Runs every other test of this file in a child process whose libcuda.so is the emulated
-/// driver (see the top of this file): once as built, and once with no host memory pinnable, so
-/// that every upload takes the pageable path. A test that skipped there counts as a failure.
+/// driver (see the top of this file), with two devices: once as built, and once with no host
+/// memory pinnable, so that every upload takes the pageable path. A test that skipped there
+/// counts as a failure.
 #[test]
 fn every_gpu_test_passes_on_the_emulated_driver() {
     const THIS: &str = "every_gpu_test_passes_on_the_emulated_driver";
