@@ -262,26 +262,20 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
-        let mut memory = self.allocate_device(size)?;
-        let started = Stamp::now();
-        let mut sink = DeviceSink {
-            backend: &*self.backend,
-            memory: &mut memory,
+        self.make_device_copy(
             slots,
-        };
-        self.fill_from_source(source, tensors, &mut sink, spans)?;
-        spans.push(Span {
-            track: Track::Copy,
-            name: layer_name.clone(),
-            what: "upload",
-            start: started,
-            end: Stamp::now(),
-            bytes: size as u64,
-        });
-        Ok(DeviceCopy {
-            memory,
-            slots: slots.to_vec(),
-        })
+            size,
+            (layer_name, "upload"),
+            spans,
+            |memory, spans| {
+                let mut sink = DeviceSink {
+                    backend: &*self.backend,
+                    memory,
+                    slots,
+                };
+                self.fill_from_source(source, tensors, &mut sink, spans)
+            },
+        )
     }
 
     /// The computation-tier copy, converted on the device from the prepared one.
@@ -293,16 +287,32 @@ impl Context {
         layer_name: &Arc<str>,
         spans: &mut Vec<Span>,
     ) -> Result<DeviceCopy> {
+        self.make_device_copy(slots, size, (layer_name, "convert"), spans, |memory, _| {
+            for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
+                self.backend
+                    .convert(&prepared.memory, src_slot, memory, dst_slot)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A device copy of `size` bytes laid out as `slots`, written by `write`, recorded as one span
+    /// on the copy track named after the layer and `what` was done.
+    fn make_device_copy(
+        &self,
+        slots: &[TensorSlot],
+        size: usize,
+        (layer_name, what): (&Arc<str>, &'static str),
+        spans: &mut Vec<Span>,
+        write: impl FnOnce(&mut DeviceMemory, &mut Vec<Span>) -> Result<()>,
+    ) -> Result<DeviceCopy> {
         let mut memory = self.allocate_device(size)?;
         let started = Stamp::now();
-        for (src_slot, dst_slot) in prepared.slots.iter().zip(slots) {
-            self.backend
-                .convert(&prepared.memory, src_slot, &mut memory, dst_slot)?;
-        }
+        write(&mut memory, spans)?;
         spans.push(Span {
             track: Track::Copy,
             name: layer_name.clone(),
-            what: "convert",
+            what,
             start: started,
             end: Stamp::now(),
             bytes: size as u64,
