@@ -6,7 +6,7 @@
 //! inside its buffer are written here once; backends, host copies and the conversions into and out
 //! of a buffer on the host all go through them.
 
-use crate::convert::{Engine, TensorBytes};
+use crate::convert::{Engine, Quant, TensorBytes};
 use crate::error::{Error, Result};
 use crate::tiers::Repr;
 
@@ -60,12 +60,28 @@ impl TensorSlot {
         Ok(())
     }
 
-    /// Refuses a run of `count` elements from `first_element` on that is not inside an unscaled
-    /// slot inside a buffer of `len` bytes: how a tensor larger than a staging area arrives.
+    /// Elements per row (per scale, when scaled per row): 0 for an empty tensor.
+    pub fn row_len(&self) -> usize {
+        self.numel / self.rows.max(1)
+    }
+
+    /// Whether the slot converts by whole rows as well as whole: unscaled, or scaled per row
+    /// (each row's scale depends on that row alone). One scale for the whole tensor needs it all.
+    pub fn converts_in_parts(&self) -> bool {
+        self.scale_count() == 0 || (self.repr.quant == Quant::PerChannel && self.row_len() > 0)
+    }
+
+    /// Refuses a run of `count` elements from `first_element` on that is not inside the slot
+    /// inside a buffer of `len` bytes, or not whole rows of a slot scaled per row: how a tensor
+    /// larger than a staging area arrives.
     pub fn check_part(&self, len: usize, first_element: usize, count: usize) -> Result<()> {
-        if self.scale_count() != 0 {
+        let whole_rows = self.scale_count() == 0
+            || (self.converts_in_parts()
+                && first_element.is_multiple_of(self.row_len())
+                && count.is_multiple_of(self.row_len()));
+        if !whole_rows {
             return Err(Error::invalid(
-                "a scaled tensor converts whole, not in parts",
+                "a tensor scaled per tensor converts whole, one scaled per row by whole rows",
             ));
         }
         self.check_in(len)?;
@@ -156,7 +172,8 @@ pub fn convert_into_slot(
 
 /// Converts on the host a run of whole elements of an unscaled source into `slot`'s data,
 /// starting at element `first_element`: a tensor streamed through a staging area smaller than
-/// itself. Only for slots without scales, whose conversion is element by element.
+/// itself. Element by element into an unscaled slot; by whole rows into one scaled per row, each
+/// row's scale written to its place.
 pub fn convert_into_slot_part(
     src: TensorBytes<'_>,
     slot: &TensorSlot,
@@ -171,14 +188,25 @@ pub fn convert_into_slot_part(
     }
     let count = src.bytes.len() / src.dtype.size();
     slot.check_part(buffer.len(), first_element, count)?;
-    crate::convert::convert_with(
-        src,
-        1,
-        &mut buffer[slot.part_range(first_element, count)],
-        slot.repr.dtype,
-        crate::convert::Quant::None,
-        engine,
-    )?;
+    let data = slot.part_range(first_element, count);
+    let (rows, quant, scales) = match slot.scale_count() {
+        0 => (1, Quant::None, 0..0),
+        _ => {
+            let (first_row, rows) = (first_element / slot.row_len(), count / slot.row_len());
+            let start = slot.scales_offset + first_row * SCALE_BYTES;
+            (rows, slot.repr.quant, start..start + rows * SCALE_BYTES)
+        }
+    };
+    // Checked: the data ends before the scales start whenever there are scales.
+    let (front, back) = buffer.split_at_mut(data.end.max(scales.start));
+    let converted =
+        crate::convert::convert_with(src, rows, &mut front[data], slot.repr.dtype, quant, engine)?;
+    if converted.len() * SCALE_BYTES != scales.len() {
+        return Err(Error::invalid(
+            "conversion produced an unexpected number of scales",
+        ));
+    }
+    write_scales(&mut back[..scales.len()], &converted);
     Ok(())
 }
 
@@ -194,7 +222,6 @@ pub fn slot_contents<'a>(slot: &TensorSlot, buffer: &'a [u8]) -> Result<(&'a [u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::Quant;
     use crate::dtype::DType;
 
     fn repr(dtype: DType, quant: Quant) -> Repr {
@@ -285,5 +312,58 @@ mod tests {
             ..slot
         };
         assert!(scaled.check_part(size, 0, 1).is_err());
+    }
+
+    #[test]
+    fn rows_scaled_per_row_convert_in_parts_to_the_bytes_of_the_whole() {
+        // 5 rows of 3 bf16 values of every magnitude, quantized per row: whole, and in parts of
+        // 2, 2 and 1 rows written in another order.
+        let (slots, size) = layout([(15, 5, repr(DType::F8E4M3, Quant::PerChannel))]);
+        let slot = slots[0];
+        let values: Vec<u8> = (0..15u16)
+            .flat_map(|i| (0x3C00u16 ^ (i * 0x1111)).to_le_bytes())
+            .collect();
+        let rows = |first: usize, count: usize| TensorBytes {
+            bytes: &values[first * 6..(first + count) * 6],
+            dtype: DType::BF16,
+            scales: &[],
+        };
+        let mut whole = vec![0xAA; size];
+        convert_into_slot(rows(0, 5), &slot, &mut whole, Engine::default()).unwrap();
+        let mut parts = vec![0xAA; size];
+        for (first, count) in [(4, 1), (0, 2), (2, 2)] {
+            convert_into_slot_part(
+                rows(first, count),
+                &slot,
+                &mut parts,
+                first * 3,
+                Engine::default(),
+            )
+            .unwrap();
+        }
+        assert_eq!(parts, whole);
+        let (_, scales) = slot_contents(&slot, &parts).unwrap();
+        assert!(scales.iter().all(|&s| s > 0.0) && scales.len() == 5);
+        // Not whole rows, or one scale for the whole tensor: refused.
+        let split_row = TensorBytes {
+            bytes: &values[..4],
+            ..rows(0, 1)
+        };
+        assert!(
+            convert_into_slot_part(split_row, &slot, &mut parts, 0, Engine::default()).is_err()
+        );
+        assert!(
+            convert_into_slot_part(rows(1, 1), &slot, &mut parts, 1, Engine::default()).is_err()
+        );
+        let per_tensor = TensorSlot {
+            repr: repr(DType::F8E4M3, Quant::PerTensor),
+            ..slot
+        };
+        assert!(!per_tensor.converts_in_parts());
+        assert!(
+            convert_into_slot_part(rows(0, 1), &per_tensor, &mut parts, 0, Engine::default())
+                .is_err()
+        );
+        assert_eq!(parts, whole, "refused parts write nothing");
     }
 }

@@ -1224,8 +1224,8 @@ fn pages_in_page_cache(path: &std::path::Path) -> (usize, usize) {
 }
 
 /// Every layer of `path` through a context reading with STRATA_FLAG_DIRECT_IO, in the source
-/// dtype (read in place) and as fp8 per-channel (read whole into staging), against the bytes
-/// written and the library's own conversion.
+/// dtype (read in place) and as fp8 per-channel (streamed by whole rows, the next piece read
+/// while the last is quantized), against the bytes written and the library's own conversion.
 fn direct_reads_match(path: &std::path::Path, values: &[(Vec<f32>, Vec<f32>)], rows: usize) {
     let ctx = Ctx::with(|o| {
         o.vram_limit = 0;
@@ -1287,6 +1287,60 @@ fn direct_reads_match(path: &std::path::Path, values: &[(Vec<f32>, Vec<f32>)], r
         }
     }
     assert!(ctx.stats().bytes_from_disk > 0);
+}
+
+#[test]
+fn a_tensor_quantized_per_row_streams_through_staging_smaller_than_itself() {
+    // A 3 MiB bf16 weight under a 1 MiB host_limit: read whole, as a per-tensor scale needs it,
+    // it would not fit; by whole rows it streams through a fraction of the limit, buffered (one
+    // area, read and quantized in turn) and with STRATA_FLAG_DIRECT_IO (two areas, the next read
+    // while the last is quantized), into exactly the bytes of quantizing it whole.
+    let (rows, cols) = (1001, 1500);
+    let dir = TempDir::new("per-row-stream");
+    let path = dir.path("model.safetensors");
+    let values = write_blocks(&path, 2, rows, cols);
+    let host_limit = 1 << 20;
+    for flags in [0, STRATA_FLAG_DIRECT_IO] {
+        let ctx = Ctx::with(|o| {
+            o.vram_limit = 0;
+            o.host_limit = host_limit;
+            o.flags = flags;
+        });
+        let group = ctx.group(&tiers(|t| {
+            t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+            t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+            t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+            t.computation.dtype = STRATA_DTYPE_BF16;
+            t.quantization = STRATA_QUANT_PER_CHANNEL;
+        }));
+        for (b, (w, _)) in values.iter().enumerate() {
+            let id = ctx.register_tensors(
+                group,
+                &path,
+                &format!("blocks.{b}"),
+                &[&format!("blocks.{b}.weight")],
+            );
+            let views = ctx.acquire(id);
+            let expected = reference(
+                &bf16_bytes(w),
+                DType::BF16,
+                rows,
+                &[
+                    (DType::F8E4M3, Quant::PerChannel),
+                    (DType::BF16, Quant::None),
+                ],
+            );
+            assert!(views[0].1 == expected, "flags {flags} block {b}");
+            ctx.release(id);
+        }
+        let stats = ctx.stats();
+        assert!(
+            stats.host_peak <= host_limit / 2,
+            "flags {flags}: host peak {} of a {host_limit} limit",
+            stats.host_peak
+        );
+        assert_eq!(stats.bytes_from_disk, 2 * (rows * cols * 2) as u64);
+    }
 }
 
 #[test]

@@ -54,11 +54,11 @@ fn open_and_read_all(path: &Path) {
         tensor
             .read_into(&mut whole)
             .expect("an opened tensor reads");
-        // Streamed in small pieces with O_DIRECT (buffered where refused): every unaligned
-        // offset and length reads the bytes the buffered read did.
+        // Streamed in small pieces with O_DIRECT (buffered where refused), two areas in turn:
+        // every unaligned offset and length reads the bytes the buffered read did.
         let mut streamed = Vec::with_capacity(whole.len());
         tensor
-            .read_chunks(&mut [0u8; 61], ReadMode::Direct, |offset, piece| {
+            .read_chunks(&mut [0u8; 122], 61, ReadMode::Direct, |offset, piece| {
                 assert_eq!(offset, streamed.len() as u64);
                 streamed.extend_from_slice(piece);
                 Ok(())

@@ -3,9 +3,10 @@
 //!
 //! Opening reads and validates only the headers; tensor bytes are read later, with positioned
 //! reads, when a tier needs them: whole (`TensorInfo::read_into`), or through a staging area
-//! smaller than the tensor (`TensorInfo::read_chunks`). Large reads keep several requests in
-//! flight (`ShardFile::read_at`). Files are never mapped: a mapping touched after the file was
-//! truncated kills the process with SIGBUS, where a read returns an error.
+//! smaller than the tensor (`TensorInfo::read_chunks`, which can read the next piece while the
+//! caller converts the last). Large reads keep several requests in flight (`ShardFile::read_at`).
+//! Files are never mapped: a mapping touched after the file was truncated kills the process with
+//! SIGBUS, where a read returns an error.
 
 mod file;
 mod shard;
@@ -63,36 +64,117 @@ impl TensorInfo {
             .map_err(|e| e.context(format!("tensor {}", self.name)))
     }
 
-    /// Streams the tensor through `staging`, which may be smaller than the tensor: fills it with
-    /// successive pieces and calls `consume(offset within the tensor, piece)` for each. Every
-    /// piece is `staging.len()` bytes but the last; an empty tensor calls `consume` never.
-    /// The file's identity is checked around every piece, so a file that changes halfway through
-    /// fails the stream rather than mixing old and new bytes.
+    /// Streams the tensor through `staging`, which may be smaller than the tensor: reads it in
+    /// successive pieces of `piece` bytes (the last one shorter) and calls `consume(offset within
+    /// the tensor, piece)` for each, in order; an empty tensor calls `consume` never.
+    ///
+    /// When `staging` holds two pieces and the tensor needs more than one, a helper thread reads
+    /// the next piece while `consume` works on the current one (a conversion of one piece overlaps
+    /// the read of the next, instead of the two taking turns); else one area is read and consumed
+    /// in turn. The file's identity is checked around every piece, so a file that changes halfway
+    /// through fails the stream (at most one piece after the change, which was read whole before
+    /// it) rather than mixing old and new bytes. `consume`'s error stops the stream.
     pub fn read_chunks(
         &self,
         staging: &mut [u8],
+        piece: usize,
         mode: ReadMode,
         mut consume: impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        if staging.is_empty() && self.nbytes > 0 {
+        let piece = piece.min(staging.len());
+        if piece == 0 && self.nbytes > 0 {
             return Err(Error::invalid(format!(
                 "tensor {}: an empty staging area cannot stream {} bytes",
                 self.name, self.nbytes
             )));
         }
-        let mut done = 0u64;
-        while done < self.nbytes {
-            // Lossless: at most `staging.len()`.
-            let len = (self.nbytes - done).min(staging.len() as u64) as usize;
-            let piece = &mut staging[..len];
+        let read_piece = |done: u64, area: &mut [u8]| -> Result<usize> {
+            // Lossless: at most `piece`.
+            let len = (self.nbytes - done).min(piece as u64) as usize;
             // Cannot overflow: the tensor lies within the file, checked at open.
             self.file
-                .read_at_with(self.offset + done, piece, mode)
+                .read_at_with(self.offset + done, &mut area[..len], mode)
                 .map_err(|e| e.context(format!("tensor {}", self.name)))?;
-            consume(done, piece)?;
+            Ok(len)
+        };
+        if self.nbytes > piece as u64 && staging.len() >= 2 * piece {
+            let (first, rest) = staging.split_at_mut(piece);
+            let areas = [first, &mut rest[..piece]];
+            if let Some(result) = self.read_overlapped(areas, &read_piece, &mut consume) {
+                return result;
+            }
+        }
+        let mut done = 0u64;
+        while done < self.nbytes {
+            let len = read_piece(done, staging)?;
+            consume(done, &staging[..len])?;
             done += len as u64;
         }
         Ok(())
+    }
+
+    /// `read_chunks` with a helper thread reading into one area while `consume` reads the other;
+    /// None when the OS refuses the thread (the caller then streams in turn).
+    fn read_overlapped(
+        &self,
+        areas: [&mut [u8]; 2],
+        read_piece: &(impl Fn(u64, &mut [u8]) -> Result<usize> + Sync),
+        consume: &mut impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        use std::sync::mpsc::sync_channel;
+        std::thread::scope(|scope| {
+            // Two areas go round: empty ones to the reader, read ones (or its error) back. Both
+            // channels hold both areas at once, so neither side ever blocks on a send, and either
+            // side dropping its end (done, failed, or unwinding) ends the other's loop.
+            let (to_reader, empty) = sync_channel::<&mut [u8]>(2);
+            let (to_consumer, filled) = sync_channel::<Result<(u64, usize, &mut [u8])>>(2);
+            let nbytes = self.nbytes;
+            let reader = move || {
+                let mut done = 0u64;
+                while done < nbytes {
+                    let Ok(area) = empty.recv() else {
+                        return;
+                    };
+                    let read = read_piece(done, area).map(|len| (done, len, area));
+                    let failed = read.is_err();
+                    done += read.as_ref().map_or(0, |&(_, len, _)| len as u64);
+                    if to_consumer.send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            };
+            std::thread::Builder::new()
+                .name("strata-read".into())
+                .spawn_scoped(scope, reader)
+                .ok()?;
+            for area in areas {
+                // A reader that failed on the first piece has ended: its error is in `filled`.
+                let _ = to_reader.send(area);
+            }
+            let mut done = 0u64;
+            while done < self.nbytes {
+                // The reader sends every piece or an error before it ends, unless it panicked:
+                // then the scope passes its panic on once this returns.
+                let Ok(read) = filled.recv() else {
+                    return Some(Err(Error::io(format!(
+                        "tensor {}: the reading thread stopped",
+                        self.name
+                    ))));
+                };
+                let (offset, len, area) = match read {
+                    Ok(read) => read,
+                    Err(e) => return Some(Err(e)),
+                };
+                if let Err(e) = consume(offset, &area[..len]) {
+                    return Some(Err(e));
+                }
+                done += len as u64;
+                // The reader may have ended (it sends nothing past the last piece): then the
+                // area is not needed.
+                let _ = to_reader.send(area);
+            }
+            Some(Ok(()))
+        })
     }
 }
 

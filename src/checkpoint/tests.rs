@@ -753,80 +753,108 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
     let checkpoint = Checkpoint::open(&path).unwrap();
     let big = checkpoint.tensor("big").unwrap();
     let expected_big = expected.remove("big").unwrap();
-    for staging_len in [1000, 3333, 10_000, 20_000] {
-        let mut staging = vec![0u8; staging_len];
+    // One area read and consumed in turn, and two (the next piece read while one is consumed).
+    for (piece_len, areas) in [1000, 3333, 10_000, 20_000]
+        .into_iter()
+        .flat_map(|len| [(len, 1), (len, 2)])
+    {
+        let mut staging = vec![0u8; piece_len * areas];
         let mut streamed = Vec::new();
         let mut pieces = Vec::new();
-        big.read_chunks(&mut staging, ReadMode::Buffered, |offset, piece| {
-            assert_eq!(offset, streamed.len() as u64);
-            pieces.push(piece.len());
-            streamed.extend_from_slice(piece);
-            Ok(())
-        })
+        big.read_chunks(
+            &mut staging,
+            piece_len,
+            ReadMode::Buffered,
+            |offset, piece| {
+                assert_eq!(offset, streamed.len() as u64);
+                pieces.push(piece.len());
+                streamed.extend_from_slice(piece);
+                Ok(())
+            },
+        )
         .unwrap();
-        assert_eq!(streamed, expected_big, "staging {staging_len}");
-        let full = 10_000 / staging_len;
+        assert_eq!(streamed, expected_big, "piece {piece_len}, {areas} areas");
+        let full = 10_000 / piece_len;
         assert!(pieces[..full.min(pieces.len())]
             .iter()
-            .all(|&len| len == staging_len.min(10_000)));
-        assert_eq!(pieces.len(), 10_000usize.div_ceil(staging_len));
+            .all(|&len| len == piece_len.min(10_000)));
+        assert_eq!(pieces.len(), 10_000usize.div_ceil(piece_len));
     }
 
     let empty = checkpoint.tensor("empty").unwrap();
     empty
-        .read_chunks(&mut [], ReadMode::Buffered, |_, _| {
+        .read_chunks(&mut [], 0, ReadMode::Buffered, |_, _| {
             panic!("an empty tensor has no pieces")
         })
         .unwrap();
     let error = big
-        .read_chunks(&mut [], ReadMode::Buffered, |_, _| Ok(()))
+        .read_chunks(&mut [], 0, ReadMode::Buffered, |_, _| Ok(()))
         .unwrap_err();
     assert_error(
         &error,
         crate::error::ErrorKind::InvalidArgument,
         &["big", "empty staging"],
     );
-    // The consumer's error stops the stream and comes back as it was.
-    let mut calls = 0;
-    let error = big
-        .read_chunks(&mut [0u8; 4000], ReadMode::Buffered, |_, _| {
-            calls += 1;
-            Err(Error::budget("full"))
-        })
-        .unwrap_err();
-    assert_eq!((calls, error), (1, Error::budget("full")));
+    // The consumer's error stops the stream and comes back as it was, with one area or two.
+    for areas in [1, 2] {
+        let mut calls = 0;
+        let error = big
+            .read_chunks(
+                &mut vec![0u8; 4000 * areas],
+                4000,
+                ReadMode::Buffered,
+                |_, _| {
+                    calls += 1;
+                    Err(Error::budget("full"))
+                },
+            )
+            .unwrap_err();
+        assert_eq!((calls, error), (1, Error::budget("full")));
+    }
 }
 
 #[test]
 fn a_file_changed_while_streaming_fails_the_next_piece() {
-    let dir = TempDir::new("stream-change");
-    let path = dir.path("moving.safetensors");
-    write_u8_tensor(&path, 4096);
-    let checkpoint = Checkpoint::open(&path).unwrap();
-    let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    let opened_mtime = writer.metadata().unwrap().modified().unwrap();
-    let mut pieces = 0;
-    let error = checkpoint
-        .tensor("t")
-        .unwrap()
-        .read_chunks(&mut [0u8; 1024], ReadMode::Buffered, |_, _| {
-            pieces += 1;
-            writer
-                .set_modified(opened_mtime + Duration::from_secs(2))
-                .unwrap();
-            Ok(())
-        })
-        .unwrap_err();
-    assert_eq!(pieces, 1);
-    assert_error(
-        &error,
-        ErrorKind::Format,
-        &[
-            "tensor t",
-            "moving.safetensors",
-            "changed since it was opened",
-        ],
-    );
+    // With two areas the piece after the change may have been read, whole, before it: the one
+    // after that fails.
+    for (areas, most_pieces) in [(1, 1), (2, 2)] {
+        let dir = TempDir::new("stream-change");
+        let path = dir.path("moving.safetensors");
+        write_u8_tensor(&path, 4096);
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let opened_mtime = writer.metadata().unwrap().modified().unwrap();
+        let mut pieces = 0;
+        let error = checkpoint
+            .tensor("t")
+            .unwrap()
+            .read_chunks(
+                &mut vec![0u8; 1024 * areas],
+                1024,
+                ReadMode::Buffered,
+                |_, _| {
+                    pieces += 1;
+                    writer
+                        .set_modified(opened_mtime + Duration::from_secs(2))
+                        .unwrap();
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+        assert!(
+            (1..=most_pieces).contains(&pieces),
+            "{areas} areas: {pieces} pieces"
+        );
+        assert_error(
+            &error,
+            ErrorKind::Format,
+            &[
+                "tensor t",
+                "moving.safetensors",
+                "changed since it was opened",
+            ],
+        );
+    }
 }
 
 #[test]
@@ -871,6 +899,17 @@ fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offs
     checkpoint.files()[0]
         .read_at_in_chunks(0, &mut whole, 512)
         .unwrap();
+
+    // Streamed through two areas, a read that fails on the first piece ends the stream with
+    // its error, consuming nothing, and leaves no thread behind.
+    inject_read_faults(unique, u32::MAX);
+    let error = info
+        .read_chunks(&mut [0u8; 2000], 1000, ReadMode::Buffered, |_, _| {
+            panic!("nothing was read")
+        })
+        .unwrap_err();
+    assert_error(&error, ErrorKind::Io, &["tensor t", "flaky.safetensors"]);
+    inject_read_faults(unique, 0);
 }
 
 #[test]
