@@ -163,17 +163,12 @@ impl Fp8Format {
         let bits = x.to_bits();
         // The sign stays in a 32-bit lane until the end: vectorised, one narrowing at the store.
         let sign = (bits >> 24) & 0x80;
-        // Saturate first, in the float domain (one vector min): every magnitude above the max,
-        // infinity included, then rounds to the max code. NaN also lands on the max here and is
-        // replaced at the end.
-        let max_value = self.max_value();
-        let magnitude = f32::from_bits(bits & 0x7FFF_FFFF);
-        let magnitude = if magnitude < max_value {
-            magnitude
-        } else {
-            max_value
-        };
-        let abs = magnitude.to_bits();
+        // Saturate first: every magnitude above the max, infinity included, then rounds to the
+        // max code. NaN also lands on the max here and is replaced at the end. On the bits (one
+        // vector integer min, where a float compare and a blend take two): non-negative floats
+        // order like their bits, and NaN bits lie above them all.
+        let abs = (bits & 0x7FFF_FFFF).min(self.max_value().to_bits());
+        let magnitude = f32::from_bits(abs);
         // Below the smallest normal fp8 the step is fixed (the subnormal step). Adding a power of
         // two whose f32 ulp is exactly that step makes the FPU do the round-to-nearest-even; the
         // sum's low bits are then the code (reaching the smallest normal's code on a carry).

@@ -494,3 +494,34 @@ fn the_quantize_kernel_divides_like_the_reference_for_every_16_bit_dividend_and_
         }
     }
 }
+
+#[test]
+fn the_absmax_of_16_bit_halves_is_the_reference_absmax_of_their_decoded_values() {
+    // Each code alone (NaN payloads and infinities count as nothing), every code at once, runs of
+    // a few codes from anywhere (shorter than the kernel's 64 lanes, and longer), with either sign.
+    let codes = all_16_bit_codes();
+    let mut random = Bits(0x2545_F491_4F6C_DD1D);
+    let mut ranges: Vec<Range<usize>> = (0..1 << 16).map(|i| i..i + 1).collect();
+    ranges.push(0..1 << 16);
+    ranges.extend((0..2000).map(|_| {
+        let start = random.next() as usize % (1 << 16);
+        start..(start + random.next() as usize % 300).min(1 << 16)
+    }));
+    for dtype in [DType::F16, DType::BF16] {
+        let source = Source {
+            bytes: &codes,
+            dtype: Float::of(dtype).unwrap(),
+            scales: &[],
+            row_len: 1 << 16,
+        };
+        let mut values = vec![0.0f32; 1 << 16];
+        source.decode(0, &mut values, &mut vec![0; 1 << 16]);
+        for range in &ranges {
+            let expected = finite_absmax(&values[range.clone()]).to_bits();
+            for isa in Isa::available() {
+                let got = simd::absmax(isa, &source, range.clone()).to_bits();
+                assert_eq!(got, expected, "{dtype:?} {range:?} on {isa:?}");
+            }
+        }
+    }
+}
