@@ -176,8 +176,12 @@ fn page_round(len: usize) -> Option<usize> {
 }
 
 /// Banked ranges at most: each is a kernel mapping or part of one, and a process may have only so
-/// many mappings (vm.max_map_count, 65530 by default).
-const MAX_BANKED_RANGES: usize = 256;
+/// many mappings (vm.max_map_count, 65530 by default). Splitting and gathering ranges for buffers
+/// of many sizes fragments them: streaming a diffusion transformer of 583 layers of 2 to 12 MiB
+/// (plus biases) under vram_limit 0 levels off at about 1,800 ranges. At 256, the oldest ranges
+/// were unmapped every pass, and their pages faulted in again (52,000 faults and 153 fresh
+/// buffers per steady pass of `strata bench` on that model).
+const MAX_BANKED_RANGES: usize = 4096;
 
 /// Pages of freed mappings, kept to make the next buffers from. A fresh mapping costs a page
 /// fault per page at its first touch (the kernel zeroes each page then) and a TLB shootdown when

@@ -247,6 +247,55 @@ mod tests {
     }
 
     #[test]
+    fn a_streamed_model_of_many_layer_sizes_maps_nothing_fresh_once_warm() {
+        // The layers of a diffusion transformer of 32 blocks (its Linear weights and biases,
+        // laid out as a layer: 2, 8 and 12 MiB plus a bias, and a few others), one live at a
+        // time under vram_limit 0, as streaming keeps them. Splitting and gathering banked
+        // ranges leaves them ever more fragmented: the bank must still hold its pages.
+        let backend = CpuBackend::default();
+        backend.set_memory_cap(0).unwrap();
+        let mib = 1 << 20;
+        let block = [
+            12 * mib + 12288,
+            12 * mib + 12288,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            2 * mib + 2048,
+            8 * mib + 8192,
+            8 * mib + 2048,
+            8 * mib + 8192,
+            8 * mib + 2048,
+        ];
+        let mut pass = vec![130 << 10, 514 << 10, 2 * mib + 2048];
+        for _ in 0..32 {
+            pass.extend(block);
+        }
+        pass.extend([4 * mib + 8192, 128 << 10]);
+        let stream = || {
+            for &size in &pass {
+                drop(backend.allocate(size).unwrap());
+            }
+        };
+        stream();
+        stream();
+        let warm = backend.allocations();
+        for _ in 0..4 {
+            stream();
+        }
+        assert_eq!(
+            backend.allocations(),
+            warm,
+            "a warm pass maps nothing fresh"
+        );
+        assert!(held(&backend).1 <= 12 * mib + 12288 + 4096);
+    }
+
+    #[test]
     fn under_a_zero_cap_the_bank_keeps_at_most_the_live_peak() {
         let backend = CpuBackend::default();
         backend.set_memory_cap(0).unwrap();
