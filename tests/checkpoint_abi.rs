@@ -60,6 +60,17 @@ fn reference(bytes: &[u8], dtype: DType, rows: usize, steps: &[(DType, Quant)]) 
     current
 }
 
+/// Tiers that keep the checkpoint on disk, prepare fp8 e4m3 quantized per row, compute in bf16.
+fn fp8_per_channel_from_disk() -> strata_tiers {
+    tiers(|t| {
+        t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
+        t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
+        t.computation.dtype = STRATA_DTYPE_BF16;
+        t.quantization = STRATA_QUANT_PER_CHANNEL;
+    })
+}
+
 #[test]
 fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
     let dir = TempDir::new("fp8");
@@ -67,13 +78,7 @@ fn fp8_per_channel_storage_streams_exact_bytes_under_a_budget() {
     let values = write_blocks(&path, 6, 64, 128);
     let fp8_layer = 64 * 128 + 64 * 4 + 64 * 4; // fp8 weight + its scales + the f32 bias kept as is
     let ctx = Ctx::new(3 * fp8_layer as u64);
-    let group = ctx.group(&tiers(|t| {
-        t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
-        t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
-        t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
-        t.computation.dtype = STRATA_DTYPE_BF16;
-        t.quantization = STRATA_QUANT_PER_CHANNEL;
-    }));
+    let group = ctx.group(&fp8_per_channel_from_disk());
     assert_eq!(ctx.register_prefix(group, &path, "blocks.", 2), 6);
     assert_eq!(
         ctx.stats().bytes_from_disk,
@@ -1306,13 +1311,7 @@ fn a_tensor_quantized_per_row_streams_through_staging_smaller_than_itself() {
             o.host_limit = host_limit;
             o.flags = flags;
         });
-        let group = ctx.group(&tiers(|t| {
-            t.offload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
-            t.onload = place(STRATA_DEVICE_DISK, STRATA_DTYPE_SOURCE);
-            t.preparing.dtype = STRATA_DTYPE_F8_E4M3FN;
-            t.computation.dtype = STRATA_DTYPE_BF16;
-            t.quantization = STRATA_QUANT_PER_CHANNEL;
-        }));
+        let group = ctx.group(&fp8_per_channel_from_disk());
         for (b, (w, _)) in values.iter().enumerate() {
             let id = ctx.register_tensors(
                 group,
