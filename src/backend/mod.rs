@@ -89,8 +89,11 @@ pub trait Backend: Send + Sync {
     /// Writes `src` (host memory) into `dst` at `slot`, converted to `slot.repr`.
     fn upload(&self, src: TensorBytes<'_>, dst: &mut DeviceMemory, slot: &TensorSlot)
         -> Result<()>;
-    /// Writes part of an unscaled tensor, whole elements from `first_element` on (see
-    /// `slot::convert_into_slot_part`): how a tensor larger than the staging area arrives.
+    /// Writes part of a tensor, whole elements from `first_element` on (see
+    /// `slot::convert_into_slot_part`): how a tensor larger than the staging area arrives. Into
+    /// an unscaled slot; a backend whose memory the host writes (`host_writable`) also takes
+    /// whole rows of a slot scaled per row, and the others refuse scaled slots (they get those
+    /// tensors whole, to quantize where their rule says).
     fn upload_part(
         &self,
         src: TensorBytes<'_>,

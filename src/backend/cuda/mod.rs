@@ -256,9 +256,9 @@ impl Backend for CudaBackend {
         first_element: usize,
     ) -> Result<()> {
         let buffer = self.buffer(dst)?;
-        if !src.scales.is_empty() {
+        if !src.scales.is_empty() || slot.scale_count() != 0 {
             return Err(Error::invalid(
-                "a scaled tensor converts whole, not in parts",
+                "a scaled tensor goes to the device whole, not in parts",
             ));
         }
         let count = src.bytes.len() / src.dtype.size();
