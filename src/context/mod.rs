@@ -50,9 +50,11 @@
 //! | `Context::state` | the logger's queue (messages are queued, delivered outside every lock) |
 //! | `Context::state` | the backend's buffer pool (evicting frees buffers), then its spare events |
 //! | the CUDA staging ring, or a buffer's uses | the spare events |
+//! | the in-process host store's layer map (`store/local.rs`) | the store's host-memory counter (charging a new layer's buffer) |
 //!
 //! Taken alone: the C handle tables (`ffi/`), the pinned-memory registrations, the injected fill
-//! panics. No strata lock is held while a log or progress callback runs, so a callback may call
+//! panics, a host store entry's fill state (a fill waits there for another context's fill of the
+//! same layer, holding no other strata lock), and the named store's file locks (`flock`). No strata lock is held while a log or progress callback runs, so a callback may call
 //! back into strata.
 
 mod acquire;
