@@ -326,3 +326,146 @@ impl OnDevice {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(len: usize) -> DeviceCopy {
+        DeviceCopy {
+            memory: DeviceMemory {
+                addr: 0x1000,
+                len,
+                _owner: Box::new(()),
+            },
+            slots: Vec::new(),
+        }
+    }
+
+    fn key() -> Key {
+        Key {
+            index: 7,
+            generation: 1,
+        }
+    }
+
+    fn device_bytes(computation: Option<Computation<'_>>) -> Option<u64> {
+        match computation? {
+            Computation::Device(copy) => Some(copy.bytes()),
+            Computation::Host(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_layer_filled_ahead_is_resident_until_taken_and_stays_resident_after_a_kept_use() {
+        let (me, other) = (
+            std::thread::current().id(),
+            std::thread::spawn(|| ()).thread().id(),
+        );
+        let mut layer = OnDevice::default();
+        assert!(!layer.candidate(key(), false).resident);
+        let taken = layer.begin_fill();
+        assert!(taken.prepared.is_none() && !taken.prefetched && layer.is_filling());
+        // Being filled: pinned, nothing to evict, no views.
+        assert!(layer.candidate(key(), false).pinned);
+        assert_eq!(layer.evict(), 0);
+        assert!(layer.computation().is_none() && layer.prepared().is_none());
+        layer.finish_fill_ahead(copy(100), None);
+        let candidate = layer.candidate(key(), false);
+        assert!(candidate.resident && candidate.prefetched && !candidate.pinned);
+        assert!(
+            layer.candidate(key(), true).pinned,
+            "a host copy being made pins it"
+        );
+        assert_eq!(layer.resident_bytes(), 100);
+
+        assert_eq!(layer.take_for_use(false, me), Some(true), "filled ahead");
+        assert_eq!(device_bytes(layer.computation()), Some(100));
+        assert_eq!(
+            (layer.evict(), layer.resident_bytes()),
+            (0, 0),
+            "in use: kept"
+        );
+        assert!(layer.join(other));
+        assert!(
+            layer.end_use(me, true).is_none(),
+            "the other holder remains"
+        );
+        let ended = layer.end_use(other, true).expect("the last use ended");
+        assert_eq!((ended.converted, ended.prepared), (None, None));
+        assert_eq!(layer.resident_bytes(), 100);
+        assert_eq!(
+            layer.take_for_use(false, me),
+            Some(false),
+            "taken before: not ahead"
+        );
+        assert!(layer.end_use(me, true).is_some());
+        assert_eq!(layer.evict(), 100);
+        assert_eq!(
+            (layer.resident_bytes(), layer.prepared().is_none()),
+            (0, true)
+        );
+    }
+
+    #[test]
+    fn a_use_that_needs_the_computation_form_frees_it_and_the_resident_copy_unless_kept() {
+        let me = std::thread::current().id();
+        let mut layer = OnDevice::default();
+        layer.restore(Some(copy(100)), false);
+        // Resident, but the computation form is not ready: not taken, unchanged.
+        assert_eq!(layer.take_for_use(true, me), None);
+        assert_eq!(layer.resident_bytes(), 100);
+        let taken = layer.begin_fill();
+        assert_eq!(taken.prepared.as_ref().map(DeviceCopy::bytes), Some(100));
+        layer.finish_fill_for_use(taken.prepared.unwrap(), Some(copy(50)), me);
+        assert_eq!(
+            device_bytes(layer.computation()),
+            Some(50),
+            "views in the converted copy"
+        );
+        let ended = layer.end_use(me, false).expect("the only use ended");
+        assert_eq!((ended.converted, ended.prepared), (Some(50), Some(100)));
+        assert_eq!(
+            (layer.resident_bytes(), layer.in_use().is_none()),
+            (0, true)
+        );
+        // Converted ahead, then taken and kept: the converted copy made for the use goes.
+        layer.finish_fill_ahead(copy(100), Some(copy(50)));
+        assert!(layer.converted_ahead());
+        assert_eq!(layer.resident_bytes(), 150);
+        assert_eq!(layer.take_for_use(true, me), Some(true));
+        let ended = layer.end_use(me, true).expect("ended");
+        assert_eq!((ended.converted, ended.prepared), (Some(50), None));
+        assert_eq!(layer.resident_bytes(), 100);
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_layer_absent_and_a_restored_copy_keeps_its_mark() {
+        let mut layer = OnDevice::default();
+        layer.finish_fill_ahead(copy(64), None);
+        let taken = layer.begin_fill();
+        assert!(taken.prefetched && layer.resident_bytes() == 0);
+        layer.end_fill();
+        assert!(!layer.is_filling() && layer.prepared().is_none());
+        layer.restore(taken.prepared, taken.prefetched);
+        assert_eq!(layer.resident_bytes(), 64);
+        assert!(layer.candidate(key(), false).prefetched);
+        // end_fill on a layer no longer filling changes nothing.
+        layer.end_fill();
+        assert_eq!(layer.resident_bytes(), 64);
+    }
+
+    #[test]
+    fn one_thread_acquiring_twice_holds_two_uses() {
+        let me = std::thread::current().id();
+        let mut layer = OnDevice::default();
+        layer.restore(Some(copy(8)), false);
+        assert_eq!(layer.take_for_use(false, me), Some(false));
+        assert!(layer.join(me));
+        assert_eq!(layer.in_use().map(|u| u.holders.iter().count()), Some(2));
+        assert!(layer.end_use(me, true).is_none());
+        assert!(layer.end_use(me, true).is_some());
+        assert!(layer.end_use(me, true).is_none(), "not in use any more");
+        assert!(!layer.join(me));
+    }
+}
