@@ -151,16 +151,9 @@ impl TensorInfo {
                 // A reader that failed on the first piece has ended: its error is in `filled`.
                 let _ = to_reader.send(area);
             }
-            let mut done = 0u64;
-            while done < self.nbytes {
-                // The reader sends every piece or an error before it ends, unless it panicked:
-                // then the scope passes its panic on once this returns.
-                let Ok(read) = filled.recv() else {
-                    return Some(Err(Error::io(format!(
-                        "tensor {}: the reading thread stopped",
-                        self.name
-                    ))));
-                };
+            // Ends when the reader has sent its last piece, or its error, and ended; or when it
+            // panicked, whose panic the scope then passes on.
+            for read in filled {
                 let (offset, len, area) = match read {
                     Ok(read) => read,
                     Err(e) => return Some(Err(e)),
@@ -168,9 +161,7 @@ impl TensorInfo {
                 if let Err(e) = consume(offset, &area[..len]) {
                     return Some(Err(e));
                 }
-                done += len as u64;
-                // The reader may have ended (it sends nothing past the last piece): then the
-                // area is not needed.
+                // Past the last piece the reader has ended and needs no area.
                 let _ = to_reader.send(area);
             }
             Some(Ok(()))
