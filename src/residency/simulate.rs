@@ -43,7 +43,8 @@ pub struct Simulation {
     overcommitted: bool,
 }
 
-fn key(index: usize) -> Key {
+/// The key standing for layer `index` (the rule's tests name layers the same way).
+pub(super) fn key(index: usize) -> Key {
     Key {
         index: index as u32,
         generation: 1,

@@ -329,6 +329,7 @@ impl OnDevice {
 
 #[cfg(test)]
 mod tests {
+    use super::super::simulate::key;
     use super::*;
 
     fn copy(len: usize) -> DeviceCopy {
@@ -339,13 +340,6 @@ mod tests {
                 _owner: Box::new(()),
             },
             slots: Vec::new(),
-        }
-    }
-
-    fn key() -> Key {
-        Key {
-            index: 7,
-            generation: 1,
         }
     }
 
@@ -363,18 +357,18 @@ mod tests {
             std::thread::spawn(|| ()).thread().id(),
         );
         let mut layer = OnDevice::default();
-        assert!(!layer.candidate(key(), false).resident);
+        assert!(!layer.candidate(key(7), false).resident);
         let taken = layer.begin_fill();
         assert!(taken.prepared.is_none() && !taken.prefetched && layer.is_filling());
         // Being filled: pinned, nothing to evict, no views.
-        assert!(layer.candidate(key(), false).pinned);
+        assert!(layer.candidate(key(7), false).pinned);
         assert_eq!(layer.evict(), 0);
         assert!(layer.computation().is_none() && layer.prepared().is_none());
         layer.finish_fill_ahead(copy(100), None);
-        let candidate = layer.candidate(key(), false);
+        let candidate = layer.candidate(key(7), false);
         assert!(candidate.resident && candidate.prefetched && !candidate.pinned);
         assert!(
-            layer.candidate(key(), true).pinned,
+            layer.candidate(key(7), true).pinned,
             "a host copy being made pins it"
         );
         assert_eq!(layer.resident_bytes(), 100);
@@ -449,7 +443,7 @@ mod tests {
         assert!(!layer.is_filling() && layer.prepared().is_none());
         layer.restore(taken.prepared, taken.prefetched);
         assert_eq!(layer.resident_bytes(), 64);
-        assert!(layer.candidate(key(), false).prefetched);
+        assert!(layer.candidate(key(7), false).prefetched);
         // end_fill on a layer no longer filling changes nothing.
         layer.end_fill();
         assert_eq!(layer.resident_bytes(), 64);

@@ -1,3 +1,4 @@
+use super::simulate::key;
 use super::{
     make_room, victim, Candidate, Granted, Holdings, LayerBytes, NoRoom, Protect, Purpose, Refusal,
     Request, Residents, Simulation,
@@ -9,14 +10,7 @@ use std::collections::HashMap;
 
 const MIB: u64 = 1 << 20;
 
-fn key(index: u32) -> Key {
-    Key {
-        index,
-        generation: 1,
-    }
-}
-
-fn resident(index: u32) -> Candidate {
+fn resident(index: usize) -> Candidate {
     Candidate {
         key: key(index),
         resident: true,
@@ -343,7 +337,7 @@ impl Residents for Fake {
 }
 
 /// Four layers under a 4 MiB cap, all resident, those in `pinned` in use.
-fn full(pinned: &[u32]) -> Fake {
+fn full(pinned: &[usize]) -> Fake {
     let mut budget = Budget::new(Limit::from_abi(4 * MIB));
     budget.charge(4 * MIB);
     let mut schedule = Schedule::default();
