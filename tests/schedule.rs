@@ -125,8 +125,6 @@ fn simulate(
     moved
 }
 
-/// Belady's rule: evict the layer whose next use is furthest in the future (or never), with the
-/// next `ahead` layers loaded before their use.
 /// `pass` run `times` times in a row: the trace of a repeating workload.
 fn repeated(pass: &[usize], times: usize) -> Vec<usize> {
     pass.iter()
@@ -136,6 +134,8 @@ fn repeated(pass: &[usize], times: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Belady's rule: evict the layer whose next use is furthest in the future (or never), with the
+/// next `ahead` layers loaded before their use.
 fn belady(trace: &[usize], sizes: &[u64], capacity: u64, ahead: usize) -> u64 {
     let mut next_use = vec![usize::MAX; trace.len()];
     let mut seen: HashMap<usize, usize> = HashMap::new();
