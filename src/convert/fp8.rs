@@ -160,14 +160,22 @@ impl Fp8Format {
     /// See [`f32_to_fp8`]. Inlined into slice loops, where the format's fields are loop-invariant.
     #[inline(always)]
     pub(crate) fn encode_f32(&self, x: f32) -> u8 {
-        let bits = x.to_bits();
+        self.encode_quotient(x, x)
+    }
+
+    /// The code of `quotient`, a quotient of `dividend` by a positive scale, whose sign and
+    /// NaN-ness it takes from `dividend` (the same as the quotient's own for a division; see
+    /// [`ScaleDivision`] for a computed quotient that keeps neither). A NaN `quotient` of a
+    /// dividend that is not NaN saturates like an infinity.
+    #[inline(always)]
+    pub(crate) fn encode_quotient(&self, dividend: f32, quotient: f32) -> u8 {
         // The sign stays in a 32-bit lane until the end: vectorised, one narrowing at the store.
-        let sign = (bits >> 24) & 0x80;
+        let sign = (dividend.to_bits() >> 24) & 0x80;
         // Saturate first: every magnitude above the max, infinity included, then rounds to the
         // max code. NaN also lands on the max here and is replaced at the end. On the bits (one
         // vector integer min, where a float compare and a blend take two): non-negative floats
         // order like their bits, and NaN bits lie above them all.
-        let abs = (bits & 0x7FFF_FFFF).min(self.max_value().to_bits());
+        let abs = (quotient.to_bits() & 0x7FFF_FFFF).min(self.max_value().to_bits());
         let magnitude = f32::from_bits(abs);
         // Below the smallest normal fp8 the step is fixed (the subnormal step). Adding a power of
         // two whose f32 ulp is exactly that step makes the FPU do the round-to-nearest-even; the
@@ -186,7 +194,7 @@ impl Fp8Format {
         } else {
             normal
         };
-        let code = if x.is_nan() {
+        let code = if dividend.is_nan() {
             self.nan_code as u32
         } else {
             code

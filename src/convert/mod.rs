@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::host_threads;
 use fp8::Fp8Format;
 use ieee::{bf16_bits_to_f32, f32_to_bf16_bits, f64_to_bf16_bits, f64_to_f16_bits};
-use simd::Isa;
+use simd::{Isa, ScaleDivision};
 
 pub use fp8::{f32_to_fp8, f64_to_fp8, fp8_to_f32};
 
@@ -339,9 +339,10 @@ fn quantize_blocks(
             .enumerate()
             .map(|(index, out)| (index * per_part, out))
             .collect();
+        let division = ScaleDivision::new(scale, isa);
         host_threads::run_parts(threads, "quantize", pieces, |(start, out)| {
             let range = start..start + out.len();
-            simd::quantize(isa, src, range, out, format, scale, false);
+            simd::quantize(isa, src, range, out, format, division, false);
             out.len()
         });
         scales[0] = scale;
@@ -376,7 +377,8 @@ fn quantize_blocks(
                 // Fetching the next row pays while it stays cached until its absmax pass.
                 let prefetch_next = index + 1 < part_groups
                     && group_len * src.dtype.size() <= PREFETCH_MAX_ROW_BYTES;
-                simd::quantize(isa, src, range, out, format, *scale, prefetch_next);
+                let division = ScaleDivision::new(*scale, isa);
+                simd::quantize(isa, src, range, out, format, division, prefetch_next);
             }
             out.len()
         },

@@ -431,9 +431,21 @@ fn the_kernels_f16_rounding_matches_half_for_every_sign_exponent_and_top_mantiss
 
 /// Scales of every size the quantizer meets: absmax / max for a spread of f16 and bf16 values
 /// (every 257th positive finite code), and scales that are not: powers of two, ones that round
-/// every quotient, the smallest normal and subnormal, the largest.
+/// every quotient, the smallest normal and subnormal, the largest, and those on either side of
+/// the range where the kernel divides by the reciprocal (see `ScaleDivision`).
 fn quantization_scales() -> Vec<f32> {
+    let below = |x: f32| f32::from_bits(x.to_bits() - 1);
+    let above = |x: f32| f32::from_bits(x.to_bits() + 1);
+    let (lowest, highest) = (2f32.powi(-80), 2f32.powi(125));
     let mut scales = vec![
+        below(lowest),
+        lowest,
+        above(lowest),
+        1.5 * lowest,
+        below(highest),
+        highest,
+        above(highest),
+        1.5 * highest,
         1.0,
         2f32.powi(-83),
         2f32.powi(100),
@@ -479,7 +491,8 @@ fn the_quantize_kernel_divides_like_the_reference_for_every_16_bit_dividend_and_
                     .collect();
                 for isa in Isa::available() {
                     let mut got = vec![0x5Au8; 1 << 16];
-                    simd::quantize(isa, &source, 0..1 << 16, &mut got, format, scale, false);
+                    let division = ScaleDivision::new(scale, isa);
+                    simd::quantize(isa, &source, 0..1 << 16, &mut got, format, division, false);
                     if let Some(at) = (0..got.len()).find(|&i| got[i] != expected[i]) {
                         panic!(
                             "{src_dtype:?} {:#06x} / {scale:e} ({:#010x}) on {isa:?}: code {:#04x}, the division gives {:#04x}",
