@@ -444,7 +444,7 @@ typedef struct strata_store_stats {
   uint32_t created;
   /**
    * Bytes of layers the store holds now (a named store: for every process), at most so far,
-   * and its limit.
+   * and its limit. A layer's bytes are its host copy's: each tensor from a 64-byte boundary.
    */
   uint64_t host_in_use;
   uint64_t host_peak;
@@ -454,7 +454,8 @@ typedef struct strata_store_stats {
    */
   uint64_t layers;
   /**
-   * Layers filled from the checkpoint (a named store: by every process), and their bytes.
+   * Layers filled from the checkpoint (a named store: by every process), and their bytes (as
+   * host_in_use counts them).
    */
   uint64_t fills;
   uint64_t bytes_filled;

@@ -49,13 +49,14 @@ pub struct strata_store_stats {
     /// a store within a process, 1).
     pub created: u32,
     /// Bytes of layers the store holds now (a named store: for every process), at most so far,
-    /// and its limit.
+    /// and its limit. A layer's bytes are its host copy's: each tensor from a 64-byte boundary.
     pub host_in_use: u64,
     pub host_peak: u64,
     pub host_limit: u64,
     /// Layers held now.
     pub layers: u64,
-    /// Layers filled from the checkpoint (a named store: by every process), and their bytes.
+    /// Layers filled from the checkpoint (a named store: by every process), and their bytes (as
+    /// host_in_use counts them).
     pub fills: u64,
     pub bytes_filled: u64,
     /// Copies this process got from the store without filling them.
