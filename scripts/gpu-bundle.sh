@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/bin
 cargo build --release --lib
-cargo test --release --no-run --message-format=json 2>/dev/null \
+# cargo's own messages stay on stderr, so a build that fails says why here, not on the GPU machine.
+cargo test --release --no-run --message-format=json \
   | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -15,14 +16,16 @@ for line in sys.stdin:
       case " abi budget cuda " in *" $name "*) cp "$exe" ".gpu/bin/$name" ;; esac
     done
 # The CUDA streaming bench (benches/cuda.rs), as .gpu/bin/bench-cuda: the test binary is "cuda".
-cargo bench --bench cuda --no-run --message-format=json 2>/dev/null \
+cargo bench --bench cuda --no-run --message-format=json \
   | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
         print(m["executable"])' \
   | while read -r exe; do cp "$exe" .gpu/bin/bench-cuda; done
-test -x .gpu/bin/bench-cuda
+for binary in abi budget cuda bench-cuda; do
+  test -x ".gpu/bin/$binary" || { echo "gpu-bundle: .gpu/bin/$binary was not built" >&2; exit 1; }
+done
 cp target/release/libstrata.so .gpu/
 # Debug info is most of their size, and the device machine takes at most 64 MiB.
 strip .gpu/bin/* .gpu/libstrata.so
