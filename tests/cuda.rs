@@ -1259,6 +1259,47 @@ fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
 }
 
 #[test]
+fn the_legacy_stream_while_a_blocking_stream_is_captured_is_refused_and_the_capture_survives() {
+    let Some(gpu) = gpu(
+        "the_legacy_stream_while_a_blocking_stream_is_captured_is_refused_and_the_capture_survives",
+    ) else {
+        return;
+    };
+    let ctx = cuda_context(|_| {});
+    let group = ctx.group(&tiers(|_| {}));
+    let ids = plain_layers(&ctx, group, 1, 1024);
+    gpu.bind();
+    // A blocking stream (no CU_STREAM_NON_BLOCKING), which the legacy stream synchronises with:
+    // work strata put on the legacy stream now would join the capture.
+    let blocking = Stream(result::stream::create(result::stream::StreamKind::Default).unwrap());
+    // SAFETY: a live stream; the capture ends below.
+    unsafe {
+        sys::cuStreamBeginCapture_v2(
+            blocking.0,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+        )
+    }
+    .result()
+    .unwrap();
+    expect(
+        try_acquire_on(&ctx, ids[0], ptr::null_mut()),
+        STRATA_ERR_UNSUPPORTED,
+    );
+    assert!(last_error().contains("captured"), "{}", last_error());
+    gpu.bind();
+    let mut graph = ptr::null_mut();
+    // SAFETY: ends the capture begun above; an invalidated capture would be an error here.
+    unsafe { sys::cuStreamEndCapture(blocking.0, &mut graph) }
+        .result()
+        .expect("strata's refusal left the capture valid");
+    // SAFETY: the graph the capture made, destroyed once.
+    unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
+    // With the capture over, the legacy stream works.
+    acquire_on(&ctx, ids[0], ptr::null_mut());
+    ok(strata_release(ctx.0, ids[0], ptr::null_mut()));
+}
+
+#[test]
 fn a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_by_it() {
     let Some(gpu) =
         gpu("a_global_capture_on_another_thread_neither_refuses_strata_nor_is_invalidated_by_it")

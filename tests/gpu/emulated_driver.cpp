@@ -36,9 +36,10 @@
 //   are non-blocking);
 // - stream capture beyond its modes' rule for the calls that may synchronise (allocating,
 //   freeing, pinning, synchronous copies and memsets, waiting on streams and events, loading
-//   modules) and cuCtxSynchronize's refusal during any capture: other uses a capture forbids,
-//   such as the legacy stream's while a blocking stream is captured, or waiting on an event
-//   recorded during capture, are not refused;
+//   modules), cuCtxSynchronize's refusal during any capture, and cuStreamIsCapturing's
+//   CUDA_ERROR_STREAM_CAPTURE_IMPLICIT for the legacy stream while a blocking stream of its
+//   context is captured: other uses a capture forbids, such as other work on the legacy stream
+//   then, or waiting on an event recorded during capture, are not refused;
 // - cuCtxDestroy on the primary context, which it refuses outright;
 // - which handles a real driver reports as invalid once destroyed: here every destroyed stream
 //   and event handle is refused (their addresses are never reused), where a GPU may hand the
@@ -91,6 +92,7 @@ enum : CUresult {
   STREAM_CAPTURE_UNSUPPORTED = 900,
   STREAM_CAPTURE_INVALIDATED = 901,
   STREAM_CAPTURE_UNMATCHED = 903,
+  STREAM_CAPTURE_IMPLICIT = 906,
 };
 
 const char *error_name(CUresult code) {
@@ -136,6 +138,8 @@ const char *error_text(CUresult code) {
   case STREAM_CAPTURE_INVALIDATED: return "operation failed due to a previous error during "
                                           "capture";
   case STREAM_CAPTURE_UNMATCHED: return "capture was not initiated in this stream";
+  case STREAM_CAPTURE_IMPLICIT: return "operation would make the legacy stream depend on a "
+                                       "capturing blocking stream";
   default: return nullptr;
   }
 }
@@ -177,6 +181,8 @@ struct Op {
 
 struct Stream {
   Context *context;
+  // Created without CU_STREAM_NON_BLOCKING: the legacy stream synchronises with it.
+  bool blocking = false;
   std::deque<Op> queue;
   bool destroyed = false;
   int capture = CAPTURE_NONE;
@@ -1143,11 +1149,12 @@ CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t bytes) {
   return SUCCESS;
 }
 
-CUresult cuStreamCreate(Stream **handle, unsigned) {
+CUresult cuStreamCreate(Stream **handle, unsigned flags) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;
   if (!handle) return INVALID_VALUE;
   std::shared_ptr<Stream> stream = new_stream(current());
+  stream->blocking = !(flags & 1 /* CU_STREAM_NON_BLOCKING */);
   driver.streams[stream.get()] = stream;
   *handle = stream.get();
   return SUCCESS;
@@ -1193,6 +1200,16 @@ CUresult cuStreamIsCapturing(void *handle, int *status) {
   if (!status) return INVALID_VALUE;
   std::shared_ptr<Stream> stream;
   if (CUresult r = resolve(handle, stream)) return r;
+  // The legacy stream cannot be asked while a blocking stream it would wait for is captured.
+  if ((uintptr_t)handle == 0 || (uintptr_t)handle == STREAM_LEGACY) {
+    bool implicit = false;
+    each_stream([&](Stream &other) {
+      if (other.context == stream->context && other.blocking && other.capture == CAPTURE_ACTIVE) {
+        implicit = true;
+      }
+    });
+    if (implicit) return STREAM_CAPTURE_IMPLICIT;
+  }
   *status = stream->capture;
   return SUCCESS;
 }

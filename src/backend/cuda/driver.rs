@@ -262,15 +262,20 @@ pub(super) fn current_context() -> Result<sys::CUcontext> {
     Ok(context)
 }
 
-/// Whether work on `stream` is being captured into a CUDA graph. Call with the context bound.
+/// Whether work on `stream` is being captured into a CUDA graph, or, for the legacy default
+/// stream, would join a capture (the driver's CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: a blocking
+/// stream it synchronises with is being captured). Call with the context bound.
 pub(super) fn is_capturing(stream: sys::CUstream) -> Result<bool> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-    check(
-        // SAFETY: writes one status into `status`; the driver checks the stream handle.
-        unsafe { sys::cuStreamIsCapturing(stream, &mut status) }.result(),
-        "checking whether the caller's stream is being captured",
-    )?;
-    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    // SAFETY: writes one status into `status`; the driver checks the stream handle.
+    match unsafe { sys::cuStreamIsCapturing(stream, &mut status) }.result() {
+        Ok(()) => Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE),
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT => Ok(true),
+        Err(e) => Err(driver_error(
+            e,
+            "checking whether the caller's stream is being captured",
+        )),
+    }
 }
 
 /// Device memory from cuMemAlloc. Call with the context bound.

@@ -332,7 +332,8 @@ impl Backend for CudaBackend {
         // waiting on them from outside the capture would invalidate it.
         if driver::is_capturing(raw)? {
             return Err(Error::unsupported(
-                "the stream is being captured into a CUDA graph: acquire and release outside the \
+                "the stream is being captured into a CUDA graph (or it is the legacy default \
+                 stream while a blocking stream it waits for is): acquire and release outside the \
                  capture (strata's copies and events cannot be part of a graph)",
             ));
         }
