@@ -14,6 +14,7 @@ mod common;
 use common::programs;
 use common::*;
 use cudarc::driver::{result, sys};
+use std::borrow::Borrow;
 use std::ffi::c_void;
 use std::ptr;
 use std::sync::Arc;
@@ -242,7 +243,10 @@ struct EmulatedCounts {
 
 /// Runs `work`, and returns what it returned with what each device of `gpus` counted meanwhile
 /// on the emulated driver (None on a real one).
-fn counting<R>(gpus: &[Gpu], work: impl FnOnce() -> R) -> (R, Option<Vec<EmulatedCounts>>) {
+fn counting<G: Borrow<Gpu>, R>(
+    gpus: &[G],
+    work: impl FnOnce() -> R,
+) -> (R, Option<Vec<EmulatedCounts>>) {
     let before = emulated_counts(gpus);
     let got = work();
     let during = before.zip(emulated_counts(gpus)).map(|(before, after)| {
@@ -261,7 +265,7 @@ fn counting<R>(gpus: &[Gpu], work: impl FnOnce() -> R) -> (R, Option<Vec<Emulate
 }
 
 /// Each device's counts so far, from the emulated driver; None on a real driver.
-fn emulated_counts(gpus: &[Gpu]) -> Option<Vec<EmulatedCounts>> {
+fn emulated_counts<G: Borrow<Gpu>>(gpus: &[G]) -> Option<Vec<EmulatedCounts>> {
     std::env::var_os(EMULATED)?;
     type Counts = unsafe extern "C" fn(i32, *mut EmulatedCounts) -> i32;
     // SAFETY: libcuda.so is loaded already (the emulated driver, which cudarc opened by this
@@ -277,7 +281,7 @@ fn emulated_counts(gpus: &[Gpu]) -> Option<Vec<EmulatedCounts>> {
             .iter()
             .map(|gpu| {
                 let mut out = EmulatedCounts::default();
-                assert_eq!(counts(gpu.ordinal, &mut out), 0);
+                assert_eq!(counts(gpu.borrow().ordinal, &mut out), 0);
                 out
             })
             .collect();
@@ -1528,7 +1532,20 @@ fn contexts_over_one_store_stream_from_one_pinned_copy() {
     let Some(gpu) = gpu("contexts_over_one_store_stream_from_one_pinned_copy") else {
         return;
     };
-    stream_over_one_store(&[&gpu, &gpu]);
+    stream_over_one_store(&[&gpu, &gpu], false);
+}
+
+/// The same with a CPU context over the store too, filling each layer first: it cannot pin, so
+/// the first CUDA context pins the copy for all, and that pin outlives the context (uploads from
+/// the copy by the other context, after the first is gone, are still from pinned memory).
+#[test]
+fn contexts_over_one_store_filled_first_by_a_cpu_context_keep_its_copy_pinned() {
+    let Some(gpu) =
+        gpu("contexts_over_one_store_filled_first_by_a_cpu_context_keep_its_copy_pinned")
+    else {
+        return;
+    };
+    stream_over_one_store(&[&gpu, &gpu], true);
 }
 
 /// The same with the contexts on devices 0 and 1: device 1 uploads from the copy that device 0's
@@ -1541,7 +1558,9 @@ fn contexts_on_two_devices_over_one_store_stream_from_one_pinned_copy() {
     ) else {
         return;
     };
-    let (layer_bytes, delta) = counting(&gpus, || stream_over_one_store(&[&gpus[0], &gpus[1]]));
+    let (layer_bytes, delta) = counting(&gpus, || {
+        stream_over_one_store(&[&gpus[0], &gpus[1]], false)
+    });
     let Some(delta) = delta else {
         return;
     };
@@ -1571,8 +1590,10 @@ fn contexts_on_two_devices_over_one_store_stream_from_one_pinned_copy() {
 
 /// Streams the layers of one checkpoint through a CUDA context per GPU of `gpus`, all over one
 /// host store, twice, then again in the last context after the first is gone; checks the bytes,
-/// one fill per layer and one read from disk. Returns the bytes of the layers' host copies.
-fn stream_over_one_store(gpus: &[&Gpu]) -> u64 {
+/// one fill per layer and one read from disk, and (emulated) that the copies stay pinned after
+/// the first context is gone. With `cpu_fills_first`, a CPU context over the store fills each
+/// layer before the CUDA contexts need it. Returns the bytes of the layers' host copies.
+fn stream_over_one_store(gpus: &[&Gpu], cpu_fills_first: bool) -> u64 {
     let dir = TempDir::new("cuda-store");
     let path = dir.path("model.safetensors");
     // 2 MiB of f32 per weight: large enough to be pinned in place.
@@ -1602,6 +1623,11 @@ fn stream_over_one_store(gpus: &[&Gpu]) -> u64 {
     ok(strata::ffi::store::strata_store_create(
         &options, &mut store,
     ));
+    if cpu_fills_first {
+        ok(strata::ffi::store::strata_context_attach_store(
+            cpu.0, store,
+        ));
+    }
     let contexts: Vec<Ctx> = gpus
         .iter()
         .map(|gpu| {
@@ -1634,23 +1660,40 @@ fn stream_over_one_store(gpus: &[&Gpu]) -> u64 {
         store, &mut stats,
     ));
     assert_eq!((stats.fills, stats.layers), (layers as u64, layers as u64));
-    let read: u64 = contexts.iter().map(|c| c.stats().bytes_from_disk).sum();
-    assert_eq!(read, (layers * rows * cols * 4) as u64, "read once");
+    let read: u64 = contexts
+        .iter()
+        .chain(cpu_fills_first.then_some(&cpu))
+        .map(|c| c.stats().bytes_from_disk)
+        .sum();
+    let layer_bytes = (layers * rows * cols * 4) as u64;
+    assert_eq!(read, layer_bytes, "read once");
     strata::ffi::store::strata_store_destroy(store);
     // The first context goes while the others still stream from the copy it pinned.
     let mut contexts = contexts.into_iter();
     drop(contexts.next());
-    for (gpu, ctx) in gpus.iter().skip(1).zip(contexts) {
-        for layer in 0..layers {
-            let name = format!("blocks.{layer}");
-            let got = gpu_bytes(gpu, &ctx, ctx.find(&name));
+    let ((), after) = counting(&gpus[1..], || {
+        for (gpu, ctx) in gpus.iter().skip(1).zip(contexts) {
+            for layer in 0..layers {
+                let name = format!("blocks.{layer}");
+                let got = gpu_bytes(gpu, &ctx, ctx.find(&name));
+                assert!(
+                    got == cpu_bytes(&cpu, cpu.find(&name)),
+                    "{name} after the first left"
+                );
+            }
+        }
+    });
+    if let Some(after) = after {
+        if std::env::var_os("STRATA_EMULATED_CUDA_PINNABLE").is_none() {
             assert!(
-                got == cpu_bytes(&cpu, cpu.find(&name)),
-                "{name} after the first left"
+                after
+                    .iter()
+                    .all(|d| d.pinned_upload_bytes >= layer_bytes && d.pageable_upload_bytes == 0),
+                "the copies stay pinned after the context that pinned them left: {after:?}"
             );
         }
     }
-    (layers * rows * cols * 4) as u64
+    layer_bytes
 }
 
 #[test]

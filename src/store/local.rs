@@ -1,7 +1,7 @@
 //! A store within one process: each layer's copy lives for as long as some context holds it,
 //! charged once to the store's own host limit.
 
-use super::{Got, Held, LayerKey, Lease, PinGuard, StoreStats};
+use super::{Got, Held, LayerKey, Lease, PinSlot, StoreStats};
 use crate::error::Result;
 use crate::host::{CountedBuffer, MemoryCounter};
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ enum Fill {
 
 struct Entry {
     /// Declared before `bytes`, so the pin goes before the memory it covers.
-    pin: OnceLock<Option<PinGuard>>,
+    pin: PinSlot,
     bytes: OnceLock<CountedBuffer>,
     fill: Mutex<Fill>,
     done: Condvar,
@@ -45,7 +45,7 @@ impl Held for Entry {
             .buffer
             .as_slice()
     }
-    fn pin_slot(&self) -> &OnceLock<Option<PinGuard>> {
+    fn pin_slot(&self) -> &PinSlot {
         &self.pin
     }
 }
@@ -144,7 +144,7 @@ impl LocalStore {
             let mut buffer = CountedBuffer::new(size, &store.host)
                 .map_err(|e| e.context("the host store has no room for the layer"))?;
             let entry = Arc::new(Entry {
-                pin: OnceLock::new(),
+                pin: PinSlot::default(),
                 bytes: OnceLock::new(),
                 fill: Mutex::new(Fill::Running),
                 done: Condvar::new(),

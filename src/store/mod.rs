@@ -24,10 +24,12 @@ use crate::error::Result;
 use std::any::Any;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// What pinning a host range returned (`Backend::pin_host`): unpins when dropped.
 pub type PinGuard = Box<dyn Any + Send + Sync>;
+/// Where a layer's lasting pin is kept: empty until a user whose backend pins comes.
+pub type PinSlot = Mutex<Option<PinGuard>>;
 
 /// Where named stores live unless the caller says otherwise.
 pub const DEFAULT_DIR: &str = "/dev/shm";
@@ -107,7 +109,7 @@ pub struct Lease(Arc<dyn Held>);
 trait Held: Send + Sync {
     fn bytes(&self) -> &[u8];
     /// The pin made by the first user that could pin the bytes, kept while the bytes live.
-    fn pin_slot(&self) -> &OnceLock<Option<PinGuard>>;
+    fn pin_slot(&self) -> &PinSlot;
 }
 
 impl Lease {
@@ -116,11 +118,22 @@ impl Lease {
     }
 
     /// Pins the bytes for `backend`'s uploads. The range is registered once, portably, for every
-    /// CUDA context of the process, by the first user whose backend pins (that pin lives with the
-    /// bytes); what this returns is the caller's own record of it, dropped before its lease.
+    /// CUDA context of the process, by the first user whose backend pins; that pin lives with the
+    /// bytes, not with its context, so no context unpins a range another still uploads from.
+    /// Users before it (a CPU context, a refused pin) leave the slot empty for the next to try.
+    /// What this returns is the caller's own record of the pin, dropped before its lease.
     pub fn pin_for(&self, backend: &dyn Backend) -> Option<PinGuard> {
         let bytes = self.0.bytes();
-        self.0.pin_slot().get_or_init(|| backend.pin_host(bytes));
+        {
+            let mut lasting = self
+                .0
+                .pin_slot()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if lasting.is_none() {
+                *lasting = backend.pin_host(bytes);
+            }
+        }
         backend.pin_host(bytes)
     }
 }

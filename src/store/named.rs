@@ -19,7 +19,7 @@
 //! fills it again. Every process maps the bytes read-only; a fill writes through a mapping of
 //! its own layer's range, unmapped once written.
 
-use super::{Got, Held, LayerKey, Lease, PinGuard, StoreOptions, StoreStats};
+use super::{Got, Held, LayerKey, Lease, PinSlot, StoreOptions, StoreStats};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use std::ffi::CString;
@@ -198,7 +198,7 @@ pub(super) struct NamedStore(Arc<Attached>);
 /// This process's attachment to a store.
 struct Attached {
     /// Declared first: pins go before the memory they cover is unmapped.
-    pins: Vec<OnceLock<Option<PinGuard>>>,
+    pins: Vec<PinSlot>,
     /// The header and the table, read and written.
     meta: Mapping,
     /// The layers' bytes, read-only.
@@ -226,7 +226,7 @@ impl Held for NamedLayer {
         // as `store`.
         unsafe { std::slice::from_raw_parts(self.store.data.ptr.as_ptr().add(offset), len) }
     }
-    fn pin_slot(&self) -> &OnceLock<Option<PinGuard>> {
+    fn pin_slot(&self) -> &PinSlot {
         &self.store.pins[self.index]
     }
 }
@@ -581,8 +581,8 @@ impl NamedStore {
         })
     }
 
-    fn pin_slots(slots: u64) -> Vec<OnceLock<Option<PinGuard>>> {
-        (0..slots).map(|_| OnceLock::new()).collect()
+    fn pin_slots(slots: u64) -> Vec<PinSlot> {
+        (0..slots).map(|_| PinSlot::default()).collect()
     }
 
     pub(super) fn layer(
