@@ -258,8 +258,14 @@ extern "C" __global__ void strata_absmax_clear(strata_u32 *STRATA_RESTRICT absma
   }
 }
 
-// Each thread keeps the largest magnitude of its current group, and merges it into the group's
-// word when it moves on to another group (once per group it touches, at most once per element).
+// The absmax pass walks the elements in tiles of STRATA_ABSMAX_LANES x STRATA_ABSMAX_STEPS, one
+// tile per warp at a time: at each step the warp's lanes read consecutive elements (coalesced),
+// and each lane keeps the largest magnitude of its current group across the steps, merging it
+// into the group's word when it moves on to another group or ends the tile. A plain grid-stride
+// loop merged after almost every element, one atomic per element, all of a row's on one word.
+#define STRATA_ABSMAX_LANES 32
+#define STRATA_ABSMAX_STEPS 32
+
 template <class Src>
 static inline STRATA_HD void strata_absmax_loop(const unsigned char *STRATA_RESTRICT src,
                                                 const float *STRATA_RESTRICT src_scales,
@@ -267,21 +273,29 @@ static inline STRATA_HD void strata_absmax_loop(const unsigned char *STRATA_REST
                                                 strata_u64 numel, strata_u64 src_row_len,
                                                 strata_u64 row_len, strata_u64 first,
                                                 strata_u64 stride) {
-  strata_rows src_rows = strata_rows_at(first, stride, src_row_len, numel);
-  strata_rows rows = strata_rows_at(first, stride, row_len, numel);
-  strata_u32 largest = 0;
-  for (strata_u64 i = first; i < numel; i += stride) {
-    strata_u32 magnitude =
-        strata_finite_magnitude_bits(strata_load_scaled<Src>(src, src_scales, i, src_rows));
-    largest = largest > magnitude ? largest : magnitude;
-    strata_u64 row = rows.row;
-    strata_rows_advance(&src_rows);
-    strata_rows_advance(&rows);
-    if (rows.row != row || i + stride >= numel) {
-      if (largest != 0) {
-        strata_atomic_max_u32(&absmax[row], largest);
+  // Launches are of whole warps; a grid of another shape makes each thread a warp of its own.
+  const strata_u64 lanes = stride % STRATA_ABSMAX_LANES == 0 ? STRATA_ABSMAX_LANES : 1;
+  const strata_u64 tile = lanes * STRATA_ABSMAX_STEPS;
+  const strata_u64 tiles_stride = stride / lanes * tile;
+  for (strata_u64 start = first / lanes * tile; start < numel; start += tiles_stride) {
+    const strata_u64 end = numel - start < tile ? numel : start + tile;
+    strata_u64 i = start + first % lanes;
+    strata_rows src_rows = strata_rows_at(i, lanes, src_row_len, numel);
+    strata_rows rows = strata_rows_at(i, lanes, row_len, numel);
+    strata_u32 largest = 0;
+    for (; i < end; i += lanes) {
+      strata_u32 magnitude =
+          strata_finite_magnitude_bits(strata_load_scaled<Src>(src, src_scales, i, src_rows));
+      largest = largest > magnitude ? largest : magnitude;
+      strata_u64 row = rows.row;
+      strata_rows_advance(&src_rows);
+      strata_rows_advance(&rows);
+      if (rows.row != row || i + lanes >= end) {
+        if (largest != 0) {
+          strata_atomic_max_u32(&absmax[row], largest);
+        }
+        largest = 0;
       }
-      largest = 0;
     }
   }
 }
