@@ -1,25 +1,30 @@
 //! Block kernels: the conversions of the scalar reference, rewritten over fixed blocks of
 //! [`BLOCK`] elements with branch-free per-element code, and compiled once per instruction set
-//! (the baseline, SSE2 on x86_64; AVX2) with `#[target_feature]`, chosen at run time.
+//! (the baseline, SSE2 on x86_64; AVX2 with FMA and F16C) with `#[target_feature]`, chosen at run
+//! time.
 //!
 //! An AVX-512 copy too (F/BW/VL/DQ, stable in `#[target_feature]` from Rust 1.89, hence the
 //! crate's minimum): twice the lanes for the quantizer's division and fp8 encoder, and narrowing
 //! stores of one instruction.
 //!
-//! Why no intrinsics and no crate: every step (fp8 decode, f16/bf16 rounding, the fp8 encoder,
-//! the absmax reduction) is integer and plain f32 arithmetic without data-dependent branches, so
-//! LLVM vectorises it at the full width of whichever instruction set the function is compiled
-//! for. Rust never contracts or reassociates float operations, so each compiled copy computes
-//! exactly what the scalar reference computes; the tests check that exhaustively. `half`'s slice
-//! conversions cover only f16↔f32, behind a feature check per call, 4 F16C lanes at a time (used
-//! by `cast_blocks` for aligned whole f16↔f32 casts); `pulp` and `multiversion` would do the
-//! dispatch below, which is three `match` arms.
+//! Why almost no intrinsics and no crate: every step (fp8 decode, f16/bf16 rounding, the fp8
+//! encoder, the absmax reduction) is integer and plain f32 arithmetic without data-dependent
+//! branches, so LLVM vectorises it at the full width of whichever instruction set the function is
+//! compiled for. The exception is F16C's f16 conversions ([`f16c`]): one instruction per 8
+//! elements where the arithmetic takes a dozen, which LLVM does not recognise in it (f16 ->
+//! fp8 quantization 1.9x faster, bf16 -> f16 2.1x). Rust never contracts or reassociates float
+//! operations, so each compiled copy computes exactly what the scalar reference computes; the
+//! tests check that exhaustively. `half`'s slice conversions cover only f16↔f32, behind a
+//! feature check per call, 4 F16C lanes at a time (used by `cast_blocks` for aligned whole
+//! f16↔f32 casts); `pulp` and `multiversion` would do the dispatch below, which is three `match`
+//! arms.
 //!
 //! Per-element work differs from the reference in three places, checked bit for bit over every
 //! code: fp8 codes are decoded by arithmetic rather than by the 256-entry table (a table lookup
-//! becomes a gather, which is slow on current x86); f16 is decoded and rounded by the
-//! branch-free `ieee::f16_bits_to_f32` / `f32_to_f16_bits` instead of `half` (the same bits);
-//! the quantizer divides by the reciprocal with two fused multiply-adds (see [`ScaleDivision`]).
+//! becomes a gather, which is slow on current x86); f16 is decoded by F16C's `vcvtph2ps` where
+//! the instruction set has it (see [`decode_f16_block`]), else, and rounded, by the branch-free
+//! `ieee::f16_bits_to_f32` / `f32_to_f16_bits` instead of `half` (the same bits); the quantizer
+//! divides by the reciprocal with two fused multiply-adds (see [`ScaleDivision`]).
 //! Plain fp8 casts use the reference's per-scale tables (see `cast_blocks`).
 
 use std::ops::Range;
@@ -39,6 +44,7 @@ const MAX_SIZE: usize = 8;
 pub(crate) enum Isa {
     /// The target's baseline (SSE2 on x86_64); also every non-x86 target.
     Baseline,
+    /// AVX2 with FMA and F16C (every AVX2 CPU has both).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// AVX-512 F/BW/VL/DQ: twice the lanes, and one-instruction narrowings (`vpmovdb`,
@@ -60,7 +66,7 @@ impl Isa {
         let mut isas = vec![Isa::Baseline];
         #[cfg(target_arch = "x86_64")]
         {
-            if !is_x86_feature_detected!("fma") {
+            if !is_x86_feature_detected!("fma") || !is_x86_feature_detected!("f16c") {
                 return isas;
             }
             if is_x86_feature_detected!("avx2") {
@@ -78,6 +84,16 @@ impl Isa {
         isas
     }
 
+    /// Whether F16C's f16 conversions (`vcvtph2ps`, `vcvtps2ph`) may be used.
+    #[inline(always)]
+    fn f16c(self) -> bool {
+        match self {
+            Isa::Baseline => false,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => true,
+        }
+    }
+
     /// Whether `f32::mul_add` is one instruction in this set's kernels (elsewhere it is a
     /// library call, far slower than a division).
     fn fused_multiply_add(self) -> bool {
@@ -90,22 +106,23 @@ impl Isa {
 }
 
 /// Instantiates `$kernel` (an `#[inline(always)]` function) once per instruction set as
-/// `$name`, which dispatches on its first argument.
+/// `$name`, which dispatches on its first argument. Each copy passes its instruction set on to
+/// the kernel as a constant, for code that only some sets can run (F16C's conversions).
 macro_rules! per_isa {
     ($name:ident => $kernel:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         pub(crate) fn $name(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+            #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt")]
             unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
-                $kernel($($arg),*)
+                $kernel(Isa::Avx2, $($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt")]
             unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
-                $kernel($($arg),*)
+                $kernel(Isa::Avx512, $($arg),*)
             }
             match isa {
-                Isa::Baseline => $kernel($($arg),*),
+                Isa::Baseline => $kernel(Isa::Baseline, $($arg),*),
                 // SAFETY: an `Isa` other than Baseline comes from `Isa::available`, which
                 // detected these features on this CPU.
                 #[cfg(target_arch = "x86_64")]
@@ -170,7 +187,7 @@ macro_rules! store {
 /// Elements `range` of `src` into `dst` (the destination of exactly those elements) as
 /// `dst_dtype`: the reference's `cast`.
 #[inline(always)]
-fn cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Float) {
+fn cast_kernel(isa: Isa, src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Float) {
     if let Float::F64 = src.dtype {
         let size = src.dtype.size();
         return cast_from_f64(
@@ -180,7 +197,7 @@ fn cast_kernel(src: &Source, range: Range<usize>, dst: &mut [u8], dst_dtype: Flo
         );
     }
     let out_size = dst_dtype.size();
-    let mut blocks = Blocks::new(src, range.clone());
+    let mut blocks = Blocks::new(isa, src, range.clone());
     let values = &mut AlignedBlock::new().0;
     while let Some((start, len)) = blocks.next(values) {
         let at = (start - range.start) * out_size;
@@ -218,9 +235,12 @@ impl Narrowing {
     }
 }
 
-/// `src` (whole elements) narrowed into `dst`, as the reference's `cast`.
+/// `src` (whole elements) narrowed into `dst`, as the reference's `cast`. Into f16 by F16C's
+/// `vcvtps2ph` (round to nearest even; the same bits as `f32_to_f16_bits`) where the instruction
+/// set has it, 8 elements an instruction; what is left over below.
 #[inline(always)]
-fn narrow_kernel(src: &[u8], dst: &mut [u8], narrowing: Narrowing) {
+fn narrow_kernel(isa: Isa, src: &[u8], dst: &mut [u8], narrowing: Narrowing) {
+    let (src, dst) = narrow_to_f16_by_f16c(isa, src, dst, narrowing);
     match narrowing {
         Narrowing::F32ToF16 => map_elements(src, dst, |le| {
             f32_to_f16_bits(f32::from_le_bytes(le)).to_le_bytes()
@@ -234,17 +254,51 @@ fn narrow_kernel(src: &[u8], dst: &mut [u8], narrowing: Narrowing) {
     }
 }
 
+/// The part of a narrowing into f16 that F16C does, 8 elements an instruction, where the
+/// instruction set has it; returns what is left for the element loop (everything otherwise).
+#[inline(always)]
+fn narrow_to_f16_by_f16c<'s, 'd>(
+    isa: Isa,
+    src: &'s [u8],
+    dst: &'d mut [u8],
+    narrowing: Narrowing,
+) -> (&'s [u8], &'d mut [u8]) {
+    let (in_size, bf16) = match narrowing {
+        Narrowing::F32ToF16 => (4, false),
+        Narrowing::Bf16ToF16 => (2, true),
+        Narrowing::F32ToBf16 => return (src, dst),
+    };
+    if !isa.f16c() {
+        return (src, dst);
+    }
+    let whole = src.len() / (8 * in_size) * 8;
+    let (src_lanes, src_tail) = src.split_at(whole * in_size);
+    let (dst_lanes, dst_tail) = dst.split_at_mut(whole * 2);
+    let eights = src_lanes
+        .chunks_exact(8 * in_size)
+        .zip(dst_lanes.chunks_exact_mut(16));
+    #[cfg(target_arch = "x86_64")]
+    for (src, dst) in eights {
+        // SAFETY: `isa.f16c()` means F16C and AVX2 were detected (Isa::available); `src` is 8
+        // elements, `dst` their 16 bytes.
+        unsafe { f16c::narrow_to_f16x8(src, dst.try_into().unwrap(), bf16) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (eights, bf16);
+    (src_tail, dst_tail)
+}
+
 /// The largest finite magnitude among elements `range` of `src`, as the reference's `quantize`
 /// finds it.
 #[inline(always)]
-fn absmax_kernel(src: &Source, range: Range<usize>) -> f32 {
+fn absmax_kernel(isa: Isa, src: &Source, range: Range<usize>) -> f32 {
     match src.dtype {
         Float::BF16 => return bf16_bits_to_f32(halves_absmax(src, range, 0x7F80)),
         Float::F16 => return f16_bits_to_f32(halves_absmax(src, range, 0x7C00)),
         _ => {}
     }
     let mut largest = [0; MAX_LANES];
-    let mut blocks = Blocks::new(src, range);
+    let mut blocks = Blocks::new(isa, src, range);
     let values = &mut AlignedBlock::new().0;
     // The padding of a tail block is zeros, which never raise the maximum.
     while blocks.next(values).is_some() {
@@ -258,6 +312,7 @@ fn absmax_kernel(src: &Source, range: Range<usize>) -> f32 {
 /// fetched into the cache meanwhile (see [`prefetch`]).
 #[inline(always)]
 fn quantize_kernel(
+    isa: Isa,
     src: &Source,
     range: Range<usize>,
     dst: &mut [u8],
@@ -267,9 +322,9 @@ fn quantize_kernel(
 ) {
     with_known_format!(format, |format| {
         if division.by_reciprocal {
-            quantize_range::<true>(src, range, dst, format, division, prefetch_next)
+            quantize_range::<true>(isa, src, range, dst, format, division, prefetch_next)
         } else {
-            quantize_range::<false>(src, range, dst, format, division, prefetch_next)
+            quantize_range::<false>(isa, src, range, dst, format, division, prefetch_next)
         }
     })
 }
@@ -277,6 +332,7 @@ fn quantize_kernel(
 /// [`quantize_kernel`] with the way of dividing fixed, so that the loops hold no branch on it.
 #[inline(always)]
 fn quantize_range<const BY_RECIPROCAL: bool>(
+    isa: Isa,
     src: &Source,
     range: Range<usize>,
     dst: &mut [u8],
@@ -292,7 +348,8 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
     // 16- and 32-bit sources are quantized straight from their bytes: without the block of
     // decoded f32 (a store and a load per element) per-channel bf16 quantization measured 1.19x
     // faster. A bf16 NaN is not quieted on the way: only its sign and NaN-ness count, and both
-    // come from the dividend.
+    // come from the dividend. f16 is the exception where F16C decodes it, 8 elements an
+    // instruction: through the block, its arithmetic decode costs more than the store and load.
     macro_rules! straight {
         ($size:literal, |$le:ident| $decode:expr) => {{
             let bytes = &src.bytes[first * $size..range.end * $size];
@@ -313,10 +370,10 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
         Float::BF16 => straight!(2, |le| f32::from_bits(
             (u16::from_le_bytes(le) as u32) << 16
         )),
-        Float::F16 => straight!(2, |le| f16_bits_to_f32(u16::from_le_bytes(le))),
+        Float::F16 if !isa.f16c() => straight!(2, |le| f16_bits_to_f32(u16::from_le_bytes(le))),
         Float::F32 => straight!(4, |le| f32::from_le_bytes(le)),
-        Float::F64 | Float::Fp8(_) => {
-            let mut blocks = Blocks::new(src, range);
+        Float::F16 | Float::F64 | Float::Fp8(_) => {
+            let mut blocks = Blocks::new(isa, src, range);
             let values = &mut AlignedBlock::new().0;
             while let Some((start, len)) = blocks.next(values) {
                 if prefetch_next {
@@ -406,6 +463,7 @@ impl AlignedBlock {
 
 /// Consecutive blocks of a range of a source, decoded to f32 and dequantized.
 struct Blocks<'a, 'b> {
+    isa: Isa,
     src: &'b Source<'a>,
     start: usize,
     end: usize,
@@ -413,8 +471,9 @@ struct Blocks<'a, 'b> {
 
 impl<'a, 'b> Blocks<'a, 'b> {
     #[inline(always)]
-    fn new(src: &'b Source<'a>, range: Range<usize>) -> Self {
+    fn new(isa: Isa, src: &'b Source<'a>, range: Range<usize>) -> Self {
         Blocks {
+            isa,
             src,
             start: range.start,
             end: range.end,
@@ -443,11 +502,11 @@ impl<'a, 'b> Blocks<'a, 'b> {
         let size = src.dtype.size();
         let bytes = &src.bytes[start * size..(start + len) * size];
         if len == BLOCK {
-            decode_block(src.dtype, bytes, scale, values);
+            decode_block(self.isa, src.dtype, bytes, scale, values);
         } else {
             let mut padded = [0u8; BLOCK * MAX_SIZE];
             padded[..bytes.len()].copy_from_slice(bytes);
-            decode_block(src.dtype, &padded[..BLOCK * size], scale, values);
+            decode_block(self.isa, src.dtype, &padded[..BLOCK * size], scale, values);
         }
         self.start = start + len;
         Some((start, len))
@@ -457,7 +516,7 @@ impl<'a, 'b> Blocks<'a, 'b> {
 /// `BLOCK` elements of `dtype` (little-endian `bytes`) as f32, times `scale` for fp8, exactly as
 /// the reference's `Source::decode`.
 #[inline(always)]
-fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) {
+fn decode_block(isa: Isa, dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) {
     match dtype {
         Float::F32 => {
             let bytes: &[u8; BLOCK * 4] = bytes.try_into().unwrap();
@@ -471,12 +530,7 @@ fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) 
                 *value = f64::from_le_bytes(word.try_into().unwrap()) as f32;
             }
         }
-        Float::F16 => {
-            let bytes: &[u8; BLOCK * 2] = bytes.try_into().unwrap();
-            for (value, word) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *value = f16_bits_to_f32(u16::from_le_bytes(word.try_into().unwrap()));
-            }
-        }
+        Float::F16 => decode_f16_block(isa, bytes.try_into().unwrap(), out),
         Float::BF16 => {
             let bytes: &[u8; BLOCK * 2] = bytes.try_into().unwrap();
             for (value, word) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -490,6 +544,72 @@ fn decode_block(dtype: Float, bytes: &[u8], scale: f32, out: &mut [f32; BLOCK]) 
                     *value = format.decode_f32(code) * scale;
                 }
             })
+        }
+    }
+}
+
+/// `BLOCK` f16 (little-endian `bytes`) as f32: by F16C's `vcvtph2ps` where the instruction set
+/// has it, 8 an instruction, else by `f16_bits_to_f32`. The same bits either way: both are exact,
+/// and both quiet a NaN keeping its payload.
+#[inline(always)]
+fn decode_f16_block(isa: Isa, bytes: &[u8; BLOCK * 2], out: &mut [f32; BLOCK]) {
+    if isa.f16c() {
+        #[cfg(target_arch = "x86_64")]
+        for (halves, values) in bytes.chunks_exact(16).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: `isa.f16c()` means F16C and AVX2 were detected (Isa::available); the
+            // slices are exactly 8 elements of each side.
+            unsafe { f16c::f16x8_to_f32(halves.try_into().unwrap(), values.try_into().unwrap()) };
+        }
+        return;
+    }
+    for (value, word) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *value = f16_bits_to_f32(u16::from_le_bytes(word.try_into().unwrap()));
+    }
+}
+
+/// F16C's conversions, 8 lanes at a time. Compiled for F16C and AVX2, so that they inline into the
+/// kernels' copies for the instruction sets that have them; unsafe to call where the CPU lacks them.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::{
+        _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
+        _mm256_loadu_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm_loadu_si128, _mm_storeu_si128,
+        _MM_FROUND_TO_NEAREST_INT,
+    };
+
+    /// Eight little-endian f16 as f32.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn f16x8_to_f32(halves: &[u8; 16], values: &mut [f32; 8]) {
+        // SAFETY: unaligned 16-byte load and 32-byte store, within the arrays.
+        unsafe {
+            let halves = _mm_loadu_si128(halves.as_ptr().cast());
+            _mm256_storeu_ps(values.as_mut_ptr(), _mm256_cvtph_ps(halves));
+        }
+    }
+
+    /// Eight little-endian f32 (`bf16`: bf16) rounded to f16, to nearest even.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX2; `src` holds 8 elements (32 bytes, 16 for bf16).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn narrow_to_f16x8(src: &[u8], dst: &mut [u8; 16], bf16: bool) {
+        // SAFETY: unaligned loads of 16 or 32 bytes within `src` (8 elements, checked by the
+        // caller's chunking) and a 16-byte store within `dst`. A bf16 is the top half of the
+        // f32 of the same value.
+        unsafe {
+            let values = if bf16 {
+                let halves = _mm_loadu_si128(src.as_ptr().cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+            } else {
+                _mm256_loadu_ps(src.as_ptr().cast())
+            };
+            let rounded = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(values);
+            _mm_storeu_si128(dst.as_mut_ptr().cast(), rounded);
         }
     }
 }
