@@ -121,19 +121,21 @@ impl Lease {
     /// CUDA context of the process, by the first user whose backend pins; that pin lives with the
     /// bytes, not with its context, so no context unpins a range another still uploads from.
     /// Users before it (a CPU context, a refused pin) leave the slot empty for the next to try.
-    /// What this returns is the caller's own record of the pin, dropped before its lease.
+    /// What this returns is the caller's own record of that pin, dropped before its lease; None
+    /// while there is none (the caller stages its uploads). Both are made under the slot's lock,
+    /// so a record never owns a registration: one made beside an empty slot would, and its
+    /// context would unregister the range when it left, under the others' uploads.
     pub fn pin_for(&self, backend: &dyn Backend) -> Option<PinGuard> {
         let bytes = self.0.bytes();
-        {
-            let mut lasting = self
-                .0
-                .pin_slot()
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if lasting.is_none() {
-                *lasting = backend.pin_host(bytes);
-            }
+        let mut lasting = self
+            .0
+            .pin_slot()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if lasting.is_none() {
+            *lasting = backend.pin_host(bytes);
         }
+        lasting.as_ref()?;
         backend.pin_host(bytes)
     }
 }
