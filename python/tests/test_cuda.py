@@ -101,10 +101,13 @@ class CudaViews(unittest.TestCase):
         emulated = hasattr(self.driver.lib, "strata_emulated_cuda_counts")
         if emulated or os.environ.get("STRATA_TEST_ISOLATED"):
             return False
+        # Same working directory (relative paths in PYTHONPATH and STRATA_LIBRARY stay right),
+        # with this folder on the path for the test module and its support module.
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         child = subprocess.run(
             [sys.executable, "-m", "unittest", f"test_cuda.CudaViews.{self._testMethodName}"],
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-            env={**os.environ, "STRATA_TEST_ISOLATED": "1"},
+            env={**os.environ, "STRATA_TEST_ISOLATED": "1", "PYTHONPATH": path},
             capture_output=True, text=True, timeout=600, check=False)
         self.assertEqual(
             child.returncode, 0,
