@@ -17,9 +17,12 @@ use std::sync::Arc;
 pub(super) const PTX: &str = concat!(include_str!("../../../kernels/convert.ptx"), "\0");
 
 /// The most threads an absmax launch runs (1024 blocks). Each thread merges its maximum into
-/// its group's word with one atomic per group it touches, and per tensor all of them hit one
-/// word: a few hundred thousand atomics cost little, one per element would not.
+/// its group's word with one atomic per group it touches in a tile, and per tensor all of them
+/// hit one word: a few hundred thousand atomics cost little, one per element would not.
 pub(super) const ABSMAX_THREADS: u64 = 1024 * 256;
+/// Elements per thread in one tile of the absmax kernel (`STRATA_ABSMAX_STEPS` in
+/// kernels/convert.cu): a launch needs a thread per this many elements, no more.
+const ABSMAX_STEPS: u64 = 32;
 
 /// The kernels of `kernels/convert.cu`, by the dtypes they read and write.
 pub(super) struct Kernels {
@@ -275,7 +278,8 @@ impl Shared {
                 src_row_len,
                 row_len,
             ];
-            driver::launch(absmax, numel.min(ABSMAX_THREADS), stream, &mut params)?;
+            let threads = numel.div_ceil(ABSMAX_STEPS).min(ABSMAX_THREADS);
+            driver::launch(absmax, threads, stream, &mut params)?;
         }
         driver::launch(scales, groups, stream, &mut [dst_scales, groups])?;
         if numel > 0 {
