@@ -1262,35 +1262,8 @@ fn a_stream_being_captured_into_a_graph_is_refused_and_the_capture_survives() {
     else {
         return;
     };
-    let ctx = cuda_context(|_| {});
-    let group = ctx.group(&tiers(|_| {}));
-    let ids = plain_layers(&ctx, group, 1, 1024);
     let stream = gpu.stream();
-    // SAFETY: a live stream; the capture ends below.
-    unsafe {
-        sys::cuStreamBeginCapture_v2(
-            stream.0,
-            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
-        )
-    }
-    .result()
-    .unwrap();
-    expect(
-        try_acquire_on(&ctx, ids[0], stream.0),
-        STRATA_ERR_UNSUPPORTED,
-    );
-    assert!(last_error().contains("captured"), "{}", last_error());
-    gpu.bind();
-    let mut graph = ptr::null_mut();
-    // SAFETY: ends the capture begun above; an invalidated capture would be an error here.
-    unsafe { sys::cuStreamEndCapture(stream.0, &mut graph) }
-        .result()
-        .expect("strata's refusal left the capture valid");
-    // SAFETY: the graph the capture made, destroyed once.
-    unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
-    // Outside the capture the same stream works.
-    acquire_on(&ctx, ids[0], stream.0);
-    ok(strata_release(ctx.0, ids[0], stream.0 as *mut c_void));
+    refused_during_a_relaxed_capture(&gpu, stream.0, stream.0);
 }
 
 #[test]
@@ -1300,38 +1273,43 @@ fn the_legacy_stream_while_a_blocking_stream_is_captured_is_refused_and_the_capt
     ) else {
         return;
     };
+    // A blocking stream (no CU_STREAM_NON_BLOCKING), which the legacy stream synchronises with:
+    // work strata put on the legacy stream now would join the capture.
+    gpu.bind();
+    let blocking = Stream(result::stream::create(result::stream::StreamKind::Default).unwrap());
+    refused_during_a_relaxed_capture(&gpu, blocking.0, ptr::null_mut());
+}
+
+/// While `captured` is being captured (relaxed mode), an acquire on `acquire_stream` is refused
+/// as a capture and leaves the capture valid; once the capture is over, the same acquire works.
+fn refused_during_a_relaxed_capture(
+    gpu: &Gpu,
+    captured: sys::CUstream,
+    acquire_stream: sys::CUstream,
+) {
     let ctx = cuda_context(|_| {});
     let group = ctx.group(&tiers(|_| {}));
     let ids = plain_layers(&ctx, group, 1, 1024);
     gpu.bind();
-    // A blocking stream (no CU_STREAM_NON_BLOCKING), which the legacy stream synchronises with:
-    // work strata put on the legacy stream now would join the capture.
-    let blocking = Stream(result::stream::create(result::stream::StreamKind::Default).unwrap());
     // SAFETY: a live stream; the capture ends below.
     unsafe {
         sys::cuStreamBeginCapture_v2(
-            blocking.0,
+            captured,
             sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
         )
     }
     .result()
     .unwrap();
     expect(
-        try_acquire_on(&ctx, ids[0], ptr::null_mut()),
+        try_acquire_on(&ctx, ids[0], acquire_stream),
         STRATA_ERR_UNSUPPORTED,
     );
     assert!(last_error().contains("captured"), "{}", last_error());
     gpu.bind();
-    let mut graph = ptr::null_mut();
-    // SAFETY: ends the capture begun above; an invalidated capture would be an error here.
-    unsafe { sys::cuStreamEndCapture(blocking.0, &mut graph) }
-        .result()
-        .expect("strata's refusal left the capture valid");
-    // SAFETY: the graph the capture made, destroyed once.
-    unsafe { sys::cuGraphDestroy(graph) }.result().unwrap();
-    // With the capture over, the legacy stream works.
-    acquire_on(&ctx, ids[0], ptr::null_mut());
-    ok(strata_release(ctx.0, ids[0], ptr::null_mut()));
+    end_capture(captured).expect("strata's refusal left the capture valid");
+    // Outside the capture the same stream works.
+    acquire_on(&ctx, ids[0], acquire_stream);
+    ok(strata_release(ctx.0, ids[0], acquire_stream as *mut c_void));
 }
 
 #[test]
@@ -1430,7 +1408,8 @@ impl Drop for GlobalCapture {
     }
 }
 
-/// Ends the capture `GlobalCapture::begin` started on this thread and destroys its graph.
+/// Ends a capture begun on this thread and destroys its graph: an error if something
+/// invalidated the capture.
 fn end_capture(stream: sys::CUstream) -> std::result::Result<(), cudarc::driver::DriverError> {
     let mut graph = ptr::null_mut();
     // SAFETY: a stream being captured on this thread.
