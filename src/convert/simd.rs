@@ -15,9 +15,9 @@
 //! fp8 quantization 1.9x faster, bf16 -> f16 2.1x). Rust never contracts or reassociates float
 //! operations, so each compiled copy computes exactly what the scalar reference computes; the
 //! tests check that exhaustively. `half`'s slice conversions cover only f16↔f32, behind a
-//! feature check per call, 4 F16C lanes at a time (used by `cast_blocks` for aligned whole
-//! f16↔f32 casts); `pulp` and `multiversion` would do the dispatch below, which is three `match`
-//! arms.
+//! feature check per call, 4 F16C lanes at a time (`cast_blocks` uses them for aligned whole
+//! f16↔f32 casts where these kernels have no F16C); `pulp` and `multiversion` would do the
+//! dispatch below, which is three `match` arms.
 //!
 //! Per-element work differs from the reference in three places, checked bit for bit over every
 //! code: fp8 codes are decoded by arithmetic rather than by the 256-entry table (a table lookup
@@ -86,7 +86,7 @@ impl Isa {
 
     /// Whether F16C's f16 conversions (`vcvtph2ps`, `vcvtps2ph`) may be used.
     #[inline(always)]
-    fn f16c(self) -> bool {
+    pub(crate) fn f16c(self) -> bool {
         match self {
             Isa::Baseline => false,
             #[cfg(target_arch = "x86_64")]
