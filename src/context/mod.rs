@@ -54,8 +54,9 @@
 //!
 //! Taken alone: the C handle tables (`ffi/`), the pinned-memory registrations, the injected fill
 //! panics, a host store entry's fill state (a fill waits there for another context's fill of the
-//! same layer, holding no other strata lock), and the named store's file locks (`flock`). No strata lock is held while a log or progress callback runs, so a callback may call
-//! back into strata.
+//! same layer, holding no other strata lock), and the named store's file locks (`flock`). No
+//! strata lock is held while a log or progress callback runs, so a callback may call back into
+//! strata.
 
 mod acquire;
 mod engine;

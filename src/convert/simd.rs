@@ -567,8 +567,9 @@ fn decode_f16_block(isa: Isa, bytes: &[u8; BLOCK * 2], out: &mut [f32; BLOCK]) {
     }
 }
 
-/// F16C's conversions, 8 lanes at a time. Compiled for F16C and AVX2, so that they inline into the
-/// kernels' copies for the instruction sets that have them; unsafe to call where the CPU lacks them.
+/// F16C's conversions, 8 lanes at a time. Compiled for F16C and AVX2, so that they inline into
+/// the kernels' copies for the instruction sets that have them; unsafe to call where the CPU
+/// lacks them.
 #[cfg(target_arch = "x86_64")]
 mod f16c {
     use std::arch::x86_64::{
