@@ -68,12 +68,13 @@ impl TensorInfo {
     /// successive pieces of `piece` bytes (the last one shorter) and calls `consume(offset within
     /// the tensor, piece)` for each, in order; an empty tensor calls `consume` never.
     ///
-    /// When `staging` holds two pieces and the tensor needs more than one, a helper thread reads
-    /// the next piece while `consume` works on the current one (a conversion of one piece overlaps
-    /// the read of the next, instead of the two taking turns); else one area is read and consumed
-    /// in turn. The file's identity is checked around every piece, so a file that changes halfway
-    /// through fails the stream (at most one piece after the change, which was read whole before
-    /// it) rather than mixing old and new bytes. `consume`'s error stops the stream.
+    /// When `staging` holds several pieces (k areas of `piece` bytes) and the tensor needs more
+    /// than one, k - 1 helper threads read the next pieces while `consume` works on the current
+    /// one: a conversion overlaps the reads, and a drive gets k - 1 requests at once (one at a
+    /// time, a fast drive idles between them). With one area, it is read and consumed in turn.
+    /// The file's identity is checked around every piece, so a file that changes halfway through
+    /// fails the stream (after at most k - 1 more pieces, each read whole before the change)
+    /// rather than mixing old and new bytes. `consume`'s error stops the stream.
     pub fn read_chunks(
         &self,
         staging: &mut [u8],
@@ -98,8 +99,7 @@ impl TensorInfo {
             Ok(len)
         };
         if self.nbytes > piece as u64 && staging.len() >= 2 * piece {
-            let (first, rest) = staging.split_at_mut(piece);
-            let areas = [first, &mut rest[..piece]];
+            let areas: Vec<&mut [u8]> = staging.chunks_exact_mut(piece).collect();
             if let Some(result) = self.read_overlapped(areas, &read_piece, &mut consume) {
                 return result;
             }
@@ -113,56 +113,89 @@ impl TensorInfo {
         Ok(())
     }
 
-    /// `read_chunks` with a helper thread reading into one area while `consume` reads the other;
-    /// None when the OS refuses the thread (the caller then streams in turn).
+    /// `read_chunks` with helper threads reading into all areas but the one `consume` reads;
+    /// None when the OS refuses every thread (the caller then streams in turn).
     fn read_overlapped(
         &self,
-        areas: [&mut [u8]; 2],
+        areas: Vec<&mut [u8]>,
         read_piece: &(impl Fn(u64, &mut [u8]) -> Result<usize> + Sync),
         consume: &mut impl FnMut(u64, &[u8]) -> Result<()>,
     ) -> Option<Result<()>> {
         use std::sync::mpsc::sync_channel;
+        let count = areas.len();
+        // The areas go round: empty ones to the readers, read ones (or an error) back. Both
+        // channels hold every area at once, so no side ever blocks on a send, and either side
+        // dropping its ends (done, failed, or unwinding) ends the other's loop.
+        let (to_readers, empty) = sync_channel::<&mut [u8]>(count);
+        let (to_consumer, filled) = sync_channel::<Result<(u64, usize, &mut [u8])>>(count);
+        // A reader takes an empty area and the next offset together, so the pieces are handed
+        // out in order and the one the consumer waits for is always being read.
+        let next = std::sync::Mutex::new((empty, 0u64));
+        let nbytes = self.nbytes;
         std::thread::scope(|scope| {
-            // Two areas go round: empty ones to the reader, read ones (or its error) back. Both
-            // channels hold both areas at once, so neither side ever blocks on a send, and either
-            // side dropping its end (done, failed, or unwinding) ends the other's loop.
-            let (to_reader, empty) = sync_channel::<&mut [u8]>(2);
-            let (to_consumer, filled) = sync_channel::<Result<(u64, usize, &mut [u8])>>(2);
-            let nbytes = self.nbytes;
-            let reader = move || {
-                let mut done = 0u64;
-                while done < nbytes {
-                    let Ok(area) = empty.recv() else {
-                        return;
+            // Owned here, so that it is dropped when this closure returns, even early: readers
+            // waiting for an area then end, and the scope can join them.
+            let to_readers = to_readers;
+            let reader = |to_consumer: std::sync::mpsc::SyncSender<_>| {
+                let next = &next;
+                move || loop {
+                    let (area, offset) = {
+                        // Nothing panics while it is held, so the lock is never poisoned.
+                        let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
+                        let offset = next.1;
+                        if offset >= nbytes {
+                            return;
+                        }
+                        let Ok(area) = next.0.recv() else {
+                            return;
+                        };
+                        next.1 += (nbytes - offset).min(area.len() as u64);
+                        (area, offset)
                     };
-                    let read = read_piece(done, area).map(|len| (done, len, area));
+                    let read = read_piece(offset, area).map(|len| (offset, len, area));
                     let failed = read.is_err();
-                    done += read.as_ref().map_or(0, |&(_, len, _)| len as u64);
                     if to_consumer.send(read).is_err() || failed {
                         return;
                     }
                 }
             };
-            std::thread::Builder::new()
-                .name("strata-read".into())
-                .spawn_scoped(scope, reader)
-                .ok()?;
-            for area in areas {
-                // A reader that failed on the first piece has ended: its error is in `filled`.
-                let _ = to_reader.send(area);
+            let started = (1..count)
+                .filter(|_| {
+                    std::thread::Builder::new()
+                        .name("strata-read".into())
+                        .spawn_scoped(scope, reader(to_consumer.clone()))
+                        .is_ok()
+                })
+                .count();
+            // The readers hold the only senders left: `filled` ends when the last one ends.
+            drop(to_consumer);
+            if started == 0 {
+                return None;
             }
-            // Ends when the reader has sent its last piece, or its error, and ended; or when it
+            for area in areas {
+                // Readers that failed on their first pieces have ended: the errors are in
+                // `filled`.
+                let _ = to_readers.send(area);
+            }
+            // Pieces arrive in the order their reads end; they are consumed in file order.
+            let mut arrived = BTreeMap::new();
+            let mut consumed = 0u64;
+            // Ends when every reader has sent its last piece, or an error, and ended; or when one
             // panicked, whose panic the scope then passes on.
             for read in filled {
                 let (offset, len, area) = match read {
                     Ok(read) => read,
                     Err(e) => return Some(Err(e)),
                 };
-                if let Err(e) = consume(offset, &area[..len]) {
-                    return Some(Err(e));
+                arrived.insert(offset, (len, area));
+                while let Some((len, area)) = arrived.remove(&consumed) {
+                    if let Err(e) = consume(consumed, &area[..len]) {
+                        return Some(Err(e));
+                    }
+                    consumed += len as u64;
+                    // Past the last piece the readers have ended and need no area.
+                    let _ = to_readers.send(area);
                 }
-                // Past the last piece the reader has ended and needs no area.
-                let _ = to_reader.send(area);
             }
             Some(Ok(()))
         })

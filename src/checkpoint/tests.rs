@@ -753,10 +753,11 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
     let checkpoint = Checkpoint::open(&path).unwrap();
     let big = checkpoint.tensor("big").unwrap();
     let expected_big = expected.remove("big").unwrap();
-    // One area read and consumed in turn, and two (the next piece read while one is consumed).
+    // One area read and consumed in turn, and two to four (the next pieces read, by as many
+    // threads at once, while one is consumed).
     for (piece_len, areas) in [1000, 3333, 10_000, 20_000]
         .into_iter()
-        .flat_map(|len| [(len, 1), (len, 2)])
+        .flat_map(|len| [(len, 1), (len, 2), (len, 3), (len, 4)])
     {
         let mut staging = vec![0u8; piece_len * areas];
         let mut streamed = Vec::new();
@@ -795,8 +796,8 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
         crate::error::ErrorKind::InvalidArgument,
         &["big", "empty staging"],
     );
-    // The consumer's error stops the stream and comes back as it was, with one area or two.
-    for areas in [1, 2] {
+    // The consumer's error stops the stream and comes back as it was, with one area or more.
+    for areas in [1, 2, 4] {
         let mut calls = 0;
         let error = big
             .read_chunks(
@@ -815,12 +816,12 @@ fn read_chunks_streams_a_tensor_through_a_smaller_staging_area() {
 
 #[test]
 fn a_file_changed_while_streaming_fails_the_next_piece() {
-    // With two areas the piece after the change may have been read, whole, before it: the one
-    // after that fails.
-    for (areas, most_pieces) in [(1, 1), (2, 2)] {
+    // With k areas the k - 1 pieces after the change may have been read, whole, before it: the
+    // one after those fails.
+    for (areas, most_pieces) in [(1, 1), (2, 2), (4, 4)] {
         let dir = TempDir::new("stream-change");
         let path = dir.path("moving.safetensors");
-        write_u8_tensor(&path, 4096);
+        write_u8_tensor(&path, 8192);
         let checkpoint = Checkpoint::open(&path).unwrap();
         let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         let opened_mtime = writer.metadata().unwrap().modified().unwrap();
@@ -900,15 +901,20 @@ fn a_read_fault_is_retried_once_and_a_second_is_an_io_error_naming_file_and_offs
         .read_at_in_chunks(0, &mut whole, 512)
         .unwrap();
 
-    // Streamed through two areas, a read that fails on the first piece ends the stream with
-    // its error, consuming nothing, and leaves no thread behind.
+    // Streamed through two areas or four, a read that fails on the first piece ends the stream
+    // with its error, consuming nothing, and leaves no thread behind.
     inject_read_faults(unique, u32::MAX);
-    let error = info
-        .read_chunks(&mut [0u8; 2000], 1000, ReadMode::Buffered, |_, _| {
-            panic!("nothing was read")
-        })
-        .unwrap_err();
-    assert_error(&error, ErrorKind::Io, &["tensor t", "flaky.safetensors"]);
+    for areas in [2, 4] {
+        let error = info
+            .read_chunks(
+                &mut vec![0u8; 1000 * areas],
+                1000,
+                ReadMode::Buffered,
+                |_, _| panic!("nothing was read"),
+            )
+            .unwrap_err();
+        assert_error(&error, ErrorKind::Io, &["tensor t", "flaky.safetensors"]);
+    }
     inject_read_faults(unique, 0);
 }
 
