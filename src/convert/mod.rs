@@ -237,14 +237,25 @@ pub fn convert_with(
 }
 
 /// How many parts to split `elements` elements (of `bytes` bytes read or written, whichever is
-/// more) into: one below the engine's parallel threshold.
+/// more) into: one below the engine's parallel threshold, else a few per thread (see
+/// [`host_threads::run_parts`]: whichever thread is free takes the next), none under
+/// `MIN_PART_BYTES`.
 fn part_count(engine: Engine, elements: usize, bytes: usize) -> usize {
-    if bytes < engine.min_parallel_bytes {
+    if bytes < engine.min_parallel_bytes || engine.threads == 1 {
         1
     } else {
-        engine.threads.min(elements).max(1)
+        (engine.threads * PARTS_PER_THREAD)
+            .min(bytes / MIN_PART_BYTES)
+            .min(elements)
+            .max(1)
     }
 }
+
+/// Parts per host thread of a parallel conversion: a thread that starts late (a worker waking)
+/// still finds some left.
+const PARTS_PER_THREAD: usize = 4;
+/// Smallest part worth handing to another thread.
+const MIN_PART_BYTES: usize = 256 << 10;
 
 /// [`cast`] by the block kernels, split across threads by element ranges.
 fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine: Engine) {
