@@ -271,7 +271,18 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
     host_threads::run_parts(threads, "cast", pieces, |(start, out)| {
         let range = start..start + out.len() / dst_dtype.size();
         match src.dtype {
-            // Table lookups beat decoding the codes (which vectorised is a gather or arithmetic).
+            Float::Fp8(format) if simd::widens_e4m3(isa, format, dst_dtype) => {
+                let first = range.start;
+                src.for_each_scale_run(range.clone(), |run, scale| {
+                    let out = &mut out[(run.start - first) * 2..(run.end - first) * 2];
+                    match scale.is_nan() {
+                        false => simd::widen_e4m3(isa, &src.bytes[run], out, scale, dst_dtype),
+                        true => cast_fp8_by_table(src, run, format, out, dst_dtype),
+                    }
+                })
+            }
+            // Elsewhere table lookups beat decoding the codes (which vectorised is a gather or
+            // arithmetic).
             Float::Fp8(format) if src.fp8_by_table() => {
                 cast_fp8_by_table(src, range, format, out, dst_dtype)
             }

@@ -10,9 +10,10 @@
 //! Why almost no intrinsics and no crate: every step (fp8 decode, f16/bf16 rounding, the fp8
 //! encoder, the absmax reduction) is integer and plain f32 arithmetic without data-dependent
 //! branches, so LLVM vectorises it at the full width of whichever instruction set the function is
-//! compiled for. The exception is F16C's f16 conversions ([`f16c`]): one instruction per 8
+//! compiled for. The exceptions are in [`f16c`]: F16C's f16 conversions, one instruction per 8
 //! elements where the arithmetic takes a dozen, which LLVM does not recognise in it (f16 ->
-//! fp8 quantization 1.9x faster, bf16 -> f16 2.1x). Rust never contracts or reassociates float
+//! fp8 quantization 1.9x faster, bf16 -> f16 2.1x); and e4m3 -> bf16/f16, whose NaN codes are
+//! handled in 16-bit lanes after the pack, which LLVM does not arrange. Rust never contracts or reassociates float
 //! operations, so each compiled copy computes exactly what the scalar reference computes; the
 //! tests check that exhaustively. `half`'s slice conversions cover only f16↔f32, behind a
 //! feature check per call, 4 F16C lanes at a time (`cast_blocks` uses them for aligned whole
@@ -25,7 +26,8 @@
 //! the instruction set has it (see [`decode_f16_block`]), else, and rounded, by the branch-free
 //! `ieee::f16_bits_to_f32` / `f32_to_f16_bits` instead of `half` (the same bits); the quantizer
 //! divides by the reciprocal with two fused multiply-adds (see [`ScaleDivision`]).
-//! Plain fp8 casts use the reference's per-scale tables (see `cast_blocks`).
+//! Other fp8 casts use the reference's per-scale tables (see `cast_blocks`); e4m3 into bf16 or
+//! f16 is computed on the AVX2 tiers ([`widen_e4m3`]).
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -213,6 +215,40 @@ fn cast_kernel(isa: Isa, src: &Source, range: Range<usize>, dst: &mut [u8], dst_
             }),
         }
     }
+}
+
+/// Whether [`widen_e4m3`] casts fp8 e4m3fn into `dst_dtype` on this instruction set: into bf16
+/// or f16, on the AVX2 tiers.
+pub(crate) fn widens_e4m3(isa: Isa, format: &Fp8Format, dst_dtype: Float) -> bool {
+    isa.f16c() && std::ptr::eq(format, &E4M3FN) && matches!(dst_dtype, Float::BF16 | Float::F16)
+}
+
+/// fp8 e4m3fn `codes` times `scale` into `dst` as bf16 or f16 (where [`widens_e4m3`]): the bits
+/// of the reference's table, each code's value times `scale` in f32 and rounded to nearest even,
+/// computed 16 codes at a time instead of looked up one by one (see `f16c::e4m3_to_halves`). A NaN `scale` is the table's: its payload would survive
+/// the multiplication, which the kernel's rounding does not reproduce.
+pub(crate) fn widen_e4m3(isa: Isa, codes: &[u8], dst: &mut [u8], scale: f32, dst_dtype: Float) {
+    debug_assert!(widens_e4m3(isa, &E4M3FN, dst_dtype) && !scale.is_nan());
+    let to_f16 = matches!(dst_dtype, Float::F16);
+    let whole = codes.len() / 16 * 16;
+    let (codes_lanes, codes_tail) = codes.split_at(whole);
+    let (dst_lanes, dst_tail) = dst.split_at_mut(whole * 2);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `widens_e4m3` means F16C and AVX2 were detected (Isa::available); the slices hold
+    // the same whole number of 16-element groups.
+    unsafe {
+        f16c::e4m3_to_halves(codes_lanes, dst_lanes, scale, to_f16)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (codes_lanes, dst_lanes);
+    map_elements(codes_tail, dst_tail, |[code]| {
+        let value = E4M3FN.decode_f32(code) * scale;
+        match to_f16 {
+            true => f32_to_f16_bits(value),
+            false => f32_to_bf16_bits(value),
+        }
+        .to_le_bytes()
+    });
 }
 
 /// The narrowing casts that are one bit operation per element: straight from source to
@@ -572,11 +608,7 @@ fn decode_f16_block(isa: Isa, bytes: &[u8; BLOCK * 2], out: &mut [f32; BLOCK]) {
 /// lacks them.
 #[cfg(target_arch = "x86_64")]
 mod f16c {
-    use std::arch::x86_64::{
-        _mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_ph,
-        _mm256_loadu_ps, _mm256_slli_epi32, _mm256_storeu_ps, _mm_loadu_si128, _mm_storeu_si128,
-        _MM_FROUND_TO_NEAREST_INT,
-    };
+    use std::arch::x86_64::*;
 
     /// Eight little-endian f16 as f32.
     ///
@@ -589,6 +621,83 @@ mod f16c {
         unsafe {
             let halves = _mm_loadu_si128(halves.as_ptr().cast());
             _mm256_storeu_ps(values.as_mut_ptr(), _mm256_cvtph_ps(halves));
+        }
+    }
+
+    /// fp8 e4m3fn codes times `scale`, rounded to nearest even into little-endian bf16
+    /// (`to_f16`: f16), 16 at a time: each code's value times `scale` in f32, as the
+    /// reference's table computes it, then rounded as `f32_to_bf16_bits` (or `vcvtps2ph`) does.
+    ///
+    /// A code's bits shifted into place (sign to bit 31, exponent and mantissa under f32's) read
+    /// as its value times 2^-120, subnormal codes as f32 subnormals; times 2^120 that is exact.
+    /// The NaN codes (0x7F, 0xFF) would read as ±480: their outputs are replaced, in 16-bit
+    /// lanes, by the quiet NaN of their sign, as the reference's NaN times a scale rounds. The
+    /// multiplication by a scale that is not NaN makes no other NaN but from 0 times infinity,
+    /// the default NaN, which both roundings treat like the reference.
+    ///
+    /// # Safety
+    /// The CPU must have F16C and AVX2; `codes.len()` is a multiple of 16 and `dst` holds twice
+    /// as many bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn e4m3_to_halves(codes: &[u8], dst: &mut [u8], scale: f32, to_f16: bool) {
+        debug_assert!(codes.len().is_multiple_of(16) && dst.len() == 2 * codes.len());
+        let field = _mm256_set1_epi32(0x87F0_0000_u32 as i32);
+        let to_value = f32::from_bits((127 + 120) << 23);
+        // One multiplication by scale x 2^120 where that is finite: exact (a power of two), and
+        // the product, rounded once, is the same.
+        let combined = scale * to_value;
+        let (first, second) = match combined.is_finite() {
+            true => (_mm256_set1_ps(combined), None),
+            false => (_mm256_set1_ps(to_value), Some(_mm256_set1_ps(scale))),
+        };
+        let quiet_nan = _mm256_set1_epi16(if to_f16 { 0x7E00 } else { 0x7FC0 });
+        let nan_code = _mm256_set1_epi16(0xFE00_u16 as i16);
+        let sign = _mm256_set1_epi16(0x8000_u16 as i16);
+        let round_half = _mm256_set1_epi32(0x7FFF);
+        let one = _mm256_set1_epi32(1);
+        // Eight sign-extended codes as f32 values times the scale.
+        let scaled = |codes: __m128i| {
+            let bits =
+                _mm256_and_si256(_mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(codes)), field);
+            let product = _mm256_mul_ps(_mm256_castsi256_ps(bits), first);
+            match second {
+                None => product,
+                Some(scale) => _mm256_mul_ps(product, scale),
+            }
+        };
+        // Eight f32 rounded to bf16 as `f32_to_bf16_bits` rounds what is not NaN, each in the low
+        // half of its 32-bit lane.
+        let to_bf16 = |values: __m256| {
+            let bits = _mm256_castps_si256(values);
+            let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), one);
+            _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, _mm256_add_epi32(round_half, odd)))
+        };
+        for (codes, dst) in codes.chunks_exact(16).zip(dst.chunks_exact_mut(32)) {
+            // SAFETY: 16-byte load and 32-byte store within the chunks.
+            unsafe {
+                let codes = _mm_loadu_si128(codes.as_ptr().cast());
+                let low = scaled(codes);
+                let high = scaled(_mm_unpackhi_epi64(codes, codes));
+                let halves = if to_f16 {
+                    _mm256_set_m128i(
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(high),
+                        _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(low),
+                    )
+                } else {
+                    // The pack interleaves the 128-bit lanes of its two sources; the permutation
+                    // puts the 16 results back in order.
+                    let packed = _mm256_packus_epi32(to_bf16(low), to_bf16(high));
+                    _mm256_permute4x64_epi64::<0b11_01_10_00>(packed)
+                };
+                // Sign-extended to 16 bits, a NaN code shifted left by 9 is 0xFE00, its sign
+                // bit 15.
+                let codes = _mm256_cvtepi8_epi16(codes);
+                let nan = _mm256_cmpeq_epi16(_mm256_slli_epi16::<9>(codes), nan_code);
+                let nan_bits = _mm256_or_si256(_mm256_and_si256(codes, sign), quiet_nan);
+                let halves = _mm256_blendv_epi8(halves, nan_bits, nan);
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), halves);
+            }
         }
     }
 
