@@ -22,6 +22,7 @@
 //!    device-to-device copy when the forms match, the quantize kernel into scaled fp8, or a round
 //!    trip through the host for a dtype no kernel reads (f64); on the CPU device, this module.
 
+mod float_env;
 mod fp8;
 mod ieee;
 mod simd;
@@ -39,6 +40,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host_threads;
+use float_env::DefaultFloatEnvironment;
 use fp8::Fp8Format;
 use ieee::{bf16_bits_to_f32, f32_to_bf16_bits, f64_to_bf16_bits, f64_to_f16_bits};
 use simd::{Isa, ScaleDivision};
@@ -143,6 +145,7 @@ pub fn convert_with(
     quant: Quant,
     engine: Engine,
 ) -> Result<Vec<f32>> {
+    let _default_environment = DefaultFloatEnvironment::enter();
     let numel = src.bytes.len() / src.dtype.size();
     if !src.bytes.len().is_multiple_of(src.dtype.size()) {
         return Err(Error::invalid(format!(
@@ -251,6 +254,20 @@ fn part_count(engine: Engine, elements: usize, bytes: usize) -> usize {
     }
 }
 
+/// [`host_threads::run_parts`], each part in the default floating-point environment: the caller
+/// is already in it (see [`convert_with`]), a worker may have inherited another.
+fn run_parts<T: Send>(
+    threads: usize,
+    label: &'static str,
+    parts: Vec<T>,
+    work: impl Fn(T) -> usize + Sync,
+) {
+    host_threads::run_parts(threads, label, parts, |part| {
+        let _default_environment = DefaultFloatEnvironment::enter();
+        work(part)
+    })
+}
+
 /// Parts per host thread of a parallel conversion: a thread that starts late (a worker waking)
 /// still finds some left.
 const PARTS_PER_THREAD: usize = 4;
@@ -268,7 +285,7 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
         .enumerate()
         .map(|(index, out)| (index * per_part, out))
         .collect();
-    host_threads::run_parts(threads, "cast", pieces, |(start, out)| {
+    run_parts(threads, "cast", pieces, |(start, out)| {
         let range = start..start + out.len() / dst_dtype.size();
         match src.dtype {
             Float::Fp8(format) if simd::widens_e4m3(isa, format, dst_dtype) => {
@@ -350,7 +367,7 @@ fn quantize_blocks(
             .map(|start| start..(start + per_part).min(numel))
             .collect();
         let size = src.dtype.size();
-        host_threads::run_parts(threads, "absmax", ranges, |range| {
+        run_parts(threads, "absmax", ranges, |range| {
             let read = range.len() * size;
             let absmax = simd::absmax(isa, src, range);
             let mut largest = part_absmax.lock().unwrap_or_else(|p| p.into_inner());
@@ -364,7 +381,7 @@ fn quantize_blocks(
             .map(|(index, out)| (index * per_part, out))
             .collect();
         let division = ScaleDivision::new(scale, isa);
-        host_threads::run_parts(threads, "quantize", pieces, |(start, out)| {
+        run_parts(threads, "quantize", pieces, |(start, out)| {
             let range = start..start + out.len();
             simd::quantize(isa, src, range, out, format, division, false);
             out.len()
@@ -387,7 +404,7 @@ fn quantize_blocks(
         .enumerate()
         .map(|(index, (scales, out))| (index * groups_per_part, scales, out))
         .collect();
-    host_threads::run_parts(
+    run_parts(
         threads,
         "quantize rows",
         pieces,

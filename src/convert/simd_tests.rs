@@ -538,3 +538,66 @@ fn the_absmax_of_16_bit_halves_is_the_reference_absmax_of_their_decoded_values()
         }
     }
 }
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn conversions_compute_in_the_default_float_environment_whatever_the_callers() {
+    use super::float_env::{read_mxcsr, write_mxcsr};
+    // DAZ and FTZ on, as torch.set_flush_denormal(True) leaves a thread: the kernels' fp8 decode
+    // passes the smallest codes through f32 subnormals, which DAZ reads as zero.
+    const FLUSHING: u32 = 0x1F80 | 0x8040;
+    let rows = 2048;
+    let codes: Vec<u8> = (0..1 << 21).map(|i| (i * 7) as u8).collect();
+    let scales: Vec<f32> = (0..rows).map(|row| 0.25 + row as f32 / 64.0).collect();
+    let src = TensorBytes {
+        bytes: &codes,
+        dtype: DType::F8E4M3,
+        scales: &scales,
+    };
+    let convert = |dst_dtype: DType, engine: Engine| {
+        let mut dst = vec![0u8; codes.len() * dst_dtype.size()];
+        let dst_scales = convert_with(src, rows, &mut dst, dst_dtype, Quant::None, engine);
+        (dst, dst_scales.unwrap())
+    };
+    let expected = [DType::BF16, DType::F16].map(|dtype| convert(dtype, Engine::reference()));
+    let tiny = values_as(&[1e-37, -3e-38, 2e-39, 0.0], DType::BF16);
+    let quantize = |engine: Engine| {
+        let mut dst = vec![0u8; 4];
+        let src = TensorBytes {
+            bytes: &tiny,
+            dtype: DType::BF16,
+            scales: &[],
+        };
+        let scales = convert_with(src, 1, &mut dst, DType::F8E4M3, Quant::PerTensor, engine);
+        (dst, scales.unwrap())
+    };
+    let expected_tiny_scale = quantize(Engine::reference());
+    assert!(expected_tiny_scale.1[0] < f32::MIN_POSITIVE);
+    let (got, tiny_scale, after) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                write_mxcsr(FLUSHING);
+                // A thread count no other test uses: its pool is built here, by a thread that
+                // flushes, and its workers inherit that.
+                host_threads::run_parts(7, "a pool that flushes", vec![(); 7], |()| 0);
+                let got = [DType::BF16, DType::F16].map(|dtype| {
+                    let one_thread = convert(dtype, Engine::with_threads(1));
+                    let pool = convert(dtype, Engine::with_threads(7));
+                    assert!(
+                        one_thread == pool,
+                        "{dtype:?}: one thread and the pool differ"
+                    );
+                    pool
+                });
+                // Values so small that the scale (absmax / 448) is an f32 subnormal, which FTZ
+                // would flush to zero (and the scale then be 1.0).
+                let tiny_scale = quantize(Engine::with_threads(1));
+                (got, tiny_scale, read_mxcsr())
+            })
+            .join()
+            .unwrap()
+    });
+    assert!(got == expected, "converted differently under DAZ and FTZ");
+    assert_eq!(tiny_scale, expected_tiny_scale);
+    assert_eq!(after, FLUSHING, "the caller's environment was not restored");
+}
