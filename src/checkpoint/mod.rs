@@ -138,24 +138,28 @@ impl TensorInfo {
             let to_readers = to_readers;
             let reader = |to_consumer: std::sync::mpsc::SyncSender<_>| {
                 let next = &next;
-                move || loop {
-                    let (area, offset) = {
-                        // Nothing panics while it is held, so the lock is never poisoned.
-                        let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
-                        let offset = next.1;
-                        if offset >= nbytes {
+                move || {
+                    let to_consumer = PanicReporting(to_consumer);
+                    let to_consumer = &to_consumer.0;
+                    loop {
+                        let (area, offset) = {
+                            // Nothing panics while it is held, so the lock is never poisoned.
+                            let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
+                            let offset = next.1;
+                            if offset >= nbytes {
+                                return;
+                            }
+                            let Ok(area) = next.0.recv() else {
+                                return;
+                            };
+                            next.1 += (nbytes - offset).min(area.len() as u64);
+                            (area, offset)
+                        };
+                        let read = read_piece(offset, area).map(|len| (offset, len, area));
+                        let failed = read.is_err();
+                        if to_consumer.send(read).is_err() || failed {
                             return;
                         }
-                        let Ok(area) = next.0.recv() else {
-                            return;
-                        };
-                        next.1 += (nbytes - offset).min(area.len() as u64);
-                        (area, offset)
-                    };
-                    let read = read_piece(offset, area).map(|len| (offset, len, area));
-                    let failed = read.is_err();
-                    if to_consumer.send(read).is_err() || failed {
-                        return;
                     }
                 }
             };
@@ -199,6 +203,23 @@ impl TensorInfo {
             }
             Some(Ok(()))
         })
+    }
+}
+
+/// A reader's channel to the consumer, which tells it when the reader panics: the consumer,
+/// waiting for the piece that reader held, would otherwise wait for ever (the other readers keep
+/// the channel open, waiting for areas it holds). It then returns, the readers end, and the
+/// scope passes the panic on.
+struct PanicReporting<T>(std::sync::mpsc::SyncSender<Result<T>>);
+
+impl<T> Drop for PanicReporting<T> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Room is left: the panicking reader held an area, so not every area is queued.
+            let _ = self
+                .0
+                .try_send(Err(Error::state("a checkpoint reader thread panicked")));
+        }
     }
 }
 

@@ -931,3 +931,31 @@ fn fault_specs_name_a_substring_and_a_count() {
     assert_eq!(shard::parse_fault_spec("shard"), None);
     assert_eq!(shard::parse_fault_spec("shard:x"), None);
 }
+
+#[test]
+fn a_reader_that_panics_ends_the_stream_with_its_panic_not_a_hang() {
+    let dir = TempDir::new("reader-panic");
+    let path = dir.path("t.safetensors");
+    write_u8_tensor(&path, 8000);
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let info = checkpoint.tensor("t").unwrap().clone();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut staging = vec![0u8; 4000];
+        let areas: Vec<&mut [u8]> = staging.chunks_exact_mut(1000).collect();
+        // The piece at 1000 panics while the others are read: the consumer waits for it.
+        let read_piece = |offset: u64, area: &mut [u8]| -> Result<usize> {
+            assert!(offset != 1000, "injected reader panic");
+            area.fill(1);
+            Ok(1000)
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            info.read_overlapped(areas, &read_piece, &mut |_, _| Ok(()))
+        }));
+        let _ = done.send(outcome.is_err());
+    });
+    let panicked = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the stream hung after a reader panicked");
+    assert!(panicked, "the reader's panic was not passed on");
+}
