@@ -396,7 +396,7 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
         Float::BF16 | Float::F16 if isa.is_avx2() && std::ptr::eq(format, &E4M3FN) => {
             let whole = range.len() / 32 * 32;
             let bytes = &src.bytes[range.start * 2..(range.start + whole) * 2];
-            let pieces = bytes.chunks(BLOCK * 2).zip(dst.chunks_mut(BLOCK));
+            let pieces = bytes.chunks(BLOCK * 2).zip(dst[..whole].chunks_mut(BLOCK));
             for (index, (bytes, out)) in pieces.enumerate() {
                 if prefetch_next {
                     prefetch(
