@@ -132,7 +132,7 @@ fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     #[test]
     fn the_option_replaces_the_default_within_bounds() {
@@ -142,21 +142,34 @@ mod tests {
         assert_eq!(resolve(100_000), MAX_THREADS);
     }
 
+    /// Waits (up to 10 s, however loaded the machine) until `flag` is set.
+    fn wait_for(flag: &AtomicBool) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn every_part_runs_once_on_the_caller_or_the_pool_and_the_pool_persists() {
         let runs: Vec<AtomicUsize> = (0..10).map(|_| AtomicUsize::new(0)).collect();
         let threads = Mutex::new(Vec::new());
         let caller = std::thread::current().id();
+        let (caller_took_one, worker_took_one) = (AtomicBool::new(false), AtomicBool::new(false));
         run_parts(3, "count", runs.iter().collect(), |count| {
             count.fetch_add(1, Ordering::Relaxed);
-            // Long enough for a worker to wake and take some.
-            std::thread::sleep(std::time::Duration::from_millis(5));
             let thread = std::thread::current();
+            let on_caller = thread.id() == caller;
             let on_pool = thread.name().is_some_and(|n| n.starts_with("strata-host-"));
-            threads
-                .lock()
-                .unwrap()
-                .push((thread.id() == caller, on_pool));
+            threads.lock().unwrap().push((on_caller, on_pool));
+            // Each side, having taken a part, waits for the other to take one: both do, if
+            // both take parts at all, however slowly a worker wakes.
+            let (mine, theirs) = match on_caller {
+                true => (&caller_took_one, &worker_took_one),
+                false => (&worker_took_one, &caller_took_one),
+            };
+            mine.store(true, Ordering::Relaxed);
+            wait_for(theirs);
             0
         });
         assert!(runs.iter().all(|count| count.load(Ordering::Relaxed) == 1));
@@ -174,10 +187,14 @@ mod tests {
         let sizes = vec![1000usize, 2000, 3000, 4000, 5000, 6000];
         let caller = std::thread::current().id();
         let off_caller = Mutex::new(Vec::new());
+        let worker_took_one = AtomicBool::new(false);
         run_parts(2, "timeline test part", sizes.clone(), |bytes| {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            if std::thread::current().id() != caller {
+            if std::thread::current().id() == caller {
+                // A worker gets some, however slowly it wakes.
+                wait_for(&worker_took_one);
+            } else {
                 off_caller.lock().unwrap().push(bytes);
+                worker_took_one.store(true, Ordering::Relaxed);
             }
             bytes
         });

@@ -6,7 +6,7 @@
 
 use super::Context;
 use crate::backend::{Backend, DeviceMemory};
-use crate::checkpoint::{ReadMode, TensorInfo};
+use crate::checkpoint::{ReadMode, TensorInfo, MAX_STREAM_AREAS};
 use crate::convert::TensorBytes;
 use crate::error::{ErrorKind, Result};
 use crate::host::CountedBuffer;
@@ -31,7 +31,7 @@ pub enum Source {
 /// Largest staging area one fill holds for a tensor read from a checkpoint: a larger tensor
 /// streams through it in pieces, so host memory stays bounded whatever the model's tensors.
 const STAGING_CHUNK: usize = 8 << 20;
-/// Largest piece when reads with O_DIRECT overlap a conversion: up to `OVERLAPPED_AREAS` such
+/// Largest piece when reads with O_DIRECT overlap a conversion: up to `MAX_STREAM_AREAS` such
 /// pieces go round, one converted while the next ones are read. Small enough that the first
 /// piece (read before any conversion starts) and the last (converted after every read) are a
 /// small part of a large tensor; large enough to be one efficient request.
@@ -43,11 +43,6 @@ const STAGING_CHUNK: usize = 8 << 20;
 /// same file in the same run): with O_DIRECT, overlapped in 2 MiB pieces 0.63x (8 runs), read
 /// whole then converted 0.50x (11 runs); buffered, overlapped 116 ms per pass, in turn 102 ms.
 const OVERLAPPED_PIECE: usize = 2 << 20;
-/// Most areas the pieces of one O_DIRECT stream go round: all but the one being converted are
-/// being read, so a drive has up to three requests at once. One request at a time, a drive idles
-/// between them: this VM's disk gives 0.9 GB/s (`dd bs=2M iflag=direct`) where four parallel
-/// reads give 1.4-2.2 GB/s.
-const OVERLAPPED_AREAS: usize = 4;
 /// Smallest staging area, whatever `host_limit` says: below it reads get too small to be fast.
 const MIN_STAGING: usize = 64 << 10;
 
@@ -161,14 +156,14 @@ impl Context {
                     .clamp(MIN_STAGING, STAGING_CHUNK);
                 let overlapped = self.options.read_mode == ReadMode::Direct;
                 let piece = if overlapped {
-                    (room / OVERLAPPED_AREAS).min(OVERLAPPED_PIECE)
+                    (room / MAX_STREAM_AREAS).min(OVERLAPPED_PIECE)
                 } else {
                     room
                 };
                 let piece = (meta.nbytes().min(piece) / unit).max(1) * unit;
                 let area = if overlapped && piece < meta.nbytes() {
                     // At least two areas, even for a row larger than a quarter of the room.
-                    let areas = (room / piece).clamp(2, OVERLAPPED_AREAS);
+                    let areas = (room / piece).clamp(2, MAX_STREAM_AREAS);
                     piece * areas.min(meta.nbytes().div_ceil(piece))
                 } else {
                     piece

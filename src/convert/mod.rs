@@ -288,7 +288,11 @@ fn cast_blocks(src: &Source, dst: &mut [u8], dst_dtype: Float, isa: Isa, engine:
     run_parts(threads, "cast", pieces, |(start, out)| {
         let range = start..start + out.len() / dst_dtype.size();
         match src.dtype {
-            Float::Fp8(format) if simd::widens_e4m3(isa, format, dst_dtype) => {
+            // Rows of fewer than 16 codes (one kernel step) per scale go to the block kernels.
+            Float::Fp8(format)
+                if simd::widens_e4m3(isa, format, dst_dtype)
+                    && (src.scales.len() <= 1 || src.row_len >= 16) =>
+            {
                 let first = range.start;
                 src.for_each_scale_run(range.clone(), |run, scale| {
                     let out = &mut out[(run.start - first) * 2..(run.end - first) * 2];

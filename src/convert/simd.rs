@@ -238,14 +238,19 @@ pub(crate) fn widens_e4m3(isa: Isa, format: &Fp8Format, dst_dtype: Float) -> boo
 /// computed 16 codes at a time instead of looked up one by one (see `f16c::e4m3_to_halves`). A NaN `scale` is the table's: its payload would survive
 /// the multiplication, which the kernel's rounding does not reproduce.
 pub(crate) fn widen_e4m3(isa: Isa, codes: &[u8], dst: &mut [u8], scale: f32, dst_dtype: Float) {
-    debug_assert!(widens_e4m3(isa, &E4M3FN, dst_dtype) && !scale.is_nan());
+    debug_assert!(!scale.is_nan());
     let to_f16 = matches!(dst_dtype, Float::F16);
-    let whole = codes.len() / 16 * 16;
+    // Where the kernel cannot run, everything goes through the element loop below.
+    let whole = match widens_e4m3(isa, &E4M3FN, dst_dtype) {
+        true => codes.len() / 16 * 16,
+        false => 0,
+    };
     let (codes_lanes, codes_tail) = codes.split_at(whole);
     let (dst_lanes, dst_tail) = dst.split_at_mut(whole * 2);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `widens_e4m3` means F16C and AVX2 were detected (Isa::available); the slices hold
-    // the same whole number of 16-element groups.
+    // SAFETY: `widens_e4m3`, checked above (else the slices are empty), means F16C and AVX2
+    // were detected (Isa::available); the slices hold the same whole number of 16-element
+    // groups.
     unsafe {
         f16c::e4m3_to_halves(codes_lanes, dst_lanes, scale, to_f16)
     };
