@@ -32,7 +32,7 @@ const INDEX_SUFFIX: &[u8] = b".safetensors.index.json";
 /// are being read, so a drive has up to three requests at once. One request at a time, a drive
 /// idles between them: the development VM's disk gives 0.9 GB/s (`dd bs=2M iflag=direct`) where
 /// four parallel reads give 1.4-2.2 GB/s.
-pub const MAX_STREAM_AREAS: usize = 4;
+pub(crate) const MAX_STREAM_AREAS: usize = 4;
 const SHARD_SUFFIX: &[u8] = b".safetensors";
 
 #[derive(Clone, Debug)]
@@ -75,7 +75,7 @@ impl TensorInfo {
     /// the tensor, piece)` for each, in order; an empty tensor calls `consume` never.
     ///
     /// When `staging` holds several pieces (k areas of `piece` bytes, at most
-    /// [`MAX_STREAM_AREAS`] of them used) and the tensor needs more than one, k - 1 helper
+    /// `MAX_STREAM_AREAS` of them used) and the tensor needs more than one, k - 1 helper
     /// threads read the next pieces while `consume` works on the current one: a conversion
     /// overlaps the reads, and a drive gets k - 1 requests at once (one at a time, a fast drive
     /// idles between them). With one area, it is read and consumed in turn.
