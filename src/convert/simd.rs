@@ -400,6 +400,14 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
     let (range, dst) = match src.dtype {
         Float::BF16 | Float::F16 if isa.is_avx2() && std::ptr::eq(format, &E4M3FN) => {
             let whole = range.len() / 32 * 32;
+            // The table costs about as much to build as a few hundred elements to quantize.
+            #[cfg(target_arch = "x86_64")]
+            let table = match src.dtype {
+                Float::BF16 if whole >= TABLE_MIN_ELEMENTS => {
+                    f16c::Bf16ToE4m3Table::new(division.scale)
+                }
+                _ => None,
+            };
             let bytes = &src.bytes[range.start * 2..(range.start + whole) * 2];
             let pieces = bytes.chunks(BLOCK * 2).zip(dst[..whole].chunks_mut(BLOCK));
             for (index, (bytes, out)) in pieces.enumerate() {
@@ -416,7 +424,14 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
                 // (Isa::available); `bytes` is a whole number of 32-element groups, `out` one
                 // byte for each.
                 unsafe {
-                    f16c::quantize_halves_to_e4m3::<BY_RECIPROCAL>(bytes, out, division, f16)
+                    match &table {
+                        Some(table) => f16c::quantize_bf16_to_e4m3_by_table::<BY_RECIPROCAL>(
+                            bytes, out, table, division,
+                        ),
+                        None => f16c::quantize_halves_to_e4m3::<BY_RECIPROCAL>(
+                            bytes, out, division, f16,
+                        ),
+                    }
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (out, f16);
@@ -468,6 +483,10 @@ fn quantize_range<const BY_RECIPROCAL: bool>(
         }
     }
 }
+
+/// The fewest bf16 elements quantized by one scale for which the AVX2 kernel builds that
+/// scale's table (`f16c::Bf16ToE4m3Table`) rather than dividing each.
+const TABLE_MIN_ELEMENTS: usize = 1024;
 
 /// Division by a quantization scale, giving exactly the bits of `value / scale`.
 ///
@@ -841,6 +860,168 @@ mod f16c {
         }
     }
 
+    /// The e4m3fn codes of bf16 values divided by one scale, as a table of that scale's 128
+    /// quotients of bf16 mantissas: the division and rounding of each element become table
+    /// lookups and byte arithmetic (see [`quantize_bf16_to_e4m3_by_table`]).
+    ///
+    /// A bf16 is 2^(E - 127) x (1 + m/128), m one of 128 mantissas. Where the quotient by scale
+    /// s is a normal f32, RN(x / s) = 2^(E - 127) x RN((1 + m/128) / s), exactly; and rounded to
+    /// an fp8 normal (4 significant bits) the power of two only moves the exponent. So the code
+    /// is 8E + Q[m] less a constant, Q[m] = 8 k + t for the rounded quotient of the mantissa,
+    /// 2^k x (1 + t/8): wherever that code is an fp8 normal's. Below that (fp8 subnormals round
+    /// to a fixed step) and at the top (saturation, infinity, NaN) the kernel divides instead.
+    ///
+    /// Q grows by at most 1 every 8 mantissas (a quotient grows by at most 1/128 of itself a
+    /// mantissa, an fp8 step is at least 1/16 of the value), so each run of 16 mantissas with
+    /// the same top 3 bits is its first Q and at most two steps up: three 16-byte tables that
+    /// `vpshufb` looks up by the top bits.
+    #[derive(Clone, Copy)]
+    pub(super) struct Bf16ToE4m3Table {
+        /// Per top 3 mantissa bits j: Q of the run's first mantissa, less j (the kernel's
+        /// exponent term carries the top bits), plus 7 (to keep it non-negative) and 2 (the
+        /// two compares below add -1 where a step is not reached).
+        first: [i8; 16],
+        /// Per top 3 bits: the low 4 bits from which Q is one more than the run's first (16:
+        /// never).
+        one_up: [i8; 16],
+        /// Likewise for two more.
+        two_up: [i8; 16],
+        /// Subtracted from 8E + the top 3 mantissa bits to give the code's exponent term.
+        exponent_offset: i16,
+    }
+
+    impl Bf16ToE4m3Table {
+        /// The table for dividing by `scale`; `None` where a quotient of the mantissas is not a
+        /// normal f32, or where zeros and bf16 subnormals (E = 0) would not fall below the
+        /// fp8 subnormals and infinities and NaN (E = 255) above the largest code, so that the
+        /// kernel would misclassify them.
+        pub(super) fn new(scale: f32) -> Option<Bf16ToE4m3Table> {
+            let mut rounded = [0u32; 128];
+            for (mantissa, rounded) in rounded.iter_mut().enumerate() {
+                let quotient = (1.0 + mantissa as f32 / 128.0) / scale;
+                if !quotient.is_normal() {
+                    return None;
+                }
+                // Rounded to 3 mantissa bits, to nearest even, as `encode_quotient` rounds a
+                // normal: 8 x the biased exponent + the mantissa, a carry moving into the
+                // exponent.
+                let bits = quotient.to_bits();
+                *rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20;
+            }
+            let lowest = rounded[0] & !7;
+            // The code of 2^(E - 127) x (1 + m/128) is 8E + rounded[m] - 8 x (127 + 120):
+            // 8 (E - exponent_base) + (rounded[m] - lowest).
+            let exponent_base = (127 + 120) - (lowest as i32 >> 3);
+            // E = 0 must give at most -25 (below every code the kernel keeps), E = 255 at least
+            // 127 (Q is at most 16 + 7).
+            if !(6..=239).contains(&exponent_base) {
+                return None;
+            }
+            let mut table = Bf16ToE4m3Table {
+                first: [0; 16],
+                one_up: [16; 16],
+                two_up: [16; 16],
+                exponent_offset: (8 * exponent_base + 7) as i16,
+            };
+            for (top, run) in rounded.chunks_exact(16).enumerate() {
+                let first = run[0] - lowest;
+                // Never taken for a normal scale (the test below tries every f32 mantissa);
+                // kept so that a wrong table can only mean the slower kernel.
+                if run[15] - lowest > first + 2 {
+                    return None;
+                }
+                let below = |limit: u32| run.iter().filter(|&&q| q - lowest < limit).count();
+                table.first[top] = (first as i32 - top as i32 + 9) as i8;
+                table.one_up[top] = below(first + 1) as i8;
+                table.two_up[top] = below(first + 2) as i8;
+            }
+            Some(table)
+        }
+    }
+
+    /// Little-endian bf16 divided by `division`'s scale and encoded as fp8 e4m3fn, 32 at a
+    /// time, by `table` (built for that scale): the codes of [`quantize_halves_to_e4m3`], which
+    /// computes the 32 elements where one of them is not an fp8 normal's (see
+    /// [`Bf16ToE4m3Table`]).
+    ///
+    /// In byte lanes: the mantissa's top 3 bits look up the run's first Q and the two step
+    /// positions, which its low 4 bits are compared with; the exponent term 8E + top bits less
+    /// the offset is packed to bytes with signed saturation, so that tiny elements stay far
+    /// below code 0 and huge ones reach 127.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `src` holds a multiple of 32 elements, `dst` one
+    /// byte each.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_bf16_to_e4m3_by_table<const BY_RECIPROCAL: bool>(
+        src: &[u8],
+        dst: &mut [u8],
+        table: &Bf16ToE4m3Table,
+        division: ScaleDivision,
+    ) {
+        debug_assert!(src.len().is_multiple_of(64) && src.len() == 2 * dst.len());
+        // SAFETY: 16-byte loads of the table's arrays.
+        let (first, one_up, two_up) = unsafe {
+            (
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(table.first.as_ptr().cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(table.one_up.as_ptr().cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(table.two_up.as_ptr().cast())),
+            )
+        };
+        let exponent_offset = _mm256_set1_epi16(table.exponent_offset);
+        let mantissa = _mm256_set1_epi16(0x7F);
+        let three_bits = _mm256_set1_epi8(7);
+        let four_bits = _mm256_set1_epi8(0x0F);
+        let sign = _mm256_set1_epi8(0x80_u8 as i8);
+        let below_subnormals = _mm256_set1_epi8(-25);
+        let normal = _mm256_set1_epi8(8);
+        let top = _mm256_set1_epi8(127);
+        let zero = _mm256_setzero_si256();
+        // 8E + the top 3 mantissa bits (the sign shifted out), less the offset.
+        let exponent_term = |halves: __m256i| {
+            let shifted = _mm256_srli_epi16::<5>(_mm256_slli_epi16::<1>(halves));
+            _mm256_sub_epi16(shifted, exponent_offset)
+        };
+        for (src, dst) in src.chunks_exact(64).zip(dst.chunks_exact_mut(32)) {
+            // SAFETY: two 32-byte loads and a 32-byte store within the chunks.
+            unsafe {
+                let low = _mm256_loadu_si256(src.as_ptr().cast());
+                let high = _mm256_loadu_si256(src.as_ptr().add(32).cast());
+                // The packs interleave the 128-bit lanes of `low` and `high` alike; the
+                // permutation before the store restores the order.
+                let mantissas = _mm256_packus_epi16(
+                    _mm256_and_si256(low, mantissa),
+                    _mm256_and_si256(high, mantissa),
+                );
+                let top_bits = _mm256_and_si256(_mm256_srli_epi16::<4>(mantissas), three_bits);
+                let low_bits = _mm256_and_si256(mantissas, four_bits);
+                let steps = _mm256_add_epi8(
+                    _mm256_shuffle_epi8(first, top_bits),
+                    _mm256_add_epi8(
+                        _mm256_cmpgt_epi8(_mm256_shuffle_epi8(one_up, top_bits), low_bits),
+                        _mm256_cmpgt_epi8(_mm256_shuffle_epi8(two_up, top_bits), low_bits),
+                    ),
+                );
+                let exponents = _mm256_packs_epi16(exponent_term(low), exponent_term(high));
+                let codes = _mm256_adds_epi8(exponents, steps);
+                let subnormal = _mm256_and_si256(
+                    _mm256_cmpgt_epi8(codes, below_subnormals),
+                    _mm256_cmpgt_epi8(normal, codes),
+                );
+                let divide = _mm256_or_si256(subnormal, _mm256_cmpeq_epi8(codes, top));
+                if _mm256_testz_si256(divide, divide) == 0 {
+                    quantize_halves_to_e4m3::<BY_RECIPROCAL>(src, dst, division, false);
+                    continue;
+                }
+                let signs = _mm256_and_si256(_mm256_packs_epi16(low, high), sign);
+                let bytes = _mm256_or_si256(_mm256_max_epi8(codes, zero), signs);
+                let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(bytes);
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), bytes);
+            }
+        }
+    }
+
     /// Eight little-endian f32 (`bf16`: bf16) rounded to f16, to nearest even.
     ///
     /// # Safety
@@ -860,6 +1041,27 @@ mod f16c {
             };
             let rounded = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(values);
             _mm_storeu_si128(dst.as_mut_ptr().cast(), rounded);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::Bf16ToE4m3Table;
+
+        /// Steps of Q over a run of 16 mantissas depend on the scale's mantissa alone (its
+        /// exponent shifts every quotient alike): every one of them gets a table, so the kernel
+        /// never falls back for a run's shape. Every 97th mantissa in a debug build.
+        #[test]
+        fn every_scale_mantissa_gets_a_bf16_to_e4m3_table() {
+            let stride = if cfg!(debug_assertions) { 97 } else { 1 };
+            for mantissa in (0..1u32 << 23).step_by(stride) {
+                let scale = f32::from_bits(0x3F80_0000 | mantissa);
+                assert!(
+                    Bf16ToE4m3Table::new(scale).is_some(),
+                    "no table for scale {scale:e} ({:#010x})",
+                    scale.to_bits()
+                );
+            }
         }
     }
 }
