@@ -219,7 +219,9 @@ typedef struct strata_options {
    */
   int32_t device_index;
   /**
-   * Bytes on the compute device; STRATA_UNLIMITED; 0 = nothing resident between uses.
+   * Bytes on the compute device, as the device takes them (a GPU gives a buffer over 1 MiB
+   * whole 2 MiB pages, and strata counts them); STRATA_UNLIMITED; 0 = nothing resident
+   * between uses.
    */
   uint64_t vram_limit;
   /**

@@ -1,7 +1,7 @@
 //! Groups, layers and their tensors, behind ids that are never reused: a stale, made-up or foreign
 //! id is an error, never a wrong object.
 
-use crate::backend::DeviceMemory;
+use crate::backend::{DeviceMemory, Footprint};
 use crate::checkpoint::TensorInfo;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -288,13 +288,19 @@ pub struct Forms {
 }
 
 impl Forms {
-    pub fn new(tensors: &[TensorMeta], tiers: &Tiers) -> Forms {
+    /// The layouts of `tensors` in each tier; the device tiers' buffers are sized as the device
+    /// gives memory (`footprint`), so that the budget counts what a copy really takes.
+    pub(crate) fn new(tensors: &[TensorMeta], tiers: &Tiers, footprint: Footprint) -> Forms {
         let of = |tier| {
             let (slots, size) = crate::slot::layout(
                 tensors
                     .iter()
                     .map(|t| (t.numel, t.rows, tiers.repr(tier, t.dtype, t.shape.len()))),
             );
+            let size = match tier {
+                Tier::Preparing | Tier::Computation => footprint.of(size),
+                Tier::Offload | Tier::Onload => size,
+            };
             Layout { slots, size }
         };
         let [offload, onload, preparing, computation] = [
@@ -313,6 +319,12 @@ impl Forms {
             computation,
             same_as_computation,
         }
+    }
+
+    /// The layouts a context on a GPU gives: whole 2 MiB pages for buffers over 1 MiB, as an
+    /// H200 maps them. For `strata plan`, which has no device to ask.
+    pub fn on_a_gpu(tensors: &[TensorMeta], tiers: &Tiers) -> Forms {
+        Forms::new(tensors, tiers, Footprint::paged(2 << 20))
     }
 
     /// Whether `tier` holds the layer in its computation form, byte for byte.

@@ -602,8 +602,9 @@ fn host_tensors_quantize_on_the_device_or_the_host_to_the_same_bytes() {
 
 /// The scratch that device quantization takes for a host tensor counts against the budget: with
 /// layers quantized from bf16 host copies streaming through a budget of a few layers, the
-/// driver's free memory never shows more taken than vram_limit (the emulated driver counts
-/// exactly; a GPU maps in 2 MiB pages, one per live buffer allowed), and the bytes stay exact.
+/// driver's free memory never shows more taken than vram_limit, and the bytes stay exact. Every
+/// buffer here is a little over a whole number of 2 MiB pages, which a GPU rounds up: strata
+/// counts the pages (on an H200, before it did, the device lost 44 MiB under a 26 MiB budget).
 #[test]
 fn quantization_scratch_stays_within_the_budget() {
     let Some(gpu) = gpu("quantization_scratch_stays_within_the_budget") else {
@@ -636,11 +637,12 @@ fn quantization_scratch_stays_within_the_budget() {
             .enumerate()
             .map(|(i, l)| register_f32(&cuda, cuda.group(&t), &format!("l{i}"), l))
             .collect();
-        // The emulated driver rounds allocations up to 512 bytes.
+        // The emulated driver charges allocations of up to 256 bytes (the scales) a whole 512;
+        // a GPU may keep a page of its own.
         let slack = if std::env::var_os(EMULATED).is_some() {
             8 * 512
         } else {
-            8 << 21
+            2 << 20
         };
         stream_checking_free_memory(&gpu, &cuda, &ids, 2, vram_limit, slack);
         for (&id, &cpu_id) in ids.iter().zip(&cpu_ids).step_by(3) {
@@ -971,8 +973,8 @@ fn the_budget_holds_against_the_drivers_free_memory_and_nothing_leaks() {
         } else {
             vram_limit
         };
-        // The driver maps in 2 MiB pages: allow one page per live buffer beyond the budget.
-        stream_checking_free_memory(&gpu, &ctx, &ids, 3, limit, 8 << 21);
+        // Layers of whole 2 MiB pages; a GPU may keep a page of its own.
+        stream_checking_free_memory(&gpu, &ctx, &ids, 3, limit, 2 << 20);
         let stats = ctx.stats();
         assert!(stats.vram_peak <= limit, "{stats:?}");
         // Buffers are reused: however many passes run, cuMemAlloc stops at the buffers the cap

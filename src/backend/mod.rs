@@ -32,6 +32,39 @@ use crate::slot::TensorSlot;
 use crate::tiers::Device;
 use std::any::Any;
 
+/// The device memory an allocation takes from the device, which is what the budget counts. A
+/// GPU's driver maps memory in pages: on an H200 (driver 580), cuMemAlloc packs allocations of up
+/// to 1 MiB into shared 2 MiB pages, and takes whole 2 MiB pages for larger ones (2 MiB + 12 KiB
+/// takes 4 MiB), so a budget counting the bytes asked for would be overrun by up to a page per
+/// buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// The device's page; 0 where an allocation takes what it asks for.
+    page: usize,
+}
+
+impl Footprint {
+    /// Allocations take exactly their size (the CPU device: its pages are the kernel's concern).
+    /// A function rather than an associated constant, which cbindgen would put in the C header.
+    pub fn exact() -> Footprint {
+        Footprint { page: 0 }
+    }
+
+    /// Allocations of more than half of `page` take whole pages.
+    pub fn paged(page: usize) -> Footprint {
+        Footprint { page }
+    }
+
+    /// The bytes an allocation of `bytes` takes.
+    pub fn of(self, bytes: usize) -> usize {
+        if self.page == 0 || bytes <= self.page / 2 {
+            bytes
+        } else {
+            bytes.div_ceil(self.page) * self.page
+        }
+    }
+}
+
 /// A caller's stream, as the caller names it: on CUDA a `CUstream` (the default, NULL, is the
 /// legacy default stream); the CPU ignores it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +95,12 @@ pub trait Backend: Send + Sync {
     /// an unused resident layer (taking the context lock) and call again, until none is left;
     /// any other error fails the fill.
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory>;
+    /// What an allocation takes from the device: layers' device copies are sized by it at
+    /// registration, so the budget counts what the device really gives. Fixed for the backend's
+    /// life; never blocks.
+    fn footprint(&self) -> Footprint {
+        Footprint::exact()
+    }
     /// The most device memory the backend may hold, in use and kept for reuse: the budget's cap
     /// (it may also keep as much as the budget has held in use since). Called once when the
     /// context is made, then by `set_vram_limit` with the context lock held, after it evicted

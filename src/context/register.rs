@@ -57,6 +57,7 @@ impl Context {
     }
 
     pub(super) fn new_layer(
+        &self,
         name: &str,
         group: Key,
         tiers: &Tiers,
@@ -74,7 +75,7 @@ impl Context {
         }
         Ok(Layer {
             name: name.into(),
-            forms: Forms::new(&tensors, tiers),
+            forms: Forms::new(&tensors, tiers, self.backend.footprint()),
             group,
             tensors: tensors.into(),
             checkpoint: None,
@@ -111,7 +112,7 @@ impl Context {
             }
             metas.push(meta);
         }
-        let mut layer = Self::new_layer(name, group_key, &tiers, metas)?;
+        let mut layer = self.new_layer(name, group_key, &tiers, metas)?;
         let Layout { slots, size } = layer.forms.offload.clone();
         let mut buffer = CountedBuffer::new(size, &self.host)?;
         for (t, slot) in tensors.iter().zip(&slots) {
@@ -148,7 +149,7 @@ impl Context {
         let layer = {
             let st = self.lock();
             let (key, tiers) = self.check_new_layer(&st, group, name)?;
-            checkpoint_layer(checkpoint, key, &tiers, name, tensor_names)?
+            self.checkpoint_layer(checkpoint, key, &tiers, name, tensor_names)?
         };
         let mut st = self.lock();
         self.group_key(&st, group)?;
@@ -189,7 +190,7 @@ impl Context {
         let mut built = Vec::with_capacity(layers.len());
         for (name, tensors) in &layers {
             let (key, tiers) = self.check_new_layer(&st, group, name)?;
-            built.push(checkpoint_layer(checkpoint, key, &tiers, name, tensors)?);
+            built.push(self.checkpoint_layer(checkpoint, key, &tiers, name, tensors)?);
         }
         for layer in built {
             self.insert_layer(&mut st, layer)?;
@@ -253,40 +254,43 @@ impl Context {
     }
 }
 
-pub(super) fn checkpoint_layer(
-    checkpoint: &Checkpoint,
-    group: Key,
-    tiers: &Tiers,
-    name: &str,
-    tensor_names: &[&str],
-) -> Result<Layer> {
-    let mut infos = Vec::with_capacity(tensor_names.len());
-    let mut metas = Vec::with_capacity(tensor_names.len());
-    for &tensor in tensor_names {
-        let info = checkpoint
-            .tensor(tensor)
-            .ok_or_else(|| Error::not_found(format!("the checkpoint has no tensor {tensor:?}")))?;
-        let dtype = info.dtype.ok_or_else(|| {
-            Error::unsupported(format!(
-                "tensor {tensor:?} has dtype {}, which strata does not handle",
-                info.dtype_name
-            ))
-        })?;
-        let shape = info
-            .shape
-            .iter()
-            .map(|&d| {
-                i64::try_from(d).map_err(|_| {
-                    Error::format(format!("tensor {tensor:?} has a dimension too large"))
+impl Context {
+    fn checkpoint_layer(
+        &self,
+        checkpoint: &Checkpoint,
+        group: Key,
+        tiers: &Tiers,
+        name: &str,
+        tensor_names: &[&str],
+    ) -> Result<Layer> {
+        let mut infos = Vec::with_capacity(tensor_names.len());
+        let mut metas = Vec::with_capacity(tensor_names.len());
+        for &tensor in tensor_names {
+            let info = checkpoint.tensor(tensor).ok_or_else(|| {
+                Error::not_found(format!("the checkpoint has no tensor {tensor:?}"))
+            })?;
+            let dtype = info.dtype.ok_or_else(|| {
+                Error::unsupported(format!(
+                    "tensor {tensor:?} has dtype {}, which strata does not handle",
+                    info.dtype_name
+                ))
+            })?;
+            let shape = info
+                .shape
+                .iter()
+                .map(|&d| {
+                    i64::try_from(d).map_err(|_| {
+                        Error::format(format!("tensor {tensor:?} has a dimension too large"))
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        metas.push(TensorMeta::new(tensor, dtype, shape)?);
-        infos.push(info.clone());
+                .collect::<Result<Vec<_>>>()?;
+            metas.push(TensorMeta::new(tensor, dtype, shape)?);
+            infos.push(info.clone());
+        }
+        let mut layer = self.new_layer(name, group, tiers, metas)?;
+        layer.checkpoint = Some(infos.into());
+        Ok(layer)
     }
-    let mut layer = Context::new_layer(name, group, tiers, metas)?;
-    layer.checkpoint = Some(infos.into());
-    Ok(layer)
 }
 
 /// The layer a tensor belongs to: its name cut to the first `keep` dot-separated parts, or with only

@@ -25,7 +25,9 @@ pub struct strata_options {
     pub compute_device: u32,
     /// CUDA ordinal.
     pub device_index: i32,
-    /// Bytes on the compute device; STRATA_UNLIMITED; 0 = nothing resident between uses.
+    /// Bytes on the compute device, as the device takes them (a GPU gives a buffer over 1 MiB
+    /// whole 2 MiB pages, and strata counts them); STRATA_UNLIMITED; 0 = nothing resident
+    /// between uses.
     pub vram_limit: u64,
     /// Bytes of host memory for disk-tier copies and staging; STRATA_UNLIMITED.
     pub host_limit: u64,

@@ -933,6 +933,25 @@ CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
   return SUCCESS;
 }
 
+// cuda.h's CUmemAllocationProp, as far as this driver reads it.
+struct MemAllocationProp {
+  int type;                  // 1: CU_MEM_ALLOCATION_TYPE_PINNED
+  int requested_handle_types;
+  int location_type;         // 1: CU_MEM_LOCATION_TYPE_DEVICE
+  int location_id;
+};
+
+// Allocations are charged in 512-byte units (cuMemAlloc_v2), which strata reads here.
+CUresult cuMemGetAllocationGranularity(size_t *granularity, const MemAllocationProp *prop,
+                                       int option) {
+  Locked l;
+  if (!granularity || !prop || option < 0 || option > 1) return INVALID_VALUE;
+  if (prop->type != 1 || prop->location_type != 1) return INVALID_VALUE;
+  if (!is_device(prop->location_id)) return INVALID_DEVICE;
+  *granularity = 512;
+  return SUCCESS;
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr *pointer, size_t bytes) {
   Locked l;
   if (CUresult r = ready_in_context()) return r;

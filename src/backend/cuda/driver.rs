@@ -285,6 +285,40 @@ pub(super) fn allocate(bytes: usize) -> Result<sys::CUdeviceptr> {
         .map_err(|e| driver_error(e, &format!("allocating {bytes} bytes of device memory")))
 }
 
+/// The page device `ordinal` maps its memory in (cuMemGetAllocationGranularity, at its
+/// minimum: 2 MiB on current GPUs).
+pub(super) fn allocation_page(ordinal: i32) -> Result<usize> {
+    let properties = sys::CUmemAllocationProp {
+        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+        location: sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: ordinal,
+        },
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    };
+    let mut page = 0usize;
+    check(
+        // SAFETY: reads `properties` and writes one size into `page`.
+        unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut page,
+                &properties,
+                sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+            )
+        }
+        .result(),
+        "reading the device's allocation granularity",
+    )?;
+    Ok(page)
+}
+
 /// Frees memory from `allocate`. Call with the context bound and no work left that touches it.
 pub(super) fn free(pointer: sys::CUdeviceptr) -> Result<()> {
     // SAFETY: the caller passes a pointer from `allocate`, once, with nothing in flight on it.

@@ -28,7 +28,7 @@ mod pinned;
 mod pool;
 mod staging;
 
-use super::{Backend, DeviceMemory, StreamHandle};
+use super::{Backend, DeviceMemory, Footprint, StreamHandle};
 use crate::convert::{Engine, TensorBytes};
 use crate::error::{Error, Result};
 use crate::host::MemoryCounter;
@@ -71,6 +71,8 @@ struct Resources {
     /// Host ranges pinned in place, start → end.
     pinned: Mutex<BTreeMap<usize, usize>>,
     cap: AtomicU64,
+    /// What each cuMemAlloc takes from the device, which the budget and the pool count.
+    footprint: Footprint,
     headroom: u64,
     host: Arc<MemoryCounter>,
     logger: Arc<Logger>,
@@ -136,6 +138,7 @@ impl CudaBackend {
                 spare_events: Mutex::default(),
                 pinned: Mutex::default(),
                 cap: AtomicU64::new(u64::MAX),
+                footprint: Footprint::paged(driver::allocation_page(ordinal)?),
                 headroom,
                 host,
                 logger,
@@ -206,6 +209,10 @@ impl Backend for CudaBackend {
 
     fn reads_host_memory(&self) -> bool {
         false
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.shared.res().footprint
     }
 
     fn allocate(&self, bytes: usize) -> Result<DeviceMemory> {

@@ -180,6 +180,8 @@ impl Shared {
     /// room beside what is live and pooled. None otherwise, without trimming the pool: the
     /// layers' memory and its reuse come first, and the host can quantize instead.
     pub(super) fn scratch(self: &Arc<Self>, bytes: usize) -> Result<Option<Buffer>> {
+        // Counted as the device pages it takes, as the layers' copies are.
+        let bytes = self.res().footprint.of(bytes);
         let mut pool = lock(&self.res().pool);
         let pointer_and_ready = match self.reuse(&mut pool, bytes)? {
             Some(reused) => reused,

@@ -238,7 +238,7 @@ pub fn plan(args: &[String]) -> Result<()> {
                 TensorMeta::new(&t.name, dtype, shape)
             })
             .collect::<Result<Vec<_>>>()?;
-        let forms = Forms::new(&metas, &tiers);
+        let forms = Forms::on_a_gpu(&metas, &tiers);
         let converts = forms.preparing.slots != forms.computation.slots;
         sized.push(LayerSize {
             name,
