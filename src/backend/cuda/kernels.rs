@@ -10,6 +10,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::host::CountedBuffer;
 use crate::slot::{scales_to_bytes, slot_contents, write_scales, TensorSlot, SCALE_BYTES};
+use cudarc::driver::sys;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -139,19 +140,39 @@ pub(super) fn kernel_dtype_name(dtype: DType) -> Option<&'static str> {
     })
 }
 
+/// The stream whose work so far includes a conversion's last write.
+pub(super) enum WrittenOn {
+    CopyStream,
+    ConvertStream,
+}
+
 impl Shared {
-    /// Enqueues on the copy stream the conversion of the tensor at `src_slot` in the device
-    /// buffer at `src` into `dst_slot` in the buffer at `dst`: a device-to-device copy when the
-    /// forms agree, a kernel where one reads the source dtype, else a round trip through the host
-    /// (from f64). Call with the context bound, and slots checked to lie in their buffers and
-    /// to hold the same shape.
+    /// Makes the convert stream wait for the work enqueued on the copy stream so far; returns it.
+    pub(super) fn convert_stream_after_copies(&self) -> Result<sys::CUstream> {
+        let side = self.res().convert_stream.0;
+        // Waits already enqueued on an event keep the point it marked when it is recorded
+        // again, so it goes back to the spares at once.
+        let copied = self.event()?;
+        let waited = copied
+            .record(self.res().stream.0)
+            .and_then(|()| copied.make_wait(side));
+        self.recycle([copied]);
+        waited.map(|()| side)
+    }
+
+    /// Enqueues the conversion of the tensor at `src_slot` in the device buffer at `src` into
+    /// `dst_slot` in the buffer at `dst`: a device-to-device copy when the forms agree, a kernel
+    /// where one reads the source dtype, else a round trip through the host (from f64). A plain
+    /// conversion kernel runs on the convert stream, after the copy stream's work so far; the
+    /// rest on the copy stream. Call with the context bound, and slots checked to lie in their
+    /// buffers and to hold the same shape.
     pub(super) fn convert(
         &self,
         src: u64,
         src_slot: &TensorSlot,
         dst: u64,
         dst_slot: &TensorSlot,
-    ) -> Result<()> {
+    ) -> Result<WrittenOn> {
         let stream = self.res().stream.0;
         let (from, to) = (src_slot.repr.dtype, dst_slot.repr.dtype);
         let scale_count = src_slot.scale_count();
@@ -185,7 +206,8 @@ impl Shared {
                 dst + dst_slot.offset as u64,
                 dst + dst_slot.scales_offset as u64,
             );
-            self.quantize(&source, data, scales, to, dst_slot.scale_count())?;
+            let stream = self.res().stream.0;
+            self.quantize(&source, data, scales, to, dst_slot.scale_count(), stream)?;
         } else if let Some(&kernel) = self.res().kernels.convert.get(&(from, to)) {
             if dst_slot.scale_count() != 0 {
                 return Err(Error::invalid("a kernel target is never scaled"));
@@ -204,7 +226,11 @@ impl Shared {
                     numel,
                     row_len,
                 ];
-                driver::launch(kernel, numel, stream, &mut params)?;
+                // The source's fill and the waits that freed `dst` for reuse are on the copy
+                // stream before this point.
+                let side = self.convert_stream_after_copies()?;
+                driver::launch(kernel, numel, side, &mut params)?;
+                return Ok(WrittenOn::ConvertStream);
             }
         } else {
             // A dtype no kernel reads (f64): through the host, after the copies that filled the
@@ -232,11 +258,11 @@ impl Shared {
             self.push(data, dst + dst_slot.offset as u64)?;
             self.push(scales, dst + dst_slot.scales_offset as u64)?;
         }
-        Ok(())
+        Ok(WrittenOn::CopyStream)
     }
 
-    /// Enqueues the absmax quantization of `src` (device memory) into `dst`, fp8 `dst_dtype`,
-    /// with one scale per `groups` equal groups written at `dst_scales`: what
+    /// Enqueues on `stream` the absmax quantization of `src` (device memory) into `dst`, fp8
+    /// `dst_dtype`, with one scale per `groups` equal groups written at `dst_scales`: what
     /// `crate::convert::convert` makes on the host, bit for bit (see kernels/convert.cu). Call
     /// with the context bound and a kernel for `src.dtype` (see `quantizes`).
     pub(super) fn quantize(
@@ -246,6 +272,7 @@ impl Shared {
         dst_scales: u64,
         dst_dtype: DType,
         groups: usize,
+        stream: sys::CUstream,
     ) -> Result<()> {
         let kernels = &self.res().kernels;
         let missing = || {
@@ -263,7 +290,6 @@ impl Shared {
         if groups == 0 {
             return Ok(());
         }
-        let stream = self.res().stream.0;
         let numel = src.numel as u64;
         let row_len = numel / groups as u64;
         let src_row_len = numel.checked_div(src.scale_count as u64).unwrap_or(0);
@@ -347,9 +373,11 @@ impl Shared {
             scale_count: src.scales.len(),
         };
         let (data, scales) = (dst + slot.offset as u64, dst + slot.scales_offset as u64);
-        self.quantize(&tensor, data, scales, slot.repr.dtype, groups)?;
-        // The scratch goes back to the pool; only the copy stream, after these kernels, uses it.
-        drop(scratch);
+        // On the convert stream, after the pushes: the copy engine goes on with the next upload.
+        let side = self.convert_stream_after_copies()?;
+        self.quantize(&tensor, data, scales, slot.repr.dtype, groups, side)?;
+        // The scratch goes back to the pool, written again only after these kernels read it.
+        scratch.used_until(side as usize)?;
         Ok(true)
     }
 

@@ -4,16 +4,19 @@
 //! - `pool.rs`, memory: raw device buffers, handed back to a pool when a layer leaves and reused
 //!   for the next buffer of the same size, so a repeating pass stops calling cuMemAlloc once warm.
 //!   The pool never holds more than `vram_limit` together with what is live.
-//! - Ordering (here): one non-blocking copy stream. Every write into a buffer (upload,
-//!   conversion) is enqueued there and followed by the buffer's `ready` event; an acquire makes
-//!   the caller's stream wait on it, a release records an event on the caller's stream, and a
-//!   buffer is written again only after the copy stream has waited on those events. The host
-//!   never waits for the caller's work, except to give memory back to the driver.
+//! - Ordering (here): two non-blocking streams. Every upload, quantization and copy is enqueued
+//!   on the copy stream; a cast kernel from one device copy into another runs on the convert
+//!   stream, after the copy stream's work so far, so the copy engine goes on with the next
+//!   upload meanwhile. Every write into a buffer is followed by its `ready` event; an acquire
+//!   makes the caller's stream wait on it, a release (or a cast that read the buffer) records an
+//!   event on its stream, and a buffer is written again only after the copy stream has waited on
+//!   its `ready` and those events. The host never waits for the caller's work, except to give
+//!   memory back to the driver.
 //! - `pinned.rs` and `staging.rs`, the host side: host copies are pinned in place (uploads from
 //!   them are direct DMA); everything else goes through a small ring of pinned staging buffers,
 //!   so the next read overlaps the previous copy. Where memory cannot be pinned, the ring is
 //!   pageable and a log line says so.
-//! - `kernels.rs`, conversions on the device, on the copy stream, with the PTX kernels in
+//! - `kernels.rs`, conversions on the device, with the PTX kernels in
 //!   `kernels/`: casts, and absmax quantization into fp8 (bit for bit what the host makes). A
 //!   quantization of a host tensor runs on the device or on the host by the rule at
 //!   [`QuantizeOn`].
@@ -36,7 +39,7 @@ use crate::log::{Level, Logger};
 use crate::slot::{scales_to_bytes, TensorSlot};
 use crate::tiers::Device;
 use driver::{Event, Module, PrimaryContext, Stream};
-use kernels::{Kernels, QuantizeOn, PTX};
+use kernels::{Kernels, QuantizeOn, WrittenOn, PTX};
 use pool::{Buffer, Pool};
 use staging::Ring;
 use std::any::Any;
@@ -61,7 +64,11 @@ struct Shared {
 struct Resources {
     /// How host conversions run (the context's host_threads).
     conversions: Engine,
+    /// Where every upload, quantization and pooled-memory write runs, in order.
     stream: Stream,
+    /// Where the conversion kernels of device copies run, after the copy stream's work that filled
+    /// their source, so the copy engine goes on with the next upload meanwhile.
+    convert_stream: Stream,
     kernels: Kernels,
     _module: Module,
     quantize_uploads: QuantizeOn,
@@ -130,6 +137,7 @@ impl CudaBackend {
             Resources {
                 conversions,
                 stream: Stream::new()?,
+                convert_stream: Stream::new()?,
                 kernels: Kernels::load(&module)?,
                 _module: module,
                 quantize_uploads,
@@ -188,6 +196,7 @@ impl Drop for Shared {
         // Without a context nothing can be freed properly; the driver reclaims it at exit.
         if let Ok(_bound) = self.context.bind() {
             let _ = self.res().stream.synchronize();
+            let _ = self.res().convert_stream.synchronize();
             let mut pool = std::mem::take(&mut *lock(&self.res().pool));
             let _ = self.release_all(&mut pool);
             lock(&self.res().ring).take();
@@ -246,7 +255,9 @@ impl Backend for CudaBackend {
             shared.push(src.bytes, dst.addr + slot.offset as u64)?;
             let scales = scales_to_bytes(src.scales);
             shared.push(&scales, dst.addr + slot.scales_offset as u64)?;
-        } else if !shared.quantized_on_device(src, dst.addr, slot)? {
+        } else if shared.quantized_on_device(src, dst.addr, slot)? {
+            return buffer.written_by_convert_stream();
+        } else {
             let converted = shared.converted_on_host(src, slot)?;
             let (data, scales) = converted.buffer.as_slice().split_at(slot.data_bytes());
             shared.push(data, dst.addr + slot.offset as u64)?;
@@ -308,10 +319,20 @@ impl Backend for CudaBackend {
                 "conversion between slots of different shapes",
             ));
         }
+        let source = self.buffer(src)?;
         let _bound = self.shared.context.bind()?;
-        self.shared
-            .convert(src.addr, src_slot, dst.addr, dst_slot)?;
-        buffer.written()
+        match self
+            .shared
+            .convert(src.addr, src_slot, dst.addr, dst_slot)?
+        {
+            WrittenOn::ConvertStream => {
+                // The source is written again only after the kernel read it, as after a
+                // caller's use.
+                source.used_until(self.shared.res().convert_stream.0 as usize)?;
+                buffer.written_by_convert_stream()
+            }
+            WrittenOn::CopyStream => buffer.written(),
+        }
     }
 
     fn check_stream(&self, stream: StreamHandle) -> Result<()> {

@@ -7,7 +7,7 @@
 use super::driver::{self, Event};
 use super::{lock, CallerStream, Shared};
 use crate::error::{Error, ErrorKind, Result};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Device buffers no layer uses, kept for reuse, and the accounting of what is held.
@@ -37,6 +37,9 @@ pub(super) struct Buffer {
     ready: Option<Event>,
     /// One event per caller stream that used the buffer, recorded at its release.
     uses: Mutex<Vec<(CallerStream, Event)>>,
+    /// Whether a kernel on the convert stream wrote into it: then `ready` is recorded there,
+    /// after the copy stream's work, to cover both.
+    convert_stream_wrote: AtomicBool,
     shared: Arc<Shared>,
 }
 
@@ -61,9 +64,22 @@ impl Buffer {
         Ok(())
     }
 
-    /// Records that everything enqueued on the copy stream so far is part of this buffer's fill.
+    /// Records that everything enqueued on the copy stream so far is part of this buffer's fill
+    /// (and on the convert stream, when it wrote into the buffer too).
     pub(super) fn written(&self) -> Result<()> {
-        self.ready().record(self.shared.res().stream.0)
+        if self.convert_stream_wrote.load(Ordering::Relaxed) {
+            let side = self.shared.convert_stream_after_copies()?;
+            self.ready().record(side)
+        } else {
+            self.ready().record(self.shared.res().stream.0)
+        }
+    }
+
+    /// Records that a kernel enqueued on the convert stream (after the copy stream's work, see
+    /// `convert_stream_after_copies`) completes this buffer's fill so far.
+    pub(super) fn written_by_convert_stream(&self) -> Result<()> {
+        self.convert_stream_wrote.store(true, Ordering::Relaxed);
+        self.ready().record(self.shared.res().convert_stream.0)
     }
 }
 
@@ -110,14 +126,17 @@ impl Shared {
         if buffers.is_empty() {
             return Ok(());
         }
-        // A conversion on the copy stream may still read a buffer that left.
+        // A conversion on the copy stream may still read a buffer that left; one on the convert
+        // stream may still write it (its `ready`) or read it (its `uses`).
         let mut outcome = self.res().stream.synchronize();
         for buffer in buffers {
             pool.pooled -= buffer.len as u64;
-            let done = buffer
-                .uses
-                .iter()
-                .try_for_each(|(_, event)| event.synchronize());
+            let done = buffer.ready.synchronize().and_then(|()| {
+                buffer
+                    .uses
+                    .iter()
+                    .try_for_each(|(_, event)| event.synchronize())
+            });
             // A buffer whose last use cannot be confirmed finished is left to the driver (it
             // frees it with the context) rather than freed under a running kernel.
             let freed = done.and_then(|()| driver::free(buffer.pointer));
@@ -142,19 +161,20 @@ impl Shared {
         self.release(pool, freed)
     }
 
-    /// A pooled buffer of exactly `bytes`, once the copy stream waits for the callers' last
-    /// reads of it; None when the pool has none.
+    /// A pooled buffer of exactly `bytes`, once the copy stream waits for its last write and the
+    /// last reads of it; None when the pool has none.
     pub(super) fn reuse(&self, pool: &mut Pool, bytes: usize) -> Result<Option<(u64, Event)>> {
         let Some(i) = pool.free.iter().position(|b| b.len == bytes) else {
             return Ok(None);
         };
         let reused = pool.free.swap_remove(i);
         pool.pooled -= bytes as u64;
+        // After its last write (on the convert stream, for a conversion's copy) and its last
+        // reads.
         let stream = self.res().stream.0;
-        let waited: Result<()> = reused
-            .uses
-            .iter()
-            .try_for_each(|(_, e)| e.make_wait(stream));
+        let waited: Result<()> = std::iter::once(&reused.ready)
+            .chain(reused.uses.iter().map(|(_, e)| e))
+            .try_for_each(|e| e.make_wait(stream));
         if let Err(e) = waited {
             pool.pooled += bytes as u64;
             pool.free.push(reused);
@@ -170,13 +190,14 @@ impl Shared {
             len,
             ready: Some(ready),
             uses: Mutex::default(),
+            convert_stream_wrote: AtomicBool::new(false),
             shared: self.clone(),
         }
     }
 
-    /// Device memory for the source of a quantization, held only while the copy stream fills
-    /// and reads it (it goes back to the pool when dropped, and only the copy stream, in order,
-    /// uses pooled memory): a pooled buffer of that size, or new memory where the cap leaves
+    /// Device memory for the source of a quantization, held only while the copy stream fills it
+    /// and the convert stream reads it (it goes back to the pool when dropped, with that read
+    /// among its uses): a pooled buffer of that size, or new memory where the cap leaves
     /// room beside what is live and pooled. None otherwise, without trimming the pool: the
     /// layers' memory and its reuse come first, and the host can quantize instead.
     pub(super) fn scratch(self: &Arc<Self>, bytes: usize) -> Result<Option<Buffer>> {
