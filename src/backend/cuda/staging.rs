@@ -103,6 +103,7 @@ impl Shared {
             }
         }
         let ring = ring.as_mut().expect("made above");
+        let res = self.res();
         let mut done = 0;
         while done < host.len() {
             if ring.filled == ring.slot_bytes {
@@ -114,7 +115,7 @@ impl Shared {
             let n = (ring.slot_bytes - ring.filled).min(host.len() - done);
             let slot = &mut ring.slots[ring.current];
             let staged = &mut slot.memory.as_mut_slice()[ring.filled..ring.filled + n];
-            staged.copy_from_slice(&host[done..done + n]);
+            res.conversions.copy(staged, &host[done..done + n]);
             driver::copy_to_device(dst + done as u64, staged, stream)?;
             slot.copied.record(stream)?;
             ring.filled += n;
