@@ -26,8 +26,15 @@ const HEADER_LEN_BYTES: u64 = 8;
 /// call) far below the time the chunk takes. Not public: cbindgen would put it in the C header.
 const READ_CHUNK: usize = 2 << 20;
 
-/// Chunks of one read in flight at once.
+/// Chunks of one O_DIRECT read in flight at once, and the fewest of a buffered one.
 const READS_IN_FLIGHT: usize = 4;
+
+/// Chunks of one buffered read in flight at once: one per host thread, from `READS_IN_FLIGHT` to
+/// twice that. A read from the page cache is a copy on the reading core; on a 16-core H200 host a
+/// 4 GiB cached file read at 18.6 GB/s with 4 readers and 48.8 GB/s with 8 (`dd`, 4 MiB blocks).
+fn buffered_reads_in_flight() -> usize {
+    crate::host_threads::default_threads().clamp(READS_IN_FLIGHT, 2 * READS_IN_FLIGHT)
+}
 
 /// What an O_DIRECT read must align: file offset, length and buffer address. 4096 covers drives
 /// of 512-byte and of 4 KiB logical blocks.
@@ -190,8 +197,8 @@ impl ShardFile {
     /// (see `Identity`); both are checked before and after reading, so bytes written over during
     /// the read are not returned either.
     ///
-    /// A read longer than `READ_CHUNK` is split into chunks, up to `READS_IN_FLIGHT` of them read
-    /// at once by scoped threads. A failed read of a chunk is retried once (a transient error on a
+    /// A read longer than `READ_CHUNK` is split into chunks, several of them read at once by
+    /// scoped threads (see `buffered_reads_in_flight`). A failed read of a chunk is retried once (a transient error on a
     /// network filesystem or a flaky drive), then reported as `IO` naming the file and the offset.
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.read_at_with(offset, dst, ReadMode::Buffered)
@@ -223,6 +230,10 @@ impl ShardFile {
         let direct = match mode {
             ReadMode::Direct => self.direct_file(),
             ReadMode::Buffered => None,
+        };
+        let in_flight = match direct {
+            Some(_) => READS_IN_FLIGHT,
+            None => buffered_reads_in_flight(),
         };
         let read_chunk = |position: u64, part: &mut [u8]| match direct {
             Some(direct) => self.read_chunk_direct(direct, position, part),
@@ -267,7 +278,7 @@ impl ShardFile {
             std::thread::scope(|scope| {
                 // The calling thread is a worker too; a helper the OS refuses to start only
                 // lowers the number of reads in flight.
-                let helpers: Vec<_> = (1..chunks.min(READS_IN_FLIGHT))
+                let helpers: Vec<_> = (1..chunks.min(in_flight))
                     .filter_map(|_| {
                         std::thread::Builder::new()
                             .name("strata-read".into())
