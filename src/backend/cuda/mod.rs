@@ -321,6 +321,10 @@ impl Backend for CudaBackend {
         }
         let source = self.buffer(src)?;
         let _bound = self.shared.context.bind()?;
+        // The source may have been written on the convert stream (an upload quantized there):
+        // the copy stream's reads of it (a copy, a quantization, the f64 round trip) wait for
+        // that, and a kernel on the convert stream waits for the copy stream in turn.
+        source.ready().make_wait(self.shared.res().stream.0)?;
         match self
             .shared
             .convert(src.addr, src_slot, dst.addr, dst_slot)?
