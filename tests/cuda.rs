@@ -1207,8 +1207,6 @@ fn ran_in_a_child_on_a_real_driver(test: &str) -> bool {
         .args(["--exact", test, "--test-threads=1", "--nocapture"])
         .env(ISOLATED, "1");
     let output = programs::output_within(&mut child, dir.path(), programs::SUITE_TIMEOUT).unwrap();
-    let passed = output.status.success()
-        && String::from_utf8_lossy(&output.stdout).contains("test result: ok. 1 passed");
     if output.status.signal() == Some(libc::SIGSEGV) {
         eprintln!(
             "{test}: this driver crashed (SIGSEGV) on the destroyed handle, as the README warns; \
@@ -1217,7 +1215,8 @@ fn ran_in_a_child_on_a_real_driver(test: &str) -> bool {
         return true;
     }
     assert!(
-        passed,
+        output.status.success()
+            && String::from_utf8_lossy(&output.stdout).contains("test result: ok. 1 passed"),
         "{test}, run alone on the real driver, neither passed nor ended on the driver's \
          SIGSEGV:\n{}",
         programs::describe(&output)

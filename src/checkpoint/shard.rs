@@ -198,8 +198,9 @@ impl ShardFile {
     /// the read are not returned either.
     ///
     /// A read longer than `READ_CHUNK` is split into chunks, several of them read at once by
-    /// scoped threads (see `buffered_reads_in_flight`). A failed read of a chunk is retried once (a transient error on a
-    /// network filesystem or a flaky drive), then reported as `IO` naming the file and the offset.
+    /// scoped threads (see `buffered_reads_in_flight`). A failed read of a chunk is retried once
+    /// (a transient error on a network filesystem or a flaky drive), then reported as `IO`
+    /// naming the file and the offset.
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         self.read_at_with(offset, dst, ReadMode::Buffered)
     }

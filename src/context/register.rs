@@ -252,9 +252,7 @@ impl Context {
         }
         self.wake(st.waiters);
     }
-}
 
-impl Context {
     fn checkpoint_layer(
         &self,
         checkpoint: &Checkpoint,

@@ -1087,47 +1087,6 @@ mod f16c {
     mod tests {
         use super::Bf16ToE4m3Table;
 
-        /// Every length of tail, every position of the maximum, and non-finite halves (which
-        /// never count) of both formats, against the plain definition.
-        #[test]
-        fn the_avx2_absmax_is_the_largest_finite_magnitude() {
-            if !is_x86_feature_detected!("avx2") {
-                eprintln!("SKIPPED: no AVX2 on this CPU");
-                return;
-            }
-            let mut state = 0x2545_F491_4F6C_DD1Du64;
-            let mut next = || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
-            for infinity in [0x7F80u16, 0x7C00] {
-                for len in 0..300 {
-                    for _ in 0..8 {
-                        let halves: Vec<u16> = (0..len)
-                            .map(|_| match next() % 8 {
-                                0 => infinity | (next() as u16 & 0x8000),
-                                1 => (infinity + 1 + next() as u16 % 0x70) | 0x8000,
-                                2 => next() as u16 & 0x80FF,
-                                _ => next() as u16,
-                            })
-                            .collect();
-                        let bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
-                        let expected = halves
-                            .iter()
-                            .map(|h| h & 0x7FFF)
-                            .filter(|&m| m < infinity)
-                            .max()
-                            .unwrap_or(0);
-                        // SAFETY: AVX2 was detected above.
-                        let got = unsafe { super::halves_absmax(&bytes, infinity) };
-                        assert_eq!(got, expected, "{len} halves, infinity {infinity:#06x}");
-                    }
-                }
-            }
-        }
-
         /// Steps of Q over a run of 16 mantissas depend on the scale's mantissa alone (its
         /// exponent shifts every quotient alike): every one of them gets a table, so the kernel
         /// never falls back for a run's shape. Every 97th mantissa in a debug build.

@@ -206,7 +206,6 @@ impl Shared {
                 dst + dst_slot.offset as u64,
                 dst + dst_slot.scales_offset as u64,
             );
-            let stream = self.res().stream.0;
             self.quantize(&source, data, scales, to, dst_slot.scale_count(), stream)?;
         } else if let Some(&kernel) = self.res().kernels.convert.get(&(from, to)) {
             if dst_slot.scale_count() != 0 {
