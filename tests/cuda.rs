@@ -1654,9 +1654,13 @@ fn stream_over_one_store(gpus: &[&Gpu], cpu_fills_first: bool) -> u64 {
     let contexts: Vec<Ctx> = gpus
         .iter()
         .map(|gpu| {
+            // No prefetch: the window counted after the first context leaves must see every
+            // layer uploaded, and a copy engine could fill one ahead before it opens (it did,
+            // 1 run in 40, from 7cd786e on).
             let ctx = cuda_context(|o| {
                 o.device_index = gpu.ordinal;
                 o.vram_limit = 0;
+                o.prefetch_depth = 0;
             });
             ok(strata::ffi::store::strata_context_attach_store(
                 ctx.0, store,
